@@ -1,0 +1,200 @@
+"""Atomic writes, checksums and guarded loading of artifacts.
+
+Every result and model the project writes goes through these functions: the bytes land in a
+temporary file beside the target and are renamed over it, so a crash or a full disk never leaves
+a half-written file that a later run would trust. Pickled artifacts (joblib) are only loaded from
+a folder whose SHA-256 manifest verifies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.sha256.json"
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is missing, incomplete, tampered with or outside the allowed folders."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder in a temporary sibling and move it into place only when the block succeeds.
+
+    An existing folder at ``path`` is replaced; it stays untouched if the block raises. Readers
+    never see a half-built folder: they see the old one, or the new one, complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(
+        path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default)
+    )
+
+
+def _json_default(obj: Any) -> Any:
+    # numpy scalars and arrays, Paths: the common non-JSON values in results.
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serializable")
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` into memory, then an atomic write."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """Load a torch file with ``weights_only=True``; errors name the file."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"weights file not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # corrupted, truncated or not a torch file
+        raise ArtifactError(f"cannot load weights file {path}: {exc}") from exc
+
+
+def atomic_joblib_dump(obj: Any, path: str | os.PathLike) -> Path:
+    import joblib
+
+    buffer = io.BytesIO()
+    joblib.dump(obj, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk_size), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(
+    folder: str | os.PathLike, files: Iterable[str | os.PathLike] | None = None
+) -> Path:
+    """Write ``folder/manifest.sha256.json`` listing the SHA-256 of every file (or of ``files``)."""
+    folder = Path(folder)
+    if files is None:
+        files = sorted(
+            p
+            for p in folder.rglob("*")
+            if p.is_file() and p.name != MANIFEST_NAME and not p.name.endswith(".tmp")
+        )
+    entries = {}
+    for f in files:
+        f = Path(f)
+        f = f if f.is_absolute() else folder / f
+        entries[f.relative_to(folder).as_posix()] = sha256_file(f)
+    return atomic_write_json(folder / MANIFEST_NAME, {"sha256": entries})
+
+
+def verify_manifest(folder: str | os.PathLike) -> dict[str, str]:
+    """Check every file listed in the folder's manifest; raise ``ArtifactError`` naming the first
+    file that is missing or whose checksum differs. Returns the manifest's entries."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST_NAME
+    if not manifest.is_file():
+        raise ArtifactError(f"{folder}: no {MANIFEST_NAME}; the artifact is incomplete or foreign")
+    try:
+        entries = json.loads(manifest.read_text())["sha256"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{manifest}: unreadable manifest ({exc})") from exc
+    for rel, expected in entries.items():
+        target = (folder / rel).resolve()
+        if folder.resolve() not in target.parents:
+            raise ArtifactError(f"{manifest}: entry {rel!r} points outside {folder}")
+        if not target.is_file():
+            raise ArtifactError(f"{folder}: file {rel} listed in the manifest is missing")
+        actual = sha256_file(target)
+        if actual != expected:
+            raise ArtifactError(
+                f"{folder / rel}: SHA-256 {actual[:12]}… does not match the manifest "
+                f"({expected[:12]}…); the artifact was modified"
+            )
+    return entries
+
+
+def load_joblib_verified(path: str | os.PathLike, root: str | os.PathLike) -> Any:
+    """Load a joblib file only if it lies inside ``root`` and ``root``'s manifest verifies it."""
+    import joblib
+
+    path, root = Path(path).resolve(), Path(root).resolve()
+    if root not in path.parents:
+        raise ArtifactError(f"refusing to load {path}: it is outside the artifact folder {root}")
+    entries = verify_manifest(root)
+    if path.relative_to(root).as_posix() not in entries:
+        raise ArtifactError(f"refusing to load {path}: it is not listed in {root / MANIFEST_NAME}")
+    return joblib.load(path)

@@ -1,0 +1,26 @@
+"""Detectors ("members"): the protocol, the registry, the Fabric trainer and one file per model.
+
+Importing this package registers every member; build one with ``create_member(name, **cfg)``.
+"""
+
+from members.base import (
+    Member,
+    aggregate_scores,
+    available_members,
+    create_member,
+    load_member,
+    member_parameters,
+    register,
+)
+from members.trainer import FabricTrainer
+
+__all__ = [
+    "FabricTrainer",
+    "Member",
+    "aggregate_scores",
+    "available_members",
+    "create_member",
+    "load_member",
+    "member_parameters",
+    "register",
+]

@@ -1,0 +1,330 @@
+"""The member protocol, the registry and the factory.
+
+Every detector is a ``Member``: an ``nn.Module`` that learns "normal" in ``fit`` and, in
+inference, maps images in [0, 1] to ``{"pred_score": [B], "anomaly_map": [B, 1, H, W]}`` at
+input resolution through its own ``compute_anomaly_map`` and ``compute_anomaly_score``.
+
+Two kinds of member exist:
+
+- feature members (``trainable = False``: PatchCore, PaDiM) implement ``fit_features``, a
+  feature pass run through the trainer's Fabric object and gathered from every rank;
+- trainable members (``trainable = True``) implement ``configure_optimizers`` and
+  ``training_step`` and are trained by the shared Fabric loop in ``members.trainer``.
+
+Members record their constructor arguments (``hparams``) so a fitted member saves to a folder
+(``member.json`` + ``weights.pt`` + a SHA-256 manifest) and loads back with ``load_member``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data.io import (
+    ArtifactError,
+    atomic_folder,
+    atomic_torch_save,
+    atomic_write_json,
+    torch_load,
+    verify_manifest,
+    write_manifest,
+)
+
+if TYPE_CHECKING:
+    from members.trainer import FabricTrainer
+
+SCORE_AGGREGATIONS = ("max", "mean", "topk", "center")
+MEMBER_FILE = "member.json"
+WEIGHTS_FILE = "weights.pt"
+FORMAT_VERSION = 1
+
+_REGISTRY: dict[str, type[Member]] = {}
+
+
+def register(name: str) -> Callable[[type[Member]], type[Member]]:
+    """Class decorator: ``@register("patchcore")`` makes the member available to the factory."""
+
+    def decorator(cls: type[Member]) -> type[Member]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"member name {name!r} is registered twice")
+        cls.member_name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def _import_all_members() -> None:
+    # Importing the package registers every member file (see members/__init__.py).
+    import members  # noqa: F401
+
+
+def available_members() -> list[str]:
+    _import_all_members()
+    return sorted(_REGISTRY)
+
+
+def member_class(name: str) -> type[Member]:
+    _import_all_members()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown member {name!r}; available: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def create_member(name: str, **cfg: Any) -> Member:
+    """Build member ``name`` from keyword configuration; unknown keys are a ``TypeError`` that
+    names the key and lists the valid ones."""
+    cls = member_class(name)
+    valid = member_parameters(name)
+    unknown = sorted(set(cfg) - set(valid))
+    if unknown:
+        raise TypeError(f"member {name!r} got unknown option(s) {unknown}; valid: {sorted(valid)}")
+    return cls(**cfg)
+
+
+def member_parameters(name: str) -> dict[str, Any]:
+    """Constructor options of member ``name`` with their defaults (the member's own and the
+    shared score-aggregation options)."""
+    cls = member_class(name)
+    params: dict[str, Any] = {}
+    for klass in (Member, cls):
+        for pname, p in inspect.signature(klass.__init__).parameters.items():
+            if pname == "self" or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                continue
+            params[pname] = None if p.default is inspect.Parameter.empty else p.default
+    return params
+
+
+class Member(nn.Module):
+    """Base class of every detector. Subclasses call ``super().__init__(**common)`` with the
+    shared options below and implement ``compute_anomaly_map``."""
+
+    member_name: ClassVar[str] = "member"
+    trainable: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def recording_init(self: Member, *args: Any, **kw: Any) -> None:
+            # Only the outermost constructor records: that is the one a user called.
+            if "hparams" not in self.__dict__:
+                bound = inspect.signature(init).bind(self, *args, **kw)
+                bound.apply_defaults()
+                hparams = {}
+                for pname, value in list(bound.arguments.items())[1:]:
+                    if (
+                        inspect.signature(init).parameters[pname].kind
+                        is inspect.Parameter.VAR_KEYWORD
+                    ):
+                        hparams.update(value)
+                    else:
+                        hparams[pname] = value
+                self.__dict__["hparams"] = hparams
+            init(self, *args, **kw)
+
+        cls.__init__ = recording_init
+
+    def __init__(
+        self,
+        score_aggregation: str = "max",
+        topk_percent: float = 1.0,
+        center_sigma: float = 0.25,
+    ) -> None:
+        super().__init__()
+        if score_aggregation not in SCORE_AGGREGATIONS:
+            raise ValueError(
+                f"score_aggregation must be one of {SCORE_AGGREGATIONS}, got {score_aggregation!r}"
+            )
+        if not 0 < topk_percent <= 100:
+            raise ValueError(f"topk_percent must be in (0, 100], got {topk_percent}")
+        if center_sigma <= 0:
+            raise ValueError(f"center_sigma must be positive, got {center_sigma}")
+        self.score_aggregation = score_aggregation
+        self.topk_percent = topk_percent
+        self.center_sigma = center_sigma
+        self.register_buffer("fitted", torch.tensor(False))
+
+    # --- inference -------------------------------------------------------------------------
+
+    def compute_anomaly_map(self, images: torch.Tensor) -> torch.Tensor:
+        """Anomaly map ``[B, 1, H, W]`` at the resolution of ``images`` ``[B, C, H, W]``."""
+        raise NotImplementedError
+
+    def compute_anomaly_score(self, anomaly_map: torch.Tensor) -> torch.Tensor:
+        """Image scores ``[B]`` aggregated from ``anomaly_map`` ``[B, 1, H, W]``."""
+        return aggregate_scores(
+            anomaly_map, self.score_aggregation, self.topk_percent, self.center_sigma
+        )
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        anomaly_map = self.compute_anomaly_map(images)
+        return {"pred_score": self.compute_anomaly_score(anomaly_map), "anomaly_map": anomaly_map}
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Inference in eval mode without gradients; the caller's mode is restored."""
+        self._check_fitted()
+        was_training = self.training
+        self.eval()
+        try:
+            return self(images)
+        finally:
+            self.train(was_training)
+
+    def _check_fitted(self) -> None:
+        if not bool(self.fitted):
+            raise RuntimeError(f"member {self.member_name!r} is not fitted; call fit() first")
+
+    # --- fitting ---------------------------------------------------------------------------
+
+    def fit(
+        self,
+        train_loader: Iterable,
+        val_loader: Iterable | None = None,
+        trainer: FabricTrainer | None = None,
+    ) -> list[dict[str, Any]]:
+        """Learn "normal" from ``train_loader`` (defect-free images). Returns the history rows."""
+        from members.trainer import FabricTrainer
+
+        trainer = trainer or FabricTrainer()
+        if self.trainable:
+            history = trainer.fit(self, train_loader, val_loader)
+        else:
+            self.fit_features(trainer, train_loader)
+            history = []
+        self.on_fit_end(trainer, val_loader)
+        self.fitted.fill_(True)
+        return history
+
+    def fit_features(self, trainer: FabricTrainer, train_loader: Iterable) -> None:
+        """Feature members: collect what they need from the training images."""
+        raise NotImplementedError(f"{type(self).__name__} must implement fit_features")
+
+    def on_fit_end(self, trainer: FabricTrainer, val_loader: Iterable | None) -> None:
+        """Hook after fitting, e.g. map-normalization statistics from validation images."""
+
+    # Trainable members override these three.
+    def configure_optimizers(self) -> dict[str, Any]:
+        """``{"optimizer": opt, "scheduler": sched or None, "interval": "epoch" | "step"}``."""
+        raise NotImplementedError(f"{type(self).__name__} is not trainable")
+
+    def training_step(self, batch: dict[str, Any]) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The loss of one batch (or a dict with ``"loss"`` and other scalars to log)."""
+        raise NotImplementedError(f"{type(self).__name__} is not trainable")
+
+    def validation_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Scalars to log for one validation batch; by default the training loss."""
+        out = self.training_step(batch)
+        loss = out["loss"] if isinstance(out, dict) else out
+        return {"val_loss": loss.detach()}
+
+    # --- persistence -----------------------------------------------------------------------
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the fitted member to ``folder`` atomically (a crash leaves the old one or none)."""
+        self._check_fitted()
+        folder = Path(folder)
+        with atomic_folder(folder) as tmp:
+            atomic_write_json(
+                tmp / MEMBER_FILE,
+                {
+                    "member": self.member_name,
+                    "format_version": FORMAT_VERSION,
+                    "config": self.hparams,
+                },
+            )
+            atomic_torch_save(self.state_dict(), tmp / WEIGHTS_FILE)
+            write_manifest(tmp)
+        return folder
+
+
+def load_member(folder: str | Path, map_location: str | torch.device = "cpu") -> Member:
+    """Load a member saved with ``Member.save``; the manifest is verified first."""
+    folder = Path(folder)
+    verify_manifest(folder)
+    try:
+        meta = json.loads((folder / MEMBER_FILE).read_text())
+        name, config = meta["member"], meta["config"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ArtifactError(f"{folder / MEMBER_FILE}: not a saved member ({exc})") from exc
+    member = create_member(name, **config)
+    state = torch_load(folder / WEIGHTS_FILE, map_location=map_location)
+    _resize_buffers_to(member, state)
+    member.load_state_dict(state, strict=True)
+    member.eval()
+    return member
+
+
+def _resize_buffers_to(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    # Fitted buffers (memory banks, statistics) have data-dependent shapes.
+    for key, value in state.items():
+        owner_path, _, buf_name = key.rpartition(".")
+        owner = module.get_submodule(owner_path) if owner_path else module
+        if buf_name in owner._buffers and owner._buffers[buf_name] is not None:
+            if owner._buffers[buf_name].shape != value.shape:
+                owner._buffers[buf_name] = torch.empty_like(value)
+
+
+def aggregate_scores(
+    anomaly_map: torch.Tensor,
+    method: str = "max",
+    topk_percent: float = 1.0,
+    center_sigma: float = 0.25,
+) -> torch.Tensor:
+    """Image scores ``[B]`` from maps ``[B, 1, H, W]``.
+
+    ``max``: the largest pixel; ``mean``: the average; ``topk``: the mean of the top
+    ``topk_percent`` % of pixels (robust to single hot pixels); ``center``: a Gaussian-weighted
+    mean with standard deviation ``center_sigma`` times the image side, for setups where the
+    object of interest sits in the middle.
+    """
+    flat = anomaly_map.flatten(1).float()
+    if method == "max":
+        return flat.amax(dim=1)
+    if method == "mean":
+        return flat.mean(dim=1)
+    if method == "topk":
+        k = max(1, math.ceil(flat.shape[1] * topk_percent / 100.0))
+        return flat.topk(k, dim=1).values.mean(dim=1)
+    if method == "center":
+        h, w = anomaly_map.shape[-2:]
+        ys = torch.linspace(-0.5, 0.5, h, device=flat.device)
+        xs = torch.linspace(-0.5, 0.5, w, device=flat.device)
+        weights = torch.exp(-(ys[:, None] ** 2 + xs[None, :] ** 2) / (2 * center_sigma**2))
+        weights = (weights / weights.sum()).flatten()
+        return flat @ weights
+    raise ValueError(f"unknown score aggregation {method!r}; choose one of {SCORE_AGGREGATIONS}")
+
+
+def upsample_map(anomaly_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of ``[B, 1, h, w]`` maps to ``size``."""
+    if tuple(anomaly_map.shape[-2:]) == tuple(size):
+        return anomaly_map
+    return F.interpolate(anomaly_map, size=size, mode="bilinear", align_corners=False)
+
+
+def gaussian_blur(anomaly_map: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian smoothing of ``[B, 1, H, W]`` maps, reflect-padded, kernel radius ceil(4 sigma)."""
+    if sigma <= 0:
+        return anomaly_map
+    radius = int(math.ceil(4 * sigma))
+    coords = torch.arange(-radius, radius + 1, dtype=anomaly_map.dtype, device=anomaly_map.device)
+    kernel = torch.exp(-(coords**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    h, w = anomaly_map.shape[-2:]
+    mode = "reflect" if min(h, w) > radius else "replicate"
+    out = F.pad(anomaly_map, (radius, radius, 0, 0), mode=mode)
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1))
+    out = F.pad(out, (0, 0, radius, radius), mode=mode)
+    return F.conv2d(out, kernel.view(1, 1, -1, 1))
