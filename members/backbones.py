@@ -203,6 +203,7 @@ class FeatureExtractor(nn.Module):
         self.layers = layers
         self.channels: list[int] = list(body.feature_info.channels())
         self.reductions: list[int] = list(body.feature_info.reduction())
+        self.key: tuple = (name, False, "")
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -241,6 +242,7 @@ def load_backbone(
         # features_only drops the classifier head; every tensor it keeps must come from the file.
         body.load_state_dict({k: full[k] for k in own}, strict=True)
     extractor = FeatureExtractor(body, name, layers, frozen)
+    extractor.key = (name, bool(pretrained), str(Path(weights_dir).resolve()))
     if frozen:
         extractor.requires_grad_(False)
         extractor.eval()

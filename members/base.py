@@ -38,6 +38,7 @@ from data.io import (
     verify_manifest,
     write_manifest,
 )
+from members.backbones import FeatureExtractor
 
 if TYPE_CHECKING:
     from members.trainer import FabricTrainer
@@ -157,9 +158,36 @@ class Member(nn.Module):
 
     # --- inference -------------------------------------------------------------------------
 
-    def compute_anomaly_map(self, images: torch.Tensor) -> torch.Tensor:
-        """Anomaly map ``[B, 1, H, W]`` at the resolution of ``images`` ``[B, C, H, W]``."""
+    def compute_anomaly_map(
+        self, images: torch.Tensor, features: dict[int, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Anomaly map ``[B, 1, H, W]`` at the resolution of ``images`` ``[B, C, H, W]``.
+
+        ``features``: precomputed maps of this member's frozen backbone keyed by timm layer
+        index (see ``shared_backbone_key``), so a hybrid runs a shared backbone once per batch.
+        """
         raise NotImplementedError
+
+    def shared_backbone_key(self) -> tuple | None:
+        """Identity of the frozen pretrained backbone whose features this member consumes
+        (``(name, pretrained, weights_dir)``), or None if it has none to share."""
+        extractor = getattr(self, "feature_extractor", None)
+        if isinstance(extractor, FeatureExtractor) and extractor.frozen:
+            return extractor.key
+        return None
+
+    def backbone_features(
+        self, images: torch.Tensor, features: dict[int, torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
+        """The member's backbone feature maps, in its layer order: taken from ``features`` when
+        given, computed otherwise."""
+        extractor: FeatureExtractor = self.feature_extractor
+        if features is not None:
+            missing = [i for i in extractor.layers if i not in features]
+            if missing:
+                raise KeyError(f"{self.member_name}: shared features lack layer(s) {missing}")
+            return [features[i] for i in extractor.layers]
+        return extractor(images)
 
     def compute_anomaly_score(self, anomaly_map: torch.Tensor) -> torch.Tensor:
         """Image scores ``[B]`` aggregated from ``anomaly_map`` ``[B, 1, H, W]``."""
@@ -167,18 +195,22 @@ class Member(nn.Module):
             anomaly_map, self.score_aggregation, self.topk_percent, self.center_sigma
         )
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        anomaly_map = self.compute_anomaly_map(images)
+    def forward(
+        self, images: torch.Tensor, features: dict[int, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        anomaly_map = self.compute_anomaly_map(images, features)
         return {"pred_score": self.compute_anomaly_score(anomaly_map), "anomaly_map": anomaly_map}
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def predict(
+        self, images: torch.Tensor, features: dict[int, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Inference in eval mode without gradients; the caller's mode is restored."""
         self._check_fitted()
         was_training = self.training
         self.eval()
         try:
-            return self(images)
+            return self(images, features)
         finally:
             self.train(was_training)
 

@@ -55,9 +55,7 @@ class ShardedEpochSampler(Sampler[int]):
         self.epoch = 0
         self.start = 0
 
-    # Deliberately not named ``set_epoch``: Fabric's loader wrapper calls that with its own
-    # count of iterations, which is wrong after a resume.
-    def set_position(self, epoch: int, start: int = 0) -> None:
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
     def _shard(self) -> list[int]:
@@ -195,7 +193,10 @@ class FabricTrainer:
             drop_last=loader.drop_last,
             pin_memory=loader.pin_memory,
         )
-        return self.fabric.setup_dataloaders(rebuilt, use_distributed_sampler=False), sampler
+        # A plain loader (batches are moved with ``fabric.to_device``): Fabric's wrapper creates
+        # the underlying iterator lazily, which would draw from the global generator after a
+        # resume restored it.
+        return rebuilt, sampler
 
     def gather(
         self, fn: Callable[[dict[str, Any]], torch.Tensor], loader: DataLoader
@@ -210,7 +211,7 @@ class FabricTrainer:
             for batch in tqdm(
                 shard_loader, desc="features", disable=not (self.progress and self.is_global_zero)
             ):
-                outputs.append(fn(batch).float())
+                outputs.append(fn(self.fabric.to_device(batch)).float())
         if not outputs:
             raise ValueError("the feature pass got no samples: the dataset is empty")
         local = torch.cat(outputs)
@@ -263,6 +264,7 @@ class FabricTrainer:
         loader, sampler = self._loader(train_loader, shuffle=_shuffles(train_loader), pad=True)
 
         epoch, step, batch_in_epoch = 0, 0, 0
+        resumed_rng = None
         self.history = []
         ckpt_path = self._checkpoint_path()
         if self.resume and ckpt_path is not None and ckpt_path.is_file():
@@ -273,7 +275,7 @@ class FabricTrainer:
                 scheduler.load_state_dict(state["scheduler"])
             epoch, step, batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
             self.history = list(state["history"])
-            _set_rng_state(state["rng"])
+            resumed_rng = state["rng"]
         elif self.resume and not isinstance(self.resume, bool):
             raise FileNotFoundError(f"resume checkpoint not found: {ckpt_path}")
 
@@ -297,7 +299,7 @@ class FabricTrainer:
         accumulate = self.accumulate_grad_batches
         done = self.max_steps is not None and step >= self.max_steps
         while epoch < self.max_epochs and not done:
-            sampler.set_position(epoch, start=batch_in_epoch * (train_loader.batch_size or 1))
+            sampler.set_epoch(epoch, start=batch_in_epoch * (train_loader.batch_size or 1))
             n_batches = batch_in_epoch + len(loader)
             model.train()
             epoch_losses: list[float] = []
@@ -309,7 +311,16 @@ class FabricTrainer:
                 disable=not (self.progress and fabric.is_global_zero),
                 leave=False,
             )
-            for batch in loader:
+            # Creating the iterator draws from the global generator. A checkpoint taken inside
+            # an epoch was taken after that draw, one taken at an epoch's end before it.
+            if resumed_rng is not None and batch_in_epoch == 0:
+                _set_rng_state(resumed_rng)
+            batches = iter(loader)
+            if resumed_rng is not None and batch_in_epoch > 0:
+                _set_rng_state(resumed_rng)
+            resumed_rng = None
+            for batch in batches:
+                batch = fabric.to_device(batch)
                 batch_in_epoch += 1
                 is_last = batch_in_epoch == n_batches
                 stepping = batch_in_epoch % accumulate == 0 or is_last
