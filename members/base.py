@@ -132,7 +132,12 @@ class Member(nn.Module):
                     else:
                         hparams[pname] = value
                 self.__dict__["hparams"] = hparams
-            init(self, *args, **kw)
+                init(self, *args, **kw)
+                # The shared options, also when left at their defaults.
+                for name in ("score_aggregation", "topk_percent", "center_sigma"):
+                    hparams.setdefault(name, getattr(self, name))
+            else:
+                init(self, *args, **kw)
 
         cls.__init__ = recording_init
 
