@@ -1,0 +1,118 @@
+"""From a configuration's ``data`` section to datasets and loaders.
+
+A data source is a folder in MVTec layout (or BTAD / VisA) plus how to read it. The embedded
+default (``dataset: synthetic``) is generated once into a cache folder keyed by its parameters,
+then read like any MVTec folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import DataLoader, Dataset
+
+SYNTHETIC = "synthetic"
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One dataset to run on: ``reader`` is a name of ``data.datasets.get_dataset``."""
+
+    name: str
+    reader: str
+    data_dir: Path
+    categories: tuple[str, ...]
+    image_size: int | None
+    channels: int = 3
+    val_fraction: float = 0.2
+    pixel_pitch_mm: float = 0.1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_source(
+    data_cfg: Mapping[str, Any],
+    synthetic_cfg: Mapping[str, Any],
+    seed: int,
+    name: str | None = None,
+) -> DataSource:
+    """The data source a ``data`` section describes; generates the synthetic panels if needed."""
+    reader = data_cfg["dataset"]
+    if reader == SYNTHETIC:
+        from data.synthetic import ensure_synthetic_dataset
+
+        categories = tuple(data_cfg["categories"]) or ("panel",)
+        if len(categories) != 1:
+            raise ValueError(f"the synthetic dataset has one category, got {list(categories)}")
+        data_dir = ensure_synthetic_dataset(
+            synthetic_cfg["cache_dir"],
+            n_train=synthetic_cfg["n_train"],
+            n_test=synthetic_cfg["n_test"],
+            size=synthetic_cfg["size"],
+            seed=seed,
+            category=categories[0],
+            defect_fraction=synthetic_cfg["defect_fraction"],
+            pixel_pitch_mm=data_cfg["pixel_pitch_mm"],
+        )
+        reader = "mvtec"
+    else:
+        if not data_cfg.get("data_dir"):
+            raise ValueError(f"data.data_dir must be set for dataset {reader!r}")
+        data_dir = Path(data_cfg["data_dir"]).expanduser()
+        if not data_dir.is_dir():
+            raise FileNotFoundError(f"data.data_dir does not exist or is not a folder: {data_dir}")
+        categories = tuple(data_cfg["categories"])
+        if not categories:
+            categories = tuple(sorted(p.name for p in data_dir.iterdir() if (p / "test").is_dir()))
+            if not categories:
+                raise ValueError(f"no categories found in {data_dir} (folders with a test/ inside)")
+    return DataSource(
+        name=name or (SYNTHETIC if data_cfg["dataset"] == SYNTHETIC else Path(data_dir).name),
+        reader=reader,
+        data_dir=Path(data_dir),
+        categories=categories,
+        image_size=data_cfg["image_size"],
+        channels=data_cfg["channels"],
+        val_fraction=data_cfg["val_fraction"],
+        pixel_pitch_mm=data_cfg["pixel_pitch_mm"],
+    )
+
+
+def make_dataset(
+    source: DataSource,
+    category: str,
+    split: str,
+    seed: int,
+    image_size: int | None | str = "source",
+) -> Dataset:
+    """``split``: ``train`` (train/good without the held-out share), ``val`` (the held-out
+    share), or ``test``."""
+    from data.datasets import get_dataset
+
+    size = source.image_size if image_size == "source" else image_size
+    return get_dataset(
+        source.reader,
+        data_dir=source.data_dir,
+        categories=[category],
+        split=split,
+        image_size=size,
+        channels=source.channels,
+        val_fraction=source.val_fraction,
+        seed=seed,
+    )
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0
+) -> DataLoader:
+    from data.datasets import collate_samples
+
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        collate_fn=collate_samples,
+    )

@@ -1,0 +1,124 @@
+"""python -m pipelines.benchmark — train and evaluate members on a grid and rank them.
+
+With no arguments it runs every member on the embedded default (synthetic OLED panels,
+efficientnet_lite0 backbone) at small sizes on the CPU. Any MVTec-layout folder can be
+benchmarked without editing files:
+
+    python -m pipelines.benchmark --data-dir /data/mvtec --categories bottle,screw \\
+        --members patchcore,padim --set data.image_size=224
+
+Re-running the same command resumes: finished jobs are skipped, interrupted or failed ones are
+run again. The run folder holds config.yaml, jobs/<job>/ (config, weights, log, history.csv,
+results.json), leaderboard.csv, results.json and report.html.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from configs import add_config_arguments, load_config, write_config
+from data.io import atomic_write_json
+from pipelines.common import PipelineError, config_hash, main_guard, setup_logging
+from pipelines.jobs import plan_jobs, read_results, run_jobs
+from pipelines.report import format_table, leaderboard, write_html_report, write_leaderboard_csv
+
+log = logging.getLogger("pipelines.benchmark")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_arguments(parser)
+    parser.add_argument("--data-dir", help="an MVTec-layout folder (sets data.dataset=mvtec)")
+    parser.add_argument("--dataset", help="reader for --data-dir: mvtec (default), btad or visa")
+    parser.add_argument("--categories", help="comma-separated categories (default: all found)")
+    parser.add_argument("--members", help="comma-separated members (default: all)")
+    parser.add_argument("--run-name", help="run folder name under output_dir")
+    parser.add_argument(
+        "--init-from", help="start members from a run's weights: RUN/jobs/JOB/weights"
+    )
+    parser.add_argument("--list", action="store_true", help="print the planned jobs and exit")
+    return parser.parse_args(argv)
+
+
+def overrides_from_flags(args: argparse.Namespace) -> list[str]:
+    """The shorthand flags as --set overrides (applied after --set, so they win)."""
+    sets = []
+    if args.data_dir:
+        sets += [f"data.data_dir={args.data_dir}", f"data.dataset={args.dataset or 'mvtec'}"]
+        if not args.categories:
+            sets.append("data.categories=[]")
+    elif args.dataset:
+        sets.append(f"data.dataset={args.dataset}")
+    if args.categories:
+        sets.append(f"data.categories=[{args.categories}]")
+    if args.members:
+        sets.append(f"benchmark.members=[{args.members}]")
+    if args.run_name:
+        sets.append(f"benchmark.run_name={args.run_name}")
+    if args.init_from:
+        sets.append(f"benchmark.init_from={args.init_from}")
+    return sets
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config("benchmark", args.config, [*args.overrides, *overrides_from_flags(args)])
+    setup_logging()
+    jobs = plan_jobs(cfg)
+    if args.list:
+        for job in jobs:
+            print(job.job_id)
+        return 0
+    run_dir = Path(cfg["output_dir"]) / (
+        cfg["benchmark"]["run_name"] or f"benchmark-{config_hash(cfg)}"
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir / "log.txt")
+    write_config(cfg, run_dir / "config.yaml")
+    log.info("run folder: %s (%d jobs)", run_dir, len(jobs))
+    results = run_jobs(jobs, run_dir, cfg["benchmark"]["job_timeout_s"])
+    board = leaderboard(results)
+    write_leaderboard_csv(board, run_dir / "leaderboard.csv")
+    atomic_write_json(run_dir / "results.json", {"jobs": results, "overall": board["overall"]})
+    scores = {r["job_id"]: _scores(run_dir / "jobs" / r["job_id"]) for r in results}
+    report = write_html_report(
+        board,
+        results,
+        run_dir,
+        "Benchmark report",
+        scores,
+        {
+            "run": run_dir.name,
+            "jobs": len(jobs),
+            "failed": sum(r["status"] != "ok" for r in results),
+        },
+    )
+    print(format_table(board))
+    print(f"\nleaderboard: {run_dir / 'leaderboard.csv'}\nreport: {report}")
+    failed = [r for r in results if r.get("status") != "ok"]
+    if len(failed) == len(results):
+        raise PipelineError(f"every job failed; first error: {failed[0].get('error')}")
+    return 0
+
+
+def _scores(job_dir: Path) -> list[dict]:
+    import csv
+
+    if read_results(job_dir) is None or not (job_dir / "scores.csv").is_file():
+        return []
+    with open(job_dir / "scores.csv") as fh:
+        return [
+            {**r, "label": int(r["label"]), "score": float(r["score"])} for r in csv.DictReader(fh)
+        ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""What every entry point shares: clean failure reporting, logging, run folders, resources."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+log = logging.getLogger("pipelines")
+
+
+class PipelineError(RuntimeError):
+    """A failure to report to the user in one line, without a traceback."""
+
+
+def main_guard(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """Wrap an entry point so errors reach the user as one clear line and an exit status:
+    2 for bad configuration or arguments, 1 for any other failure, 130 when interrupted.
+    Set ``OLED_AD_DEBUG=1`` to see the traceback."""
+
+    def guarded(argv: list[str] | None = None) -> int:
+        from configs import ConfigError
+
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        except Exception as exc:
+            if os.environ.get("OLED_AD_DEBUG"):
+                raise
+            status = 2 if isinstance(exc, ConfigError) else 1
+            print(f"error: {describe_error(exc)}", file=sys.stderr)
+            return status
+
+    return guarded
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: message`` with the type left out for the project's own error kinds."""
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename}"
+    text = str(exc) if str(exc) else type(exc).__name__
+    if type(exc).__module__.split(".")[0] in {"configs", "data", "members", "pipelines", "tiling"}:
+        return text
+    return f"{type(exc).__name__}: {text}"
+
+
+def setup_logging(log_file: str | os.PathLike | None = None, verbose: bool = False) -> None:
+    """Log to stderr (INFO, or DEBUG with ``verbose``) and, if given, to ``log_file``."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    root.addHandler(console)
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(log_file)
+        file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(file_handler)
+    for noisy in ("lightning_fabric", "lightning.fabric", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def config_hash(cfg: Any, length: int = 10) -> str:
+    """A short stable hash of a JSON-serializable configuration."""
+    blob = json.dumps(cfg, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform != "darwin" else peak / 2**20
+
+
+def timestamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
