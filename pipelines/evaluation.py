@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from metrics import get_metric
@@ -101,23 +100,3 @@ def evaluate(
     elif pixel_metrics:
         notes.append("pixel metrics skipped: no ground-truth masks with defective pixels")
     return Evaluation(values, records, len(records), seconds, notes)
-
-
-def roc_points(records: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-    """False and true positive rates of the image scores, for plotting."""
-    from sklearn.metrics import roc_curve
-
-    labels = np.array([r["label"] for r in records])
-    scores = np.array([r["score"] for r in records])
-    fpr, tpr, _ = roc_curve(labels, scores)
-    return fpr, tpr
-
-
-def pr_points(records: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-    """Recall and precision of the image scores, for plotting."""
-    from sklearn.metrics import precision_recall_curve
-
-    labels = np.array([r["label"] for r in records])
-    scores = np.array([r["score"] for r in records])
-    precision, recall, _ = precision_recall_curve(labels, scores)
-    return recall, precision

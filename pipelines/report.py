@@ -186,6 +186,24 @@ def format_table(board: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def roc_points(records: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """False and true positive rates of the image scores."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve([r["label"] for r in records], [r["score"] for r in records])
+    return fpr, tpr
+
+
+def pr_points(records: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """Recall and precision of the image scores."""
+    from sklearn.metrics import precision_recall_curve
+
+    precision, recall, _ = precision_recall_curve(
+        [r["label"] for r in records], [r["score"] for r in records]
+    )
+    return recall, precision
+
+
 # --- SVG plots ------------------------------------------------------------------------------
 
 
@@ -325,8 +343,6 @@ def write_html_report(
     meta: dict[str, Any],
 ) -> Path:
     """``scores``: job id -> per-image records (label, score); ``meta``: facts for the header."""
-    from pipelines.evaluation import pr_points, roc_points
-
     sections = [f"<h1>{html.escape(title)}</h1>"]
     sections.append(
         "<p>" + " · ".join(f"<b>{html.escape(k)}</b>: {_fmt(v)}" for k, v in meta.items()) + "</p>"

@@ -1,0 +1,60 @@
+"""Several fitted members run as one: shared backbones run once per batch.
+
+Members that consume the same frozen pretrained backbone (same name, weights) get their feature
+maps from one extractor built with the union of their layers, so a hybrid of PatchCore, PaDiM
+and FastFlow on efficientnet_lite0 runs efficientnet_lite0 once per batch, not three times.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from members.backbones import FeatureExtractor, load_backbone
+from members.base import Member
+
+
+def _shared_extractor(group: list[Member]) -> FeatureExtractor:
+    """One extractor with the union of the group's layers, weights taken from the member whose
+    extractor reaches deepest (features_only keeps everything up to its deepest layer)."""
+    extractors = [m.feature_extractor for m in group]
+    layers = tuple(sorted({i for e in extractors for i in e.layers}))
+    deepest = max(extractors, key=lambda e: max(e.layers))
+    shared = load_backbone(deepest.name, layers=layers, pretrained=False, frozen=True)
+    shared.body.load_state_dict(deepest.body.state_dict(), strict=True)
+    shared.key = deepest.key
+    return shared
+
+
+class MemberSet(nn.Module):
+    """Fitted members in a fixed order; ``forward`` returns their raw maps ``[B, M, H, W]`` and
+    scores ``[B, M]``."""
+
+    def __init__(self, members: dict[str, Member], share_backbones: bool = True) -> None:
+        super().__init__()
+        self.names = list(members)
+        self.members = nn.ModuleDict(members)
+        groups: dict[tuple, list[Member]] = defaultdict(list)
+        if share_backbones:
+            for member in members.values():
+                key = member.shared_backbone_key()
+                if key is not None:
+                    groups[key].append(member)
+        self.group_keys = [key for key, group in groups.items() if len(group) > 1]
+        self.extractors = nn.ModuleList(_shared_extractor(groups[k]) for k in self.group_keys)
+        self.eval()
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shared: dict[tuple, dict[int, torch.Tensor]] = {}
+        for key, extractor in zip(self.group_keys, self.extractors):
+            shared[key] = dict(zip(extractor.layers, extractor(images)))
+        maps, scores = [], []
+        for name in self.names:
+            member = self.members[name]
+            out = member.predict(images, shared.get(member.shared_backbone_key()))
+            maps.append(out["anomaly_map"][:, 0])
+            scores.append(out["pred_score"])
+        return torch.stack(scores, dim=1), torch.stack(maps, dim=1)
