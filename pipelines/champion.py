@@ -1,0 +1,161 @@
+"""What keeps a scheduled retraining safe: a run lock, a data manifest, atomic promotion and a
+kept history.
+
+Workspace layout (``retrain.workspace``)::
+
+    lock                 held while a run works: {"pid", "host", "started"}
+    manifest.json        SHA-256 of every data file seen by the last completed run
+    holdout.json         the fixed holdout (chosen once), so champion and challenger compare fairly
+    hybrids/<id>/        complete hybrid folders (each with its own SHA-256 manifest)
+    current -> hybrids/<id>    the champion; switched with one atomic rename
+    history.jsonl        one line per run: data used, scores, promoted or not, why
+
+A hybrid is built in a temporary folder and renamed into ``hybrids/`` only when complete; the
+``current`` link is replaced by renaming a new link over it. Killing the process at any point
+leaves ``current`` pointing at a complete champion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from data.io import atomic_write_json, atomic_write_text, sha256_file
+
+CURRENT = "current"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy"}
+
+
+class LockHeld(RuntimeError):
+    """Another live run holds the workspace lock."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive lock file. A lock left by a dead process on this host is stale: it is
+    reported, cleared and taken. A lock held by a live process raises ``LockHeld``."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.stale_cleared: dict[str, Any] | None = None
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # unreadable: written by a process killed mid-write
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None:
+                    continue
+                same_host = holder.get("host") in (None, me["host"])
+                pid = holder.get("pid")
+                if same_host and (not isinstance(pid, int) or not _pid_alive(pid)):
+                    self.stale_cleared = holder
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise LockHeld(
+                    f"{self.path} is held by pid {pid} on {holder.get('host')} since "
+                    f"{time.ctime(holder.get('started', 0))}; another run is in progress"
+                ) from None
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+            return self
+        raise LockHeld(f"could not take {self.path}: it keeps being re-created")
+
+    def release(self) -> None:
+        holder = self._holder()
+        if holder and holder.get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def scan_files(folders: Iterable[str | os.PathLike], root: str | os.PathLike) -> dict[str, str]:
+    """SHA-256 of every image file below ``folders``, keyed by path relative to ``root``."""
+    root = Path(root)
+    entries = {}
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+                entries[path.relative_to(root).as_posix()] = sha256_file(path)
+    return entries
+
+
+def read_manifest(workspace: Path) -> dict[str, str]:
+    path = workspace / "manifest.json"
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())["files"]
+
+
+def write_manifest(workspace: Path, files: dict[str, str]) -> None:
+    atomic_write_json(workspace / "manifest.json", {"files": files, "written": time.time()})
+
+
+def new_files(previous: dict[str, str], current: dict[str, str]) -> list[str]:
+    """Files added or changed since ``previous``."""
+    return sorted(path for path, digest in current.items() if previous.get(path) != digest)
+
+
+def current_champion(workspace: Path) -> Path | None:
+    link = workspace / CURRENT
+    if not link.is_symlink() and not link.exists():
+        return None
+    target = link.resolve()
+    return target if target.is_dir() else None
+
+
+def promote(workspace: Path, hybrid_dir: Path) -> None:
+    """Point ``current`` at ``hybrid_dir`` (inside ``workspace/hybrids``) with one rename."""
+    hybrid_dir = Path(hybrid_dir)
+    if hybrid_dir.parent.resolve() != (workspace / "hybrids").resolve():
+        raise ValueError(f"{hybrid_dir} is not inside {workspace / 'hybrids'}")
+    tmp = workspace / f".{CURRENT}.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(Path("hybrids") / hybrid_dir.name, tmp)
+    os.replace(tmp, workspace / CURRENT)
+
+
+def append_history(workspace: Path, entry: dict[str, Any]) -> None:
+    """Append one run to ``history.jsonl`` (rewritten atomically, so a kill never truncates it)."""
+    path = workspace / "history.jsonl"
+    old = path.read_text() if path.is_file() else ""
+    atomic_write_text(path, old + json.dumps(entry, default=str) + "\n")
+
+
+def read_history(workspace: Path) -> list[dict[str, Any]]:
+    path = workspace / "history.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
