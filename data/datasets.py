@@ -1,0 +1,373 @@
+"""Dataset readers sharing one constructor and one sample layout.
+
+``MVTecDataset`` reads the MVTec AD layout, which also serves OLED panel folders, KolektorSDD
+and anything converted to it::
+
+    <data_dir>/<category>/train/good/*            defect-free training images
+    <data_dir>/<category>/test/good/*             defect-free test images
+    <data_dir>/<category>/test/<defect_type>/*    defective test images
+    <data_dir>/<category>/ground_truth/<defect_type>/<stem>_mask.png   (or <stem>.png)
+
+``BTADDataset`` (``01/02/03`` with ``ok``/``ko``) and ``VisADataset`` (``split_csv/1cls.csv``)
+share the constructor ``(data_dir, categories, split, transform, normal_only, **kwargs)`` and
+return the same sample: ``{"image": [C,H,W] float in [0,1], "mask": [1,H,W] in {0,1}, "label":
+0|1, "defect_type": str, "path": str, "category": str}``. Synthetic panels add ``"level"``,
+``"defects"`` (from ``truth.jsonl``) and ``"instances"`` (per-defect ids).
+
+Splits: ``train`` is train/good without a seeded held-out share (``val_fraction``), ``val`` is
+that share, ``test`` is the test folder. A category without any ``ground_truth/`` folder is
+image-level only (``has_masks`` is False); where ``ground_truth/`` exists, a defective image
+without its mask or with a mask of another size is an error naming the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from data.images import IMAGE_SUFFIXES, ImageReadError, read_image, read_mask, to_tensor
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+NORMAL = "good"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One image of a split: where it is, its label and type, its mask file if any."""
+
+    path: Path
+    label: int
+    defect_type: str
+    category: str
+    mask: Path | None = None
+    instances: Path | None = None
+    truth: dict[str, Any] | None = None
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def holdout_split(items: Sequence[Any], fraction: float, seed: int, part: str) -> list[Any]:
+    """Seeded split of ``items`` into a training part and a held-out ``val`` part (disjoint)."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {fraction}")
+    order = np.random.default_rng(seed).permutation(len(items))
+    n_val = int(round(len(items) * fraction))
+    if fraction > 0 and len(items) > 1:
+        n_val = min(max(n_val, 1), len(items) - 1)
+    chosen = order[:n_val] if part == "val" else order[n_val:]
+    return [items[i] for i in sorted(chosen)]
+
+
+class AnomalyDataset(Dataset):
+    """Shared loading, resizing and checks; subclasses list their entries."""
+
+    reader_name = "base"
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        categories: Sequence[str],
+        split: str = "train",
+        transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        normal_only: bool = False,
+        image_size: int | Sequence[int] | None = None,
+        channels: int = 3,
+        val_fraction: float = 0.0,
+        seed: int = 0,
+        on_error: str = "raise",
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if isinstance(categories, str):
+            categories = [categories]
+        if not categories:
+            raise ValueError("categories is empty: name at least one category")
+        self.data_dir = Path(data_dir)
+        if not self.data_dir.is_dir():
+            raise FileNotFoundError(f"dataset folder not found: {self.data_dir}")
+        self.categories = list(categories)
+        self.split = split
+        self.transform = transform
+        self.image_size = _size_pair(image_size)
+        self.channels = channels
+        self.on_error = on_error
+        self.skipped: list[tuple[str, str]] = []
+        entries: list[Entry] = []
+        self.has_masks = True
+        for category in self.categories:
+            found, has_masks = self._entries(category, split, val_fraction, seed)
+            self.has_masks &= has_masks
+            entries.extend(found)
+        if normal_only:
+            entries = [e for e in entries if e.label == 0]
+        if not entries:
+            raise ValueError(
+                f"no images for split {split!r} of {self.categories} in {self.data_dir}"
+            )
+        self.entries = entries
+        if not self.has_masks and split == "test":
+            log.warning(
+                "%s: no ground_truth/ folder; image-level only, pixel metrics will be skipped",
+                ", ".join(self.categories),
+            )
+
+    def _entries(
+        self, category: str, split: str, val_fraction: float, seed: int
+    ) -> tuple[list[Entry], bool]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _resize(self, tensor: torch.Tensor, mode: str) -> torch.Tensor:
+        if self.image_size is None or tuple(tensor.shape[-2:]) == self.image_size:
+            return tensor
+        if mode == "nearest":
+            return F.interpolate(tensor[None].float(), size=self.image_size, mode="nearest")[0]
+        out = F.interpolate(
+            tensor[None], size=self.image_size, mode="bilinear", antialias=True, align_corners=False
+        )
+        return out[0].clamp_(0.0, 1.0)
+
+    def load(self, index: int) -> dict[str, Any]:
+        entry = self.entries[index]
+        image = read_image(entry.path)
+        height, width = image.shape[:2]
+        if entry.mask is not None:
+            mask = read_mask(entry.mask)
+            if mask.shape != (height, width):
+                raise ImageReadError(
+                    f"{entry.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
+                    f"{entry.path} is {width}x{height}"
+                )
+        else:
+            mask = np.zeros((height, width), dtype=bool)
+        sample: dict[str, Any] = {
+            "image": self._resize(to_tensor(image, self.channels), "bilinear"),
+            "mask": self._resize(torch.from_numpy(mask)[None].float(), "nearest"),
+            "label": entry.label,
+            "defect_type": entry.defect_type,
+            "path": str(entry.path),
+            "category": entry.category,
+        }
+        if entry.instances is not None:
+            from PIL import Image
+
+            with Image.open(entry.instances) as pil:
+                ids = torch.from_numpy(np.asarray(pil, dtype=np.int32).copy())[None]
+            sample["instances"] = self._resize(ids, "nearest").round().to(torch.int32)
+        if entry.truth is not None:
+            sample["level"] = int(entry.truth.get("level", 0))
+            sample["defects"] = entry.truth.get("defects", [])
+            sample["pixel_pitch_mm"] = entry.truth.get("pixel_pitch_mm")
+        return self.transform(sample) if self.transform else sample
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if self.on_error == "raise":
+            return self.load(index)
+        try:
+            return self.load(index)
+        except ImageReadError as exc:
+            self.skipped.append((str(self.entries[index].path), str(exc)))
+            log.warning("skipped: %s", exc)
+            return {"skipped": True, "path": str(self.entries[index].path), "error": str(exc)}
+
+
+def _size_pair(size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    if isinstance(size, int):
+        pair = (size, size)
+    else:
+        pair = tuple(int(s) for s in size)
+    if len(pair) != 2 or min(pair) <= 0:
+        raise ValueError(f"image_size must be a positive int or (height, width), got {size!r}")
+    return pair
+
+
+def _find_mask(folder: Path, stem: str) -> Path | None:
+    for name in (f"{stem}_mask", stem):
+        for suffix in (".png", ".bmp", ".tif", ".tiff", ".jpg"):
+            candidate = folder / f"{name}{suffix}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _read_truth(category_dir: Path) -> dict[str, dict[str, Any]]:
+    path = category_dir / "truth.jsonl"
+    if not path.is_file():
+        return {}
+    truth = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            truth[record["path"]] = record
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"{path}:{number}: not a truth record ({exc})") from exc
+    return truth
+
+
+class MVTecDataset(AnomalyDataset):
+    """The MVTec AD folder layout (also OLED panel folders, KolektorSDD, synthetic panels)."""
+
+    reader_name = "mvtec"
+    normal_names = (NORMAL,)
+    train_folder = "train"
+
+    def _category_dir(self, category: str) -> Path:
+        folder = self.data_dir / category
+        if not folder.is_dir():
+            raise FileNotFoundError(f"category folder not found: {folder}")
+        return folder
+
+    def _entries(
+        self, category: str, split: str, val_fraction: float, seed: int
+    ) -> tuple[list[Entry], bool]:
+        root = self._category_dir(category)
+        gt_root = root / "ground_truth"
+        has_masks = gt_root.is_dir()
+        if split in ("train", "val"):
+            folder = root / self.train_folder / self.normal_names[0]
+            if not folder.is_dir():
+                raise FileNotFoundError(f"training folder not found: {folder}")
+            images = _images_in(folder)
+            if not images:
+                raise ValueError(f"no images in {folder}")
+            chosen = holdout_split(images, val_fraction, seed, split)
+            return [Entry(p, 0, NORMAL, category) for p in chosen], has_masks
+        test_root = root / "test"
+        if not test_root.is_dir():
+            raise FileNotFoundError(f"test folder not found: {test_root}")
+        truth = _read_truth(root)
+        entries = []
+        for type_dir in sorted(p for p in test_root.iterdir() if p.is_dir()):
+            normal = type_dir.name in self.normal_names
+            images = _images_in(type_dir)
+            for path in images:
+                mask = instances = None
+                if not normal and has_masks:
+                    mask = _find_mask(gt_root / type_dir.name, path.stem)
+                    if mask is None:
+                        raise FileNotFoundError(
+                            f"no mask for defective image {path}: expected "
+                            f"{gt_root / type_dir.name / (path.stem + '_mask.png')}"
+                        )
+                    candidate = gt_root / type_dir.name / f"{path.stem}_instances.png"
+                    instances = candidate if candidate.is_file() else None
+                label = 0 if normal else 1
+                defect_type = NORMAL if normal else type_dir.name
+                record = truth.get(path.relative_to(root).as_posix())
+                entries.append(Entry(path, label, defect_type, category, mask, instances, record))
+        if not entries:
+            raise ValueError(f"no images in {test_root}")
+        return entries, has_masks
+
+
+class BTADDataset(MVTecDataset):
+    """BTAD: ``<cat>/train/ok``, ``<cat>/test/ok``, ``<cat>/test/ko``, ``ground_truth/ko``."""
+
+    reader_name = "btad"
+    normal_names = ("ok", NORMAL)
+
+
+class VisADataset(AnomalyDataset):
+    """VisA with its split CSV (``split_csv/1cls.csv``: object, split, label, image, mask)."""
+
+    reader_name = "visa"
+
+    def _entries(
+        self, category: str, split: str, val_fraction: float, seed: int
+    ) -> tuple[list[Entry], bool]:
+        csv_path = self.data_dir / "split_csv" / "1cls.csv"
+        if not csv_path.is_file():
+            raise FileNotFoundError(f"VisA split file not found: {csv_path}")
+        rows = []
+        with open(csv_path, newline="") as fh:
+            for row in csv.DictReader(fh):
+                if row.get("object") == category:
+                    rows.append(row)
+        if not rows:
+            raise ValueError(f"{csv_path}: no rows for category {category!r}")
+        wanted = "train" if split in ("train", "val") else "test"
+        entries = []
+        for row in rows:
+            if row["split"] != wanted:
+                continue
+            anomalous = row["label"] == "anomaly"
+            path = self.data_dir / row["image"]
+            mask = self.data_dir / row["mask"] if anomalous and row.get("mask") else None
+            if mask is not None and not mask.is_file():
+                raise FileNotFoundError(f"no mask for defective image {path}: expected {mask}")
+            entries.append(
+                Entry(path, int(anomalous), "anomaly" if anomalous else NORMAL, category, mask)
+            )
+        if split in ("train", "val"):
+            entries = holdout_split([e for e in entries if e.label == 0], val_fraction, seed, split)
+        return entries, True
+
+
+_READERS: dict[str, type[AnomalyDataset]] = {
+    "mvtec": MVTecDataset,
+    "btad": BTADDataset,
+    "visa": VisADataset,
+}
+
+
+def available_datasets() -> list[str]:
+    return sorted(_READERS)
+
+
+def get_dataset(name: str, **params: Any) -> AnomalyDataset:
+    if name not in _READERS:
+        raise KeyError(f"unknown dataset reader {name!r}; available: {available_datasets()}")
+    return _READERS[name](**params)
+
+
+def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors of equal shape; keep everything else (paths, defect lists) as lists.
+    Samples a tolerant dataset skipped are left out."""
+    samples = [s for s in samples if not s.get("skipped")]
+    if not samples:
+        return {"image": torch.empty(0), "path": [], "label": torch.empty(0, dtype=torch.long)}
+    batch: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if isinstance(values[0], torch.Tensor) and all(v.shape == values[0].shape for v in values):
+            batch[key] = torch.stack(values)
+        elif key == "label":
+            batch[key] = torch.tensor(values, dtype=torch.long)
+        else:
+            batch[key] = values
+    return batch
+
+
+def get_dataloader(
+    name: str, batch_size: int = 8, shuffle: bool = False, num_workers: int = 0, **params: Any
+) -> DataLoader:
+    dataset = get_dataset(name, **params)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        collate_fn=collate_samples,
+    )

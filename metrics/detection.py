@@ -1,0 +1,307 @@
+"""Detection metrics with streaming updates.
+
+Image-level metrics keep every score (there is one per image). Pixel-level metrics must not keep
+full-resolution maps, so they keep pixel scores exactly while there are at most ``max_exact``
+of them and then switch to a shared histogram of ``bins`` bins over the range seen so far,
+widened by half its span on each side (later values outside it count in the edge bins).
+
+Error bound in binned mode: a pair of (normal, defect) pixels whose scores fall in the same bin
+is counted as a tie (1/2). The AUROC error is therefore at most half the fraction of such
+pairs, ``sum_b n_b * d_b / (N * D) / 2``, which ``error_bound`` reports; thresholds (F1-max,
+AUPRO's FPR levels) are resolved to one bin width. In exact mode the bound is 0.
+
+AUPRO follows MVTec AD: the per-region overlap (PRO) is averaged over every connected
+ground-truth region (8-connectivity) of every image, as a function of the false positive rate
+over all normal pixels; the area under that curve up to FPR 0.3 is divided by 0.3. Region pixel
+scores are always kept exactly (defective pixels are few); the FPR axis is sampled at 1000
+points in [0, 0.3].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+
+def _numpy(values: Any) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().float().cpu().numpy()
+    return np.asarray(values)
+
+
+class Metric:
+    """``update`` with a batch, ``compute`` the value, ``reset`` to start again."""
+
+    name = "metric"
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def update(self, *args: Any) -> None:
+        raise NotImplementedError
+
+    def compute(self) -> Any:
+        raise NotImplementedError
+
+
+class _ImageScores(Metric):
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._scores: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+
+    def update(self, scores: Any, labels: Any) -> None:
+        scores, labels = _numpy(scores).reshape(-1), _numpy(labels).reshape(-1)
+        if scores.shape != labels.shape:
+            raise ValueError(f"{len(scores)} scores but {len(labels)} labels")
+        if not np.isfinite(scores).all():
+            raise ValueError("scores contain NaN or Inf")
+        self._scores.append(scores.astype(np.float64))
+        self._labels.append(labels.astype(np.int64))
+
+    def _data(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self._scores:
+            raise ValueError(f"{self.name}: no data; call update() first")
+        scores, labels = np.concatenate(self._scores), np.concatenate(self._labels)
+        if len(np.unique(labels)) < 2:
+            raise ValueError(f"{self.name} needs normal and defective images")
+        return scores, labels
+
+
+class ImageAUROCMetric(_ImageScores):
+    name = "image_auroc"
+
+    def compute(self) -> float:
+        return float(roc_auc_score(*self._data()[::-1]))
+
+
+class ImageAPMetric(_ImageScores):
+    name = "image_ap"
+
+    def compute(self) -> float:
+        scores, labels = self._data()
+        return float(average_precision_score(labels, scores))
+
+
+def _f1_max(
+    thresholds: np.ndarray, tp: np.ndarray, fp: np.ndarray, positives: int
+) -> dict[str, float]:
+    precision = tp / np.maximum(tp + fp, 1)
+    recall = tp / max(positives, 1)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    best = int(np.argmax(f1))
+    return {"f1": float(f1[best]), "threshold": float(thresholds[best])}
+
+
+class ImageF1MaxMetric(_ImageScores):
+    """The best F1 over all thresholds; ``compute`` returns ``{"f1", "threshold"}`` (scores at
+    or above the threshold are called defective)."""
+
+    name = "image_f1_max"
+
+    def compute(self) -> dict[str, float]:
+        scores, labels = self._data()
+        thresholds = np.unique(scores)[::-1]
+        order = np.sort(scores[labels == 1])
+        normal = np.sort(scores[labels == 0])
+        tp = len(order) - np.searchsorted(order, thresholds, side="left")
+        fp = len(normal) - np.searchsorted(normal, thresholds, side="left")
+        return _f1_max(thresholds, tp, fp, len(order))
+
+
+class PixelScores:
+    """Normal and defective pixel scores: exact up to ``max_exact`` pixels, then binned."""
+
+    def __init__(self, max_exact: int = 20_000_000, bins: int = 100_000) -> None:
+        self.max_exact = max_exact
+        self.bins = bins
+        self.exact: dict[int, list[np.ndarray]] = {0: [], 1: []}
+        self.counts: dict[int, np.ndarray] | None = None
+        self.edges: np.ndarray | None = None
+        self.total = 0
+
+    @property
+    def binned(self) -> bool:
+        return self.counts is not None
+
+    def add(self, values: np.ndarray, label: int) -> None:
+        values = values.astype(np.float32, copy=False).reshape(-1)
+        if values.size == 0:
+            return
+        if not np.isfinite(values).all():
+            raise ValueError("anomaly maps contain NaN or Inf")
+        self.total += values.size
+        if self.binned:
+            self._bin(values, label)
+            return
+        self.exact[label].append(values.copy())
+        if self.total > self.max_exact:
+            self._switch_to_bins()
+
+    def _switch_to_bins(self) -> None:
+        everything = [v for part in self.exact.values() for v in part]
+        low = min(float(v.min()) for v in everything)
+        high = max(float(v.max()) for v in everything)
+        span = max(high - low, 1e-12)
+        self.edges = np.linspace(low - span / 2, high + span / 2, self.bins + 1)
+        self.counts = {0: np.zeros(self.bins, np.int64), 1: np.zeros(self.bins, np.int64)}
+        for label, parts in self.exact.items():
+            for values in parts:
+                self._bin(values, label)
+        self.exact = {0: [], 1: []}
+
+    def _bin(self, values: np.ndarray, label: int) -> None:
+        index = np.clip(np.searchsorted(self.edges, values, side="right") - 1, 0, self.bins - 1)
+        self.counts[label] += np.bincount(index, minlength=self.bins)
+
+    def arrays(self, label: int) -> np.ndarray:
+        parts = self.exact[label]
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+    def curve(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+        """Descending thresholds with true and false positive counts (score >= threshold)."""
+        if self.binned:
+            normal, defect = self.counts[0], self.counts[1]
+            thresholds = self.edges[:-1][::-1]
+            tp = np.cumsum(defect[::-1])
+            fp = np.cumsum(normal[::-1])
+            return thresholds, tp, fp, int(defect.sum()), int(normal.sum())
+        defect, normal = np.sort(self.arrays(1)), np.sort(self.arrays(0))
+        thresholds = np.unique(np.concatenate([defect, normal]))[::-1]
+        tp = len(defect) - np.searchsorted(defect, thresholds, side="left")
+        fp = len(normal) - np.searchsorted(normal, thresholds, side="left")
+        return thresholds, tp, fp, len(defect), len(normal)
+
+    def error_bound(self) -> float:
+        """Upper bound of the AUROC error from binning (0 when exact)."""
+        if not self.binned:
+            return 0.0
+        n, d = self.counts[0], self.counts[1]
+        return float((n * d).sum() / max(n.sum() * d.sum(), 1) / 2)
+
+
+def _maps_and_masks(maps: Any, masks: Any) -> tuple[np.ndarray, np.ndarray]:
+    maps, masks = _numpy(maps), _numpy(masks)
+    if maps.ndim == 4:
+        maps = maps[:, 0]
+    if masks.ndim == 4:
+        masks = masks[:, 0]
+    if maps.ndim == 2:
+        maps, masks = maps[None], masks[None]
+    if maps.shape != masks.shape:
+        raise ValueError(f"maps {maps.shape} and masks {masks.shape} differ in shape")
+    return maps, masks > 0.5
+
+
+class _PixelMetric(Metric):
+    def __init__(self, max_exact: int = 20_000_000, bins: int = 100_000) -> None:
+        self.max_exact, self.bins = max_exact, bins
+        self.reset()
+
+    def reset(self) -> None:
+        self.scores = PixelScores(self.max_exact, self.bins)
+
+    def update(self, maps: Any, masks: Any) -> None:
+        maps, masks = _maps_and_masks(maps, masks)
+        self.scores.add(maps[~masks], 0)
+        self.scores.add(maps[masks], 1)
+
+    @property
+    def error_bound(self) -> float:
+        return self.scores.error_bound()
+
+    def _curve(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+        thresholds, tp, fp, positives, negatives = self.scores.curve()
+        if positives == 0 or negatives == 0:
+            raise ValueError(f"{self.name} needs normal and defective pixels")
+        return thresholds, tp, fp, positives, negatives
+
+
+class PixelAUROCMetric(_PixelMetric):
+    name = "pixel_auroc"
+
+    def compute(self) -> float:
+        _, tp, fp, positives, negatives = self._curve()
+        tpr = np.concatenate([[0.0], tp / positives])
+        fpr = np.concatenate([[0.0], fp / negatives])
+        return float(np.trapezoid(tpr, fpr))
+
+
+class PixelF1MaxMetric(_PixelMetric):
+    """Best pixel F1 over thresholds; ``compute`` returns ``{"f1", "threshold"}``."""
+
+    name = "pixel_f1_max"
+
+    def compute(self) -> dict[str, float]:
+        thresholds, tp, fp, positives, _ = self._curve()
+        return _f1_max(thresholds, tp, fp, positives)
+
+
+class AUPROMetric(_PixelMetric):
+    """Normalized area under the per-region-overlap curve up to ``fpr_limit`` (MVTec AD)."""
+
+    name = "aupro"
+
+    def __init__(self, fpr_limit: float = 0.3, steps: int = 1000, **kwargs: Any) -> None:
+        if not 0 < fpr_limit <= 1:
+            raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+        self.fpr_limit, self.steps = fpr_limit, steps
+        super().__init__(**kwargs)
+
+    def reset(self) -> None:
+        super().reset()
+        self.regions: list[np.ndarray] = []
+
+    def update(self, maps: Any, masks: Any) -> None:
+        maps, masks = _maps_and_masks(maps, masks)
+        structure = np.ones((3, 3), dtype=bool)
+        for anomaly_map, mask in zip(maps, masks):
+            self.scores.add(anomaly_map[~mask], 0)
+            if mask.any():
+                labels, count = ndimage.label(mask, structure=structure)
+                order = np.argsort(labels, axis=None, kind="stable")
+                flat = labels.reshape(-1)[order]
+                values = anomaly_map.reshape(-1)[order]
+                starts = np.searchsorted(flat, np.arange(1, count + 2))
+                for k in range(count):
+                    self.regions.append(
+                        np.sort(values[starts[k] : starts[k + 1]]).astype(np.float32)
+                    )
+
+    def compute(self) -> float:
+        if not self.regions:
+            raise ValueError("aupro needs defective pixels (ground-truth regions)")
+        thresholds, _, fp, _, negatives = self.scores.curve()
+        if negatives == 0:
+            raise ValueError("aupro needs normal pixels")
+        fpr = fp / negatives
+        # Thresholds reaching each FPR level on the grid (FPR rises as thresholds fall).
+        grid = np.linspace(0.0, self.fpr_limit, self.steps + 1)
+        index = np.searchsorted(fpr, grid, side="right") - 1
+        # Below the first step no normal pixel may pass: the threshold sits just above them.
+        above_all = np.nextafter(thresholds[0], np.inf)
+        level = np.where(index >= 0, thresholds[np.clip(index, 0, None)], above_all)
+        pro = np.zeros_like(grid)
+        for region in self.regions:
+            pro += (len(region) - np.searchsorted(region, level, side="left")) / len(region)
+        pro /= len(self.regions)
+        return float(np.trapezoid(pro, grid) / self.fpr_limit)
+
+
+METRICS: dict[str, type[Metric]] = {
+    cls.name: cls
+    for cls in (
+        ImageAUROCMetric,
+        ImageAPMetric,
+        ImageF1MaxMetric,
+        PixelAUROCMetric,
+        PixelF1MaxMetric,
+        AUPROMetric,
+    )
+}

@@ -1,0 +1,27 @@
+"""Shared fixtures: the real KolektorSDD folder, when present."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def find_kolektorsdd() -> Path | None:
+    for candidate in (
+        os.environ.get("KOLEKTORSDD_DIR"),
+        REPO.parent / "shared" / "datasets" / "kolektorsdd",
+    ):
+        if candidate and (Path(candidate) / "train" / "good").is_dir():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def kolektorsdd_dir() -> Path:
+    """The KolektorSDD category folder (MVTec layout); skips when it is absent."""
+    path = find_kolektorsdd()
+    if path is None:
+        pytest.skip("KolektorSDD not found at ../shared/datasets/kolektorsdd (or $KOLEKTORSDD_DIR)")
+    return path
