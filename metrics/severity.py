@@ -33,7 +33,7 @@ SEMU_LEVEL_EDGES: tuple[float, float, float, float] = (1.0, 2.0, 3.0, 5.0)
 # both large and strong to reach level 5.
 DEFAULT_LEVEL_RULES: dict[str, dict[str, list[float]]] = {
     "dark_pixel": {"area_px": [2, 5, 10, 20], "contrast_pct": [20, 40, 60, 80]},
-    "bright_pixel": {"area_px": [2, 5, 10, 20], "contrast_pct": [20, 40, 80, 150]},
+    "bright_pixel": {"area_px": [2, 5, 10, 20], "contrast_pct": [20, 40, 70, 110]},
     "line_defect": {"area_px": [64, 128, 256, 512], "contrast_pct": [5, 10, 20, 40]},
     "scratch": {"area_px": [40, 80, 160, 320], "contrast_pct": [5, 10, 20, 40]},
     "particle": {"area_px": [10, 25, 60, 150], "contrast_pct": [10, 20, 40, 60]},

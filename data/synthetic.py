@@ -1,0 +1,590 @@
+"""Synthetic OLED panels with graded, typed ground truth.
+
+A lit panel is a luminance image: a gray level, a smooth low-frequency non-uniformity of a few
+percent, vignetting, an optional sub-pixel grid, then shot and read noise. Defects of the eight
+default types are multiplicative luminance changes ``I * (1 + a * p)`` with a profile ``p`` in
+[0, 1] and an amplitude ``a``:
+
+- ``spot_mura`` soft round blob; ``line_mura`` soft band; ``area_mura`` large irregular cloud;
+- ``dark_pixel`` / ``bright_pixel`` 1-30 px clusters; ``line_defect`` full or partial row or
+  column; ``scratch`` thin curved line; ``particle`` small sharp-edged dark blob.
+
+Truth of a defect: its mask (``p >= 0.5`` for soft profiles, ``p > 0`` for sharp ones), bbox
+``[x0, y0, x1, y1]`` (exclusive ends), ``contrast_pct`` = the mean over the mask of
+``(I_defect - I_background) / I_background * 100`` where the background is the panel without
+that defect (so ``contrast_pct = 100 * a * mean(p over mask)``), ``area_px``, ``area_mm2`` (from
+``pixel_pitch_mm``), ``semu`` and ``level`` (SEMU bins for mura, size and contrast rules for the
+others; ``metrics.severity``). Target levels are drawn uniformly, and size and contrast are then
+chosen to land in that level, so every level occurs for every type.
+
+``inject_defects`` puts the same defects into any real defect-free image (contrast relative to
+the local luminance), which gives labeled validation data where real defects are scarce.
+
+``python -m data.synthetic --out DIR --n-train N --n-test M --size S --seed K`` writes the MVTec
+layout plus ``truth.jsonl`` (one line per test image with every defect's fields).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from metrics.severity import (
+    DEFAULT_LEVEL_RULES,
+    DEFECT_TYPES,
+    MURA_TYPES,
+    SEMU_LEVEL_EDGES,
+    defect_level,
+    jnd_contrast,
+    semu,
+)
+
+SHARP_TYPES = ("dark_pixel", "bright_pixel", "line_defect", "scratch", "particle")
+# SEMU ranges to draw from for each mura level (edges from SEMU_LEVEL_EDGES by default).
+_LOWEST_SEMU, _HIGHEST_SEMU_FACTOR = 0.35, 1.6
+
+
+@dataclass
+class Defect:
+    """One rendered defect: its profile window and its truth."""
+
+    type: str
+    window: tuple[slice, slice]
+    profile: np.ndarray  # float32 in [0, 1], the size of the window
+    amplitude: float  # relative luminance change at profile 1
+    mask: np.ndarray  # bool, the size of the window
+    truth: dict[str, Any] = field(default_factory=dict)
+
+
+def _rng(seed: int, *keys: int | str) -> np.random.Generator:
+    digest = hashlib.sha256(json.dumps([seed, *keys]).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def _size_pair(size: int | Sequence[int]) -> tuple[int, int]:
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    if min(height, width) < 32:
+        raise ValueError(f"panel size must be at least 32 px, got {height}x{width}")
+    return int(height), int(width)
+
+
+class PanelGenerator:
+    """Seeded generator of lit-panel images with defects of known type, contrast and level.
+
+    The same ``(seed, split, index)`` always gives the same image, in any call order.
+    """
+
+    def __init__(
+        self,
+        size: int | Sequence[int] = 256,
+        gray_level: float = 0.4,
+        nonuniformity_pct: float = 3.0,
+        vignetting_pct: float = 4.0,
+        shot_noise: float = 0.002,
+        read_noise: float = 0.001,
+        subpixel_grid: bool = False,
+        grid_depth_pct: float = 1.5,
+        rgb: bool = False,
+        pixel_pitch_mm: float = 0.1,
+        defect_types: Sequence[str] = DEFECT_TYPES,
+        max_defects: int = 2,
+        semu_edges: Sequence[float] = SEMU_LEVEL_EDGES,
+        level_rules: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+        seed: int = 0,
+    ) -> None:
+        unknown = sorted(set(defect_types) - set(DEFECT_TYPES))
+        if unknown:
+            raise ValueError(f"unknown defect type(s) {unknown}; known: {list(DEFECT_TYPES)}")
+        if not 0 < gray_level < 1:
+            raise ValueError(f"gray_level must be in (0, 1), got {gray_level}")
+        if pixel_pitch_mm <= 0:
+            raise ValueError(f"pixel_pitch_mm must be positive, got {pixel_pitch_mm}")
+        if max_defects < 1:
+            raise ValueError(f"max_defects must be >= 1, got {max_defects}")
+        self.size = _size_pair(size)
+        self.gray_level = gray_level
+        self.nonuniformity_pct = nonuniformity_pct
+        self.vignetting_pct = vignetting_pct
+        self.shot_noise = shot_noise
+        self.read_noise = read_noise
+        self.subpixel_grid = subpixel_grid
+        self.grid_depth_pct = grid_depth_pct
+        self.rgb = rgb
+        self.pixel_pitch_mm = pixel_pitch_mm
+        self.defect_types = tuple(defect_types)
+        self.max_defects = max_defects
+        self.semu_edges = tuple(semu_edges)
+        self.level_rules = dict(DEFAULT_LEVEL_RULES if level_rules is None else level_rules)
+        self.seed = seed
+
+    # --- background ----------------------------------------------------------------------
+
+    def background(self, rng: np.random.Generator) -> np.ndarray:
+        """The defect-free panel before noise, float32 ``[H, W]``."""
+        height, width = self.size
+        coarse = ndimage.gaussian_filter(rng.normal(size=(8, 8)), 1.2)
+        coarse = coarse / max(np.abs(coarse).max(), 1e-12)
+        field_ = ndimage.zoom(coarse, (height / 8, width / 8), order=3, mode="reflect")
+        field_ = field_[:height, :width].astype(np.float32)
+        ys = np.linspace(-1, 1, height, dtype=np.float32)[:, None]
+        xs = np.linspace(-1, 1, width, dtype=np.float32)[None, :]
+        center = rng.uniform(-0.2, 0.2, 2)
+        vignette = (
+            1 - self.vignetting_pct / 100 * ((ys - center[0]) ** 2 + (xs - center[1]) ** 2) / 2
+        )
+        panel = self.gray_level * (1 + self.nonuniformity_pct / 100 * field_) * vignette
+        if self.subpixel_grid:
+            grid = np.ones(width, np.float32)
+            grid[2::3] -= self.grid_depth_pct / 100
+            panel = panel * grid[None, :]
+        return panel.astype(np.float32)
+
+    def add_noise(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        sigma = np.sqrt(self.shot_noise**2 * np.clip(image, 0, None) + self.read_noise**2)
+        noisy = image + sigma * rng.standard_normal(image.shape, dtype=np.float32)
+        return np.clip(noisy, 0.0, 1.0).astype(np.float32)
+
+    # --- defects -------------------------------------------------------------------------
+
+    def _contrast_for_level(
+        self, defect_type: str, level: int, area_px: int, rng
+    ) -> tuple[float, int]:
+        """A contrast magnitude (%) that puts a defect of ``area_px`` into ``level`` (or the
+        nearest level the size allows), and the level reached."""
+        area_mm2 = area_px * self.pixel_pitch_mm**2
+        if defect_type in MURA_TYPES or defect_type not in self.level_rules:
+            edges = (_LOWEST_SEMU, *self.semu_edges, self.semu_edges[-1] * _HIGHEST_SEMU_FACTOR)
+            target = rng.uniform(edges[level - 1], edges[level])
+            return float(target * jnd_contrast(area_mm2)), level
+        rule = self.level_rules[defect_type]
+        area_edges = np.asarray(rule["area_px"], dtype=float)
+        by_area = 1 + int(np.searchsorted(area_edges, area_px, side="right"))
+        # level = ceil((by_area + by_contrast) / 2): the contrast bins that reach ``level``.
+        wanted = [b for b in (2 * level - by_area - 1, 2 * level - by_area) if 1 <= b <= 5]
+        if not wanted:
+            wanted = [min(max(2 * level - by_area, 1), 5)]
+        by_contrast = int(rng.choice(wanted))
+        contrast_edges = [
+            0.5 * rule["contrast_pct"][0],
+            *rule["contrast_pct"],
+            1.4 * rule["contrast_pct"][-1],
+        ]
+        low, high = contrast_edges[by_contrast - 1], contrast_edges[by_contrast]
+        return float(rng.uniform(low, high * 0.999)), int(math.ceil((by_area + by_contrast) / 2))
+
+    def _profile(self, defect_type: str, level: int, rng: np.random.Generator) -> np.ndarray:
+        """The defect's profile in a window of its own, float32 in [0, 1]."""
+        height, width = self.size
+        side = min(height, width)
+        if defect_type == "spot_mura":
+            sigma = rng.uniform(0.012, 0.045) * side
+            r = int(3 * sigma) + 1
+            yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+            aspect = rng.uniform(0.7, 1.0)
+            return np.exp(-(xx**2 + (yy / aspect) ** 2) / (2 * sigma**2)).astype(np.float32)
+        if defect_type == "line_mura":
+            length = int(rng.uniform(0.3, 0.8) * side)
+            sigma = rng.uniform(1.2, 3.5) * max(1.0, side / 256)
+            half = int(3 * sigma) + 1
+            across = np.exp(-(np.arange(-half, half + 1) ** 2) / (2 * sigma**2))
+            along = np.clip(
+                np.minimum(np.arange(length), np.arange(length)[::-1]) / (0.1 * length), 0, 1
+            )
+            band = (along[:, None] * across[None, :]).astype(np.float32)
+            return band if rng.random() < 0.5 else band.T.copy()
+        if defect_type == "area_mura":
+            h, w = (int(rng.uniform(0.2, 0.4) * s) for s in self.size)
+            noise = ndimage.gaussian_filter(rng.normal(size=(h, w)), min(h, w) / 8)
+            noise = (noise - noise.min()) / max(np.ptp(noise), 1e-12)
+            yy, xx = np.mgrid[0:h, 0:w]
+            ellipse = ((yy - h / 2) / (h / 2)) ** 2 + ((xx - w / 2) / (w / 2)) ** 2
+            envelope = np.clip(1.2 - ellipse, 0, 1)
+            cloud = ndimage.gaussian_filter(envelope * (0.4 + 0.6 * noise), min(h, w) / 20)
+            return (cloud / cloud.max()).astype(np.float32)
+        if defect_type in ("dark_pixel", "bright_pixel"):
+            count = int(np.clip(np.round(np.exp(rng.uniform(0, np.log(30)))), 1, 30))
+            cells = {(0, 0)}
+            while len(cells) < count:
+                y, x = list(cells)[rng.integers(len(cells))]
+                dy, dx = ((1, 0), (-1, 0), (0, 1), (0, -1))[rng.integers(4)]
+                cells.add((y + dy, x + dx))
+            ys, xs = np.array(sorted(cells)).T
+            out = np.zeros((ys.max() - ys.min() + 1, xs.max() - xs.min() + 1), np.float32)
+            out[ys - ys.min(), xs - xs.min()] = 1
+            return out
+        if defect_type == "line_defect":
+            full = rng.random() < 0.5
+            length = side if full else int(rng.uniform(0.25, 0.7) * side)
+            width_px = int(rng.integers(1, 3))
+            line = np.ones((length, width_px), np.float32)
+            return line if rng.random() < 0.5 else line.T.copy()
+        if defect_type == "scratch":
+            span = int(rng.uniform(0.15, 0.4) * side)
+            p0, p2 = rng.uniform(0, span, 2), rng.uniform(0, span, 2)
+            p1 = rng.uniform(0, span, 2)
+            t = np.linspace(0, 1, 4 * span)[:, None]
+            curve = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
+            out = np.zeros((span + 2, span + 2), np.float32)
+            iy, ix = np.round(curve[:, 0]).astype(int) + 1, np.round(curve[:, 1]).astype(int) + 1
+            out[iy, ix] = 1
+            if rng.random() < 0.5:
+                out = ndimage.binary_dilation(out > 0, np.ones((2, 2), bool)).astype(np.float32)
+            return out
+        if defect_type == "particle":
+            radius = rng.uniform(1.5, 5.5) * max(1.0, side / 256)
+            r = int(radius) + 2
+            yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+            angle = np.arctan2(yy, xx)
+            wobble = 1 + 0.2 * np.sin(3 * angle + rng.uniform(0, 2 * np.pi))
+            return (np.hypot(yy, xx) <= radius * wobble).astype(np.float32)
+        raise ValueError(f"unknown defect type {defect_type!r}")
+
+    def _sign(self, defect_type: str, rng: np.random.Generator) -> float:
+        if defect_type in ("dark_pixel", "particle"):
+            return -1.0
+        if defect_type == "bright_pixel":
+            return 1.0
+        return 1.0 if rng.random() < 0.5 else -1.0
+
+    def make_defect(
+        self,
+        defect_type: str,
+        rng: np.random.Generator,
+        occupied: np.ndarray,
+        level: int | None = None,
+        image: np.ndarray | None = None,
+    ) -> Defect | None:
+        """Render one defect at a free place of ``occupied`` (a bool map, updated); None if no
+        free place was found. With ``image``, a brightening is capped so it does not saturate."""
+        level = int(rng.integers(1, 6)) if level is None else level
+        profile = self._profile(defect_type, level, rng)
+        height, width = self.size
+        ph, pw = profile.shape
+        if ph > height or pw > width:
+            profile = profile[:height, :width]
+            ph, pw = profile.shape
+        mask = profile >= 0.5 if defect_type not in SHARP_TYPES else profile > 0
+        for _ in range(30):
+            y0 = int(rng.integers(0, height - ph + 1))
+            x0 = int(rng.integers(0, width - pw + 1))
+            window = (slice(y0, y0 + ph), slice(x0, x0 + pw))
+            if not (occupied[window] & mask).any():
+                break
+        else:
+            return None
+        area_px = int(mask.sum())
+        magnitude, level = self._contrast_for_level(defect_type, level, area_px, rng)
+        sign = self._sign(defect_type, rng)
+        if sign < 0:
+            magnitude = min(magnitude, 95.0)  # a pixel cannot get darker than black
+        elif image is not None:
+            # Saturated pixels would lose contrast: stay below full scale.
+            peak = float(np.max(image[window]))
+            magnitude = min(magnitude, max(100 * (0.97 / max(peak, 1e-6) - 1), 0.1))
+        mean_profile = float(profile[mask].mean())
+        amplitude = sign * magnitude / 100 / mean_profile
+        occupied[window] |= ndimage.binary_dilation(mask, iterations=2)
+        return Defect(defect_type, window, profile, amplitude, mask, {"target_level": level})
+
+    def _truth(self, defect: Defect, ident: int) -> dict[str, Any]:
+        ys, xs = np.nonzero(defect.mask)
+        y0, x0 = defect.window[0].start, defect.window[1].start
+        area_px = int(defect.mask.sum())
+        area_mm2 = area_px * self.pixel_pitch_mm**2
+        contrast = 100 * defect.amplitude * float(defect.profile[defect.mask].mean())
+        return {
+            "id": ident,
+            "type": defect.type,
+            "bbox": [
+                int(x0 + xs.min()),
+                int(y0 + ys.min()),
+                int(x0 + xs.max() + 1),
+                int(y0 + ys.max() + 1),
+            ],
+            "contrast_pct": round(contrast, 6),
+            "area_px": area_px,
+            "area_mm2": round(area_mm2, 6),
+            "semu": round(float(semu(contrast, area_mm2)), 6),
+            "level": defect_level(
+                defect.type,
+                area_px=area_px,
+                area_mm2=area_mm2,
+                contrast_pct=contrast,
+                semu_edges=self.semu_edges,
+                rules=self.level_rules,
+            ),
+        }
+
+    def apply(
+        self, image: np.ndarray, defects: Sequence[Defect]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
+        """Multiply the defects into ``image`` ([H, W] or [H, W, C]); returns the image, the
+        binary mask, the instance map (0 background, k the k-th defect) and the truth list."""
+        out = image.copy()
+        mask = np.zeros(image.shape[:2], bool)
+        instances = np.zeros(image.shape[:2], np.uint16)
+        truth = []
+        for k, defect in enumerate(defects, 1):
+            factor = 1 + defect.amplitude * defect.profile
+            if out.ndim == 3:
+                factor = factor[..., None]
+            out[defect.window] = out[defect.window] * factor
+            mask[defect.window] |= defect.mask
+            instances[defect.window][defect.mask] = k
+            truth.append(self._truth(defect, k))
+        return np.clip(out, 0.0, 1.0), mask, instances, truth
+
+    # --- samples -------------------------------------------------------------------------
+
+    def generate(self, index: int, defective: bool, split: str = "test") -> dict[str, Any]:
+        """One panel: ``image`` (float32 [H, W] or [H, W, 3] in [0, 1]), ``mask``, ``instances``,
+        ``defects`` (truth dicts), ``label``, ``level``, ``background`` (noise-free, without
+        defects) and ``pixel_pitch_mm``."""
+        rng = _rng(self.seed, split, index, int(defective))
+        clean = self.background(rng)
+        defects: list[Defect] = []
+        if defective:
+            occupied = np.zeros(self.size, bool)
+            count = int(rng.integers(1, self.max_defects + 1))
+            for _ in range(count):
+                defect = self.make_defect(
+                    str(rng.choice(self.defect_types)), rng, occupied, image=clean
+                )
+                if defect is not None:
+                    defects.append(defect)
+        image, mask, instances, truth = self.apply(clean, defects)
+        image = self.add_noise(image, rng)
+        if self.rgb:
+            tint = np.array([1.0, 0.98, 1.02], np.float32)
+            image = np.clip(image[..., None] * tint, 0, 1)
+        return {
+            "image": image,
+            "mask": mask,
+            "instances": instances,
+            "defects": truth,
+            "label": int(bool(truth)),
+            "level": max((d["level"] for d in truth), default=0),
+            "background": clean,
+            "pixel_pitch_mm": self.pixel_pitch_mm,
+        }
+
+    def generate_normal(self, index: int, split: str = "train") -> dict[str, Any]:
+        return self.generate(index, defective=False, split=split)
+
+    def generate_defective(self, index: int, split: str = "test") -> dict[str, Any]:
+        return self.generate(index, defective=True, split=split)
+
+
+def inject_defects(
+    image: np.ndarray,
+    seed: int | np.random.Generator = 0,
+    defect_types: Sequence[str] = DEFECT_TYPES,
+    n_defects: int = 1,
+    pixel_pitch_mm: float = 0.1,
+    levels: Sequence[int] | None = None,
+    **generator_kwargs: Any,
+) -> dict[str, Any]:
+    """Add ``n_defects`` synthetic defects into a real defect-free ``image`` (float [H, W] or
+    [H, W, C] in [0, 1]) as multiplicative luminance changes; contrast is relative to the local
+    luminance. Returns the same fields as ``PanelGenerator.generate``."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim not in (2, 3):
+        raise ValueError(f"image must be [H, W] or [H, W, C], got shape {image.shape}")
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    generator = PanelGenerator(
+        size=image.shape[:2],
+        pixel_pitch_mm=pixel_pitch_mm,
+        defect_types=defect_types,
+        **generator_kwargs,
+    )
+    occupied = np.zeros(image.shape[:2], bool)
+    defects = []
+    for k in range(n_defects):
+        level = None if levels is None else int(levels[k % len(levels)])
+        defect = generator.make_defect(
+            str(rng.choice(list(defect_types))), rng, occupied, level, image=image
+        )
+        if defect is not None:
+            defects.append(defect)
+    out, mask, instances, truth = generator.apply(image, defects)
+    return {
+        "image": out,
+        "mask": mask,
+        "instances": instances,
+        "defects": truth,
+        "label": int(bool(truth)),
+        "level": max((d["level"] for d in truth), default=0),
+        "background": image,
+        "pixel_pitch_mm": pixel_pitch_mm,
+    }
+
+
+# --- writing the MVTec layout -------------------------------------------------------------
+
+
+def dominant_type(defects: Sequence[Mapping[str, Any]]) -> str:
+    """The type of the highest-level defect (ties: the larger one)."""
+    return max(defects, key=lambda d: (d["level"], d["area_px"]))["type"]
+
+
+def write_dataset(
+    out: str | os.PathLike,
+    *,
+    n_train: int,
+    n_test: int,
+    size: int | Sequence[int],
+    seed: int = 0,
+    category: str = "panel",
+    defect_fraction: float = 0.5,
+    **generator_kwargs: Any,
+) -> Path:
+    """Write ``out/<category>/`` in MVTec layout with ``truth.jsonl`` and ``meta.json``.
+
+    The category is built in a temporary folder and renamed into place at the end, so a killed
+    run never leaves a half dataset that looks complete."""
+    from data.images import write_png
+
+    if n_train < 1 or n_test < 1:
+        raise ValueError(f"n_train and n_test must be >= 1, got {n_train} and {n_test}")
+    if not 0 <= defect_fraction <= 1:
+        raise ValueError(f"defect_fraction must be in [0, 1], got {defect_fraction}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    generator = PanelGenerator(size=size, seed=seed, **generator_kwargs)
+    bits = 8 if generator.rgb else 16
+    tmp = Path(tempfile.mkdtemp(prefix=f".{category}.", suffix=".tmp", dir=out))
+    try:
+        for i in range(n_train):
+            sample = generator.generate_normal(i, split="train")
+            write_png(tmp / "train" / "good" / f"{i:06d}.png", sample["image"], bits)
+        n_defective = int(round(n_test * defect_fraction))
+        lines = []
+        for i in range(n_test):
+            sample = generator.generate(i, defective=i < n_defective, split="test")
+            folder = dominant_type(sample["defects"]) if sample["defects"] else "good"
+            stem = f"{i:06d}"
+            write_png(tmp / "test" / folder / f"{stem}.png", sample["image"], bits)
+            if sample["defects"]:
+                gt = tmp / "ground_truth" / folder
+                write_png(gt / f"{stem}_mask.png", sample["mask"])
+                _write_instances(gt / f"{stem}_instances.png", sample["instances"])
+            lines.append(
+                json.dumps(
+                    {
+                        "path": f"test/{folder}/{stem}.png",
+                        "label": sample["label"],
+                        "level": sample["level"],
+                        "pixel_pitch_mm": generator.pixel_pitch_mm,
+                        "defects": sample["defects"],
+                    }
+                )
+            )
+        (tmp / "truth.jsonl").write_text("\n".join(lines) + "\n")
+        meta = {
+            "generator": {k: v for k, v in vars(generator).items()},
+            "n_train": n_train,
+            "n_test": n_test,
+            "defect_fraction": defect_fraction,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=list))
+        target = out / category
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out / category
+
+
+def _write_instances(path: Path, instances: np.ndarray) -> None:
+    import io
+
+    from PIL import Image
+
+    from data.io import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    Image.fromarray(instances.astype(np.uint16)).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def ensure_synthetic_dataset(
+    root: str | os.PathLike,
+    *,
+    n_train: int,
+    n_test: int,
+    size: int | Sequence[int],
+    seed: int = 0,
+    category: str = "panel",
+    defect_fraction: float = 0.5,
+    **generator_kwargs: Any,
+) -> Path:
+    """The data dir of a cached synthetic dataset with these parameters (written if absent)."""
+    params = {
+        "n_train": n_train,
+        "n_test": n_test,
+        "size": size,
+        "seed": seed,
+        "category": category,
+        "defect_fraction": defect_fraction,
+        **generator_kwargs,
+    }
+    key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    data_dir = Path(root) / f"synthetic-{key}"
+    if not (data_dir / category / "truth.jsonl").is_file():
+        write_dataset(data_dir, **params)
+    return data_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m data.synthetic", description="Write synthetic OLED panels in MVTec layout."
+    )
+    parser.add_argument("--out", required=True, help="output folder (the category goes inside)")
+    parser.add_argument("--n-train", type=int, default=60)
+    parser.add_argument("--n-test", type=int, default=40)
+    parser.add_argument("--size", type=int, nargs="+", default=[256], help="S, or H W")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--category", default="panel")
+    parser.add_argument("--defect-fraction", type=float, default=0.5)
+    parser.add_argument("--pixel-pitch", type=float, default=0.1, help="mm per pixel")
+    parser.add_argument("--rgb", action="store_true", help="8-bit RGB instead of 16-bit gray")
+    parser.add_argument("--subpixel-grid", action="store_true")
+    args = parser.parse_args(argv)
+    size = args.size[0] if len(args.size) == 1 else tuple(args.size[:2])
+    try:
+        folder = write_dataset(
+            args.out,
+            n_train=args.n_train,
+            n_test=args.n_test,
+            size=size,
+            seed=args.seed,
+            category=args.category,
+            defect_fraction=args.defect_fraction,
+            pixel_pitch_mm=args.pixel_pitch,
+            rgb=args.rgb,
+            subpixel_grid=args.subpixel_grid,
+        )
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

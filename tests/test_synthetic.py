@@ -1,0 +1,143 @@
+"""Synthetic OLED panels: SEMU, contrast truth, reproducibility, rendering, writer, levels."""
+
+import json
+from collections import defaultdict
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data.datasets import get_dataset
+from data.synthetic import PanelGenerator, ensure_synthetic_dataset, inject_defects, write_dataset
+from metrics.severity import DEFECT_TYPES, MURA_TYPES, jnd_contrast, level_from_semu, semu
+
+
+def test_semu_just_noticeable_contrast_matches_hand_values():
+    assert jnd_contrast(1.0) == pytest.approx(2.69, abs=0.005)
+    assert jnd_contrast(10.0) == pytest.approx(1.64, abs=0.005)
+    assert jnd_contrast(100.0) == pytest.approx(1.15, abs=0.005)
+    assert semu(2.69, 1.0) == pytest.approx(1.0, abs=0.002)
+    assert semu(-3.28, 10.0) == pytest.approx(2.0, abs=0.01)
+    assert [level_from_semu(v) for v in (0.5, 1.0, 2.5, 4.0, 5.0, 9.0)] == [1, 2, 3, 4, 5, 5]
+
+
+def measured_contrast(sample, defect):
+    region = sample["instances"] == defect["id"]
+    image, background = sample["image"], sample["background"]
+    return float(((image[region] - background[region]) / background[region]).mean() * 100)
+
+
+def test_measured_contrast_is_within_ten_percent_of_the_truth():
+    generator = PanelGenerator(size=192, seed=3)
+    checked = 0
+    for i in range(40):
+        sample = generator.generate_defective(i)
+        for defect in sample["defects"]:
+            measured = measured_contrast(sample, defect)
+            assert measured == pytest.approx(defect["contrast_pct"], rel=0.10), defect
+            checked += 1
+    assert checked >= 40
+
+
+def test_injected_contrast_is_within_ten_percent_of_the_truth(kolektorsdd_dir):
+    from data.images import read_image
+
+    image = read_image(sorted((kolektorsdd_dir / "train" / "good").iterdir())[0])
+    sample = inject_defects(
+        image, seed=5, n_defects=4, defect_types=("spot_mura", "particle", "scratch")
+    )
+    assert sample["defects"] and sample["label"] == 1
+    for defect in sample["defects"]:
+        assert measured_contrast(sample, defect) == pytest.approx(defect["contrast_pct"], rel=0.10)
+    # Outside the masks only soft tails (profile < 1/2) remain: at most the contrast itself.
+    outside = sample["mask"] == 0
+    relative = np.abs(sample["image"][outside] - image[outside]) / np.maximum(image[outside], 1e-6)
+    assert relative.max() <= max(abs(d["contrast_pct"]) for d in sample["defects"]) / 100 + 1e-5
+
+
+def test_same_seed_same_images_in_any_order():
+    a, b = PanelGenerator(size=96, seed=7), PanelGenerator(size=96, seed=7)
+    first = [a.generate_defective(i) for i in range(3)]
+    second = [b.generate_defective(i) for i in reversed(range(3))][::-1]
+    for x, y in zip(first, second):
+        assert np.array_equal(x["image"], y["image"]) and x["defects"] == y["defects"]
+    other = PanelGenerator(size=96, seed=8).generate_defective(0)
+    assert not np.array_equal(other["image"], first[0]["image"])
+
+
+@pytest.mark.parametrize("defect_type", DEFECT_TYPES)
+def test_every_type_renders_with_its_sign_inside_its_mask(defect_type):
+    generator = PanelGenerator(size=192, seed=1, defect_types=(defect_type,), max_defects=1)
+    sample = generator.generate_defective(0)
+    (defect,) = sample["defects"]
+    assert defect["type"] == defect_type
+    region = sample["instances"] == defect["id"]
+    change = (sample["image"][region] - sample["background"][region]).mean()
+    assert np.sign(change) == np.sign(defect["contrast_pct"]) != 0
+    if defect_type in ("dark_pixel", "particle"):
+        assert defect["contrast_pct"] < 0
+    if defect_type == "bright_pixel":
+        assert defect["contrast_pct"] > 0
+    if defect_type in ("dark_pixel", "bright_pixel"):
+        assert 1 <= defect["area_px"] <= 30
+    x0, y0, x1, y1 = defect["bbox"]
+    assert region[y0:y1, x0:x1].sum() == region.sum() == defect["area_px"]
+
+
+def test_normal_panels_have_no_defects_but_realistic_nonuniformity():
+    sample = PanelGenerator(size=256, seed=0).generate_normal(0)
+    assert sample["label"] == 0 and sample["level"] == 0 and not sample["mask"].any()
+    background = sample["background"]
+    spread = (background.max() - background.min()) / background.mean()
+    assert 0.01 < spread < 0.15  # a few percent of non-uniformity and vignetting
+
+
+def test_writer_layout_truth_and_level_coverage(tmp_path):
+    root = write_dataset(tmp_path, n_train=3, n_test=120, size=128, seed=0, defect_fraction=1.0)
+    assert len(list((root / "train" / "good").glob("*.png"))) == 3
+    with Image.open(next((root / "train" / "good").glob("*.png"))) as image:
+        assert image.mode.startswith("I;16") or image.mode == "I"
+    lines = [json.loads(line) for line in (root / "truth.jsonl").read_text().splitlines()]
+    assert len(lines) == 120
+    levels = defaultdict(set)
+    for line in lines:
+        folder = line["path"].split("/")[1]
+        assert line["level"] == max(d["level"] for d in line["defects"])
+        assert folder == max(line["defects"], key=lambda d: (d["level"], d["area_px"]))["type"]
+        stem = line["path"].split("/")[-1][:-4]
+        mask = np.asarray(Image.open(root / "ground_truth" / folder / f"{stem}_mask.png"))
+        instances = np.asarray(Image.open(root / "ground_truth" / folder / f"{stem}_instances.png"))
+        assert set(np.unique(mask)) <= {0, 255}
+        assert set(np.unique(instances)) == {0, *(d["id"] for d in line["defects"])}
+        for d in line["defects"]:
+            levels[d["type"]].add(d["level"])
+    for mura in MURA_TYPES:
+        assert levels[mura] == {1, 2, 3, 4, 5}, (mura, levels[mura])
+    test = get_dataset("mvtec", data_dir=tmp_path, categories=["panel"], split="test")
+    sample = test[0]
+    assert sample["defects"] and sample["level"] >= 1 and sample["instances"].max() >= 1
+
+
+def test_cache_returns_the_same_folder_and_does_not_rewrite(tmp_path):
+    first = ensure_synthetic_dataset(tmp_path, n_train=2, n_test=2, size=64, seed=1)
+    stamp = (first / "panel" / "truth.jsonl").stat().st_mtime_ns
+    again = ensure_synthetic_dataset(tmp_path, n_train=2, n_test=2, size=64, seed=1)
+    assert again == first and (again / "panel" / "truth.jsonl").stat().st_mtime_ns == stamp
+    assert ensure_synthetic_dataset(tmp_path, n_train=2, n_test=2, size=64, seed=2) != first
+
+
+def test_bad_parameters_are_errors():
+    with pytest.raises(ValueError, match="unknown defect type"):
+        PanelGenerator(defect_types=("crack",))
+    with pytest.raises(ValueError, match="at least 32"):
+        PanelGenerator(size=8)
+    with pytest.raises(ValueError, match="pixel_pitch_mm"):
+        PanelGenerator(pixel_pitch_mm=0)
+
+
+@pytest.mark.slow
+def test_full_size_panel():
+    generator = PanelGenerator(size=(7000, 9344), seed=0, max_defects=3)
+    sample = generator.generate_defective(0)
+    assert sample["image"].shape == (7000, 9344) and sample["image"].dtype == np.float32
+    assert sample["defects"]
