@@ -1,0 +1,23 @@
+"""High-resolution panels: tile grids, exact merging, streaming tiled inference, tiled training
+data and heatmap overlays at original resolution."""
+
+from tiling.dataset import TiledDataset, evaluate_tiled
+from tiling.grid import REDUCTIONS, MapAccumulator, TileGrid, tile, untile, window
+from tiling.inference import estimate_memory, infer_tiled
+from tiling.visualize import colormap, save_anomaly_map, save_heatmap_overlay
+
+__all__ = [
+    "REDUCTIONS",
+    "MapAccumulator",
+    "TileGrid",
+    "TiledDataset",
+    "colormap",
+    "estimate_memory",
+    "evaluate_tiled",
+    "infer_tiled",
+    "save_anomaly_map",
+    "save_heatmap_overlay",
+    "tile",
+    "untile",
+    "window",
+]

@@ -1,0 +1,193 @@
+"""Tiling: grids, exact merging, streaming inference, tiled data, overlays."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from members.base import aggregate_scores
+from tiling import (
+    REDUCTIONS,
+    TiledDataset,
+    TileGrid,
+    estimate_memory,
+    infer_tiled,
+    save_anomaly_map,
+    save_heatmap_overlay,
+    tile,
+    untile,
+)
+
+
+class LocalContrast(torch.nn.Module):
+    """A stand-in member: the map is |image - local mean|, a fixed function of the pixels.
+    It records the largest batch it saw, to check streaming."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(1))
+        self.largest_batch = 0
+
+    def forward(self, images):
+        self.largest_batch = max(self.largest_batch, images.shape[0])
+        gray = images.mean(1, keepdim=True)
+        local = F.avg_pool2d(gray, 5, stride=1, padding=2, count_include_pad=False)
+        maps = (gray - local).abs() * self.scale
+        return {"anomaly_map": maps, "pred_score": maps.flatten(1).amax(1)}
+
+    def compute_anomaly_score(self, anomaly_map):
+        return aggregate_scores(anomaly_map, "max")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(
+    ("height", "width", "tile_size", "stride"),
+    [
+        (64, 64, 32, 32),
+        (100, 70, 32, 20),
+        (37, 129, 37, 11),
+        (200, 150, 64, 48),
+        (33, 33, 32, 1),
+    ],
+)
+def test_merging_the_tiles_of_a_map_reconstructs_it_exactly(
+    height, width, tile_size, stride, reduction
+):
+    full = torch.rand(1, height, width, generator=torch.Generator().manual_seed(height + width))
+    tiles, coords = tile(full, tile_size, stride)
+    merged = untile(tiles, coords, (height, width), reduction)
+    assert merged.shape == full.shape
+    assert (merged - full).abs().max() <= 1e-6
+
+
+def test_grid_aligns_the_last_tiles_with_the_edges():
+    grid = TileGrid(100, 70, 32, 30)
+    coords = grid.coords
+    assert coords[:, 2].max() == 100 and coords[:, 3].max() == 70
+    assert (coords[:, 2] - coords[:, 0] == 32).all() and (coords >= 0).all()
+    covered = np.zeros((100, 70), bool)
+    for y0, x0, y1, x1 in coords:
+        covered[y0:y1, x0:x1] = True
+    assert covered.all()
+
+
+def test_bad_grids_are_clear_errors():
+    with pytest.raises(ValueError, match="smaller than one 64 px tile"):
+        TileGrid(50, 200, 64, 32)
+    with pytest.raises(ValueError, match="stride"):
+        TileGrid(100, 100, 32, 40)
+    with pytest.raises(ValueError, match="tile_size must be a positive"):
+        TileGrid(100, 100, 0, 1)
+    with pytest.raises(ValueError, match="pad_mode"):
+        TileGrid(10, 10, 32, 32, pad_mode="wrap")
+
+
+def test_explicit_padding_handles_images_smaller_than_a_tile():
+    image = torch.rand(1, 20, 50)
+    tiles, coords = tile(image, 32, 16, pad_mode="reflect")
+    assert tiles.shape[-2:] == (32, 32)
+    merged = untile(tiles, coords, (20, 50), "hann")
+    assert (merged - image).abs().max() <= 1e-6
+
+
+def test_untile_needs_no_earlier_tile_call():
+    maps = torch.ones(4, 1, 8, 8) * torch.arange(4).view(4, 1, 1, 1)
+    coords = torch.tensor([[0, 0, 8, 8], [0, 8, 8, 16], [8, 0, 16, 8], [8, 8, 16, 16]])
+    merged = untile(maps, coords, (16, 16), "mean")
+    assert (
+        merged[0, 0, 0] == 0
+        and merged[0, 0, 15] == 1
+        and merged[0, 15, 0] == 2
+        and merged[0, 15, 15] == 3
+    )
+
+
+def test_hann_window_does_not_zero_the_image_corners():
+    maps = torch.ones(1, 1, 32, 32)
+    merged = untile(maps, torch.tensor([[0, 0, 32, 32]]), (32, 32), "hann")
+    assert torch.allclose(merged, torch.ones_like(merged))
+
+
+def test_tiled_and_untiled_inference_agree_on_a_single_tile_image():
+    member = LocalContrast().eval()
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    direct = member(image[None])["anomaly_map"][0].detach().numpy()
+    for reduction in REDUCTIONS:
+        out = infer_tiled(member, image, tile_size=64, stride=64, reduction=reduction)
+        assert np.array_equal(out["anomaly_map"], direct)
+        assert out["pred_score"] == pytest.approx(float(direct.max()))
+
+
+def test_streaming_sends_one_batch_at_a_time_and_accepts_arrays():
+    member = LocalContrast().eval()
+    image = np.random.default_rng(0).random((300, 260, 3)).astype(np.float32)
+    out = infer_tiled(member, image, tile_size=64, stride=48, batch_size=5, reduction="gaussian")
+    assert out["anomaly_map"].shape == (1, 300, 260) and out["anomaly_map"].dtype == np.float32
+    assert np.isfinite(out["anomaly_map"]).all()
+    assert member.largest_batch == 5  # 36 tiles, never more than one batch at once
+    memory = estimate_memory(member, (3, 300, 260), 64, 48, batch_size=5)
+    big = estimate_memory(member, (3, 3000, 2600), 64, 48, batch_size=5)
+    # Only the merged maps grow with the image; the per-batch parts do not.
+    assert (
+        big["batch_input"] == memory["batch_input"] and big["activations"] == memory["activations"]
+    )
+    assert big["merged_maps"] == 100 * memory["merged_maps"]
+
+
+def test_a_defect_is_found_at_full_resolution():
+    member = LocalContrast().eval()
+    image = torch.full((3, 256, 384), 0.5)
+    image[:, 200:203, 301:304] = 1.0  # a 3-px bright spot, near no tile centre
+    out = infer_tiled(member, image, tile_size=64, stride=40, batch_size=16)
+    peak = np.unravel_index(np.argmax(out["anomaly_map"][0]), (256, 384))
+    assert 198 <= peak[0] <= 204 and 299 <= peak[1] <= 305
+
+
+def test_tiled_dataset_covers_images_and_draws_new_crops_each_epoch(tmp_path):
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            mask = torch.zeros(1, 100, 130)
+            mask[0, 10:20, 10:20] = i
+            return {"image": torch.rand(3, 100, 130), "mask": mask, "label": i, "path": f"{i}.png"}
+
+    all_tiles = TiledDataset(Images(), tile_size=64, stride=36, mode="all")
+    assert len(all_tiles) == 2 * len(TileGrid(100, 130, 64, 36))
+    labels = [all_tiles[k]["label"] for k in range(len(all_tiles))]
+    assert 0 < sum(labels) < len(labels) / 2  # only tiles that hold the defect are defective
+    random_tiles = TiledDataset(Images(), tile_size=64, mode="random", crops_per_image=3)
+    first = [random_tiles[k]["tile_coords"].tolist() for k in range(6)]
+    random_tiles.set_epoch(1)
+    second = [random_tiles[k]["tile_coords"].tolist() for k in range(6)]
+    assert first != second and random_tiles[0]["image"].shape == (3, 64, 64)
+
+
+def test_overlay_and_map_files(tmp_path):
+    image = np.random.default_rng(0).random((900, 3000)).astype(np.float32)
+    heat = np.zeros((900, 3000), np.float32)
+    heat[100:200, 1000:1200] = 5.0
+    path = save_heatmap_overlay(image, heat, tmp_path / "overlay.png", max_preview_side=1000)
+    with Image.open(path) as overlay:
+        assert overlay.size == (1000, 300) and overlay.mode == "RGB"
+        pixels = np.asarray(overlay).astype(int)
+    assert pixels[50, 350].tolist() != pixels[5, 5].tolist()  # the hot region is coloured
+    saved = save_anomaly_map(heat, tmp_path / "map.npy")
+    assert np.array_equal(np.load(saved), heat)
+    png = save_anomaly_map(heat, tmp_path / "map.png")
+    with Image.open(png) as im:
+        assert np.asarray(im).max() == 65535 and im.text["range"] == "0.0 5.0"
+
+
+@pytest.mark.slow
+def test_kolektorsdd_image_runs_tiled_end_to_end(kolektorsdd_dir):
+    from data.images import read_image, to_tensor
+
+    path = sorted((kolektorsdd_dir / "test" / "crack").iterdir())[0]
+    image = to_tensor(read_image(path), 3)
+    member = LocalContrast().eval()
+    out = infer_tiled(member, image, tile_size=256, stride=192, batch_size=4)
+    assert out["anomaly_map"].shape == (1, *image.shape[-2:])
+    assert np.isfinite(out["anomaly_map"]).all()

@@ -1,0 +1,155 @@
+"""Streaming tiled inference for images far larger than one tensor of tiles.
+
+Tiles are cut and sent through the member ``batch_size`` at a time, and their maps accumulate
+into a preallocated full-resolution map plus a weight map. Peak memory is the member, one batch
+of tiles (in and out, plus the member's activations) and the two full-resolution maps,
+whatever the number of tiles; ``estimate_memory`` predicts it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tiling.grid import MapAccumulator, TileGrid, pad_image
+
+
+def _as_chw(image: Any) -> torch.Tensor:
+    """A ``[C, H, W]`` float tensor view of a tensor or array (``[H, W]``, ``[H, W, C]``)."""
+    if isinstance(image, torch.Tensor):
+        tensor = image
+    else:
+        array = np.asarray(image)
+        tensor = torch.from_numpy(array if array.dtype == np.float32 else array.astype(np.float32))
+        if tensor.ndim == 3 and tensor.shape[-1] in (1, 3) and tensor.shape[0] not in (1, 3):
+            tensor = tensor.permute(2, 0, 1)
+    if tensor.ndim == 2:
+        tensor = tensor[None]
+    if tensor.ndim == 4 and tensor.shape[0] == 1:
+        tensor = tensor[0]
+    if tensor.ndim != 3:
+        raise ValueError(f"expected one image [C, H, W], got shape {tuple(tensor.shape)}")
+    return tensor
+
+
+def _run(member: nn.Module, tiles: torch.Tensor, resize_to: int | None) -> torch.Tensor:
+    size = tiles.shape[-1]
+    if resize_to is not None and resize_to != size:
+        tiles = F.interpolate(
+            tiles, size=(resize_to, resize_to), mode="bilinear", antialias=True, align_corners=False
+        )
+    out = member.predict(tiles) if hasattr(member, "predict") else member(tiles)
+    maps = out["anomaly_map"].float()
+    if maps.shape[-1] != size:
+        maps = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
+    return maps
+
+
+@torch.no_grad()
+def infer_tiled(
+    member: nn.Module,
+    image: Any,
+    tile_size: int,
+    stride: int,
+    batch_size: int = 8,
+    reduction: str = "hann",
+    resize_to: int | None = None,
+    pad_mode: str | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Anomaly map of ``image`` at its full resolution, computed tile by tile.
+
+    ``image``: ``[C, H, W]`` tensor, or an array (a ``numpy.memmap`` works: tiles are read as
+    needed). ``resize_to``: feed tiles to the member at this side (for members fitted at a fixed
+    size); maps are resized back. Returns ``{"anomaly_map": float32 ndarray [1, H, W],
+    "pred_score": float}``, the score being the member's own aggregation of the merged map.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    chw = _as_chw(image)
+    height, width = int(chw.shape[-2]), int(chw.shape[-1])
+    grid = TileGrid(height, width, tile_size, stride, pad_mode)
+    if device is None:
+        device = next((p.device for p in member.parameters()), torch.device("cpu"))
+    source = pad_image(chw, grid) if grid.padded_size != (height, width) else chw
+    accumulator = MapAccumulator(*grid.padded_size, tile_size=tile_size, reduction=reduction)
+    coords = grid.coords
+    from tqdm.auto import tqdm
+
+    for start in tqdm(
+        range(0, len(coords), batch_size), desc="tiles", disable=not progress, leave=False
+    ):
+        chunk = coords[start : start + batch_size]
+        tiles = torch.stack([source[:, y0:y1, x0:x1] for y0, x0, y1, x1 in chunk.tolist()])
+        maps = _run(member, tiles.to(device, torch.float32), resize_to)
+        accumulator.add(maps, chunk)
+    merged = accumulator.result()[:, :height, :width]
+    merged_tensor = torch.from_numpy(np.ascontiguousarray(merged))[None]
+    score = float(member.compute_anomaly_score(merged_tensor)[0])
+    return {"anomaly_map": np.ascontiguousarray(merged), "pred_score": score}
+
+
+def estimate_memory(
+    member: nn.Module,
+    image_shape: tuple[int, ...],
+    tile_size: int,
+    stride: int,
+    batch_size: int = 8,
+    resize_to: int | None = None,
+    activation_factor: float | None = None,
+) -> dict[str, int]:
+    """Predicted peak memory (bytes) of ``infer_tiled``, by part.
+
+    Model: parameters and buffers of the member; one batch of input tiles (float32, at the fed
+    size) and of output maps; the member's activations for one batch, estimated by running one
+    tile through it and counting the bytes of every module output (``activation_factor``
+    overrides that with bytes per input byte); the merged map (float64 sum + float64 weights,
+    then the float32 result) at full resolution. The number of tiles does not appear: that is
+    the point of streaming.
+    """
+    *channels, height, width = image_shape
+    c = channels[-1] if channels else 1
+    fed = resize_to or tile_size
+    model = sum(
+        t.numel() * t.element_size() for t in list(member.parameters()) + list(member.buffers())
+    )
+    batch_in = batch_size * c * fed * fed * 4
+    batch_out = batch_size * tile_size * tile_size * 4 * 2
+    if activation_factor is None:
+        activation_factor = _activation_bytes(member, c, fed) / (c * fed * fed * 4)
+    activations = int(activation_factor * batch_in)
+    merged = height * width * (8 + 8 + 4)
+    parts = {
+        "model": model,
+        "batch_input": batch_in,
+        "batch_output": batch_out,
+        "activations": activations,
+        "merged_maps": merged,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def _activation_bytes(member: nn.Module, channels: int, size: int) -> int:
+    total = 0
+
+    def count(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        nonlocal total
+        for t in output if isinstance(output, (list, tuple)) else [output]:
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+
+    hooks = [m.register_forward_hook(count) for m in member.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            device = next((p.device for p in member.parameters()), torch.device("cpu"))
+            _run(member, torch.rand(1, channels, size, size, device=device), None)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
