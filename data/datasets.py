@@ -349,9 +349,13 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
     if not samples:
         return {"image": torch.empty(0), "path": [], "label": torch.empty(0, dtype=torch.long)}
     batch: dict[str, Any] = {}
-    for key in samples[0]:
-        values = [s[key] for s in samples]
-        if isinstance(values[0], torch.Tensor) and all(v.shape == values[0].shape for v in values):
+    keys = list(dict.fromkeys(k for s in samples for k in s))
+    for key in keys:
+        # A key only some samples have (instance maps of defective images) stays a list.
+        values = [s.get(key) for s in samples]
+        if all(isinstance(v, torch.Tensor) for v in values) and all(
+            v.shape == values[0].shape for v in values
+        ):
             batch[key] = torch.stack(values)
         elif key == "label":
             batch[key] = torch.tensor(values, dtype=torch.long)
