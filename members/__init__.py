@@ -14,6 +14,9 @@ from members.base import (
 )
 from members.trainer import FabricTrainer
 
+# One module per member; importing them registers them.
+from members import padim, patchcore  # noqa: E402,F401  isort: skip
+
 __all__ = [
     "FabricTrainer",
     "Member",

@@ -228,6 +228,24 @@ class FabricTrainer:
             result[rank::world] = gathered[rank, :count]
         return result
 
+    def accumulate(
+        self, fn: Callable[[dict[str, Any]], dict[str, torch.Tensor]], loader: DataLoader
+    ) -> dict[str, torch.Tensor]:
+        """Sum ``fn(batch)`` (a dict of tensors) over every sample once, sharded over ranks and
+        summed over them: statistics in bounded memory, whatever the dataset size."""
+        self.launch()
+        shard_loader, _ = self._loader(loader, shuffle=False, pad=False)
+        totals: dict[str, torch.Tensor] = {}
+        with torch.no_grad(), self.fabric.autocast():
+            for batch in tqdm(
+                shard_loader, desc="statistics", disable=not (self.progress and self.is_global_zero)
+            ):
+                for key, value in fn(self.fabric.to_device(batch)).items():
+                    totals[key] = totals[key] + value if key in totals else value.clone()
+        if not totals:
+            raise ValueError("the statistics pass got no samples: the dataset is empty")
+        return {key: self.all_reduce_sum(value) for key, value in totals.items()}
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum of ``tensor`` over ranks (itself on one process)."""
         if self.fabric.world_size == 1:

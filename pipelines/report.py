@@ -296,7 +296,7 @@ def bar_chart(values: dict[str, float], title: str, unit: str) -> str:
     """Horizontal bars, one per variant."""
     items = [(k, v) for k, v in values.items() if _finite(v)]
     top = max([v for _, v in items] + [1e-12])
-    label_w, bar_w, row_h = 230, 260, 18
+    label_w, bar_w, row_h = 340, 240, 18
     body = [f'<text x="4" y="16" font-size="13" font-weight="bold">{html.escape(title)}</text>']
     for i, (name, value) in enumerate(items):
         y = 26 + i * row_h

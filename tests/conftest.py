@@ -25,3 +25,13 @@ def kolektorsdd_dir() -> Path:
     if path is None:
         pytest.skip("KolektorSDD not found at ../shared/datasets/kolektorsdd (or $KOLEKTORSDD_DIR)")
     return path
+
+
+@pytest.fixture(scope="session")
+def panels_dir(tmp_path_factory) -> Path:
+    """A small synthetic panel dataset (MVTec layout, 128 px): the members' separation tests."""
+    from data.synthetic import write_dataset
+
+    return write_dataset(
+        tmp_path_factory.mktemp("panels"), n_train=24, n_test=20, size=128, seed=3
+    ).parent

@@ -1,0 +1,43 @@
+"""Helpers the member tests share: fit a member on the small panel set and score it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from data.datasets import collate_samples, get_dataset
+from members import FabricTrainer, Member
+from metrics import get_metric
+
+
+def panel_loader(data_dir: Path, split: str, size: int = 128, batch_size: int = 8) -> DataLoader:
+    dataset = get_dataset(
+        "mvtec", data_dir=data_dir, categories=["panel"], split=split, image_size=size
+    )
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=split == "train", collate_fn=collate_samples
+    )
+
+
+def fit_member(member: Member, data_dir: Path, **trainer_options) -> list[dict]:
+    trainer_options.setdefault("progress", False)
+    return member.fit(panel_loader(data_dir, "train"), None, FabricTrainer(**trainer_options))
+
+
+def separation(member: Member, data_dir: Path) -> tuple[float, float]:
+    """(image AUROC, pixel AUROC) of a fitted member on the panels' test split."""
+    image_auroc, pixel_auroc = get_metric("image_auroc"), get_metric("pixel_auroc")
+    for batch in panel_loader(data_dir, "test"):
+        out = member.predict(batch["image"])
+        image_auroc.update(out["pred_score"], batch["label"])
+        pixel_auroc.update(out["anomaly_map"], batch["mask"])
+    return float(image_auroc.compute()), float(pixel_auroc.compute())
+
+
+def outputs_equal(first: Member, second: Member, images: torch.Tensor) -> bool:
+    a, b = first.predict(images), second.predict(images)
+    return torch.allclose(a["pred_score"], b["pred_score"], atol=1e-5) and torch.allclose(
+        a["anomaly_map"], b["anomaly_map"], atol=1e-5
+    )
