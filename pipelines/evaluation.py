@@ -100,3 +100,113 @@ def evaluate(
     elif pixel_metrics:
         notes.append("pixel metrics skipped: no ground-truth masks with defective pixels")
     return Evaluation(values, records, len(records), seconds, notes)
+
+
+def evaluate_hybrid(hybrid, dataset, progress: bool = False) -> dict[str, Any]:
+    """The hybrid and each of its members on a labeled split, from one pass over the images.
+
+    Returns ``metrics`` per detector (``hybrid`` and each member: image AUROC/AP/F1-max, and
+    pixel AUROC/AUPRO where masks exist), ``grading`` (the grading stage on the true defect
+    regions, and end to end on the detected regions matched to truth; image level accuracy),
+    ``records`` (per image) and ``seconds`` (hybrid inference time).
+    """
+    from tqdm.auto import tqdm
+
+    from fusion.hybrid import match_regions
+    from grading.evaluation import grading_scores
+
+    detectors = ["hybrid", *hybrid.names]
+    image_metrics = {d: {n: get_metric(n) for n in IMAGE_METRICS} for d in detectors}
+    pixel_metrics = {d: {n: get_metric(n) for n in ("pixel_auroc", "aupro")} for d in detectors}
+    has_masks = bool(getattr(dataset, "has_masks", True))
+    records, stage_pairs, detected_pairs, levels = [], [], [], []
+    seconds = 0.0
+    for index in tqdm(range(len(dataset)), desc="test", disable=not progress):
+        sample = dataset[index]
+        started = time.perf_counter()
+        out = hybrid.predict(sample["image"])
+        seconds += time.perf_counter() - started
+        label = torch.tensor([int(sample["label"])])
+        scores = {"hybrid": out["score"], **out["member_scores"]}
+        maps = {"hybrid": out["anomaly_map"], **dict(zip(hybrid.names, out["member_maps"]))}
+        for name in detectors:
+            for metric in image_metrics[name].values():
+                metric.update(torch.tensor([scores[name]]), label)
+            if has_masks:
+                for metric in pixel_metrics[name].values():
+                    metric.update(torch.as_tensor(maps[name])[None, None], sample["mask"][None])
+        if "level" in sample:
+            levels.append((out["level"], int(sample["level"])))
+        defects = sample.get("defects") or []
+        if defects and "instances" in sample:
+            instances = sample["instances"].numpy()[0]
+            stage_pairs += hybrid.grade_truth(
+                sample["image"], instances, defects, out["anomaly_map"]
+            )
+            detected_pairs += [
+                (region, truth)
+                for region, truth in match_regions(out["regions"], instances, defects)
+                if truth is not None
+            ]
+        records.append(
+            {
+                "path": sample["path"],
+                "label": int(sample["label"]),
+                "defect_type": sample["defect_type"],
+                "score": out["score"],
+                "level": out["level"],
+                "true_level": sample.get("level"),
+                "regions": len(out["regions"]),
+            }
+        )
+    labels_seen = {r["label"] for r in records}
+    metrics: dict[str, dict[str, float]] = {}
+    for name in detectors:
+        values = {}
+        if labels_seen == {0, 1}:
+            values.update({k: _scalar(m.compute()) for k, m in image_metrics[name].items()})
+        if has_masks and 1 in labels_seen:
+            values.update({k: _scalar(m.compute()) for k, m in pixel_metrics[name].items()})
+        metrics[name] = values
+    grading: dict[str, Any] = {
+        "stage_on_true_regions": grading_scores(stage_pairs),
+        "end_to_end": grading_scores(detected_pairs),
+        "defects": len(stage_pairs),
+        "defects_detected": len({id(t) for _, t in detected_pairs}),
+    }
+    if levels:
+        predicted, truth = (torch.tensor(v) for v in zip(*levels))
+        grading["image_level_accuracy"] = float((predicted == truth).float().mean())
+        grading["image_level_within_one"] = float(
+            ((predicted - truth).abs() <= 1).float().mean()
+        )
+    return {"metrics": metrics, "grading": grading, "records": records, "seconds": seconds}
+
+
+def shared_work_cost(hybrid, images: list[torch.Tensor]) -> dict[str, float]:
+    """Milliseconds per image of the hybrid's members run together (shared backbones run once
+    per batch) against the sum of each member run on its own, on the same images."""
+    from pipelines.member_set import MemberSet
+
+    size = hybrid.options["image_size"]
+    batch = torch.stack(images)
+    if size is not None and batch.shape[-2:] != (size, size):
+        batch = torch.nn.functional.interpolate(batch, size=(size, size), mode="bilinear")
+    shared = hybrid.member_set
+    separate = {name: shared.members[name] for name in shared.names}
+    timings = {}
+    with torch.no_grad():
+        shared(batch[:1])  # warm-up
+        started = time.perf_counter()
+        shared(batch)
+        timings["members_together_ms"] = (time.perf_counter() - started) * 1000 / len(batch)
+        total = 0.0
+        for name, member in separate.items():
+            started = time.perf_counter()
+            MemberSet({name: member}, share_backbones=False)(batch)
+            elapsed = (time.perf_counter() - started) * 1000 / len(batch)
+            timings[f"{name}_alone_ms"] = elapsed
+            total += elapsed
+    timings["members_sum_ms"] = total
+    timings["saving"] = 1 - timings["members_together_ms"] / total if total > 0 else float("nan")
+    return timings

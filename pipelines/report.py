@@ -453,7 +453,12 @@ def write_html_report(
             )
         sections.append("</div>")
 
-    page = f"""<!DOCTYPE html>
+    return atomic_write_text(run_dir / "report.html", html_page(title, sections))
+
+
+def html_page(title: str, sections: Sequence[str]) -> str:
+    """A self-contained HTML page of ``sections`` (HTML fragments) with the reports' style."""
+    return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
 body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
@@ -466,4 +471,3 @@ figure {{ margin: 0; font-size: 11px; max-width: 230px; }}
 {"".join(sections)}
 </body></html>
 """
-    return atomic_write_text(run_dir / "report.html", page)

@@ -1,0 +1,57 @@
+"""Labeled validation data for fusion and grading: held-out normal images, plus copies of them
+with defects the synthetic injector puts in (``data.synthetic.inject_defects``), with exact
+masks, instance maps, types and levels. This is what makes thresholds, the learned combiner, the
+grader and the type classifier fittable where real defects are scarce, without ever touching
+the test images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from data.synthetic import inject_defects
+from metrics.severity import DEFECT_TYPES
+
+
+def as_hwc(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A ``[C, H, W]`` tensor as a float32 ``[H, W, C]`` (``[H, W]`` for one channel) array."""
+    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    array = array.astype(np.float32)
+    if array.ndim == 3 and array.shape[0] in (1, 3):
+        array = array.transpose(1, 2, 0)
+    return array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array
+
+
+def injected_validation_samples(
+    normal_images: Iterable[torch.Tensor | np.ndarray],
+    injections_per_image: int = 4,
+    defect_types: Sequence[str] = DEFECT_TYPES,
+    max_defects: int = 2,
+    pixel_pitch_mm: float = 0.1,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Each normal image as it is (label 0) and ``injections_per_image`` copies with 1 to
+    ``max_defects`` injected defects each (label 1), levels cycling through 1-5."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for k, image in enumerate(normal_images):
+        array = as_hwc(image)
+        samples.append({"image": array, "mask": None, "label": 0, "defects": []})
+        for j in range(injections_per_image):
+            count = int(rng.integers(1, max_defects + 1))
+            levels = [1 + (k * injections_per_image + j + i) % 5 for i in range(count)]
+            injected = inject_defects(
+                array,
+                seed=rng,
+                defect_types=defect_types,
+                n_defects=count,
+                pixel_pitch_mm=pixel_pitch_mm,
+                levels=levels,
+            )
+            if injected["label"]:
+                samples.append(injected)
+    return samples

@@ -1,0 +1,196 @@
+"""Severity levels, defect types and thresholds for measured regions (scikit-learn estimators).
+
+- ``ThresholdCalibrator``: the pixel threshold of the fused map: F1-optimal on labeled
+  validation maps (injected or real defects), or a high quantile of normal pixels.
+- ``RuleGrader``: the design's levels: SEMU bins for mura (and for types without a rule), size
+  and contrast rules for pixel, line, scratch and particle defects.
+- ``OrdinalGrader``: learned where labeled levels exist. Cumulative binary logistic models
+  ``P(level > k)`` for k = 1..4 (Frank & Hall 2001) on the region measurements, the type and the
+  rule level, so at worst it learns to repeat the rules; the level is ``1 + sum_k P(level > k)``
+  rounded, which keeps predictions ordered.
+- ``TypeClassifier``: a random forest on region descriptors (measurements, shape, pooled
+  backbone features of the region's crop); below ``confidence_threshold`` it answers
+  ``unknown``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_is_fitted
+
+from grading.regions import Region
+from metrics.detection import PixelF1MaxMetric
+from metrics.severity import SEMU_LEVEL_EDGES, defect_level
+
+UNKNOWN = "unknown"
+LEVELS = (1, 2, 3, 4, 5)
+THRESHOLD_METHODS = ("f1", "quantile")
+
+
+class ThresholdCalibrator(BaseEstimator):
+    """Pixel threshold of fused maps. ``fit(maps, masks)`` with lists of ``[H, W]`` arrays;
+    ``method="f1"`` needs defect pixels in the masks and falls back to ``quantile`` of the
+    normal pixels without them."""
+
+    def __init__(self, method: str = "f1", quantile: float = 0.999) -> None:
+        self.method = method
+        self.quantile = quantile
+
+    def fit(self, maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> ThresholdCalibrator:
+        if self.method not in THRESHOLD_METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {THRESHOLD_METHODS}")
+        if not len(maps):
+            raise ValueError("threshold calibration needs at least one map")
+        has_defects = any(np.asarray(m).any() for m in masks)
+        if self.method == "f1" and has_defects:
+            metric = PixelF1MaxMetric()
+            for anomaly_map, mask in zip(maps, masks):
+                metric.update(np.asarray(anomaly_map)[None, None], np.asarray(mask)[None, None])
+            self.threshold_ = float(metric.compute()["threshold"])
+            self.method_ = "f1"
+        else:
+            normal = np.concatenate(
+                [np.asarray(m).ravel()[~np.asarray(k, bool).ravel()] for m, k in zip(maps, masks)]
+            )
+            self.threshold_ = float(np.quantile(normal, self.quantile))
+            self.method_ = "quantile"
+        return self
+
+
+def _type_of(region: Region) -> str:
+    return region.type if region.type not in (None, UNKNOWN) else "spot_mura"
+
+
+class RuleGrader(BaseEstimator):
+    """Levels from the design's rules; ``fit`` learns nothing."""
+
+    def __init__(
+        self,
+        semu_edges: Sequence[float] = SEMU_LEVEL_EDGES,
+        rules: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+    ) -> None:
+        self.semu_edges = semu_edges
+        self.rules = rules
+
+    def fit(self, regions: Sequence[Region] = (), levels: Sequence[int] = ()) -> RuleGrader:
+        self.fitted_ = True
+        return self
+
+    def predict(self, regions: Sequence[Region]) -> np.ndarray:
+        # An unknown type is graded as a mura: by SEMU, defined for any region.
+        return np.array(
+            [
+                defect_level(
+                    _type_of(r),
+                    area_px=r.area_px,
+                    area_mm2=max(r.area_mm2, 1e-9),
+                    contrast_pct=r.contrast_pct,
+                    semu_edges=self.semu_edges,
+                    rules=self.rules,
+                )
+                for r in regions
+            ],
+            dtype=int,
+        )
+
+
+LEVEL_FEATURES = ("log_area", "log_abs_contrast", "log_semu", "peak_pct", "aspect", "span")
+
+
+class OrdinalGrader(BaseEstimator):
+    """Learned ordinal levels (see the module docstring)."""
+
+    def __init__(
+        self,
+        types: Sequence[str] = (),
+        semu_edges: Sequence[float] = SEMU_LEVEL_EDGES,
+        rules: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+        C: float = 1.0,
+    ) -> None:
+        self.types = types
+        self.semu_edges = semu_edges
+        self.rules = rules
+        self.C = C
+
+    def _design(self, regions: Sequence[Region]) -> np.ndarray:
+        rule_levels = RuleGrader(self.semu_edges, self.rules).predict(regions)
+        rows = []
+        for region, rule_level in zip(regions, rule_levels):
+            one_hot = [float(region.type == t) for t in self.types_]
+            measured = [region.features[k] for k in LEVEL_FEATURES]
+            rows.append([*measured, float(rule_level), *one_hot])
+        return np.asarray(rows, dtype=np.float64)
+
+    def fit(self, regions: Sequence[Region], levels: Sequence[int]) -> OrdinalGrader:
+        levels = np.asarray(levels, dtype=int)
+        if len(regions) != len(levels) or len(levels) < 2:
+            raise ValueError("the ordinal grader needs at least 2 regions with levels")
+        self.types_ = sorted(set(self.types) | {r.type for r in regions if r.type})
+        X = self._design(regions)
+        self.models_: list[object] = []
+        for k in LEVELS[:-1]:
+            target = (levels > k).astype(int)
+            if target.min() == target.max():
+                self.models_.append(float(target[0]))  # every region on one side of k
+            else:
+                model = make_pipeline(StandardScaler(), LogisticRegression(C=self.C, max_iter=2000))
+                self.models_.append(model.fit(X, target))
+        return self
+
+    def predict(self, regions: Sequence[Region]) -> np.ndarray:
+        check_is_fitted(self, "models_")
+        if not len(regions):
+            return np.zeros(0, dtype=int)
+        X = self._design(regions)
+        above = np.zeros(len(regions))
+        for model in self.models_:
+            above += model if isinstance(model, float) else model.predict_proba(X)[:, 1]
+        return np.clip(np.rint(1 + above), 1, 5).astype(int)
+
+
+class TypeClassifier(ClassifierMixin, BaseEstimator):
+    """Defect type from region descriptors ``X`` ``[n, d]``; ``unknown`` below the confidence
+    threshold. ``classes_`` are the type names seen in training."""
+
+    def __init__(
+        self, confidence_threshold: float = 0.4, n_estimators: int = 300, seed: int = 0
+    ) -> None:
+        self.confidence_threshold = confidence_threshold
+        self.n_estimators = n_estimators
+        self.seed = seed
+
+    def fit(self, X: np.ndarray, y: Sequence[str]) -> TypeClassifier:
+        X = np.asarray(X, dtype=np.float64)
+        y = np.asarray(y)
+        if len(X) != len(y) or len(X) < 2:
+            raise ValueError("the type classifier needs at least 2 labeled regions")
+        self.model_ = RandomForestClassifier(
+            n_estimators=self.n_estimators,
+            class_weight="balanced",
+            min_samples_leaf=1,
+            random_state=self.seed,
+            n_jobs=1,
+        ).fit(X, y)
+        self.classes_ = self.model_.classes_
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        check_is_fitted(self, "model_")
+        return self.model_.predict_proba(np.asarray(X, dtype=np.float64))
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """Type names, ``unknown`` where the best probability is below the threshold."""
+        if not len(X):
+            return np.zeros(0, dtype=object)
+        proba = self.predict_proba(X)
+        best = proba.argmax(axis=1)
+        names = self.classes_[best].astype(object)
+        names[proba.max(axis=1) < self.confidence_threshold] = UNKNOWN
+        return names

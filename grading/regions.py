@@ -1,0 +1,187 @@
+"""Defect regions of a fused anomaly map, measured on the input image.
+
+A region is a connected component of the fused map at or above the calibrated pixel threshold.
+The map says *where*; the image says *how strong*: each region is measured on the luminance of
+the input image, against its local background.
+
+Measurement of one region, in a window around it:
+
+1. Background: the luminance smoothed by a Gaussian normalized convolution that leaves out the
+   (dilated) region, so the defect does not pull its own reference; its width follows the
+   region's size.
+2. Deviation ``d = L / background - 1``; its sign is the sign of the mean deviation inside the
+   region (dark or bright defect).
+3. Extent: pixels near the region whose signed deviation reaches half its peak (the half-maximum
+   contour, the usual extent of a soft mura). Weak, smooth defects are measured on a slightly
+   smoothed deviation, because sensor noise would otherwise dominate; strong, sharp ones
+   (pixel clusters, lines) on the raw one, which keeps their edges.
+4. ``area_px``, ``area_mm2`` (pixel pitch), ``contrast_pct`` = 100 x the mean deviation over the
+   extent, ``semu`` (``metrics.severity.semu``), bbox, shape descriptors and the map's score.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from metrics.severity import semu
+
+
+@dataclass
+class Region:
+    """One measured region. ``bbox`` is ``[x0, y0, x1, y1]`` with exclusive ends."""
+
+    bbox: list[int]
+    area_px: int
+    area_mm2: float
+    contrast_pct: float
+    semu: float
+    score: float
+    mean_score: float
+    features: dict[str, float] = field(default_factory=dict)
+    mask: np.ndarray | None = field(default=None, repr=False)
+    type: str | None = None
+    type_confidence: float | None = None
+    level: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k not in ("mask", "features")}
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def luminance(image: np.ndarray) -> np.ndarray:
+    """``[H, W]`` float64 luminance of an ``[H, W]``, ``[H, W, C]`` or ``[C, H, W]`` image."""
+    image = np.asarray(image, dtype=np.float64)
+    if image.ndim == 3:
+        channel_axis = 0 if image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3) else -1
+        image = image.mean(axis=channel_axis)
+    if image.ndim != 2:
+        raise ValueError(f"expected an image [H, W] or with channels, got shape {image.shape}")
+    return image
+
+
+def _window(bbox: tuple[int, int, int, int], margin: int, shape: tuple[int, int]):
+    y0, x0, y1, x1 = bbox
+    return (
+        slice(max(0, y0 - margin), min(shape[0], y1 + margin)),
+        slice(max(0, x0 - margin), min(shape[1], x1 + margin)),
+    )
+
+
+def _masked_blur(values: np.ndarray, weights: np.ndarray, sigma: float) -> np.ndarray:
+    numerator = ndimage.gaussian_filter(values * weights, sigma, mode="nearest")
+    denominator = ndimage.gaussian_filter(weights, sigma, mode="nearest")
+    fallback = ndimage.gaussian_filter(values, sigma, mode="nearest")
+    return np.where(denominator > 1e-3, numerator / np.maximum(denominator, 1e-12), fallback)
+
+
+def _shape_features(mask: np.ndarray, image_shape: tuple[int, int]) -> dict[str, float]:
+    ys, xs = np.nonzero(mask)
+    height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    long_side, short_side = max(height, width), min(height, width)
+    if len(ys) > 1:
+        eig = np.linalg.eigvalsh(np.cov(np.stack([ys, xs]).astype(np.float64)) + 1e-6 * np.eye(2))
+        elongation = math.sqrt(eig[1] / eig[0])
+    else:
+        elongation = 1.0
+    return {
+        "aspect": long_side / short_side,
+        "fill": len(ys) / float(height * width),
+        "elongation": elongation,
+        "span": long_side / float(max(image_shape) if height >= width else image_shape[1]),
+        "thickness": len(ys) / float(long_side),
+    }
+
+
+def measure_region(
+    lum: np.ndarray,
+    detection: np.ndarray,
+    fused_map: np.ndarray,
+    pixel_pitch_mm: float,
+    noise_k: float = 6.0,
+) -> Region:
+    """Measure one detected region (``detection``: boolean ``[H, W]``) on luminance ``lum``."""
+    ys, xs = np.nonzero(detection)
+    bbox = (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1)
+    # The background scale follows the region's short side: a band is referenced to the pixels
+    # beside it, not to the far ends of the panel.
+    short_side = min(bbox[2] - bbox[0], bbox[3] - bbox[1])
+    sigma = max(4.0, float(short_side))
+    window = _window(bbox, int(3 * sigma) + 2, lum.shape)
+    local, region = lum[window], detection[window]
+    grown = ndimage.binary_dilation(region, iterations=max(2, short_side // 4))
+    background = _masked_blur(local, (~grown).astype(np.float64), sigma)
+    deviation = local / np.maximum(background, 1e-6) - 1.0
+    sign = 1.0 if deviation[region].mean() >= 0 else -1.0
+    outside = deviation[~grown]
+    noise = 1.4826 * np.median(np.abs(outside - np.median(outside))) if outside.size > 8 else 0.0
+    raw_peak = np.max(sign * deviation[grown])
+    signed = sign * (
+        deviation if raw_peak > noise_k * noise else ndimage.gaussian_filter(deviation, 1.5)
+    )
+    peak = np.quantile(signed[grown], 0.99)
+    extent = grown & (signed >= 0.5 * peak) if peak > 0 else region
+    labels, count = ndimage.label(extent)
+    if count > 1:  # keep the parts that touch the detection
+        keep = np.unique(labels[region & extent])
+        extent = np.isin(labels, keep[keep > 0])
+    if not extent.any():
+        extent = region
+    full = np.zeros(lum.shape, bool)
+    full[window] = extent
+    area_px = int(full.sum())
+    area_mm2 = area_px * pixel_pitch_mm**2
+    contrast = 100.0 * float(deviation[extent].mean())
+    ys, xs = np.nonzero(full)
+    scores = fused_map[detection]
+    region_semu = float(semu(contrast, area_mm2))
+    features = {
+        "log_area": math.log1p(area_px),
+        "log_detection_area": math.log1p(int(detection.sum())),
+        "contrast_pct": contrast,
+        "abs_contrast": abs(contrast),
+        "log_abs_contrast": math.log(abs(contrast) + 1e-3),
+        "peak_pct": 100.0 * float(sign * peak),
+        "log_semu": math.log(region_semu + 1e-4),
+        "score": float(scores.max()),
+        "mean_score": float(scores.mean()),
+        **_shape_features(full, lum.shape),
+    }
+    return Region(
+        bbox=[int(xs.min()), int(ys.min()), int(xs.max() + 1), int(ys.max() + 1)],
+        area_px=area_px,
+        area_mm2=area_mm2,
+        contrast_pct=contrast,
+        semu=region_semu,
+        score=float(scores.max()),
+        mean_score=float(scores.mean()),
+        features=features,
+        mask=full,
+    )
+
+
+def find_regions(
+    image: np.ndarray,
+    fused_map: np.ndarray,
+    threshold: float,
+    pixel_pitch_mm: float,
+    min_area_px: int = 1,
+    max_regions: int = 50,
+) -> list[Region]:
+    """Measured regions of ``fused_map`` (``[H, W]``) at or above ``threshold``, strongest first
+    (at most ``max_regions``)."""
+    fused_map = np.asarray(fused_map, dtype=np.float64).squeeze()
+    lum = luminance(image)
+    if fused_map.shape != lum.shape:
+        raise ValueError(f"map {fused_map.shape} and image {lum.shape} differ in size")
+    labels, count = ndimage.label(fused_map >= threshold)
+    if count == 0:
+        return []
+    peaks = ndimage.maximum(fused_map, labels, index=np.arange(1, count + 1))
+    sizes = ndimage.sum_labels(np.ones_like(fused_map), labels, index=np.arange(1, count + 1))
+    order = [i for i in np.argsort(-peaks) if sizes[i] >= min_area_px][:max_regions]
+    return [measure_region(lum, labels == i + 1, fused_map, pixel_pitch_mm) for i in order]

@@ -1,0 +1,169 @@
+"""python -m pipelines.ensemble — build the hybrid from a benchmark run's best members.
+
+    python -m pipelines.ensemble --from reports/benchmark-XXXX --top-k 3 --combiner rank
+
+Picks members from the run (the ``top_k`` by the leaderboard's composite, or ``--members``),
+fits fusion and grading on labeled validation data (the run's held-out normal images, and
+copies of them with injected synthetic defects), evaluates the hybrid against each member on
+the test split, and writes ``<run>/<name>/``: ``hybrid/`` (the self-contained model with its
+SHA-256 manifest), ``results.json``, ``scores.csv``, ``config.yaml`` and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+from pathlib import Path
+
+from configs import add_config_arguments, load_config, write_config
+from data.io import atomic_write_json, atomic_write_text
+from pipelines.common import PipelineError, main_guard, setup_logging
+
+log = logging.getLogger("pipelines.ensemble")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.ensemble", description=__doc__)
+    add_config_arguments(parser)
+    parser.add_argument("--from", dest="from_run", help="the benchmark run folder")
+    parser.add_argument("--top-k", type=int, help="number of best members to combine")
+    parser.add_argument("--members", help="comma-separated members instead of the top k")
+    parser.add_argument("--combiner", help="mean | max | rank | weighted | learned")
+    parser.add_argument("--name", help="output folder name under the run")
+    return parser.parse_args(argv)
+
+
+def overrides_from_flags(args: argparse.Namespace) -> list[str]:
+    sets = []
+    for flag, key in (("from_run", "from_run"), ("top_k", "top_k"), ("combiner", "combiner")):
+        if getattr(args, flag) is not None:
+            sets.append(f"ensemble.{key}={getattr(args, flag)}")
+    if args.members:
+        sets.append(f"ensemble.members=[{args.members}]")
+    if args.name:
+        sets.append(f"ensemble.name={args.name}")
+    return sets
+
+
+def _write_scores(records: list[dict], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(records[0]))
+    writer.writeheader()
+    writer.writerows(records)
+    atomic_write_text(path, buffer.getvalue())
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> int:
+    from data.sources import make_dataset
+    from data.validation import injected_validation_samples
+    from fusion.hybrid import Hybrid
+    from members.base import load_member
+    from pipelines.evaluation import evaluate_hybrid, shared_work_cost
+    from pipelines.hybrid_report import write_hybrid_report
+    from pipelines.selection import select_members
+
+    args = parse_args(argv)
+    cfg = load_config("ensemble", args.config, [*args.overrides, *overrides_from_flags(args)])
+    opts = cfg["ensemble"]
+    setup_logging()
+    if not opts["from_run"]:
+        raise PipelineError("no benchmark run given: pass --from RUN (or ensemble.from_run)")
+    run_dir = Path(opts["from_run"])
+    selection = select_members(
+        run_dir, opts["dataset"], opts["category"], opts["members"], opts["top_k"],
+        opts["criterion"],
+    )
+    names = [job["member"] for job in selection.jobs]
+    out_dir = run_dir / (opts["name"] or f"hybrid-{opts['combiner']}-top{len(names)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(out_dir / "log.txt")
+    write_config(cfg, out_dir / "config.yaml")
+    log.info("members (by %s): %s", opts["criterion"], ", ".join(names))
+
+    source, category = selection.source, selection.category
+    if not source.val_fraction:
+        raise PipelineError(
+            "the benchmark run held out no validation images (data.val_fraction = 0); "
+            "fusion and grading need them"
+        )
+    size = None if selection.tiling else selection.image_size
+    val_set = make_dataset(source, category, "val", selection.seed, size)
+    test_set = make_dataset(source, category, "test", selection.seed, size)
+    samples = injected_validation_samples(
+        (val_set[i]["image"] for i in range(len(val_set))),
+        injections_per_image=opts["injections_per_image"],
+        pixel_pitch_mm=source.pixel_pitch_mm,
+        seed=cfg["seed"],
+    )
+    log.info("validation: %d held-out normal images, %d samples with injected defects",
+             len(val_set), len(samples) - len(val_set))
+    members = {name: load_member(path) for name, path in selection.weights(run_dir).items()}
+    hybrid = Hybrid(
+        members,
+        selection.image_size,
+        selection.tiling,
+        combiner=opts["combiner"],
+        normalizer=opts["normalizer"],
+        learner=opts["learner"],
+        grader=opts["grader"],
+        type_confidence=opts["type_confidence"],
+        pixel_pitch_mm=source.pixel_pitch_mm,
+        describer_backbone=opts["describer_backbone"],
+        seed=cfg["seed"],
+    ).fit(samples, progress=True)
+    hybrid.save(out_dir / "hybrid")
+    log.info("hybrid written to %s", out_dir / "hybrid")
+
+    evaluation = evaluate_hybrid(hybrid, test_set, progress=True)
+    cost_images = [test_set[i]["image"] for i in range(min(8, len(test_set)))]
+    cost = shared_work_cost(hybrid, cost_images) if not selection.tiling else {}
+    cost["hybrid_ms_per_image"] = 1000 * evaluation["seconds"] / len(test_set)
+    cost["members_benchmark_latency_ms_sum"] = sum(
+        job["cost"]["latency_ms"] for job in selection.jobs
+    )
+    results = {
+        "run": str(run_dir),
+        "dataset": selection.dataset,
+        "category": category,
+        "members": names,
+        "selection": [
+            {"member": j["member"], "job_id": j["job_id"], opts["criterion"]: j["criterion_value"]}
+            for j in selection.jobs
+        ],
+        "fusion": {k: opts[k] for k in ("combiner", "normalizer", "learner")},
+        "validation": hybrid.fitted["validation"],
+        "grader": hybrid.fitted["grader_report"],
+        "metrics": evaluation["metrics"],
+        "grading": evaluation["grading"],
+        "cost": cost,
+        "notes": [
+            "fusion, thresholds, grader and type classifier are fitted on held-out normal "
+            "images and injected synthetic defects only; the test split is used for "
+            "evaluation alone"
+        ],
+    }
+    atomic_write_json(out_dir / "results.json", results)
+    _write_scores(evaluation["records"], out_dir / "scores.csv")
+    report = write_hybrid_report(results, evaluation["records"], out_dir / "report.html")
+    print(f"\n{'detector':<16}{'image AUROC':>13}{'pixel AUROC':>13}{'AUPRO':>9}")
+    for name, values in evaluation["metrics"].items():
+        print(
+            f"{name:<16}{values.get('image_auroc', float('nan')):>13.4f}"
+            f"{values.get('pixel_auroc', float('nan')):>13.4f}"
+            f"{values.get('aupro', float('nan')):>9.4f}"
+        )
+    grading = evaluation["grading"]["stage_on_true_regions"]
+    print(
+        f"grading on true regions: level accuracy {grading['level_accuracy']:.3f}, "
+        f"within one {grading['level_within_one']:.3f}, type macro-F1 "
+        f"{grading['type_macro_f1']:.3f} ({grading['n']} defects)"
+    )
+    print(f"\nhybrid: {out_dir / 'hybrid'}\nreport: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

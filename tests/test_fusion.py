@@ -1,0 +1,99 @@
+"""Normalizers and combiners: their definitions, and fusion that beats weak or random members."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from fusion import MinMaxNormalizer, RankNormalizer, ScoreFusion, ZScoreNormalizer
+
+
+def member_scores(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Three members on different scales: two informative with independent noise (a kNN-like
+    distance and a log-likelihood-like score), one that does not separate at all."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.4).astype(int)
+    a = 10.0 + 3.0 * y + rng.normal(0, 2.0, n)
+    b = np.exp(0.5 * (1.2 * y + rng.normal(0, 1.0, n)))
+    c = rng.normal(0, 1.0, n)
+    return np.stack([a, b, c], axis=1), y
+
+
+def test_minmax_maps_the_threshold_to_one_half():
+    X, y = member_scores(400, 0)
+    normalizer = MinMaxNormalizer().fit(X, y)
+    out = normalizer.transform(normalizer.threshold_[None])
+    assert np.allclose(out, 0.5)
+    assert (normalizer.transform(X) >= 0).all() and (normalizer.transform(X) <= 1).all()
+    unlabeled = MinMaxNormalizer(quantile=0.9).fit(X[y == 0])
+    assert np.allclose(unlabeled.threshold_, np.quantile(X[y == 0], 0.9, axis=0))
+
+
+def test_zscore_standardizes_the_normal_scores():
+    X, y = member_scores(400, 1)
+    Z = ZScoreNormalizer().fit(X, y).transform(X[y == 0])
+    assert np.allclose(Z.mean(axis=0), 0, atol=1e-9) and np.allclose(Z.std(axis=0), 1)
+
+
+def test_rank_is_the_fraction_of_normal_scores_below():
+    rng = np.random.default_rng(2)
+    normal = rng.normal(size=(500, 1))
+    normalizer = RankNormalizer(n_quantiles=10_000).fit(normal)
+    queries = rng.normal(size=(50, 1)) * 0.8
+    expected = (normal[None, :, 0] < queries[:, :1]).mean(axis=1)
+    assert np.abs(normalizer.transform(queries)[:, 0] - expected).max() <= 1 / 499 + 1e-9
+    # A quantile table (pixel maps) stays within one table step of the exact ECDF.
+    table = RankNormalizer(n_quantiles=101).fit(normal)
+    assert np.abs(table.transform(queries)[:, 0] - expected).max() <= 0.02
+    # Above every normal score the rank keeps increasing instead of saturating.
+    top = normal.max()
+    assert table.transform(np.array([[top + 1], [top + 2]])).ravel().tolist() == sorted(
+        table.transform(np.array([[top + 1], [top + 2]])).ravel().tolist()
+    )
+    assert table.transform(np.array([[top + 1]]))[0, 0] > 1
+
+
+@pytest.mark.parametrize("combiner", ["mean", "rank", "weighted", "learned"])
+def test_fusion_of_two_informative_members_beats_the_worse_one(combiner):
+    X, y = member_scores(600, 3)
+    X_val, y_val = member_scores(300, 4)
+    fusion = ScoreFusion(combiner).fit(X_val[:, :2], y_val)
+    fused = roc_auc_score(y, fusion.transform(X[:, :2]))
+    members = [roc_auc_score(y, X[:, m]) for m in range(2)]
+    assert fused > min(members) + 0.02, (fused, members)
+
+
+def test_fusion_beats_a_random_combiner():
+    X, y = member_scores(600, 5)
+    rng = np.random.default_rng(0)
+    fused = roc_auc_score(y, ScoreFusion("rank").fit(X).transform(X))
+    random_weights = rng.dirichlet(np.ones(3), size=20)
+    normalized = RankNormalizer().fit(X).transform(X)
+    random_auc = np.mean([roc_auc_score(y, normalized @ w) for w in random_weights])
+    assert fused > random_auc
+
+
+def test_learned_combiner_scores_at_least_as_high_as_rank_mean_on_held_out_data():
+    X_val, y_val = member_scores(400, 6)
+    X_test, y_test = member_scores(800, 7)
+    rank = roc_auc_score(y_test, ScoreFusion("rank").fit(X_val, y_val).transform(X_test))
+    for learner in ("logistic", "boosting"):
+        fusion = ScoreFusion("learned", "zscore", learner=learner).fit(X_val, y_val)
+        learned = roc_auc_score(y_test, fusion.transform(X_test))
+        assert learned >= rank - 0.01, (learner, learned, rank)
+    weighted = ScoreFusion("weighted").fit(X_val, y_val)
+    assert weighted.weights_[2] < 0.15  # the member that does not separate gets little say
+
+
+def test_fusion_errors_name_the_problem():
+    X, y = member_scores(50, 8)
+    with pytest.raises(ValueError, match="unknown combiner"):
+        ScoreFusion("median").fit(X, y)
+    with pytest.raises(ValueError, match="labeled normal and defective"):
+        ScoreFusion("learned").fit(X)
+    fitted = ScoreFusion("mean").fit(X)
+    with pytest.raises(ValueError, match=r"expected scores \[n, 3\]"):
+        fitted.transform(X[:, :2])
+    with pytest.raises(ValueError, match="NaN"):
+        ScoreFusion("mean").fit(np.full((5, 3), np.nan))

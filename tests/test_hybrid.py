@@ -1,0 +1,120 @@
+"""The hybrid end to end: benchmark -> ensemble -> predict on synthetic panels, grading accuracy,
+the hybrid folder's round trip and tamper check."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data.io import ArtifactError
+from data.synthetic import PanelGenerator
+from fusion.hybrid import Hybrid
+from grading.evaluation import grading_scores
+from pipelines import benchmark, ensemble, predict
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hybrid")
+    common = [
+        "--set", f"output_dir={root}",
+        "--set", f"synthetic.cache_dir={root / 'cache'}",
+        "--set", "synthetic.n_train=40",
+        "--set", "synthetic.n_test=24",
+        "--set", "synthetic.size=128",
+        "--set", "data.image_size=128",
+    ]
+    assert benchmark.main([*common, "--members", "patchcore,padim", "--run-name", "bench"]) == 0
+    run_dir = root / "bench"
+    assert ensemble.main(["--from", str(run_dir), "--top-k", "2", "--name", "hybrid"]) == 0
+    return {"root": root, "run": run_dir, "out": run_dir / "hybrid"}
+
+
+def test_rank_fusion_of_two_members_beats_the_worse_member(run):
+    results = json.loads((run["out"] / "results.json").read_text())
+    metrics = results["metrics"]
+    members = [metrics[m] for m in results["members"]]
+    assert len(members) == 2
+    for key in ("pixel_auroc", "aupro"):
+        assert metrics["hybrid"][key] > min(m[key] for m in members), key
+    assert metrics["hybrid"]["image_auroc"] >= min(m["image_auroc"] for m in members)
+    assert (run["out"] / "report.html").read_text().count("<table") >= 4
+    cost = results["cost"]
+    assert cost["members_together_ms"] > 0 and cost["members_sum_ms"] > 0
+
+
+def test_grading_levels_and_types_on_synthetic_panels(run):
+    hybrid = Hybrid.load(run["out"] / "hybrid")
+    generator = PanelGenerator(size=128, seed=99)
+    pairs = []
+    for index in range(40):
+        sample = generator.generate_defective(index)
+        image = np.repeat(sample["image"][..., None], 3, axis=-1)
+        pairs += hybrid.grade_truth(image, sample["instances"], sample["defects"])
+    scores = grading_scores(pairs)
+    assert scores["n"] >= 50
+    assert scores["level_accuracy"] >= 0.8, scores
+    assert scores["level_within_one"] >= 0.95, scores
+    assert scores["type_macro_f1"] >= 0.8, scores
+
+
+def test_predict_writes_results_overlays_and_skips_bad_files(run, tmp_path):
+    cache = next((run["root"] / "cache").iterdir()) / "panel" / "test"
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    good = sorted(cache.rglob("*.png"))[:3]
+    for k, path in enumerate(good):
+        shutil.copy(path, inputs / f"{k}-{path.name}")
+    (inputs / "broken.png").write_text("not an image")
+    (inputs / "empty.png").write_bytes(b"")
+    out = tmp_path / "out"
+    status = predict.main(["--hybrid", str(run["out"] / "hybrid"), str(inputs), "--out", str(out)])
+    assert status == 0
+    result = json.loads((out / "predictions.json").read_text())
+    by_name = {Path(p["path"]).name: p for p in result["images"]}
+    assert by_name["broken.png"]["status"] == "skipped" and "broken.png" in str(
+        by_name["broken.png"]["path"]
+    )
+    assert "empty" in by_name["empty.png"]["error"]
+    done = [p for p in result["images"] if p["status"] == "ok"]
+    assert len(done) == 3
+    for entry in done:
+        assert 0 <= entry["level"] <= 5
+        with Image.open(entry["overlay"]) as overlay:
+            assert overlay.size == (entry["width"], entry["height"])  # original resolution
+        for region in entry["regions"]:
+            assert {"type", "level", "bbox", "area_px", "area_mm2", "semu"} <= set(region)
+    assert (out / "predictions.csv").read_text().count("\n") == 6  # header + 5 inputs
+    # The same image through a second load of the hybrid gives the same answer.
+    hybrid = Hybrid.load(run["out"] / "hybrid")
+    image = np.asarray(Image.open(done[0]["path"]), dtype=np.float32) / 65535.0
+    again = hybrid.predict(image)
+    assert again["score"] == pytest.approx(done[0]["score"], rel=1e-6)
+    assert again["level"] == done[0]["level"]
+
+
+def test_a_tampered_hybrid_folder_is_refused(run, tmp_path):
+    original = run["out"] / "hybrid"
+    first, second = Hybrid.load(original), Hybrid.load(original)
+    image = np.random.default_rng(0).random((128, 128), dtype=np.float32) * 0.1 + 0.4
+    a, b = first.predict(image), second.predict(image)
+    assert a["score"] == b["score"] and np.array_equal(a["anomaly_map"], b["anomaly_map"])
+    for target in ("grading.joblib", "members/padim/weights.pt", "hybrid.json"):
+        copy = tmp_path / target.replace("/", "_")
+        shutil.copytree(original, copy)
+        with open(copy / target, "ab") as fh:
+            fh.write(b"\0")
+        with pytest.raises(ArtifactError, match=Path(target).name):
+            Hybrid.load(copy)
+    missing = tmp_path / "missing"
+    shutil.copytree(original, missing)
+    (missing / "fusion.joblib").unlink()
+    with pytest.raises(ArtifactError, match="fusion.joblib"):
+        Hybrid.load(missing)
