@@ -1,0 +1,299 @@
+"""One scheduled retraining run, step by step (``pipelines.retrain`` is its command line).
+
+1. Take the workspace lock (a lock left by a dead process is cleared and reported).
+2. Hash every file under the data folders; compare with the manifest of the last completed run.
+   Nothing new: record that and stop.
+3. Fix the holdout once (a seeded share of the first run's normal images, plus every confirmed
+   defect, plus injected defects with a fixed seed); it never changes afterwards, so champion
+   and challenger are always compared on the same images and nothing in it is ever trained on.
+4. Train the challenger's members on the other normal images (checkpoints in a work folder keyed
+   by the data, so a killed run resumes), fit fusion and grading on a validation share of them,
+   and save the hybrid into ``hybrids/<id>`` (atomically).
+5. Score challenger and champion on the holdout; promote (one atomic switch of ``current``) when
+   there is no champion or the challenger is not worse by more than ``margin``.
+6. Write the manifest (the data is consumed) and append the run to ``history.jsonl``.
+
+Killing the process at any point leaves ``current`` on a complete champion (or absent before the
+first promotion), and the next run redoes or resumes what was left. ``OLED_AD_KILL_AT=<step>``
+makes the process kill itself at a named step: the crash tests use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from data.images import read_image, to_tensor
+from data.io import atomic_write_json
+from pipelines.champion import (
+    RunLock,
+    append_history,
+    current_champion,
+    new_files,
+    promote,
+    read_manifest,
+    scan_files,
+    write_manifest,
+)
+
+log = logging.getLogger("pipelines.retrain")
+METRICS = ("composite", "image_auroc", "pixel_auroc", "aupro")
+
+
+def fault_point(step: str) -> None:
+    """Kill this process with SIGKILL when ``OLED_AD_KILL_AT`` names ``step`` (crash tests)."""
+    if os.environ.get("OLED_AD_KILL_AT") == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class ImageFiles(Dataset):
+    """Image files as samples (resized to ``image_size``): normal ones, or labeled defects."""
+
+    def __init__(self, paths: list[Path], image_size: int, labels: list[str] | None = None):
+        self.paths, self.image_size = paths, image_size
+        self.types = labels or ["good"] * len(paths)
+        self.has_masks = False
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image = to_tensor(read_image(self.paths[index]))
+        image = F.interpolate(
+            image[None], size=(self.image_size,) * 2, mode="bilinear", antialias=True
+        )[0]
+        defect_type = self.types[index]
+        return {
+            "image": image.clamp(0, 1),
+            "label": int(defect_type != "good"),
+            "defect_type": defect_type,
+            "path": str(self.paths[index]),
+            "mask": torch.zeros(1, self.image_size, self.image_size),
+        }
+
+
+class HoldoutSet(Dataset):
+    """Fixed holdout samples held in memory: real files and injected-defect copies."""
+
+    def __init__(self, samples: list[dict[str, Any]], has_masks: bool) -> None:
+        self.samples, self.has_masks = samples, has_masks
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.samples[index]
+
+
+def _normal_files(manifest: Mapping[str, str], normal_dirs: list[str]) -> list[str]:
+    roots = [Path(d).resolve() for d in normal_dirs]
+    return sorted(p for p in manifest if any(r in Path(p).resolve().parents for r in roots))
+
+
+def choose_holdout(workspace: Path, normals: list[str], defects: list[str], opts) -> dict:
+    """The fixed holdout: chosen on the first run, extended only by new confirmed defects."""
+    path = workspace / "holdout.json"
+    if path.is_file():
+        holdout = json.loads(path.read_text())
+    else:
+        if len(normals) < 4:
+            raise ValueError(f"the first run needs at least 4 normal images, found {len(normals)}")
+        order = np.random.default_rng(0).permutation(len(normals))
+        count = max(2, int(round(len(normals) * opts["holdout_fraction"])))
+        holdout = {"normal": sorted(normals[i] for i in order[:count]), "defects": []}
+    holdout["defects"] = sorted(set(holdout["defects"]) | set(defects))
+    atomic_write_json(path, holdout)
+    return holdout
+
+
+def holdout_dataset(holdout: dict, opts) -> HoldoutSet:
+    from data.validation import injected_validation_samples
+
+    size = opts["image_size"]
+    normal = ImageFiles([Path(p) for p in holdout["normal"]], size)
+    defect_paths = [Path(p) for p in holdout["defects"]]
+    defects = ImageFiles(defect_paths, size, [p.parent.name for p in defect_paths])
+    samples = [normal[i] for i in range(len(normal))] + [defects[i] for i in range(len(defects))]
+    injected = injected_validation_samples(
+        (s["image"] for s in samples[: len(normal)]), opts["holdout_injections"], seed=12345
+    )
+    for k, sample in enumerate(s for s in injected if s["label"]):
+        samples.append(
+            {
+                "image": to_tensor(sample["image"]),
+                "label": 1,
+                "defect_type": sample["defects"][0]["type"],
+                "path": f"injected-{k}",
+                "mask": torch.from_numpy(sample["mask"]).float()[None],
+                "instances": torch.from_numpy(sample["instances"].astype(np.int64))[None],
+                "defects": sample["defects"],
+                "level": sample["level"],
+            }
+        )
+    # Confirmed defects come without masks: pixel metrics only where every defect has one.
+    return HoldoutSet(samples, has_masks=not holdout["defects"])
+
+
+def holdout_score(hybrid, holdout: HoldoutSet, metric: str) -> tuple[float, dict[str, float]]:
+    from pipelines.evaluation import evaluate_hybrid
+    from pipelines.report import composite
+
+    metrics = evaluate_hybrid(hybrid, holdout)["metrics"]["hybrid"]
+    value = composite(metrics) if metric == "composite" else metrics.get(metric, float("nan"))
+    return float(value), metrics
+
+
+def train_challenger(
+    cfg: Mapping[str, Any], files: list[str], work: Path, champion: Path | None
+):
+    """Members fitted on ``files`` (minus a validation share), then fusion and grading."""
+    from data.datasets import collate_samples
+    from data.validation import injected_validation_samples
+    from fusion.hybrid import Hybrid
+    from members.base import create_member, load_member
+    from members.trainer import FabricTrainer
+
+    opts = cfg["retrain"]
+    order = np.random.default_rng(cfg["seed"]).permutation(len(files))
+    n_val = max(1, int(round(len(files) * opts["val_fraction"])))
+    val_files = [Path(files[i]) for i in sorted(order[:n_val])]
+    train_files = [Path(files[i]) for i in sorted(order[n_val:])]
+    if len(train_files) < 2:
+        raise ValueError(f"too few normal images to train on: {len(train_files)}")
+    train_set = ImageFiles(train_files, opts["image_size"])
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=cfg["data"]["batch_size"], shuffle=True, collate_fn=collate_samples
+    )
+    members = {}
+    for name in opts["members"]:
+        if opts["warm_start"] and champion is not None and (champion / "members" / name).is_dir():
+            member = load_member(champion / "members" / name)
+            member.fitted.fill_(False)
+        else:
+            options = {k: v for k, v in cfg["members"][name].items() if k != "trainer"}
+            member = create_member(name, **options)
+        trainer_options = {**cfg["trainer"], **cfg["members"][name].get("trainer", {})}
+        trainer_options["progress"] = False
+        trainer = FabricTrainer(
+            accelerator=cfg["device"]["accelerator"],
+            devices=cfg["device"]["devices"],
+            precision=cfg["device"]["precision"],
+            out_dir=work / "members" / name,
+            resume=True,
+            seed=cfg["seed"],
+            **trainer_options,
+        )
+        log.info("training %s on %d images", name, len(train_set))
+        member.fit(loader, None, trainer)
+        members[name] = member
+    fault_point("after_training")
+    val_set = ImageFiles(val_files, opts["image_size"])
+    samples = injected_validation_samples(
+        (val_set[i]["image"] for i in range(len(val_set))),
+        opts["injections_per_image"],
+        pixel_pitch_mm=cfg["data"]["pixel_pitch_mm"],
+        seed=cfg["seed"],
+    )
+    return Hybrid(
+        members,
+        opts["image_size"],
+        combiner=opts["combiner"],
+        pixel_pitch_mm=cfg["data"]["pixel_pitch_mm"],
+        seed=cfg["seed"],
+    ).fit(samples)
+
+
+def run_once(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """One retraining run (see the module docstring); returns its history entry."""
+    from fusion.hybrid import Hybrid
+
+    opts = cfg["retrain"]
+    if opts["metric"] not in METRICS:
+        raise ValueError(f"retrain.metric must be one of {METRICS}, got {opts['metric']!r}")
+    if not opts["normal_dirs"]:
+        raise ValueError("retrain.normal_dirs is empty: name the folders of defect-free images")
+    for folder in [*opts["normal_dirs"], *opts["defect_dirs"]]:
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"data folder does not exist: {folder}")
+    workspace = Path(opts["workspace"])
+    workspace.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with RunLock(workspace / "lock") as lock:
+        if lock.stale_cleared is not None:
+            log.warning("cleared a stale lock left by %s", lock.stale_cleared)
+        for leftover in workspace.glob("hybrids/.*"):  # temporary folders of killed runs
+            shutil.rmtree(leftover, ignore_errors=True)
+        folders = [Path(d).resolve() for d in [*opts["normal_dirs"], *opts["defect_dirs"]]]
+        files = scan_files(folders, "/")
+        files = {f"/{k}": v for k, v in files.items()}
+        added = new_files(read_manifest(workspace), files)
+        champion = current_champion(workspace)
+        entry: dict[str, Any] = {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "new_files": len(added),
+        }
+        if len(added) < opts["min_new_images"] and champion is not None:
+            entry.update(action="none", reason=f"{len(added)} new file(s); nothing to do")
+            append_history(workspace, entry)
+            return entry
+        normals = _normal_files(files, opts["normal_dirs"])
+        defects = sorted(set(files) - set(normals))
+        holdout = choose_holdout(workspace, normals, defects, opts)
+        training = sorted(set(normals) - set(holdout["normal"]))
+        data_key = hashlib.sha256(
+            json.dumps([files[p] for p in training] + [opts, cfg["members"]], default=str,
+                       sort_keys=True).encode()
+        ).hexdigest()[:12]
+        work = workspace / "work" / data_key
+        challenger = train_challenger(cfg, training, work, champion)
+        hybrid_dir = workspace / "hybrids" / f"{time.strftime('%Y%m%d-%H%M%S')}-{data_key}"
+        challenger.save(hybrid_dir)
+        fault_point("after_save")
+        evaluation = holdout_dataset(holdout, opts)
+        score, metrics = holdout_score(challenger, evaluation, opts["metric"])
+        entry.update(
+            train_images=len(training),
+            holdout_images=len(evaluation),
+            challenger={"hybrid": hybrid_dir.name, opts["metric"]: score, "metrics": metrics},
+        )
+        if champion is not None:
+            champion_score, champion_metrics = holdout_score(
+                Hybrid.load(champion), evaluation, opts["metric"]
+            )
+            entry["champion"] = {
+                "hybrid": champion.name, opts["metric"]: champion_score, "metrics": champion_metrics
+            }
+            promoted = score >= champion_score - opts["margin"]
+            reason = (
+                f"challenger {score:.4f} vs champion {champion_score:.4f} "
+                f"(margin {opts['margin']})"
+            )
+        else:
+            promoted, reason = True, "no champion yet"
+        if promoted:
+            promote(workspace, hybrid_dir)
+            fault_point("after_promote")
+        else:
+            shutil.rmtree(hybrid_dir, ignore_errors=True)
+        write_manifest(workspace, files)
+        shutil.rmtree(work, ignore_errors=True)
+        entry.update(
+            action="promoted" if promoted else "rejected",
+            reason=reason,
+            seconds=round(time.time() - started, 1),
+        )
+        append_history(workspace, entry)
+        return entry

@@ -1,0 +1,131 @@
+"""The scheduled retraining job: promotion, rejection, the lock, no new data, and SIGKILL at
+several steps (the champion stays loadable and the next run completes the work)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data.images import write_png
+from data.synthetic import PanelGenerator
+from fusion.hybrid import Hybrid
+from pipelines import retrain
+from pipelines.champion import current_champion, read_history
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def add_normals(folder: Path, start: int, count: int) -> None:
+    generator = PanelGenerator(size=64, seed=7)
+    for i in range(start, start + count):
+        write_png(folder / f"panel{i:03d}.png", generator.generate_normal(i)["image"], 16)
+
+
+def settings(tmp_path: Path, *extra: str) -> list[str]:
+    sets = [
+        f"retrain.workspace={tmp_path / 'ws'}",
+        f"retrain.normal_dirs=[{tmp_path / 'normal'}]",
+        "retrain.members=[padim]",
+        "retrain.image_size=64",
+        "retrain.holdout_injections=2",
+        "retrain.injections_per_image=3",
+        *extra,
+    ]
+    return [arg for s in sets for arg in ("--set", s)]
+
+
+def run_killed(tmp_path: Path, step: str, *extra: str) -> int:
+    code = "import sys; from pipelines.retrain import main; sys.exit(main(sys.argv[1:]))"
+    result = subprocess.run(
+        [sys.executable, "-c", code, *settings(tmp_path, *extra)],
+        cwd=REPO,
+        env={**os.environ, "OLED_AD_KILL_AT": step, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return result.returncode
+
+
+def test_promotion_rejection_and_no_new_data(tmp_path, capsys):
+    add_normals(tmp_path / "normal", 0, 14)
+    assert retrain.main(settings(tmp_path)) == 0
+    workspace = tmp_path / "ws"
+    first = current_champion(workspace)
+    assert first is not None and "promoted" in capsys.readouterr().out
+    Hybrid.load(first)  # complete and verified
+
+    assert retrain.main(settings(tmp_path)) == 0
+    assert "no new data" in capsys.readouterr().out
+    assert current_champion(workspace) == first
+
+    add_normals(tmp_path / "normal", 14, 4)
+    # A margin no challenger can meet: rejected, the champion stays.
+    assert retrain.main(settings(tmp_path, "retrain.margin=-1.0")) == 0
+    assert "rejected" in capsys.readouterr().out
+    assert current_champion(workspace) == first
+
+    add_normals(tmp_path / "normal", 18, 2)
+    assert retrain.main(settings(tmp_path, "retrain.margin=1.0", "retrain.warm_start=true")) == 0
+    assert "promoted" in capsys.readouterr().out
+    second = current_champion(workspace)
+    assert second != first
+    history = read_history(workspace)
+    assert [h["action"] for h in history] == ["promoted", "none", "rejected", "promoted"]
+    assert history[2]["champion"]["hybrid"] == first.name
+    assert {"challenger", "train_images", "holdout_images"} <= set(history[3])
+    holdout = json.loads((workspace / "holdout.json").read_text())
+    # The holdout was fixed on the first run: later images never join it.
+    names = {Path(p).name for p in holdout["normal"]}
+    assert len(names) == 3 and not names & {f"panel{i:03d}.png" for i in range(14, 20)}
+
+
+def test_the_lock_refuses_a_second_run_and_clears_a_stale_one(tmp_path, capsys):
+    add_normals(tmp_path / "normal", 0, 10)
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = {"pid": sleeper.pid, "host": os.uname().nodename, "started": 0}
+        (workspace / "lock").write_text(json.dumps(lock))
+        assert retrain.main(settings(tmp_path)) == 1
+        assert f"held by pid {sleeper.pid}" in capsys.readouterr().err
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # The holder is dead now: its lock is stale, cleared, and the run goes on.
+    assert retrain.main(settings(tmp_path)) == 0
+    assert current_champion(workspace) is not None
+    assert not (workspace / "lock").exists()
+
+
+def test_sigkill_at_any_step_leaves_the_champion_intact(tmp_path):
+    add_normals(tmp_path / "normal", 0, 12)
+    workspace = tmp_path / "ws"
+    for step in ("after_training", "after_save"):
+        assert run_killed(tmp_path, step) == -signal.SIGKILL
+        assert current_champion(workspace) is None  # nothing promoted, nothing half-written
+    assert retrain.main(settings(tmp_path)) == 0
+    champion = current_champion(workspace)
+    Hybrid.load(champion)
+
+    add_normals(tmp_path / "normal", 12, 3)
+    assert run_killed(tmp_path, "after_training", "retrain.margin=1.0") == -signal.SIGKILL
+    assert current_champion(workspace) == champion
+    Hybrid.load(champion)
+    assert run_killed(tmp_path, "after_promote", "retrain.margin=1.0") == -signal.SIGKILL
+    promoted = current_champion(workspace)
+    assert promoted != champion
+    Hybrid.load(promoted)  # the switch is atomic: the new champion is complete
+    # The killed run did not record its data as consumed: the next run does the work again.
+    assert retrain.main(settings(tmp_path, "retrain.margin=1.0")) == 0
+    assert read_history(workspace)[-1]["action"] == "promoted"
+    Hybrid.load(current_champion(workspace))
+    assert not list((workspace / "hybrids").glob(".*"))
