@@ -1,4 +1,4 @@
-"""Metrics shared by the pipelines: detection (streaming) and severity (SEMU, levels).
+"""Metrics shared by the pipelines: detection (streaming), image quality, and severity.
 
 ``get_metric(name, **kw)`` builds any metric of ``available_classes``; each has
 ``update``/``compute``/``reset``.
@@ -14,8 +14,18 @@ from metrics.detection import (
     PixelAUROCMetric,
     PixelF1MaxMetric,
 )
+from metrics.quality import (
+    QUALITY_METRICS,
+    DeltaE2000Metric,
+    LPIPSMetric,
+    MSSSIMMetric,
+    MuraEnergyMetric,
+    PSNRMetric,
+    SEMUMetric,
+    SSIMMetric,
+)
 
-available_classes: dict[str, type[Metric]] = dict(METRICS)
+available_classes: dict[str, type[Metric]] = {**METRICS, **QUALITY_METRICS}
 
 
 def get_metric(name: str, **kwargs) -> Metric:
@@ -27,6 +37,13 @@ def get_metric(name: str, **kwargs) -> Metric:
 
 __all__ = [
     "AUPROMetric",
+    "DeltaE2000Metric",
+    "LPIPSMetric",
+    "MSSSIMMetric",
+    "MuraEnergyMetric",
+    "PSNRMetric",
+    "SEMUMetric",
+    "SSIMMetric",
     "ImageAPMetric",
     "ImageAUROCMetric",
     "ImageF1MaxMetric",

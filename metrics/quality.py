@@ -1,0 +1,260 @@
+"""Image-quality metrics for reconstruction members and panel uniformity.
+
+Every ``XxxMetric`` averages a per-image value over the images given to ``update`` (images are
+``[B, C, H, W]`` or ``[B, H, W]`` tensors or arrays in [0, 1]):
+
+- ``PSNRMetric``: 10 log10(1 / MSE) per image.
+- ``SSIMMetric`` and ``MSSSIMMetric``: through pytorch-msssim (Gaussian window 11, sigma 1.5).
+- ``LPIPSMetric``: through the lpips package; its backbone (AlexNet, VGG16 or SqueezeNet 1.1)
+  comes from ``backbones/`` in torchvision's published file, never from the network; LPIPS's own
+  linear layers ship inside the package.
+- ``DeltaE2000Metric``: mean CIEDE2000 colour difference (sRGB D65 to CIELAB), per pixel then
+  per image; ``delta_e_2000`` follows Sharma, Wu & Dalal (2005) and is checked on their 34 pairs.
+- ``MuraEnergyMetric``: FFT band-pass energy of the luminance after removing the low-frequency
+  background (a wide Gaussian), in percent of the background: the smooth blotches mura are made
+  of, without the panel's gradual fall-off and without pixel noise.
+- ``SEMUMetric``: SEMU of labelled regions (mask per image), measured as the grading stage
+  measures them, with the same ``metrics.severity.semu`` the synthetic generator uses.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from metrics.detection import Metric, _numpy
+
+LPIPS_BACKBONE_FILES = {
+    "alex": "alexnet-owt-7be5be79.pth",
+    "vgg": "vgg16-397923af.pth",
+    "squeeze": "squeezenet1_1-b8a52dc0.pth",
+}
+
+
+def _batch(images: Any) -> torch.Tensor:
+    tensor = torch.as_tensor(_numpy(images), dtype=torch.float32)
+    if tensor.ndim == 3:
+        tensor = tensor[:, None]
+    if tensor.ndim != 4:
+        raise ValueError(f"expected images [B, C, H, W] or [B, H, W], got {tuple(tensor.shape)}")
+    return tensor
+
+
+class _MeanOverImages(Metric):
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._values: list[float] = []
+
+    def _add(self, values: torch.Tensor | np.ndarray) -> None:
+        self._values.extend(float(v) for v in np.asarray(values, dtype=np.float64).ravel())
+
+    def compute(self) -> float:
+        if not self._values:
+            raise ValueError(f"{type(self).__name__}: no images were given to update()")
+        return float(np.mean(self._values))
+
+
+class PSNRMetric(_MeanOverImages):
+    name = "psnr"
+
+    def update(self, images: Any, references: Any) -> None:
+        mse = ((_batch(images) - _batch(references)) ** 2).flatten(1).mean(1).double()
+        self._add(10 * torch.log10(1.0 / mse.clamp_min(1e-20)))
+
+
+class SSIMMetric(_MeanOverImages):
+    name = "ssim"
+    multiscale = False
+
+    def update(self, images: Any, references: Any) -> None:
+        from pytorch_msssim import ms_ssim, ssim
+
+        function = ms_ssim if self.multiscale else ssim
+        self._add(function(_batch(images), _batch(references), data_range=1.0, size_average=False))
+
+
+class MSSSIMMetric(SSIMMetric):
+    """MS-SSIM needs images of at least 161 px per side (five scales of an 11-px window)."""
+
+    name = "ms_ssim"
+    multiscale = True
+
+
+class LPIPSMetric(_MeanOverImages):
+    name = "lpips"
+
+    def __init__(self, net: str = "alex", weights_dir: str | os.PathLike = "backbones") -> None:
+        import lpips
+
+        if net not in LPIPS_BACKBONE_FILES:
+            raise ValueError(f"net must be one of {sorted(LPIPS_BACKBONE_FILES)}, got {net!r}")
+        path = Path(weights_dir) / LPIPS_BACKBONE_FILES[net]
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"LPIPS ({net}) needs the torchvision backbone file {path}; put "
+                f"{LPIPS_BACKBONE_FILES[net]} into {weights_dir}/ (see backbones/README.md)"
+            )
+        from data.io import torch_load
+
+        # pnet_rand: build the backbone without torchvision's download, then load the local file.
+        self.model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False).eval()
+        features = {
+            k.removeprefix("features."): v
+            for k, v in torch_load(path).items()
+            if k.startswith("features.")
+        }
+        own = self.model.net.state_dict()
+        # lpips keeps torchvision's layer indices inside its slices: sliceK.<index>.<param>.
+        mapped = {key: features[key.split(".", 1)[1]] for key in own}
+        self.model.net.load_state_dict(mapped, strict=True)
+        super().__init__()
+
+    def update(self, images: Any, references: Any) -> None:
+        a, b = _batch(images), _batch(references)
+        if a.shape[1] == 1:
+            a, b = a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1)
+        with torch.no_grad():
+            self._add(self.model(a, b, normalize=True).flatten())
+
+
+def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """CIELAB (D65) of sRGB values in [0, 1], ``[..., 3]``."""
+    rgb = np.asarray(rgb, dtype=np.float64)
+    linear = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    matrix = np.array(
+        [
+            [0.4124564, 0.3575761, 0.1804375],
+            [0.2126729, 0.7151522, 0.0721750],
+            [0.0193339, 0.1191920, 0.9503041],
+        ]
+    )
+    xyz = linear @ matrix.T / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack(
+        [116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])],
+        axis=-1,
+    )
+
+
+def delta_e_2000(lab1: np.ndarray, lab2: np.ndarray) -> np.ndarray:
+    """CIEDE2000 difference of CIELAB colours ``[..., 3]`` (kL = kC = kH = 1)."""
+    L1, a1, b1 = np.moveaxis(np.asarray(lab1, dtype=np.float64), -1, 0)
+    L2, a2, b2 = np.moveaxis(np.asarray(lab2, dtype=np.float64), -1, 0)
+    c_bar = (np.hypot(a1, b1) + np.hypot(a2, b2)) / 2
+    g = 0.5 * (1 - np.sqrt(c_bar**7 / (c_bar**7 + 25.0**7)))
+    a1p, a2p = (1 + g) * a1, (1 + g) * a2
+    c1p, c2p = np.hypot(a1p, b1), np.hypot(a2p, b2)
+    h1p = np.degrees(np.arctan2(b1, a1p)) % 360
+    h2p = np.degrees(np.arctan2(b2, a2p)) % 360
+    chroma_zero = c1p * c2p == 0
+    dh = h2p - h1p
+    dh = np.where(dh > 180, dh - 360, np.where(dh < -180, dh + 360, dh))
+    dh = np.where(chroma_zero, 0.0, dh)
+    d_lp, d_cp = L2 - L1, c2p - c1p
+    d_hp = 2 * np.sqrt(c1p * c2p) * np.sin(np.radians(dh) / 2)
+    l_bar, cp_bar = (L1 + L2) / 2, (c1p + c2p) / 2
+    h_sum = h1p + h2p
+    wrapped = np.where(h_sum < 360, (h_sum + 360) / 2, (h_sum - 360) / 2)
+    h_bar = np.where(np.abs(h1p - h2p) <= 180, h_sum / 2, wrapped)
+    h_bar = np.where(chroma_zero, h_sum, h_bar)
+    t = (
+        1
+        - 0.17 * np.cos(np.radians(h_bar - 30))
+        + 0.24 * np.cos(np.radians(2 * h_bar))
+        + 0.32 * np.cos(np.radians(3 * h_bar + 6))
+        - 0.20 * np.cos(np.radians(4 * h_bar - 63))
+    )
+    d_theta = 30 * np.exp(-(((h_bar - 275) / 25) ** 2))
+    r_c = 2 * np.sqrt(cp_bar**7 / (cp_bar**7 + 25.0**7))
+    s_l = 1 + 0.015 * (l_bar - 50) ** 2 / np.sqrt(20 + (l_bar - 50) ** 2)
+    s_c = 1 + 0.045 * cp_bar
+    s_h = 1 + 0.015 * cp_bar * t
+    r_t = -np.sin(np.radians(2 * d_theta)) * r_c
+    terms = (d_lp / s_l) ** 2 + (d_cp / s_c) ** 2 + (d_hp / s_h) ** 2
+    return np.sqrt(terms + r_t * (d_cp / s_c) * (d_hp / s_h))
+
+
+class DeltaE2000Metric(_MeanOverImages):
+    name = "delta_e_2000"
+
+    def update(self, images: Any, references: Any) -> None:
+        a, b = _batch(images), _batch(references)
+        if a.shape[1] != 3:
+            raise ValueError(f"ΔE2000 needs RGB images [B, 3, H, W], got {tuple(a.shape)}")
+        lab_a = srgb_to_lab(a.permute(0, 2, 3, 1).numpy())
+        lab_b = srgb_to_lab(b.permute(0, 2, 3, 1).numpy())
+        self._add(delta_e_2000(lab_a, lab_b).reshape(len(a), -1).mean(axis=1))
+
+
+def mura_energy(
+    luminance: np.ndarray, background_sigma: float = 32.0, band: tuple[float, float] = (4.0, 32.0)
+) -> float:
+    """Band-pass energy (RMS, percent of the background) of ``luminance`` ``[H, W]``: the
+    deviation from a Gaussian-smoothed background, restricted by FFT to spatial periods between
+    ``band[0]`` and ``band[1]`` pixels (by default 4 to 32: above pixel noise, below the
+    panel's gradual fall-off)."""
+    lum = np.asarray(luminance, dtype=np.float64)
+    background = ndimage.gaussian_filter(lum, background_sigma, mode="reflect")
+    deviation = lum / np.maximum(background, 1e-6) - 1
+    spectrum = np.fft.rfft2(deviation)
+    fy = np.fft.fftfreq(lum.shape[0])[:, None]
+    fx = np.fft.rfftfreq(lum.shape[1])[None, :]
+    frequency = np.hypot(fy, fx)
+    keep = (frequency >= 1 / band[1]) & (frequency <= 1 / band[0])
+    filtered = np.fft.irfft2(spectrum * keep, s=lum.shape)
+    return float(100 * math.sqrt(np.mean(filtered**2)))
+
+
+class MuraEnergyMetric(_MeanOverImages):
+    name = "mura_energy"
+
+    def __init__(self, background_sigma: float = 32.0, band: tuple[float, float] = (4.0, 32.0)):
+        self.background_sigma, self.band = background_sigma, tuple(band)
+        super().__init__()
+
+    def update(self, images: Any) -> None:
+        for image in _batch(images).mean(1).numpy():
+            self._add([mura_energy(image, self.background_sigma, self.band)])
+
+
+class SEMUMetric(_MeanOverImages):
+    """Mean SEMU of the labelled regions in ``masks`` (connected components) of ``images``."""
+
+    name = "semu"
+
+    def __init__(self, pixel_pitch_mm: float = 0.1) -> None:
+        self.pixel_pitch_mm = pixel_pitch_mm
+        super().__init__()
+
+    def update(self, images: Any, masks: Any) -> None:
+        from grading.regions import measure_region
+
+        images, masks = _batch(images), _batch(masks)
+        for image, mask in zip(images.mean(1).numpy(), masks[:, 0].numpy() > 0.5):
+            labels, count = ndimage.label(mask)
+            for k in range(1, count + 1):
+                region = labels == k
+                found = measure_region(image, region, region.astype(float), self.pixel_pitch_mm)
+                self._add([found.semu])
+
+
+QUALITY_METRICS: dict[str, type[Metric]] = {
+    cls.name: cls
+    for cls in (
+        PSNRMetric,
+        SSIMMetric,
+        MSSSIMMetric,
+        LPIPSMetric,
+        DeltaE2000Metric,
+        MuraEnergyMetric,
+        SEMUMetric,
+    )
+}
