@@ -135,3 +135,33 @@ def test_ddp_on_two_processes_builds_the_same_bank_and_statistics(panels_dir, tm
             # the last bits, which the (ill-conditioned) inverse covariance amplifies a little.
             error = (ddp_state[name][key].double() - value.double()).abs().max()
             assert error <= 1e-5 * max(1.0, float(value.double().abs().max())), (name, key, error)
+
+
+@pytest.mark.slow
+def test_patchcore_separates_real_cracks_on_kolektorsdd(kolektorsdd_dir):
+    """Real production-line images: measured image AUROC 0.81 and pixel AUROC 0.82 at 256 px
+    with half of train/good (KolektorSDD's cracks are thin and the images are 500 x 1270)."""
+    from torch.utils.data import DataLoader, Subset
+
+    from data.datasets import collate_samples, get_dataset
+    from metrics import get_metric
+
+    options = dict(
+        data_dir=kolektorsdd_dir.parent, categories=[kolektorsdd_dir.name], image_size=256
+    )
+    train = get_dataset("mvtec", split="train", **options)
+    train = Subset(train, range(0, len(train), 2))
+    member = create_member("patchcore")
+    member.fit(
+        DataLoader(train, batch_size=8, collate_fn=collate_samples),
+        None,
+        FabricTrainer(progress=False),
+    )
+    image_auroc, pixel_auroc = get_metric("image_auroc"), get_metric("pixel_auroc")
+    test = get_dataset("mvtec", split="test", **options)
+    for batch in DataLoader(test, batch_size=8, collate_fn=collate_samples):
+        out = member.predict(batch["image"])
+        image_auroc.update(out["pred_score"], batch["label"])
+        pixel_auroc.update(out["anomaly_map"], batch["mask"])
+    assert image_auroc.compute() >= 0.72
+    assert pixel_auroc.compute() >= 0.72
