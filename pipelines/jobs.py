@@ -290,12 +290,11 @@ def run_job(job_dir: Path) -> dict[str, Any]:
     """Fit and evaluate the job described by ``job_dir/job.json``; write ``results.json``."""
     from lightning_fabric.utilities.seed import seed_everything
 
-    from configs import write_config
     from pipelines.common import peak_rss_mb
     from pipelines.evaluation import evaluate
 
     spec = json.loads((job_dir / JOB_FILE).read_text())
-    write_config(spec, job_dir / "config.yaml")
+    atomic_write_json(job_dir / "config.json", spec)
     seed_everything(spec["seed"], verbose=False)
     source = DataSource(**{**spec["source"], "data_dir": Path(spec["source"]["data_dir"])})
     category, seed = spec["category"], spec["seed"]

@@ -1,0 +1,72 @@
+"""pipelines.benchmark: a small run end to end, resuming, a failing job, and --init-from."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from pipelines import benchmark
+
+pytestmark = pytest.mark.slow
+
+
+def tiny(root: Path, *extra: str) -> list[str]:
+    sets = [
+        f"output_dir={root}",
+        f"synthetic.cache_dir={root / 'cache'}",
+        "synthetic.n_train=12",
+        "synthetic.n_test=8",
+        "synthetic.size=64",
+        "data.image_size=64",
+        "benchmark.n_examples=2",
+        *extra,
+    ]
+    return [arg for s in sets for arg in ("--set", s)]
+
+
+def test_a_run_resumes_records_failures_and_starts_from_other_weights(tmp_path, capsys):
+    args = [*tiny(tmp_path), "--members", "patchcore,padim", "--run-name", "run"]
+    # PaDiM asked for more channels than its layers have: that job fails, the other goes on.
+    failing = [*args, "--set", "members.padim.n_features=100000"]
+    assert benchmark.main(failing) == 0
+    run = tmp_path / "run"
+    results = {r["member"]: r for r in json.loads((run / "results.json").read_text())["jobs"]}
+    assert results["padim"]["status"] == "failed" and "n_features" in results["padim"]["error"]
+    good = results["patchcore"]
+    assert good["status"] == "ok"
+    job = run / "jobs" / good["job_id"]
+    for name in ("config.json", "log.txt", "results.json", "scores.csv", "weights"):
+        assert (job / name).exists(), name
+    assert {"image_auroc", "image_ap", "pixel_auroc", "aupro", "pixel_f1_max"} <= set(
+        good["metrics"]
+    )
+    assert {"fit_seconds", "images_per_second", "latency_ms", "peak_rss_mb", "model_bytes"} <= set(
+        good["cost"]
+    )
+    assert "patchcore" in capsys.readouterr().out  # the printed ranking
+    for name in ("leaderboard.csv", "report.html"):
+        assert (run / name).is_file()
+
+    # The same command again (without the fault): the finished job is skipped, the failed one
+    # runs again.
+    stamp = (job / "results.json").stat().st_mtime_ns
+    assert benchmark.main(args) == 0
+    assert (job / "results.json").stat().st_mtime_ns == stamp
+    results = {r["member"]: r for r in json.loads((run / "results.json").read_text())["jobs"]}
+    assert results["padim"]["status"] == "ok"
+    # An interrupted job (no complete results) is redone.
+    os.remove(job / "results.json")
+    assert benchmark.main(args) == 0
+    assert json.loads((job / "results.json").read_text())["status"] == "ok"
+
+    # Another run starting from this run's weights.
+    init = [*tiny(tmp_path), "--members", "patchcore", "--run-name", "again"]
+    assert benchmark.main([*init, "--init-from", str(job / "weights")]) == 0
+    again = json.loads((tmp_path / "again" / "results.json").read_text())["jobs"][0]
+    assert again["status"] == "ok"
+    wrong = [*tiny(tmp_path), "--members", "padim", "--run-name", "wrong"]
+    assert benchmark.main([*wrong, "--init-from", str(job / "weights")]) == 1  # all failed
+    assert "patchcore" in capsys.readouterr().err
