@@ -15,7 +15,7 @@ from members.base import (
 from members.trainer import FabricTrainer
 
 # One module per member; importing them registers them.
-from members import autoencoder, padim, patchcore, vae  # noqa: E402,F401  isort: skip
+from members import autoencoder, fastflow, padim, patchcore, stfpm, vae  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "FabricTrainer",

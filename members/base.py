@@ -242,6 +242,7 @@ class Member(nn.Module):
             history = []
         self.on_fit_end(trainer, val_loader)
         self.fitted.fill_(True)
+        self.eval()  # a fitted member answers like a loaded one
         return history
 
     def fit_features(self, trainer: FabricTrainer, train_loader: Iterable) -> None:
