@@ -376,6 +376,8 @@ def run_job(job_dir: Path) -> dict[str, Any]:
                 else None
             ),
             "model_bytes": _folder_bytes(job_dir / "weights"),
+            # What a member measures of its own fit (e.g. PatchCore's coreset time).
+            **{f"fit_{k}": v for k, v in getattr(member, "fit_stats", {}).items()},
         },
         "examples": examples,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
