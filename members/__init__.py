@@ -15,7 +15,16 @@ from members.base import (
 from members.trainer import FabricTrainer
 
 # One module per member; importing them registers them.
-from members import autoencoder, fastflow, padim, patchcore, stfpm, vae  # noqa: E402,F401  isort: skip
+from members import (  # noqa: E402,F401  isort: skip
+    autoencoder,
+    draem,
+    efficientad,
+    fastflow,
+    padim,
+    patchcore,
+    stfpm,
+    vae,
+)
 
 __all__ = [
     "FabricTrainer",

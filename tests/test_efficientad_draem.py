@@ -1,0 +1,161 @@
+"""EfficientAD and DRAEM: training, separation on panels, persistence, precision, teacher file."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import members.draem  # noqa: F401  (registers the member)
+import members.efficientad  # noqa: F401  (registers the member)
+from configs import load_config
+from data.images import write_png
+from members import create_member, load_member
+from tests.helpers import fit_member, outputs_equal, panel_loader, separation
+
+# Sized for two shared CPU cores: the networks see 128 px, training is a few dozen steps.
+EFFICIENTAD_FAST = {"input_size": 96, "distill_steps": 2, "lr": 1e-3}
+EFFICIENTAD_EPOCHS = 3
+DRAEM_FAST = {"base_width": 8, "disc_width": 8, "lr": 2e-3}
+DRAEM_EPOCHS = 10
+
+
+def history_losses(history: list[dict]) -> list[float]:
+    return [row["loss"] for row in history if row["scope"] == "step"]
+
+
+@pytest.fixture(scope="module")
+def efficientad(panels_dir, tmp_path_factory):
+    """A fitted EfficientAD whose teacher was distilled (its weights_dir has no teacher)."""
+    torch.manual_seed(0)
+    member = create_member(
+        "efficientad", weights_dir=str(tmp_path_factory.mktemp("no_teacher")), **EFFICIENTAD_FAST
+    )
+    with pytest.warns(UserWarning, match="penalty_dir is None"):
+        history = fit_member(member, panels_dir, max_epochs=EFFICIENTAD_EPOCHS)
+    return member, history
+
+
+@pytest.fixture(scope="module")
+def draem(panels_dir):
+    torch.manual_seed(0)
+    member = create_member("draem", **DRAEM_FAST)
+    history = fit_member(member, panels_dir, max_epochs=DRAEM_EPOCHS)
+    return member, history
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """A few random color images: a stand-in for ImageNet (penalty) or DTD (textures)."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        write_png(folder / f"{i}.png", rng.random((48, 64, 3)))
+    return folder
+
+
+@pytest.fixture(params=["efficientad", "draem"])
+def fitted(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_training_loss_decreases(fitted):
+    losses = history_losses(fitted[1])
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+
+
+@pytest.mark.parametrize(
+    "name, image_min, pixel_min", [("efficientad", 0.7, 0.7), ("draem", 0.7, 0.7)]
+)
+def test_member_separates_defective_from_defect_free_panels(
+    request, panels_dir, name, image_min, pixel_min
+):
+    member, _ = request.getfixturevalue(name)
+    image_auroc, pixel_auroc = separation(member, panels_dir)
+    assert image_auroc >= image_min, image_auroc
+    assert pixel_auroc >= pixel_min, pixel_auroc
+
+
+def test_saved_member_loads_with_equal_outputs(fitted, panels_dir, tmp_path):
+    member = fitted[0]
+    loaded = load_member(member.save(tmp_path / member.member_name))
+    images = next(iter(panel_loader(panels_dir, "test")))["image"][:4]
+    assert outputs_equal(member, loaded, images)
+    out = loaded.predict(images)
+    assert out["anomaly_map"].shape == (4, 1, 128, 128)
+    assert out["pred_score"].shape == (4,)
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("efficientad", {"input_size": 64, "distill_steps": 1}),
+        ("draem", {"base_width": 4, "disc_width": 4, "depth": 3, "disc_depth": 3}),
+    ],
+)
+def test_bf16_mixed_fit_gives_finite_maps(panels_dir, tmp_path, name, options):
+    if name == "efficientad":
+        options = {**options, "weights_dir": str(tmp_path)}
+    member = create_member(name, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        fit_member(member, panels_dir, precision="bf16-mixed", max_steps=2)
+    images = next(iter(panel_loader(panels_dir, "test")))["image"][:2]
+    out = member.predict(images)
+    assert torch.isfinite(out["anomaly_map"]).all()
+    assert torch.isfinite(out["pred_score"]).all()
+
+
+def test_efficientad_loads_a_teacher_file_and_uses_the_penalty_folder(
+    efficientad, panels_dir, tmp_path, image_folder
+):
+    distilled = efficientad[0]
+    torch.save(distilled.teacher.state_dict(), tmp_path / "teacher_small.pth")
+    member = create_member(
+        "efficientad",
+        input_size=128,
+        weights_dir=str(tmp_path),
+        penalty_dir=str(image_folder),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the penalty is on: no warning
+        history = fit_member(member, panels_dir, max_steps=1)
+    assert member.fit_stats["teacher"] == str(tmp_path / "teacher_small.pth")
+    assert "distill_seconds" not in member.fit_stats
+    for ours, theirs in zip(member.teacher.parameters(), distilled.teacher.parameters()):
+        assert torch.equal(ours, theirs)
+    assert "loss_penalty" in history[0]
+
+
+def test_efficientad_rejects_a_teacher_file_of_another_size(tmp_path):
+    small = create_member("efficientad", input_size=64)
+    torch.save(small.teacher.state_dict(), tmp_path / "teacher_medium.pth")
+    medium = create_member("efficientad", model_size="medium", input_size=64)
+    with pytest.raises(Exception, match="do not fit the medium PDN"):
+        medium.load_teacher(tmp_path / "teacher_medium.pth")
+
+
+def test_efficientad_works_at_other_input_sizes():
+    member = create_member("efficientad", input_size=64, model_size="medium")
+    member.fitted.fill_(True)
+    out = member.predict(torch.rand(2, 1, 100, 72))
+    assert out["anomaly_map"].shape == (2, 1, 100, 72)
+
+
+def test_draem_takes_textures_from_a_folder(panels_dir, image_folder):
+    member = create_member(
+        "draem", base_width=4, disc_width=4, depth=3, disc_depth=3, texture_dir=str(image_folder)
+    )
+    history = fit_member(member, panels_dir, max_steps=1)
+    assert np.isfinite(history[0]["loss"])
+    textures = member.textures(torch.rand(2, 3, 32, 40))
+    assert textures.shape == (2, 3, 32, 40)
+
+
+def test_member_config_files_are_valid():
+    cfg = load_config("benchmark")
+    assert cfg["members"]["efficientad"]["trainer"]["max_epochs"] >= 1
+    assert cfg["members"]["draem"]["trainer"]["max_epochs"] >= 1
