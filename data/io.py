@@ -149,7 +149,7 @@ def write_manifest(
     folder = Path(folder)
     if files is None:
         files = sorted(
-            p
+            p.relative_to(folder)
             for p in folder.rglob("*")
             if p.is_file() and p.name != MANIFEST_NAME and not p.name.endswith(".tmp")
         )

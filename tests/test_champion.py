@@ -91,3 +91,16 @@ def test_history_keeps_every_run(tmp_path):
     append_history(tmp_path, {"run": 1, "promoted": True})
     append_history(tmp_path, {"run": 2, "promoted": False})
     assert [e["run"] for e in read_history(tmp_path)] == [1, 2]
+
+
+def test_artifact_manifests_work_with_relative_folders(tmp_path, monkeypatch):
+    # Pipelines write below relative folders such as the default output_dir "reports".
+    from data.io import atomic_folder, atomic_write_text, verify_manifest
+    from data.io import write_manifest as write_artifact_manifest
+
+    monkeypatch.chdir(tmp_path)
+    with atomic_folder("reports/run/weights") as folder:
+        atomic_write_text(folder / "member.json", "{}")
+        atomic_write_text(folder / "sub" / "weights.pt", "x")
+        write_artifact_manifest(folder)
+    assert set(verify_manifest("reports/run/weights")) == {"member.json", "sub/weights.pt"}
