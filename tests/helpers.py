@@ -41,3 +41,24 @@ def outputs_equal(first: Member, second: Member, images: torch.Tensor) -> bool:
     return torch.allclose(a["pred_score"], b["pred_score"], atol=1e-5) and torch.allclose(
         a["anomaly_map"], b["anomaly_map"], atol=1e-5
     )
+
+
+def run_script(script: str, folder: Path, *args: str) -> None:
+    """Run ``script`` (Python source) in a fresh interpreter with the repository importable,
+    for multi-process (DDP) tests; fails the test with the script's stderr."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    path = folder / "script.py"
+    path.write_text(script)
+    result = subprocess.run(
+        [sys.executable, str(path), *map(str, args)],
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]

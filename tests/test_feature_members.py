@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -14,7 +11,7 @@ import torch
 from members import FabricTrainer, create_member, load_member
 from members.coreset import coreset_indices
 from members.patchcore import nearest_neighbours
-from tests.helpers import fit_member, outputs_equal, panel_loader, separation
+from tests.helpers import fit_member, outputs_equal, panel_loader, run_script, separation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,18 +108,8 @@ DDP_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_ddp_on_two_processes_builds_the_same_bank_and_statistics(panels_dir, tmp_path):
-    script = tmp_path / "ddp_fit.py"
-    script.write_text(DDP_SCRIPT)
     out = tmp_path / "ddp_state.pt"
-    result = subprocess.run(
-        [sys.executable, str(script), str(panels_dir), str(out)],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script(DDP_SCRIPT, tmp_path, panels_dir, out)
     ddp_state = torch.load(out, weights_only=True)
     for name in ("patchcore", "padim"):
         options = {"coreset_ratio": 1.0} if name == "patchcore" else {}

@@ -8,8 +8,6 @@ from collections.abc import Callable
 import pytest
 import torch
 
-import members.autoencoder  # noqa: F401  registers "autoencoder"
-import members.vae  # noqa: F401  registers "vae"
 from members import Member, create_member, load_member
 from members.autoencoder import MAP_STD_FLOOR
 from tests.helpers import fit_member, outputs_equal, panel_loader, separation

@@ -4,9 +4,6 @@ backbone features, and the pieces of each method."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,11 +12,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-import members.fastflow  # noqa: F401  (registers it; members/__init__ may not import it yet)
-import members.stfpm  # noqa: F401  (the same)
 from members import FabricTrainer, create_member, load_member
 from members.fastflow import Flow2d
-from tests.helpers import fit_member, outputs_equal, panel_loader, separation
+from tests.helpers import fit_member, outputs_equal, panel_loader, run_script, separation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -202,18 +197,8 @@ DDP_SCRIPT = textwrap.dedent(
 def test_ddp_on_two_processes_trains_both_members_identically_on_every_rank(panels_dir, tmp_path):
     # Every trained parameter must get a gradient on every rank (DDP fails otherwise), and the
     # student's recalibrated batch-norm statistics must be the whole training set's on both.
-    script = tmp_path / "ddp_fit.py"
-    script.write_text(DDP_SCRIPT)
     out = tmp_path / "state.pt"
-    result = subprocess.run(
-        [sys.executable, str(script), str(panels_dir), str(out)],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script(DDP_SCRIPT, tmp_path, panels_dir, out)
     ranks = [torch.load(f"{out}.{rank}", weights_only=True) for rank in (0, 1)]
     for name, state in ranks[0].items():
         for key, value in state.items():
