@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent
-PIPELINES = ("benchmark", "ensemble", "predict", "retrain")
+PIPELINES = ("benchmark", "ensemble", "predict", "retrain", "tiling_benchmark")
 MEMBER_TRAINER_KEY = "trainer"
 
 

@@ -78,10 +78,24 @@ def config_hash(cfg: Any, length: int = 10) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far. Linux's ``VmHWM`` belongs to the process
+    image; ``ru_maxrss`` survives ``exec``, so in a freshly started job it would report its
+    parent's peak whenever that is higher (it is the fallback elsewhere)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024 if sys.platform != "darwin" else peak / 2**20
+    return peak_rss_bytes() / 2**20
 
 
 def timestamp() -> str:

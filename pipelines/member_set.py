@@ -58,3 +58,19 @@ class MemberSet(nn.Module):
             maps.append(out["anomaly_map"][:, 0])
             scores.append(out["pred_score"])
         return torch.stack(scores, dim=1), torch.stack(maps, dim=1)
+
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The member protocol's answer, one channel per member: ``anomaly_map [B, M, H, W]``,
+        ``pred_score [B, M]`` (so tiled inference runs every member on each tile batch)."""
+        scores, maps = self(images)
+        return {"anomaly_map": maps, "pred_score": scores}
+
+    def compute_anomaly_score(self, anomaly_map: torch.Tensor) -> torch.Tensor:
+        """Each member's own image score of its channel of ``anomaly_map [B, M, H, W]``."""
+        return torch.stack(
+            [
+                self.members[name].compute_anomaly_score(anomaly_map[:, i : i + 1])
+                for i, name in enumerate(self.names)
+            ],
+            dim=1,
+        )

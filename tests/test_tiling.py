@@ -191,3 +191,45 @@ def test_kolektorsdd_image_runs_tiled_end_to_end(kolektorsdd_dir):
     out = infer_tiled(member, image, tile_size=256, stride=192, batch_size=4)
     assert out["anomaly_map"].shape == (1, *image.shape[-2:])
     assert np.isfinite(out["anomaly_map"]).all()
+
+
+def test_integer_and_memory_mapped_images_are_read_tile_by_tile(tmp_path):
+    member = LocalContrast().eval()
+    rng = np.random.default_rng(1)
+    raw = rng.integers(0, 65536, size=(150, 210), dtype=np.uint16)
+    np.save(tmp_path / "panel.npy", raw)
+    mapped = np.load(tmp_path / "panel.npy", mmap_mode="r")
+    tiled = infer_tiled(member, mapped, tile_size=64, stride=48, batch_size=3)
+    # The same as the [0, 1] float image: integers are scaled by their type's full range.
+    scaled = torch.from_numpy(raw.astype(np.float32) / 65535)[None]
+    expected = infer_tiled(member, scaled, tile_size=64, stride=48, batch_size=3)
+    assert np.allclose(tiled["anomaly_map"], expected["anomaly_map"], atol=1e-6)
+    # Channels-last 8-bit colour images too.
+    rgb = rng.integers(0, 256, size=(100, 90, 3), dtype=np.uint8)
+    out = infer_tiled(member, rgb, tile_size=64, stride=40)
+    direct = infer_tiled(member, torch.from_numpy(rgb / 255.0).permute(2, 0, 1), 64, 40)
+    assert np.allclose(out["anomaly_map"], direct["anomaly_map"], atol=1e-6)
+
+
+def test_a_member_set_runs_every_member_on_each_tile_batch(panels_dir):
+    """A tiled hybrid cuts the tiles once and feeds them to all its members (their shared
+    backbone runs once per batch) and gets exactly each member's own tiled map and score."""
+    from data.synthetic import PanelGenerator
+    from members import create_member
+    from pipelines.member_set import MemberSet
+    from tests.helpers import fit_member
+
+    members = {}
+    for name in ("patchcore", "padim"):
+        members[name] = create_member(name, backbone="efficientnet_lite0")
+        fit_member(members[name], panels_dir)
+    member_set = MemberSet(members)
+    assert len(member_set.extractors) == 1  # one shared efficientnet_lite0
+    image = torch.from_numpy(PanelGenerator(size=(200, 300), seed=5).generate_defective(0)["image"])
+    image = image[None]
+    together = infer_tiled(member_set, image, tile_size=128, stride=96, batch_size=4)
+    assert together["anomaly_map"].shape == (2, 200, 300)
+    for i, (name, member) in enumerate(members.items()):
+        alone = infer_tiled(member, image, tile_size=128, stride=96, batch_size=4)
+        assert np.allclose(together["anomaly_map"][i], alone["anomaly_map"][0], atol=1e-4), name
+        assert together["pred_score"][i] == pytest.approx(alone["pred_score"], rel=1e-4), name

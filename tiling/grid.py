@@ -172,7 +172,13 @@ class MapAccumulator:
             return self.values
         if (self.weights <= 0).any():
             raise ValueError("some pixels are covered by no tile")
-        return (self.values / self.weights).astype(np.float32)
+        # Divide in row blocks: no full-size float64 temporary next to the two accumulators.
+        merged = np.empty(self.values.shape, np.float32)
+        for top in range(0, merged.shape[1], 512):
+            rows = slice(top, top + 512)
+            quotient = merged[:, rows]
+            np.divide(self.values[:, rows], self.weights[rows], out=quotient, casting="unsafe")
+        return merged
 
 
 def untile(

@@ -18,22 +18,51 @@ from torch import nn
 from tiling.grid import MapAccumulator, TileGrid, pad_image
 
 
-def _as_chw(image: Any) -> torch.Tensor:
-    """A ``[C, H, W]`` float tensor view of a tensor or array (``[H, W]``, ``[H, W, C]``)."""
-    if isinstance(image, torch.Tensor):
-        tensor = image
-    else:
-        array = np.asarray(image)
-        tensor = torch.from_numpy(array if array.dtype == np.float32 else array.astype(np.float32))
-        if tensor.ndim == 3 and tensor.shape[-1] in (1, 3) and tensor.shape[0] not in (1, 3):
-            tensor = tensor.permute(2, 0, 1)
-    if tensor.ndim == 2:
-        tensor = tensor[None]
-    if tensor.ndim == 4 and tensor.shape[0] == 1:
-        tensor = tensor[0]
-    if tensor.ndim != 3:
-        raise ValueError(f"expected one image [C, H, W], got shape {tuple(tensor.shape)}")
-    return tensor
+class _TileReader:
+    """Tiles of one image, converted to float32 one at a time.
+
+    A tensor is used as it is. An array (``[H, W]``, ``[H, W, C]`` or ``[C, H, W]``; a
+    ``numpy.memmap`` included) is never converted whole: each tile is sliced, cast and, for
+    integer images, scaled to [0, 1] on its own, so a file-backed image is read only as its
+    tiles are needed. Only an image smaller than a tile, which must be padded, is converted whole.
+    """
+
+    def __init__(self, image: Any) -> None:
+        if isinstance(image, torch.Tensor):
+            source = image[0] if image.ndim == 4 and image.shape[0] == 1 else image
+            self.channels_last, self.scale = False, 1.0
+        else:
+            source = image if isinstance(image, np.ndarray) else np.asarray(image)
+            self.channels_last = (
+                source.ndim == 3 and source.shape[-1] in (1, 3, 4) and source.shape[0] not in (1, 3)
+            )
+            integer = np.issubdtype(source.dtype, np.integer)
+            self.scale = float(np.iinfo(source.dtype).max) if integer else 1.0
+        source = source[None] if source.ndim == 2 else source
+        if source.ndim != 3:
+            raise ValueError(f"expected one image [C, H, W], got shape {tuple(source.shape)}")
+        self.source = source
+        shape = source.shape
+        self.height, self.width = (shape[0], shape[1]) if self.channels_last else shape[1:]
+
+    def pad_to(self, grid: TileGrid) -> None:
+        """Convert and pad the whole image up to ``grid``'s padded size (only when needed)."""
+        if grid.padded_size != (self.height, self.width):
+            self.source = pad_image(self._float(self.source), grid)
+            self.channels_last, self.scale = False, 1.0
+
+    def _float(self, block: Any) -> torch.Tensor:
+        if isinstance(block, torch.Tensor):
+            return block.float()
+        tensor = torch.from_numpy(np.ascontiguousarray(block).astype(np.float32, copy=False))
+        tensor = tensor.permute(2, 0, 1) if self.channels_last else tensor
+        return tensor / self.scale if self.scale != 1.0 else tensor
+
+    def read(self, y0: int, x0: int, y1: int, x1: int) -> torch.Tensor:
+        """The ``[C, y1 - y0, x1 - x0]`` float32 tile at these coordinates."""
+        if self.channels_last:
+            return self._float(self.source[y0:y1, x0:x1])
+        return self._float(self.source[:, y0:y1, x0:x1])
 
 
 def _run(member: nn.Module, tiles: torch.Tensor, resize_to: int | None) -> torch.Tensor:
@@ -64,20 +93,23 @@ def infer_tiled(
 ) -> dict[str, Any]:
     """Anomaly map of ``image`` at its full resolution, computed tile by tile.
 
-    ``image``: ``[C, H, W]`` tensor, or an array (a ``numpy.memmap`` works: tiles are read as
-    needed). ``resize_to``: feed tiles to the member at this side (for members fitted at a fixed
-    size); maps are resized back. Returns ``{"anomaly_map": float32 ndarray [1, H, W],
+    ``image``: ``[C, H, W]`` tensor, or an array (``[H, W]``, ``[H, W, C]``, ``[C, H, W]``;
+    integer arrays are scaled to [0, 1]; a ``numpy.memmap`` is read tile by tile).
+    ``resize_to``: feed tiles to the member at this side (for members fitted at a fixed size);
+    maps are resized back. Returns ``{"anomaly_map": float32 ndarray [1, H, W],
     "pred_score": float}``, the score being the member's own aggregation of the merged map.
+    A module answering with several map channels (a ``MemberSet``: one per member) gets
+    ``[C, H, W]`` and one score per channel.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    chw = _as_chw(image)
-    height, width = int(chw.shape[-2]), int(chw.shape[-1])
+    reader = _TileReader(image)
+    height, width = int(reader.height), int(reader.width)
     grid = TileGrid(height, width, tile_size, stride, pad_mode)
+    reader.pad_to(grid)
     if device is None:
         device = next((p.device for p in member.parameters()), torch.device("cpu"))
-    source = pad_image(chw, grid) if grid.padded_size != (height, width) else chw
-    accumulator = MapAccumulator(*grid.padded_size, tile_size=tile_size, reduction=reduction)
+    accumulator = None
     coords = grid.coords
     from tqdm.auto import tqdm
 
@@ -85,13 +117,17 @@ def infer_tiled(
         range(0, len(coords), batch_size), desc="tiles", disable=not progress, leave=False
     ):
         chunk = coords[start : start + batch_size]
-        tiles = torch.stack([source[:, y0:y1, x0:x1] for y0, x0, y1, x1 in chunk.tolist()])
+        tiles = torch.stack([reader.read(*box) for box in chunk.tolist()])
         maps = _run(member, tiles.to(device, torch.float32), resize_to)
+        if accumulator is None:  # as many channels as the member's maps have
+            accumulator = MapAccumulator(
+                *grid.padded_size, tile_size, reduction, channels=int(maps.shape[1])
+            )
         accumulator.add(maps, chunk)
-    merged = accumulator.result()[:, :height, :width]
-    merged_tensor = torch.from_numpy(np.ascontiguousarray(merged))[None]
-    score = float(member.compute_anomaly_score(merged_tensor)[0])
-    return {"anomaly_map": np.ascontiguousarray(merged), "pred_score": score}
+    merged = np.ascontiguousarray(accumulator.result()[:, :height, :width])
+    scores = member.compute_anomaly_score(torch.from_numpy(merged)[None])[0]
+    score = float(scores) if scores.numel() == 1 else scores.double().numpy()
+    return {"anomaly_map": merged, "pred_score": score}
 
 
 def estimate_memory(

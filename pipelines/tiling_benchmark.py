@@ -1,0 +1,153 @@
+"""python -m pipelines.tiling_benchmark — how tiled inference scales to high-resolution panels.
+
+Fits a member (PatchCore by default) on random tiles of defect-free synthetic panels, then runs
+it tile by tile over defective synthetic panels of each configured size (up to 9344 x 7000),
+each in a fresh process reading the panel as a memory map, and reports seconds per megapixel,
+peak resident memory against ``estimate_memory``'s prediction, and pixel AUROC. It also merges
+random maps back from their tiles for every reduction and reports the largest error.
+
+    python -m pipelines.tiling_benchmark
+    python -m pipelines.tiling_benchmark --set tiling.stride=256 \\
+        --set "tiling_benchmark.sizes=[[2048, 2048]]"
+
+Writes <output_dir>/<run_name>/{results.json, speed_memory.csv, merge_errors.csv, member/}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from configs import add_config_arguments, load_config, write_config
+from data.io import atomic_write_json, atomic_write_text
+from pipelines.common import PipelineError, main_guard, setup_logging
+
+log = logging.getLogger("pipelines.tiling_benchmark")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.tiling_benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def fit_member_on_tiles(cfg: dict[str, Any], out_dir: Path) -> Path:
+    """Fit the configured member on random tiles of defect-free panels; save it to out_dir."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from data.datasets import collate_samples
+    from data.synthetic import PanelGenerator
+    from members import FabricTrainer, create_member
+    from tiling import TiledDataset
+
+    bench, tiling = cfg["tiling_benchmark"], cfg["tiling"]
+    generator = PanelGenerator(size=bench["train_panel_size"], seed=cfg["seed"])
+    panels = [
+        {
+            "image": torch.from_numpy(generator.generate_normal(i)["image"])[None],
+            "mask": torch.zeros(1, bench["train_panel_size"], bench["train_panel_size"]),
+            "label": 0,
+        }
+        for i in range(bench["train_panels"])
+    ]
+    tiles = TiledDataset(
+        panels, tiling["tile_size"], mode="random", crops_per_image=bench["crops_per_panel"]
+    )
+    loader = DataLoader(tiles, batch_size=tiling["batch_size"], collate_fn=collate_samples)
+    name = bench["member"]
+    member_cfg = {k: v for k, v in cfg["members"][name].items() if k != "trainer"}
+    member = create_member(name, **member_cfg)
+    trainer_options = {**cfg["trainer"], **cfg["members"][name].get("trainer", {})}
+    trainer_options.update(progress=False, seed=cfg["seed"])
+    member.fit(loader, None, FabricTrainer(**trainer_options))
+    return member.save(out_dir)
+
+
+def _in_fresh_process(call: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``pipelines.tiling_measurements.<call>(*args, **kwargs)`` run in a new interpreter (so
+    its peak memory is its own); its JSON result."""
+    code = (
+        "import json, sys; import pipelines.tiling_measurements as b; "
+        "a = json.loads(sys.argv[1]); "
+        f"print(json.dumps(b.{call}(*a['args'], **a['kwargs'])))"
+    )
+    payload = json.dumps(
+        {"args": [str(a) if isinstance(a, Path) else a for a in args], "kwargs": kwargs}
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, payload],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise PipelineError(f"{call}{tuple(map(str, args))} failed: {last}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    keys = list(rows[0])
+    return "\n".join([",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in rows]) + "\n"
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> int:
+    from pipelines.tiling_measurements import merge_errors
+
+    args = parse_args(argv)
+    cfg = load_config("tiling_benchmark", args.config, args.overrides)
+    bench, tiling = cfg["tiling_benchmark"], cfg["tiling"]
+    run_dir = Path(cfg["output_dir"]).resolve() / bench["run_name"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir / "log.txt")
+    write_config(cfg, run_dir / "config.yaml")
+
+    log.info("merging random maps back from their tiles")
+    merges = merge_errors(
+        [tuple(s) for s in bench["merge_sizes"]], tiling["tile_size"], bench["merge_strides"]
+    )
+    atomic_write_text(run_dir / "merge_errors.csv", _csv(merges))
+
+    log.info("fitting %s on %d-px tiles", bench["member"], tiling["tile_size"])
+    member_dir = fit_member_on_tiles(cfg, run_dir / "member")
+    options = {k: tiling[k] for k in ("tile_size", "stride", "batch_size", "reduction")}
+    rows = []
+    for height, width in bench["sizes"]:
+        panel_dir = run_dir / "panels" / f"{height}x{width}"
+        truth = _in_fresh_process("write_panel", panel_dir, height, width, seed=cfg["seed"])
+        row = _in_fresh_process("measure_panel", member_dir, panel_dir, **options)
+        rows.append({**row, **truth})
+        log.info("%dx%d: %s", height, width, row)
+        shutil.rmtree(panel_dir)  # hundreds of MB per panel
+    atomic_write_text(run_dir / "speed_memory.csv", _csv(rows))
+    summary = {
+        "member": bench["member"],
+        "tiling": options,
+        "panels": rows,
+        "merge_max_abs_error": max(r["max_abs_error"] for r in merges),
+        "merge_errors": merges,
+    }
+    atomic_write_json(run_dir / "results.json", summary)
+    print(_csv([{k: r[k] for k in list(r)[:12]} for r in rows]))
+    print(f"largest merge error over {len(merges)} cases: {summary['merge_max_abs_error']:.2e}")
+    print(f"results: {run_dir / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
