@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -50,11 +51,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError) and exc.filename is None:
+            # A full disk says "No space left on device" without saying where: name the file.
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
     _fsync_dir(path.parent)
     return path
@@ -83,6 +87,18 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fault_point(step: str) -> None:
+    """Kill this process with SIGKILL when ``OLED_AD_KILL_AT`` names ``step`` (crash tests).
+
+    With ``OLED_AD_KILL_SCOPE=group`` the whole process group dies (a pipeline and the job
+    processes it started), as when an operator or the OOM killer stops a run.
+    """
+    if os.environ.get("OLED_AD_KILL_AT") == step:
+        if os.environ.get("OLED_AD_KILL_SCOPE") == "group":
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -174,7 +174,12 @@ def find_regions(
 ) -> list[Region]:
     """Measured regions of ``fused_map`` (``[H, W]``) at or above ``threshold``, strongest first
     (at most ``max_regions``)."""
-    fused_map = np.asarray(fused_map, dtype=np.float64).squeeze()
+    fused_map = np.asarray(fused_map, dtype=np.float64)
+    if fused_map.ndim > 2 and all(side == 1 for side in fused_map.shape[:-2]):
+        fused_map = fused_map.reshape(fused_map.shape[-2:])  # not squeeze: a 1 px side stays
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[1:] == fused_map.shape and image.shape[0] in (1, 3):
+        image = np.moveaxis(image, 0, -1)  # [C, H, W]; tiny images make the layout ambiguous
     lum = luminance(image)
     if fused_map.shape != lum.shape:
         raise ValueError(f"map {fused_map.shape} and image {lum.shape} differ in size")

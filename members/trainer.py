@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import os
 import random
@@ -32,8 +33,9 @@ from lightning_fabric import Fabric
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from data.io import atomic_torch_save, atomic_write_text, torch_load
+from data.io import atomic_torch_save, atomic_write_text, fault_point, torch_load
 
+log = logging.getLogger(__name__)
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "32", "bf16-true", "64-true")
 CHECKPOINT_NAME = "last.ckpt"
 
@@ -294,6 +296,8 @@ class FabricTrainer:
             epoch, step, batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
             self.history = list(state["history"])
             resumed_rng = state["rng"]
+            if fabric.is_global_zero:
+                log.info("resuming from %s (epoch %d, step %d)", ckpt_path, epoch + 1, step)
         elif self.resume and not isinstance(self.resume, bool):
             raise FileNotFoundError(f"resume checkpoint not found: {ckpt_path}")
 
@@ -369,6 +373,7 @@ class FabricTrainer:
                 self.history.append(row)
                 if self.checkpoint_every_n_steps and step % self.checkpoint_every_n_steps == 0:
                     save_checkpoint()
+                fault_point(f"train_step_{step}")
                 if self.max_steps is not None and step >= self.max_steps:
                     done = True
                     break

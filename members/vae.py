@@ -82,6 +82,8 @@ class VAE(ReconstructionMember):
     ) -> None:
         super().__init__(**common)
         check_choice("map_metric", map_metric, MAP_METRICS)
+        if latent_channels < 1:
+            raise ValueError(f"latent_channels must be >= 1, got {latent_channels}")
         if beta < 0 or kl_weight_in_map < 0:
             raise ValueError(
                 f"beta and kl_weight_in_map must be >= 0, got {beta}, {kl_weight_in_map}"

@@ -401,7 +401,9 @@ def run_jobs(jobs: list[Job], run_dir: Path, timeout_s: float | None = None) -> 
             continue
         job_dir.mkdir(parents=True, exist_ok=True)
         previous = job_dir / JOB_FILE
-        if previous.is_file() and json.loads(previous.read_text()) != job.spec:
+        # Compared as job.json holds it: tuples (a source's categories) come back as lists.
+        spec = json.loads(json.dumps(job.spec, default=str))
+        if previous.is_file() and json.loads(previous.read_text()) != spec:
             # The same cell with other settings: its checkpoints belong to the old settings.
             import shutil
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from configs import add_config_arguments, load_config
+from configs import ConfigError, add_config_arguments, load_config
 from data.io import atomic_write_json, atomic_write_text
 from pipelines.common import PipelineError, main_guard, setup_logging
 
@@ -63,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     sets += [f"predict.out={args.out}"] if args.out else []
     cfg = load_config("predict", args.config, sets)
     opts = cfg["predict"]
+    if opts["overlay_max_side"] is not None and opts["overlay_max_side"] <= 0:
+        raise ConfigError(
+            "predict.overlay_max_side must be a positive number or null, "
+            f"got {opts['overlay_max_side']}"
+        )
     if not opts["hybrid"]:
         raise PipelineError("no hybrid given: pass --hybrid DIR (or predict.hybrid)")
     out = Path(opts["out"] or f"predictions-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -15,7 +15,7 @@ import re
 import time
 from pathlib import Path
 
-from configs import add_config_arguments, load_config
+from configs import ConfigError, add_config_arguments, load_config
 from pipelines.champion import LockHeld
 from pipelines.common import PipelineError, describe_error, main_guard, setup_logging
 
@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     cfg = load_config("retrain", args.config, args.overrides)
+    if cfg["retrain"]["image_size"] <= 0:
+        raise ConfigError(
+            f"retrain.image_size must be a positive number, got {cfg['retrain']['image_size']}"
+        )
     interval = parse_interval(args.every) if args.every else None
     workspace = Path(cfg["retrain"]["workspace"])
     workspace.mkdir(parents=True, exist_ok=True)

@@ -23,9 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import signal
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,7 +35,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from data.images import read_image, to_tensor
-from data.io import atomic_write_json
+from data.io import atomic_write_json, fault_point
 from pipelines.champion import (
     RunLock,
     append_history,
@@ -51,12 +49,6 @@ from pipelines.champion import (
 
 log = logging.getLogger("pipelines.retrain")
 METRICS = ("composite", "image_auroc", "pixel_auroc", "aupro")
-
-
-def fault_point(step: str) -> None:
-    """Kill this process with SIGKILL when ``OLED_AD_KILL_AT`` names ``step`` (crash tests)."""
-    if os.environ.get("OLED_AD_KILL_AT") == step:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class ImageFiles(Dataset):
@@ -110,7 +102,10 @@ def choose_holdout(workspace: Path, normals: list[str], defects: list[str], opts
         holdout = json.loads(path.read_text())
     else:
         if len(normals) < 4:
-            raise ValueError(f"the first run needs at least 4 normal images, found {len(normals)}")
+            raise ValueError(
+                f"the first run needs at least 4 normal images, found {len(normals)} in "
+                f"retrain.normal_dirs: {', '.join(map(str, opts['normal_dirs']))}"
+            )
         order = np.random.default_rng(0).permutation(len(normals))
         count = max(2, int(round(len(normals) * opts["holdout_fraction"])))
         holdout = {"normal": sorted(normals[i] for i in order[:count]), "defects": []}
