@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({**row, **truth})
         log.info("%dx%d: %s", height, width, row)
         shutil.rmtree(panel_dir)  # hundreds of MB per panel
+    (run_dir / "panels").rmdir()
     atomic_write_text(run_dir / "speed_memory.csv", _csv(rows))
     summary = {
         "member": bench["member"],

@@ -233,3 +233,34 @@ def test_a_member_set_runs_every_member_on_each_tile_batch(panels_dir):
         alone = infer_tiled(member, image, tile_size=128, stride=96, batch_size=4)
         assert np.allclose(together["anomaly_map"][i], alone["anomaly_map"][0], atol=1e-4), name
         assert together["pred_score"][i] == pytest.approx(alone["pred_score"], rel=1e-4), name
+
+
+@pytest.mark.slow
+def test_tiling_benchmark_pipeline_measures_speed_memory_and_exactness(tmp_path):
+    import json
+
+    from pipelines import tiling_benchmark
+
+    status = tiling_benchmark.main(
+        [
+            "--set", f"output_dir={tmp_path}",
+            "--set", "tiling.tile_size=64",
+            "--set", "tiling.stride=48",
+            "--set", "tiling_benchmark.sizes=[[300, 420], [600, 840]]",
+            "--set", "tiling_benchmark.train_panel_size=256",
+            "--set", "tiling_benchmark.crops_per_panel=16",
+            "--set", "tiling_benchmark.merge_sizes=[[200, 150]]",
+            "--set", "tiling_benchmark.merge_strides=[64, 40]",
+        ]
+    )  # fmt: skip
+    assert status == 0
+    results = json.loads((tmp_path / "tiling-benchmark" / "results.json").read_text())
+    assert results["merge_max_abs_error"] <= 1e-6
+    assert len(results["merge_errors"]) == 2 * len(REDUCTIONS)
+    small, large = results["panels"]
+    assert large["tiles"] > 3 * small["tiles"]
+    for panel in (small, large):
+        assert panel["peak_rss_mb"] >= panel["rss_before_mb"] > 0
+        assert panel["seconds"] > 0 and panel["estimate_mb"] > 0
+        assert panel["pixel_auroc"] > 0.8, panel  # its few-pixel defects are found at full size
+    assert not (tmp_path / "tiling-benchmark" / "panels").exists()  # the big inputs are removed
