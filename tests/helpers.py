@@ -62,3 +62,32 @@ def run_script(script: str, folder: Path, *args: str) -> None:
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def run_module(
+    module: str,
+    *args: str,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    pythonpath: tuple[Path, ...] = (),
+    timeout: float = 600,
+    start_new_session: bool = False,
+):
+    """``python -m module args`` in a fresh interpreter (the repository importable, ``pythonpath``
+    first, e.g. a folder with a ``sitecustomize.py``); returns the ``CompletedProcess`` with its
+    text output, whatever the exit status."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join(str(p) for p in (*pythonpath, repo))
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=cwd or repo,
+        env={**os.environ, **(env or {}), "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=start_new_session,
+    )
