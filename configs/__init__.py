@@ -233,6 +233,13 @@ def check_values(cfg: Mapping[str, Any]) -> None:
     reduction = cfg["tiling"]["reduction"]
     if reduction not in ("mean", "max", "hann", "gaussian"):
         raise ConfigError(f"tiling.reduction must be mean, max, hann or gaussian: {reduction!r}")
+    choices = {"ensemble.labeled_defects": ("auto", "cross_validate", "never")}
+    for path, allowed in choices.items():
+        section, key = path.split(".")
+        if section in cfg and cfg[section][key] not in allowed:
+            raise ConfigError(f"{path} must be one of {allowed}, got {cfg[section][key]!r}")
+    if "ensemble" in cfg:
+        _positive(cfg, "ensemble.folds")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -55,3 +55,28 @@ def injected_validation_samples(
             if injected["label"]:
                 samples.append(injected)
     return samples
+
+
+def labeled_defect_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """A dataset sample with real labeled defects in the form fusion and grading learn from.
+
+    Synthetic datasets carry per-defect truth (``instances``, ``defects`` with type and level)
+    and keep it. A real dataset has a mask and the ``test/<type>`` folder name: each connected
+    component of the mask becomes one defect of that type, with no level (levels are then
+    learned from the synthetic injections only, types from these defects).
+    """
+    from scipy import ndimage
+
+    mask = np.asarray(sample["mask"]).reshape(np.asarray(sample["mask"]).shape[-2:]) > 0
+    out = {"image": as_hwc(sample["image"]), "mask": mask, "label": int(sample["label"])}
+    if "instances" in sample and sample.get("defects"):
+        instances = np.asarray(sample["instances"]).reshape(mask.shape)
+        defects = [dict(d, source="labeled") for d in sample["defects"]]
+    else:
+        instances, count = ndimage.label(mask)
+        kind = str(sample.get("defect_type") or "defect")
+        defects = [
+            {"id": k, "type": kind, "level": None, "source": "labeled"} for k in range(1, count + 1)
+        ]
+    out.update(instances=instances, defects=defects if out["label"] else [])
+    return out

@@ -50,6 +50,7 @@ from grading.regions import Region, find_regions, luminance, measure_region
 from members.backbones import load_backbone
 from members.base import Member, load_member
 from metrics.detection import ImageF1MaxMetric
+from metrics.severity import DEFECT_TYPES
 
 FORMAT_VERSION = 1
 HYBRID_FILE = "hybrid.json"
@@ -112,7 +113,8 @@ class RegionDescriber:
             x0, y0, x1, y1 = r.bbox
             margin = max(8, (x1 - x0) // 4, (y1 - y0) // 4)
             crop = image[
-                :, max(0, y0 - margin) : min(height, y1 + margin),
+                :,
+                max(0, y0 - margin) : min(height, y1 + margin),
                 max(0, x0 - margin) : min(width, x1 + margin),
             ]
             crops.append(F.interpolate(crop[None], size=(self.crop_size,) * 2, mode="bilinear"))
@@ -195,20 +197,17 @@ class Hybrid:
         if tiling:
             from tiling import infer_tiled
 
-            scores, maps = [], []
-            for name in self.names:
-                out = infer_tiled(
-                    self.member_set.members[name],
-                    image,
-                    tile_size=tiling["tile_size"],
-                    stride=tiling["stride"],
-                    batch_size=tiling["batch_size"],
-                    reduction=tiling["reduction"],
-                    pad_mode=tiling.get("pad_mode"),
-                )
-                scores.append(out["pred_score"])
-                maps.append(out["anomaly_map"][0])
-            return np.asarray(scores), np.stack(maps)
+            # Every member sees each tile batch; shared backbones run once per batch.
+            out = infer_tiled(
+                self.member_set,
+                image,
+                tile_size=tiling["tile_size"],
+                stride=tiling["stride"],
+                batch_size=tiling["batch_size"],
+                reduction=tiling["reduction"],
+                pad_mode=tiling.get("pad_mode"),
+            )
+            return np.atleast_1d(out["pred_score"]).astype(np.float64), out["anomaly_map"]
         size = self.options["image_size"]
         batch = image[None]
         if size is not None and (height, width) != (size, size):
@@ -242,7 +241,7 @@ class Hybrid:
         cache = []
         for sample in tqdm(list(samples), desc="validation", disable=not progress):
             image = image_tensor(sample["image"])
-            scores, maps = self.member_outputs(image)
+            scores, maps = sample.get("member_outputs") or self.member_outputs(image)
             mask = sample.get("mask")
             mask = np.zeros(maps.shape[1:], bool) if mask is None else np.asarray(mask, bool)
             cache.append((sample, image, scores, maps, mask.reshape(maps.shape[1:])))
@@ -271,10 +270,11 @@ class Hybrid:
         calibrator = ThresholdCalibrator().fit(fused_maps, [c[4] for c in cache])
         self.fitted["calibrator"] = calibrator
 
-        # Grading learns from two views of every injected defect: the region the detector found
+        # Grading learns from two views of every known defect: the region the detector found
         # (what it sees in use) and the region of the true mask (clean, and present even where
-        # detection missed it).
-        regions, types, levels, descriptors = [], [], [], []
+        # detection missed it). Levels come from defects that have one. Types: where the
+        # dataset's labeled defects have type names of their own, the classifier knows those.
+        graded, levels, type_rows = [], [], []
         for (sample, image, *_), fused in zip(cache, fused_maps):
             if not sample.get("defects"):
                 continue
@@ -284,23 +284,34 @@ class Hybrid:
             pairs = [(region, truth) for region, truth in pairs if truth is not None]
             if not pairs:
                 continue
-            for region, truth in pairs:
+            descriptors = self.describer(image, [region for region, _ in pairs])
+            for (region, truth), row in zip(pairs, descriptors):
                 region.type = truth["type"]
-                regions.append(region)
-                types.append(truth["type"])
-                levels.append(int(truth["level"]))
-            descriptors.append(self.describer(image, [region for region, _ in pairs]))
+                type_rows.append((row, str(truth["type"]), truth.get("source") == "labeled"))
+                if truth.get("level") is not None:
+                    graded.append(region)
+                    levels.append(int(truth["level"]))
+        labeled_types = {kind for _, kind, labeled in type_rows if labeled}
+        if labeled_types - set(DEFECT_TYPES):
+            # The dataset names its own types: injected defects count only where they match.
+            type_rows = [r for r in type_rows if r[1] in labeled_types]
+        types = [kind for _, kind, _ in type_rows]
         self.fitted["type_classifier"] = None
-        if len(set(types)) >= 2:
-            X = np.concatenate(descriptors)
+        # A dataset with one labeled defect type names every region with it.
+        if len(set(types)) >= 2 or (labeled_types and len(types) >= 2):
+            X = np.stack([row for row, *_ in type_rows])
             self.fitted["type_classifier"] = TypeClassifier(
                 opts["type_confidence"], seed=opts["seed"]
             ).fit(X, types)
-        self.fitted["grader"], self.fitted["grader_report"] = self._fit_grader(regions, levels)
+        self.fitted["grader"], self.fitted["grader_report"] = self._fit_grader(graded, levels)
         self.fitted["validation"] = {
             "images": len(cache),
             "defective_images": int(labels.sum()),
-            "regions_matched": len(regions),
+            "regions_for_levels": len(graded),
+            "regions_for_types": len(type_rows),
+            "labeled_defect_images": sum(
+                any(d.get("source") == "labeled" for d in s.get("defects") or []) for s, *_ in cache
+            ),
             "types": sorted(set(types)),
             "image_threshold": self.fitted["image_threshold"],
             "pixel_threshold": calibrator.threshold_,
@@ -387,11 +398,16 @@ class Hybrid:
         self.classify(tensor, [region for region, _ in pairs])
         return pairs
 
-    def predict(self, image: np.ndarray | torch.Tensor) -> dict[str, Any]:
+    def predict(
+        self,
+        image: np.ndarray | torch.Tensor,
+        member_outputs: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> dict[str, Any]:
         """``{"score", "label", "level", "regions": [Region], "anomaly_map": [H, W],
-        "member_scores": {name: raw score}, "member_maps": [M, H, W]}`` for one image."""
+        "member_scores": {name: raw score}, "member_maps": [M, H, W]}`` for one image
+        (``member_outputs``: this image's ``member_outputs``, if already computed)."""
         tensor = image_tensor(image)
-        scores, maps = self.member_outputs(tensor)
+        scores, maps = member_outputs or self.member_outputs(tensor)
         score = float(self.fitted["image_fusion"].transform(scores[None])[0])
         fused = self.fuse_map(maps)
         label = int(score >= self.fitted["image_threshold"])
@@ -416,7 +432,9 @@ class Hybrid:
         labels, _ = ndimage.label(fused >= level)
         peak = labels[np.unravel_index(np.argmax(fused), fused.shape)]
         found = find_regions(
-            image.numpy(), np.where(labels == peak, fused, -np.inf), level,
+            image.numpy(),
+            np.where(labels == peak, fused, -np.inf),
+            level,
             self.options["pixel_pitch_mm"],
         )
         return found[:1]

@@ -3,10 +3,12 @@
     python -m pipelines.ensemble --from reports/benchmark-XXXX --top-k 3 --combiner rank
 
 Picks members from the run (the ``top_k`` by the leaderboard's composite, or ``--members``),
-fits fusion and grading on labeled validation data (the run's held-out normal images, and
-copies of them with injected synthetic defects), evaluates the hybrid against each member on
-the test split, and writes ``<run>/<name>/``: ``hybrid/`` (the self-contained model with its
-SHA-256 manifest), ``results.json``, ``scores.csv``, ``config.yaml`` and ``report.html``.
+fits fusion and grading on labeled validation data (the run's held-out normal images, copies
+of them with injected synthetic defects and, where the test split has labeled defects, those
+too, under k-fold cross-validation so no test image is scored by a hybrid fitted on it),
+evaluates the hybrid against each member on the test split, and writes ``<run>/<name>/``:
+``hybrid/`` (the self-contained model with its SHA-256 manifest), ``results.json``,
+``scores.csv``, ``config.yaml`` and ``report.html``.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from data.validation import injected_validation_samples
     from fusion.hybrid import Hybrid
     from members.base import load_member
-    from pipelines.evaluation import evaluate_hybrid, shared_work_cost
+    from pipelines.evaluation import cross_validate_hybrid, evaluate_hybrid, shared_work_cost
     from pipelines.hybrid_report import write_hybrid_report
     from pipelines.selection import select_members
 
@@ -73,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         raise PipelineError("no benchmark run given: pass --from RUN (or ensemble.from_run)")
     run_dir = Path(opts["from_run"])
     selection = select_members(
-        run_dir, opts["dataset"], opts["category"], opts["members"], opts["top_k"],
+        run_dir,
+        opts["dataset"],
+        opts["category"],
+        opts["members"],
+        opts["top_k"],
         opts["criterion"],
     )
     names = [job["member"] for job in selection.jobs]
@@ -98,26 +104,54 @@ def main(argv: list[str] | None = None) -> int:
         pixel_pitch_mm=source.pixel_pitch_mm,
         seed=cfg["seed"],
     )
-    log.info("validation: %d held-out normal images, %d samples with injected defects",
-             len(val_set), len(samples) - len(val_set))
+    log.info(
+        "validation: %d held-out normal images, %d samples with injected defects",
+        len(val_set),
+        len(samples) - len(val_set),
+    )
     members = {name: load_member(path) for name, path in selection.weights(run_dir).items()}
-    hybrid = Hybrid(
-        members,
-        selection.image_size,
-        selection.tiling,
-        combiner=opts["combiner"],
-        normalizer=opts["normalizer"],
-        learner=opts["learner"],
-        grader=opts["grader"],
-        type_confidence=opts["type_confidence"],
-        pixel_pitch_mm=source.pixel_pitch_mm,
-        describer_backbone=opts["describer_backbone"],
-        seed=cfg["seed"],
-    ).fit(samples, progress=True)
+
+    def make_hybrid() -> Hybrid:
+        return Hybrid(
+            members,
+            selection.image_size,
+            selection.tiling,
+            combiner=opts["combiner"],
+            normalizer=opts["normalizer"],
+            learner=opts["learner"],
+            grader=opts["grader"],
+            type_confidence=opts["type_confidence"],
+            pixel_pitch_mm=source.pixel_pitch_mm,
+            describer_backbone=opts["describer_backbone"],
+            seed=cfg["seed"],
+        )
+
+    defective = sum(entry.label for entry in test_set.entries)
+    if opts["labeled_defects"] == "cross_validate" or (
+        opts["labeled_defects"] == "auto" and min(defective, len(test_set) - defective) >= 2
+    ):
+        log.info("labeled test defects: %d-fold cross-validation", opts["folds"])
+        evaluation, hybrid = cross_validate_hybrid(
+            make_hybrid, samples, test_set, opts["folds"], cfg["seed"], progress=True
+        )
+        note = (
+            f"fusion, thresholds, grader and type classifier are fitted on held-out normal "
+            f"images, injected synthetic defects and the test split's labeled defects; every "
+            f"test image is scored by a hybrid fitted without its fold "
+            f"({evaluation['cross_validation']['folds']}-fold cross-validation), and the saved "
+            f"hybrid is fitted on all of them"
+        )
+    else:
+        hybrid = make_hybrid().fit(samples, progress=True)
+        evaluation = evaluate_hybrid(hybrid, test_set, progress=True)
+        note = (
+            "fusion, thresholds, grader and type classifier are fitted on held-out normal "
+            "images and injected synthetic defects only; the test split is used for "
+            "evaluation alone"
+        )
     hybrid.save(out_dir / "hybrid")
     log.info("hybrid written to %s", out_dir / "hybrid")
 
-    evaluation = evaluate_hybrid(hybrid, test_set, progress=True)
     cost_images = [test_set[i]["image"] for i in range(min(8, len(test_set)))]
     cost = shared_work_cost(hybrid, cost_images) if not selection.tiling else {}
     cost["hybrid_ms_per_image"] = 1000 * evaluation["seconds"] / len(test_set)
@@ -139,11 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         "metrics": evaluation["metrics"],
         "grading": evaluation["grading"],
         "cost": cost,
-        "notes": [
-            "fusion, thresholds, grader and type classifier are fitted on held-out normal "
-            "images and injected synthetic defects only; the test split is used for "
-            "evaluation alone"
-        ],
+        "cross_validation": evaluation.get("cross_validation"),
+        "notes": [note],
     }
     atomic_write_json(out_dir / "results.json", results)
     _write_scores(evaluation["records"], out_dir / "scores.csv")

@@ -8,12 +8,14 @@ images to scores and maps: a member, a member behind tiled inference, or a hybri
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
+from data.validation import labeled_defect_sample
 from metrics import get_metric
 
 # (scores [B], maps [B, 1, H, W]) for a batch of samples.
@@ -102,13 +104,23 @@ def evaluate(
     return Evaluation(values, records, len(records), seconds, notes)
 
 
-def evaluate_hybrid(hybrid, dataset, progress: bool = False) -> dict[str, Any]:
+def evaluate_hybrid(
+    hybrid,
+    dataset,
+    progress: bool = False,
+    member_outputs: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+    hybrid_for: Callable[[int], Any] | None = None,
+) -> dict[str, Any]:
     """The hybrid and each of its members on a labeled split, from one pass over the images.
 
     Returns ``metrics`` per detector (``hybrid`` and each member: image AUROC/AP/F1-max, and
     pixel AUROC/AUPRO where masks exist), ``grading`` (the grading stage on the true defect
     regions, and end to end on the detected regions matched to truth; image level accuracy),
     ``records`` (per image) and ``seconds`` (hybrid inference time).
+
+    ``member_outputs[i]``: image ``i``'s member scores and maps, already computed (the time
+    is then fusion and grading only). ``hybrid_for(i)``: the hybrid that scores image ``i``
+    (cross-validation: each image by the hybrid fitted without its fold).
     """
     from tqdm.auto import tqdm
 
@@ -123,8 +135,9 @@ def evaluate_hybrid(hybrid, dataset, progress: bool = False) -> dict[str, Any]:
     seconds = 0.0
     for index in tqdm(range(len(dataset)), desc="test", disable=not progress):
         sample = dataset[index]
+        model = hybrid_for(index) if hybrid_for else hybrid
         started = time.perf_counter()
-        out = hybrid.predict(sample["image"])
+        out = model.predict(sample["image"], member_outputs[index] if member_outputs else None)
         seconds += time.perf_counter() - started
         label = torch.tensor([int(sample["label"])])
         scores = {"hybrid": out["score"], **out["member_scores"]}
@@ -137,10 +150,14 @@ def evaluate_hybrid(hybrid, dataset, progress: bool = False) -> dict[str, Any]:
                     metric.update(torch.as_tensor(maps[name])[None, None], sample["mask"][None])
         if "level" in sample:
             levels.append((out["level"], int(sample["level"])))
-        defects = sample.get("defects") or []
-        if defects and "instances" in sample:
-            instances = sample["instances"].numpy()[0]
-            stage_pairs += hybrid.grade_truth(
+        if sample["label"] and "mask" in sample:
+            # Real datasets: each mask component is a defect of the folder's type, no level.
+            labeled = labeled_defect_sample(sample)
+            instances, defects = labeled["instances"], labeled["defects"]
+        else:
+            instances, defects = None, []
+        if defects:
+            stage_pairs += model.grade_truth(
                 sample["image"], instances, defects, out["anomaly_map"]
             )
             detected_pairs += [
@@ -177,10 +194,70 @@ def evaluate_hybrid(hybrid, dataset, progress: bool = False) -> dict[str, Any]:
     if levels:
         predicted, truth = (torch.tensor(v) for v in zip(*levels))
         grading["image_level_accuracy"] = float((predicted == truth).float().mean())
-        grading["image_level_within_one"] = float(
-            ((predicted - truth).abs() <= 1).float().mean()
-        )
+        grading["image_level_within_one"] = float(((predicted - truth).abs() <= 1).float().mean())
     return {"metrics": metrics, "grading": grading, "records": records, "seconds": seconds}
+
+
+def cross_validate_hybrid(
+    make_hybrid: Callable[[], Any],
+    validation: list[dict[str, Any]],
+    dataset,
+    folds: int = 5,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[dict[str, Any], Any]:
+    """Fit on the dataset's own labeled defects without ever scoring an image with a hybrid
+    that saw it.
+
+    The test split is cut into ``folds`` folds, stratified by label. Each fold is scored by a
+    hybrid fitted on ``validation`` (held-out normals and injected defects) plus the other
+    folds' images (real defects with their masks and type names); the metrics pool these
+    out-of-fold answers. Member outputs are computed once per image and reused by every fold.
+    Returns ``(evaluation, hybrid)``: ``evaluate_hybrid``'s result with a ``cross_validation``
+    entry, and the hybrid to keep, fitted on ``validation`` and the whole split.
+    """
+    from sklearn.model_selection import StratifiedKFold
+    from tqdm.auto import tqdm
+
+    from fusion.hybrid import image_tensor
+
+    probe = make_hybrid()
+    started = time.perf_counter()
+    outputs, labeled = [], []
+    for index in tqdm(range(len(dataset)), desc="test members", disable=not progress):
+        sample = dataset[index]
+        outputs.append(probe.member_outputs(image_tensor(sample["image"])))
+        labeled.append({**labeled_defect_sample(sample), "member_outputs": outputs[-1]})
+    member_seconds = time.perf_counter() - started
+    validation = [
+        {**s, "member_outputs": probe.member_outputs(image_tensor(s["image"]))} for s in validation
+    ]
+    labels = np.array([s["label"] for s in labeled])
+    k = min(folds, int(labels.sum()), int((labels == 0).sum()))
+    if k < 2:
+        raise ValueError(
+            f"cross-validation needs at least 2 defective and 2 normal test images, got "
+            f"{int(labels.sum())} and {int((labels == 0).sum())}"
+        )
+    fold_of = np.empty(len(labels), dtype=int)
+    splitter = StratifiedKFold(k, shuffle=True, random_state=seed)
+    for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
+        fold_of[held_out] = fold
+    hybrids = []
+    for fold in tqdm(range(k), desc="folds", disable=not progress):
+        others = [s for s, f in zip(labeled, fold_of) if f != fold]
+        hybrids.append(make_hybrid().fit(validation + others))
+    evaluation = evaluate_hybrid(
+        hybrids[0], dataset, progress, outputs, lambda index: hybrids[fold_of[index]]
+    )
+    evaluation["seconds"] += member_seconds
+    evaluation["cross_validation"] = {
+        "folds": k,
+        "defective_images": int(labels.sum()),
+        "normal_images": int((labels == 0).sum()),
+        "types": sorted({d["type"] for s in labeled for d in s["defects"]}),
+    }
+    return evaluation, make_hybrid().fit(validation + labeled)
 
 
 def shared_work_cost(hybrid, images: list[torch.Tensor]) -> dict[str, float]:

@@ -42,8 +42,12 @@ def write_hybrid_report(results: dict[str, Any], records: list[dict[str, Any]], 
     sections.append(_table([results["grader"]], list(results["grader"])))
     sections.append('<h2>Scores</h2><div class="row">')
     sections.append(
-        line_chart({"hybrid": roc_points(records)}, "ROC (hybrid)", "false positive rate",
-                   "true positive rate")
+        line_chart(
+            {"hybrid": roc_points(records)},
+            "ROC (hybrid)",
+            "false positive rate",
+            "true positive rate",
+        )
     )
     sections.append(
         histogram(

@@ -27,8 +27,16 @@ log = logging.getLogger("pipelines.predict")
 
 IMAGE_COLUMNS = ("path", "status", "score", "label", "level", "regions", "error")
 REGION_COLUMNS = (
-    "path", "type", "type_confidence", "level", "bbox", "area_px", "area_mm2", "contrast_pct",
-    "semu", "score",
+    "path",
+    "type",
+    "type_confidence",
+    "level",
+    "bbox",
+    "area_px",
+    "area_mm2",
+    "contrast_pct",
+    "semu",
+    "score",
 )
 
 

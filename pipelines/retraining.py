@@ -151,9 +151,7 @@ def holdout_score(hybrid, holdout: HoldoutSet, metric: str) -> tuple[float, dict
     return float(value), metrics
 
 
-def train_challenger(
-    cfg: Mapping[str, Any], files: list[str], work: Path, champion: Path | None
-):
+def train_challenger(cfg: Mapping[str, Any], files: list[str], work: Path, champion: Path | None):
     """Members fitted on ``files`` (minus a validation share), then fusion and grading."""
     from data.datasets import collate_samples
     from data.validation import injected_validation_samples
@@ -249,8 +247,9 @@ def run_once(cfg: Mapping[str, Any]) -> dict[str, Any]:
         holdout = choose_holdout(workspace, normals, defects, opts)
         training = sorted(set(normals) - set(holdout["normal"]))
         data_key = hashlib.sha256(
-            json.dumps([files[p] for p in training] + [opts, cfg["members"]], default=str,
-                       sort_keys=True).encode()
+            json.dumps(
+                [files[p] for p in training] + [opts, cfg["members"]], default=str, sort_keys=True
+            ).encode()
         ).hexdigest()[:12]
         work = workspace / "work" / data_key
         challenger = train_challenger(cfg, training, work, champion)
@@ -269,12 +268,13 @@ def run_once(cfg: Mapping[str, Any]) -> dict[str, Any]:
                 Hybrid.load(champion), evaluation, opts["metric"]
             )
             entry["champion"] = {
-                "hybrid": champion.name, opts["metric"]: champion_score, "metrics": champion_metrics
+                "hybrid": champion.name,
+                opts["metric"]: champion_score,
+                "metrics": champion_metrics,
             }
             promoted = score >= champion_score - opts["margin"]
             reason = (
-                f"challenger {score:.4f} vs champion {champion_score:.4f} "
-                f"(margin {opts['margin']})"
+                f"challenger {score:.4f} vs champion {champion_score:.4f} (margin {opts['margin']})"
             )
         else:
             promoted, reason = True, "no champion yet"

@@ -24,12 +24,18 @@ pytestmark = pytest.mark.slow
 def run(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hybrid")
     common = [
-        "--set", f"output_dir={root}",
-        "--set", f"synthetic.cache_dir={root / 'cache'}",
-        "--set", "synthetic.n_train=40",
-        "--set", "synthetic.n_test=24",
-        "--set", "synthetic.size=128",
-        "--set", "data.image_size=128",
+        "--set",
+        f"output_dir={root}",
+        "--set",
+        f"synthetic.cache_dir={root / 'cache'}",
+        "--set",
+        "synthetic.n_train=40",
+        "--set",
+        "synthetic.n_test=24",
+        "--set",
+        "synthetic.size=128",
+        "--set",
+        "data.image_size=128",
     ]
     assert benchmark.main([*common, "--members", "patchcore,padim", "--run-name", "bench"]) == 0
     run_dir = root / "bench"
@@ -118,3 +124,50 @@ def test_a_tampered_hybrid_folder_is_refused(run, tmp_path):
     (missing / "fusion.joblib").unlink()
     with pytest.raises(ArtifactError, match="fusion.joblib"):
         Hybrid.load(missing)
+
+
+def test_real_labeled_defects_train_the_hybrid_under_cross_validation(tmp_path):
+    """A dataset with its own defect folders (no synthetic truth: masks and type names only):
+    the ensemble cross-validates on them, and the type classifier speaks the dataset's names."""
+    from data.synthetic import write_dataset
+
+    category = write_dataset(
+        tmp_path / "data", n_train=30, n_test=24, size=128, seed=7, max_defects=1,
+        defect_types=("line_defect", "particle"),
+    )  # fmt: skip
+    (category / "truth.jsonl").unlink()
+    for path in category.rglob("*_instances.png"):
+        path.unlink()
+    for split in ("test", "ground_truth"):
+        (category / split / "line_defect").rename(category / split / "line")
+        (category / split / "particle").rename(category / split / "dust")
+    common = [
+        "--set", f"output_dir={tmp_path / 'reports'}",
+        "--set", "data.image_size=128",
+    ]  # fmt: skip
+    assert (
+        benchmark.main(
+            [
+                *common,
+                "--data-dir",
+                str(category.parent),
+                "--members",
+                "patchcore",
+                "--run-name",
+                "bench",
+            ]
+        )  # fmt: skip
+        == 0
+    )
+    run_dir = tmp_path / "reports" / "bench"
+    assert ensemble.main(["--from", str(run_dir), "--top-k", "1", "--name", "cv"]) == 0
+    results = json.loads((run_dir / "cv" / "results.json").read_text())
+    assert results["cross_validation"]["folds"] == 5
+    assert results["cross_validation"]["types"] == ["dust", "line"]
+    assert "cross-validation" in results["notes"][0]
+    hybrid = Hybrid.load(run_dir / "cv" / "hybrid")
+    assert list(hybrid.fitted["type_classifier"].classes_) == ["dust", "line"]
+    grading = results["grading"]["stage_on_true_regions"]
+    assert grading["n"] >= 12 and grading["n_with_level"] == 0
+    assert grading["type_macro_f1"] >= 0.7, grading  # out of fold; chance is about 0.5
+    assert results["metrics"]["hybrid"]["image_auroc"] >= 0.8
