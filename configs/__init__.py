@@ -240,6 +240,7 @@ def check_values(cfg: Mapping[str, Any]) -> None:
             raise ConfigError(f"{path} must be one of {allowed}, got {cfg[section][key]!r}")
     if "ensemble" in cfg:
         _positive(cfg, "ensemble.folds")
+        _positive(cfg, "ensemble.top_k")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

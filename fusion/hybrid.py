@@ -60,12 +60,17 @@ GRADERS = ("auto", "rules", "ordinal")
 
 
 def image_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """``[3, H, W]`` float tensor from ``[H, W]``, ``[H, W, C]`` or ``[C, H, W]``."""
-    tensor = torch.as_tensor(np.asarray(image, dtype=np.float32))
+    """``[3, H, W]`` float tensor from an array ``[H, W]`` or ``[H, W, C]`` (as images are read)
+    or a tensor ``[C, H, W]`` (as datasets give them). The layout follows the type, not the
+    shape, so a one- or three-row colour image keeps its rows."""
+    if isinstance(image, torch.Tensor):
+        tensor = image.detach().float().cpu()
+    else:
+        tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+        if tensor.ndim == 3:
+            tensor = tensor[..., :3].permute(2, 0, 1)
     if tensor.ndim == 2:
         tensor = tensor[None]
-    elif tensor.ndim == 3 and tensor.shape[-1] in (1, 3, 4) and tensor.shape[0] not in (1, 3):
-        tensor = tensor[..., :3].permute(2, 0, 1)
     if tensor.ndim != 3 or tensor.shape[0] not in (1, 3):
         raise ValueError(f"expected an image [H, W] or [H, W, 3], got shape {tuple(tensor.shape)}")
     return tensor.expand(3, -1, -1).contiguous() if tensor.shape[0] == 1 else tensor

@@ -309,8 +309,9 @@ BAD_CONFIGS = [
         code=2,
     ),
     _config("ensemble_unknown_key", "ensemble", "ensemble.topk=2", "ensemble.topk", "unknown key"),
-    # pipelines.ensemble leaves this to select_members: exit 1, the bare key (not a ConfigError).
-    _config("ensemble_negative_top_k", "ensemble", "ensemble.top_k=-1", "top_k", ">= 1", code=1),
+    _config(
+        "ensemble_negative_top_k", "ensemble", "ensemble.top_k=-1", "ensemble.top_k", "positive"
+    ),
     _config(
         "predict_wrong_type",
         "predict",

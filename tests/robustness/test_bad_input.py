@@ -229,10 +229,6 @@ def test_images_and_the_tile_size(tmp_path, capsys, case):
         assert case.expected in job["error"] and case.expected in err, job["error"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fusion.hybrid.image_tensor reads [H, W, 3] with H in (1, 3) as [C, H, W]",
-)
 def test_a_one_row_color_image_keeps_its_layout(tiny_run):
     from fusion.hybrid import Hybrid
 
