@@ -350,7 +350,11 @@ class EfficientAD(Member):
         self.to(trainer.fabric.device)
         self.fit_stats = {}
         path = self.teacher_file()
-        if path is not None:
+        if trainer.resume_checkpoint() is not None:
+            # The checkpoint holds the teacher and its statistics: distilling again would only
+            # be overwritten (and cost minutes on a CPU).
+            self.fit_stats["teacher"] = f"from {trainer.resume_checkpoint()}"
+        elif path is not None:
             self.load_teacher(path)
             self.fit_stats["teacher"] = str(path)
         elif self.distill_steps == 0:
@@ -360,7 +364,8 @@ class EfficientAD(Member):
             self.distill_teacher(trainer, train_loader)
             self.fit_stats["teacher"] = "distilled"
             self.fit_stats["distill_seconds"] = time.perf_counter() - started
-        self.teacher_statistics(trainer, train_loader)
+        if trainer.resume_checkpoint() is None:
+            self.teacher_statistics(trainer, train_loader)
         if self.penalty_dir is None:
             warnings.warn(
                 "efficientad: penalty_dir is None, so the student's penalty on out-of-domain "

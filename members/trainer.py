@@ -263,6 +263,11 @@ class FabricTrainer:
             return None
         return self.out_dir / "checkpoints" / CHECKPOINT_NAME
 
+    def resume_checkpoint(self) -> Path | None:
+        """The checkpoint ``fit`` will continue from, or None when it starts afresh."""
+        path = self._checkpoint_path()
+        return path if self.resume and path is not None and path.is_file() else None
+
     def fit(
         self,
         member: torch.nn.Module,
@@ -287,7 +292,7 @@ class FabricTrainer:
         resumed_rng = None
         self.history = []
         ckpt_path = self._checkpoint_path()
-        if self.resume and ckpt_path is not None and ckpt_path.is_file():
+        if self.resume_checkpoint() is not None:
             state = torch_load(ckpt_path)
             member.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])

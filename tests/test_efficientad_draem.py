@@ -168,3 +168,32 @@ def test_member_config_files_are_valid():
     cfg = load_config("benchmark")
     assert cfg["members"]["efficientad"]["trainer"]["max_epochs"] >= 1
     assert cfg["members"]["draem"]["trainer"]["max_epochs"] >= 1
+
+
+def test_efficientad_resumes_without_distilling_its_teacher_again(
+    panels_dir, tmp_path, monkeypatch
+):
+    from members import FabricTrainer
+
+    options = {"input_size": 64, "distill_steps": 2, "weights_dir": str(tmp_path / "none")}
+    trainer_options = {"out_dir": tmp_path, "resume": True, "progress": False}
+    loader = panel_loader(panels_dir, "train", size=64)
+    torch.manual_seed(0)
+    first = create_member("efficientad", **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first.fit(loader, None, FabricTrainer(max_epochs=1, **trainer_options))
+    assert first.fit_stats["teacher"] == "distilled"
+    calls = []
+    monkeypatch.setattr(
+        type(first), "distill_teacher", lambda self, *args: calls.append(args), raising=True
+    )
+    torch.manual_seed(1)  # another random teacher, unless the checkpoint restores the first
+    second = create_member("efficientad", **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        second.fit(loader, None, FabricTrainer(max_epochs=2, **trainer_options))
+    assert calls == [] and second.fit_stats["teacher"].startswith("from ")
+    for name, tensor in first.teacher.state_dict().items():
+        assert torch.equal(tensor, second.teacher.state_dict()[name]), name
+    assert torch.equal(first.teacher_std, second.teacher_std)
