@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy")
@@ -142,3 +143,31 @@ def write_png(path: str | os.PathLike, image: np.ndarray, bits: int = 8) -> Path
     buffer = io.BytesIO()
     pil.save(buffer, format="PNG")
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+def folder_images(folder: str | os.PathLike) -> list[Path]:
+    """The image files directly in ``folder`` (sorted); an error if there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    paths = sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    return paths
+
+
+def random_folder_images(
+    paths: list[Path], count: int, size: tuple[int, int], device: torch.device | str
+) -> torch.Tensor:
+    """``count`` images drawn at random (global torch generator, so a resumed training draws the
+    same) from ``paths``, as ``[count, 3, H, W]`` in [0, 1] resized to ``size``."""
+    picks = torch.randint(len(paths), (count,)).tolist()
+    images = []
+    for index in picks:
+        image = to_tensor(read_image(paths[index]), 3)[None]
+        images.append(
+            F.interpolate(image, size=size, mode="bilinear", antialias=True, align_corners=False)
+        )
+    return torch.cat(images).clamp_(0, 1).to(device)

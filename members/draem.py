@@ -41,7 +41,6 @@ and the outputs cropped back.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.images import IMAGE_SUFFIXES, read_image, to_tensor
+from data.images import folder_images, random_folder_images
 from members.autoencoder import (
     Decoder,
     Encoder,
@@ -62,34 +61,6 @@ from members.base import Member, gaussian_blur, register
 from members.perlin import augment_textures, synthesize_anomalies
 
 ANOMALY_PRIOR = 0.01
-
-
-def folder_images(folder: str | os.PathLike) -> list[Path]:
-    """The image files directly in ``folder`` (sorted); an error if there are none."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder not found: {folder}")
-    paths = sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    )
-    if not paths:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    return paths
-
-
-def random_folder_images(
-    paths: list[Path], count: int, size: tuple[int, int], device: torch.device | str
-) -> torch.Tensor:
-    """``count`` images drawn at random (global torch generator, so a resumed training draws the
-    same) from ``paths``, as ``[count, 3, H, W]`` in [0, 1] resized to ``size``."""
-    picks = torch.randint(len(paths), (count,)).tolist()
-    images = []
-    for index in picks:
-        image = to_tensor(read_image(paths[index]), 3)[None]
-        images.append(
-            F.interpolate(image, size=size, mode="bilinear", antialias=True, align_corners=False)
-        )
-    return torch.cat(images).clamp_(0, 1).to(device)
 
 
 def focal_loss(logits: torch.Tensor, masks: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
