@@ -63,10 +63,12 @@ def test_training_loss_decreases(request, name, key):
     assert np.mean(losses[-3:]) < 0.95 * np.mean(losses[:3]), losses
 
 
-# Measured with these settings (image, pixel AUROC): EfficientAD 0.72-0.78, 0.85-0.90 over two
-# seeds and input sizes 96 and 128 (its autoencoder branch is far from trained in 9 steps; the
-# student-teacher map alone reaches about 0.88, 0.95); DRAEM 0.82, 0.81 (0.82-0.91, 0.69-0.90
-# over three seeds).
+# Measured (image, pixel AUROC; two seeds): EfficientAD with these settings 0.72-0.85, 0.84-0.88;
+# with a random teacher 0.79-0.81, 0.91-0.93; at input 128 0.77-0.84; at input 128 for twice the
+# steps (2.5 min, over a test's budget) 0.83-0.88. Its student-teacher map alone reaches
+# 0.85-0.86: the autoencoder branch is far from trained, and there is no pretrained teacher
+# offline. So EfficientAD is held to 0.7 here, below the 0.8. DRAEM 0.82, 0.81 (0.82-0.91,
+# 0.69-0.90 over three seeds).
 @pytest.mark.parametrize(
     "name, image_min, pixel_min", [("efficientad", 0.7, 0.8), ("draem", 0.75, 0.7)]
 )
