@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("hybrid written to %s", out_dir / "hybrid")
 
     cost_images = [test_set[i]["image"] for i in range(min(8, len(test_set)))]
-    cost = shared_work_cost(hybrid, cost_images) if not selection.tiling else {}
+    cost = shared_work_cost(hybrid, cost_images)
     cost["hybrid_ms_per_image"] = 1000 * evaluation["seconds"] / len(test_set)
     cost["members_benchmark_latency_ms_sum"] = sum(
         job["cost"]["latency_ms"] for job in selection.jobs

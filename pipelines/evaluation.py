@@ -262,26 +262,40 @@ def cross_validate_hybrid(
 
 def shared_work_cost(hybrid, images: list[torch.Tensor]) -> dict[str, float]:
     """Milliseconds per image of the hybrid's members run together (shared backbones run once
-    per batch) against the sum of each member run on its own, on the same images."""
+    per batch; with tiling, every tile batch goes through all members) against the sum of each
+    member run on its own, on the same images."""
     from pipelines.member_set import MemberSet
+    from tiling import infer_tiled
 
-    size = hybrid.options["image_size"]
-    batch = torch.stack(images)
-    if size is not None and batch.shape[-2:] != (size, size):
-        batch = torch.nn.functional.interpolate(batch, size=(size, size), mode="bilinear")
+    tiling, size = hybrid.options["tiling"], hybrid.options["image_size"]
+    if tiling:
+        options = {k: tiling[k] for k in ("tile_size", "stride", "batch_size", "reduction")}
+        options["pad_mode"] = tiling.get("pad_mode")
+
+        def run(member_set: MemberSet, count: int) -> None:
+            for image in images[:count]:
+                infer_tiled(member_set, image, **options)
+    else:
+        batch = torch.stack(images)
+        if size is not None and batch.shape[-2:] != (size, size):
+            batch = torch.nn.functional.interpolate(batch, size=(size, size), mode="bilinear")
+
+        def run(member_set: MemberSet, count: int) -> None:
+            member_set(batch[:count])
+
     shared = hybrid.member_set
-    separate = {name: shared.members[name] for name in shared.names}
     timings = {}
     with torch.no_grad():
-        shared(batch[:1])  # warm-up
+        run(shared, 1)  # warm-up
         started = time.perf_counter()
-        shared(batch)
-        timings["members_together_ms"] = (time.perf_counter() - started) * 1000 / len(batch)
+        run(shared, len(images))
+        timings["members_together_ms"] = (time.perf_counter() - started) * 1000 / len(images)
         total = 0.0
-        for name, member in separate.items():
+        for name in shared.names:
+            alone = MemberSet({name: shared.members[name]}, share_backbones=False)
             started = time.perf_counter()
-            MemberSet({name: member}, share_backbones=False)(batch)
-            elapsed = (time.perf_counter() - started) * 1000 / len(batch)
+            run(alone, len(images))
+            elapsed = (time.perf_counter() - started) * 1000 / len(images)
             timings[f"{name}_alone_ms"] = elapsed
             total += elapsed
     timings["members_sum_ms"] = total

@@ -233,6 +233,18 @@ def test_a_member_set_runs_every_member_on_each_tile_batch(panels_dir):
         alone = infer_tiled(member, image, tile_size=128, stride=96, batch_size=4)
         assert np.allclose(together["anomaly_map"][i], alone["anomaly_map"][0], atol=1e-4), name
         assert together["pred_score"][i] == pytest.approx(alone["pred_score"], rel=1e-4), name
+    # The ensemble's cost comparison runs the same tiled paths (figures, not asserted limits).
+    from types import SimpleNamespace
+
+    from pipelines.evaluation import shared_work_cost
+
+    tiling = {"tile_size": 128, "stride": 96, "batch_size": 4, "reduction": "hann"}
+    hybrid = SimpleNamespace(options={"tiling": tiling, "image_size": None}, member_set=member_set)
+    cost = shared_work_cost(hybrid, [image[:, :150, :200], image])
+    assert set(cost) >= {"members_together_ms", "patchcore_alone_ms", "padim_alone_ms"}
+    assert cost["members_sum_ms"] == pytest.approx(
+        cost["patchcore_alone_ms"] + cost["padim_alone_ms"]
+    )
 
 
 @pytest.mark.slow
