@@ -179,6 +179,11 @@ def test_overlay_and_map_files(tmp_path):
     png = save_anomaly_map(heat, tmp_path / "map.png")
     with Image.open(png) as im:
         assert np.asarray(im).max() == 65535 and im.text["range"] == "0.0 5.0"
+    # A 16-bit camera image is shown as it looks, not clipped to white.
+    raw = np.round(image * 65535).astype(np.uint16)
+    from_raw = save_heatmap_overlay(raw, heat, tmp_path / "raw.png", max_preview_side=1000)
+    with Image.open(from_raw) as overlay:
+        assert np.abs(np.asarray(overlay).astype(int) - pixels).max() <= 1
 
 
 @pytest.mark.slow

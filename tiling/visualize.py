@@ -38,7 +38,10 @@ def colormap(values: np.ndarray) -> np.ndarray:
 def _to_hw(array: Any) -> np.ndarray:
     if hasattr(array, "detach"):
         array = array.detach().float().cpu().numpy()
-    array = np.asarray(array, dtype=np.float32)
+    array = np.asarray(array)
+    if np.issubdtype(array.dtype, np.integer):  # camera images: 8 or 16 bit to [0, 1]
+        array = array.astype(np.float32) / np.iinfo(array.dtype).max
+    array = array.astype(np.float32, copy=False)
     if array.ndim == 3 and array.shape[0] in (1, 3):
         array = np.moveaxis(array, 0, -1)
     if array.ndim == 3 and array.shape[-1] == 1:
