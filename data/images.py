@@ -51,6 +51,12 @@ def _from_pil(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
 
 
+def integer_scale(dtype: np.dtype) -> float:
+    """The divisor that maps an array of ``dtype`` to [0, 1]: the full range of an integer
+    type (255 for 8-bit, 65535 for 16-bit camera images), 1 for floats."""
+    return float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else 1.0
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Float32 in [0, 1]: ``[H, W]`` for grayscale, ``[H, W, 3]`` for color (alpha dropped)."""
     path = Path(path)

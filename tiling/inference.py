@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data.images import integer_scale
 from tiling.grid import MapAccumulator, TileGrid, pad_image
 
 
@@ -36,8 +37,7 @@ class _TileReader:
             self.channels_last = (
                 source.ndim == 3 and source.shape[-1] in (1, 3, 4) and source.shape[0] not in (1, 3)
             )
-            integer = np.issubdtype(source.dtype, np.integer)
-            self.scale = float(np.iinfo(source.dtype).max) if integer else 1.0
+            self.scale = integer_scale(source.dtype)
         source = source[None] if source.ndim == 2 else source
         if source.ndim != 3:
             raise ValueError(f"expected one image [C, H, W], got shape {tuple(source.shape)}")

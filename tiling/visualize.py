@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from data.images import integer_scale
 from data.io import atomic_write_bytes
 
 # A perceptually ordered blue-to-red colormap (anchor colours of "turbo"), interpolated.
@@ -39,9 +40,10 @@ def _to_hw(array: Any) -> np.ndarray:
     if hasattr(array, "detach"):
         array = array.detach().float().cpu().numpy()
     array = np.asarray(array)
-    if np.issubdtype(array.dtype, np.integer):  # camera images: 8 or 16 bit to [0, 1]
-        array = array.astype(np.float32) / np.iinfo(array.dtype).max
+    scale = integer_scale(array.dtype)  # camera images: 8 or 16 bit to [0, 1]
     array = array.astype(np.float32, copy=False)
+    if scale != 1.0:
+        array = array / scale
     if array.ndim == 3 and array.shape[0] in (1, 3):
         array = np.moveaxis(array, 0, -1)
     if array.ndim == 3 and array.shape[-1] == 1:
