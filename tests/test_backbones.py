@@ -3,9 +3,13 @@
 import socket
 
 import pytest
+import timm
 import torch
+import torch.nn.functional as F
+from torch.nn import BatchNorm2d
 
 from members.backbones import (
+    BACKBONES,
     BackboneWeightsError,
     available_backbones,
     check_hash_prefix,
@@ -40,12 +44,91 @@ def test_the_embedded_backbone_loads_pretrained_from_the_package(no_network, tmp
     assert not torch.equal(first, next(iter(random_init.body.state_dict().values())))
 
 
-def test_pretrained_model_is_a_working_classifier(no_network):
-    model = load_pretrained_model("efficientnet_lite0").eval()
+# ImageNet classes of scikit-learn's two sample photographs.
+PALACE, DAISY = 698, 985
+
+
+def natural_images(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's sample photographs (china.jpg, flower.jpg) whole, and 32 random crops of
+    them, in [0, 1] at ``size`` px."""
+    from sklearn.datasets import load_sample_images
+
+    photos = [
+        torch.tensor(im).permute(2, 0, 1).float() / 255 for im in load_sample_images().images
+    ]
+    generator = torch.Generator().manual_seed(0)
+    crops = []
+    for photo in photos:
+        for _ in range(16):
+            y0, x0 = (
+                int(torch.randint(d - 300, (1,), generator=generator)) for d in photo.shape[1:]
+            )
+            crops.append(photo[:, y0 : y0 + 300, x0 : x0 + 300])
+
+    def resized(images: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(
+            [
+                F.interpolate(im[None], size=(size, size), mode="bilinear", antialias=True)
+                for im in images
+            ]
+        )
+
+    return resized(photos), resized(crops)
+
+
+def batch_norm_gap(model: torch.nn.Module, inputs: torch.Tensor) -> float:
+    """Mean over batch-norm layers of |batch mean - running mean| / running sigma: how far the
+    network's own ImageNet statistics are from what natural images produce in it."""
+    gaps = []
+
+    def record(module, args, _output):
+        sigma = (module.running_var + module.eps).sqrt()
+        gaps.append(((args[0].mean((0, 2, 3)) - module.running_mean).abs() / sigma).mean().item())
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, BatchNorm2d)]
     with torch.no_grad():
-        logits = model(torch.rand(1, 3, 224, 224))
-    assert logits.shape == (1, 1000)
-    assert torch.isfinite(logits).all()
+        model(inputs)
+    for hook in hooks:
+        hook.remove()
+    return sum(gaps) / len(gaps)
+
+
+def normalized(images: torch.Tensor, name: str) -> torch.Tensor:
+    spec = BACKBONES[name]
+    return (images - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(
+        1, 3, 1, 1
+    )
+
+
+def test_packaged_lite0_recognises_natural_images_as_the_project_loads_it(no_network):
+    """The TF-ported lite0 in tf_efficientnet_lite0 with mean = std = 0.5: flower.jpg is a
+    daisy (the old mapping, efficientnet_lite0 with ImageNet mean/std, said honeycomb and had no
+    daisy in its top 5) and its batch-norm statistics fit natural crops (old mapping: 0.33)."""
+    model = load_pretrained_model("efficientnet_lite0").eval()
+    assert BACKBONES["efficientnet_lite0"].timm_name == "tf_efficientnet_lite0"
+    photos, crops = natural_images(224)
+    with torch.no_grad():
+        top5 = model(normalized(photos, "efficientnet_lite0")).topk(5).indices
+    assert PALACE in top5[0].tolist() and DAISY in top5[1].tolist()
+    assert batch_norm_gap(model, normalized(crops, "efficientnet_lite0")) < 0.25
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_packaged_lite1_and_lite2_load_as_published(no_network, name):
+    model = load_pretrained_model(name).eval()
+    size = timm.models.get_pretrained_cfg(BACKBONES[name].timm_name).input_size[-1]
+    photos, crops = natural_images(size)
+    with torch.no_grad():
+        top5 = model(normalized(photos, name)).topk(5).indices
+    assert PALACE in top5[0].tolist()
+    assert batch_norm_gap(model, normalized(crops, name)) < 0.25
+
+
+def test_the_extractor_normalizes_inputs_as_its_network_was_trained():
+    lite = load_backbone("efficientnet_lite0", pretrained=False)
+    resnet = load_backbone("resnet18", pretrained=False)
+    assert lite.mean.flatten().tolist() == [0.5, 0.5, 0.5] == lite.std.flatten().tolist()
+    assert resnet.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
 
 
 def test_frozen_extractor_stays_in_eval_mode_and_has_no_gradients():
@@ -102,4 +185,7 @@ def test_unknown_backbone_lists_the_available_ones():
         "wide_resnet50_2",
         "efficientnet_b0",
         "efficientnet_lite0",
+        "efficientnet_lite1",
+        "efficientnet_lite2",
+        "efficientnet_lite0_ra",
     } <= set(available_backbones())

@@ -67,7 +67,7 @@ def test_member_round_trips(fitted, tmp_path, test_images):
 def test_shared_teacher_features_give_the_same_map(fitted, test_images):
     _, member, _ = fitted
     extractor = member.feature_extractor
-    assert member.shared_backbone_key() == extractor.key
+    assert member.shared_backbone_key() == extractor.weights_key()
     with torch.no_grad():
         features = dict(zip(extractor.layers, extractor(test_images)))
         shared = member.compute_anomaly_map(test_images, features)

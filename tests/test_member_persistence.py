@@ -1,0 +1,66 @@
+"""Saved members load anywhere, without their weight files, and old formats are handled."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import members.backbones
+from data.io import ArtifactError, write_manifest
+from members import create_member, load_member
+from members.base import MEMBER_FILE
+from tests.helpers import fit_member, outputs_equal, panel_loader
+
+
+@pytest.fixture(scope="module")
+def saved_padim(panels_dir, tmp_path_factory):
+    member = create_member("padim", n_features=32)
+    fit_member(member, panels_dir)
+    return member, member.save(tmp_path_factory.mktemp("saved") / "padim")
+
+
+def test_a_saved_member_loads_from_any_directory_without_weight_files(
+    saved_padim, panels_dir, tmp_path, monkeypatch
+):
+    member, folder = saved_padim
+    monkeypatch.chdir(tmp_path)  # no backbones/ here
+
+    def no_file(*args, **kwargs):
+        raise AssertionError("a saved member must not look for backbone weight files")
+
+    monkeypatch.setattr(members.backbones, "find_weights", no_file)
+    loaded = load_member(folder)
+    images = next(iter(panel_loader(panels_dir, "test")))["image"][:4]
+    assert outputs_equal(member, loaded, images)
+    assert loaded.hparams["pretrained"] is True  # what it was fitted with, for a later refit
+
+
+def rewrite_format(folder, version: int, **config) -> None:
+    meta = json.loads((folder / MEMBER_FILE).read_text())
+    meta["format_version"] = version
+    meta["config"].update(config)
+    (folder / MEMBER_FILE).write_text(json.dumps(meta))
+    write_manifest(folder)
+
+
+def test_members_saved_before_the_lite_fix_are_refused_with_the_reason(saved_padim, tmp_path):
+    _, folder = saved_padim
+    old = tmp_path / "old"
+    old.mkdir()
+    for path in folder.iterdir():
+        (old / path.name).write_bytes(path.read_bytes())
+    rewrite_format(old, 1)
+    with pytest.raises(ArtifactError, match="tf_efficientnet_lite0.*Fit it again"):
+        load_member(old)
+
+
+def test_members_saved_before_whose_computation_is_unchanged_still_load(panels_dir, tmp_path):
+    member = create_member("padim", backbone="resnet18", pretrained=False, n_features=32)
+    fit_member(member, panels_dir)
+    folder = member.save(tmp_path / "resnet")
+    rewrite_format(folder, 1)
+    loaded = load_member(folder)
+    images = torch.rand(2, 3, 128, 128)
+    assert outputs_equal(member, loaded, images)
