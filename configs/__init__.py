@@ -238,9 +238,17 @@ def check_values(cfg: Mapping[str, Any]) -> None:
         section, key = path.split(".")
         if section in cfg and cfg[section][key] not in allowed:
             raise ConfigError(f"{path} must be one of {allowed}, got {cfg[section][key]!r}")
+    from data.images import intensity_settings
+
+    try:  # data.intensity's choices and its percentiles, as the datasets check them
+        intensity_settings(cfg["data"]["intensity"], cfg["data"]["intensity_percentiles"])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     if "ensemble" in cfg:
         _positive(cfg, "ensemble.folds")
         _positive(cfg, "ensemble.top_k")
+    if "benchmark" in cfg:
+        _positive(cfg, "benchmark.validation_injections")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

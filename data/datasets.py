@@ -14,15 +14,19 @@ return the same sample: ``{"image": [C,H,W] float in [0,1], "mask": [1,H,W] in {
 0|1, "defect_type": str, "path": str, "category": str}``. Synthetic panels add ``"level"``,
 ``"defects"`` (from ``truth.jsonl``) and ``"instances"`` (per-defect ids).
 
-Splits: ``train`` is train/good without a seeded held-out share (``val_fraction``), ``val`` is
-that share, ``test`` is the test folder. A category without any ``ground_truth/`` folder is
-image-level only (``has_masks`` is False); where ``ground_truth/`` exists, a defective image
-without its mask or with a mask of another size is an error naming the file.
+Splits: ``train`` is train/good without a seeded held-out share (``val_fraction``); that share
+is cut in two disjoint halves, ``calibration`` (what a member calibrates its own maps on:
+pixel statistics, quantiles) and ``val`` (what members are chosen on and fusion is fitted on),
+so nothing is fitted twice on the same images; ``test`` is the test folder. A category without
+any ``ground_truth/`` folder is image-level only (``has_masks`` is False); where
+``ground_truth/`` exists, a defective image without its mask or with a mask of another size is
+an error naming the file.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import os
@@ -36,10 +40,19 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from data.images import IMAGE_SUFFIXES, ImageReadError, read_image, read_mask, to_tensor
+from data.images import (
+    IMAGE_SUFFIXES,
+    ImageReadError,
+    IntensityWindow,
+    intensity_settings,
+    read_image,
+    read_mask,
+    to_tensor,
+)
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "calibration", "val", "test")
+HOLDOUT_SPLITS = ("calibration", "val")
 NORMAL = "good"
 
 
@@ -61,19 +74,32 @@ def _images_in(folder: Path) -> list[Path]:
 
 
 def holdout_split(items: Sequence[Any], fraction: float, seed: int, part: str) -> list[Any]:
-    """Seeded split of ``items`` into a training part and a held-out ``val`` part (disjoint)."""
+    """Seeded, disjoint split of ``items`` into ``train`` and a held-out ``fraction``, the
+    held-out share halved into ``calibration`` and ``val`` (``val`` gets the odd one)."""
     if not 0 <= fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {fraction}")
+    if part not in ("train", *HOLDOUT_SPLITS):
+        raise ValueError(f"part must be train, calibration or val, got {part!r}")
     order = np.random.default_rng(seed).permutation(len(items))
-    n_val = int(round(len(items) * fraction))
+    n_held = int(round(len(items) * fraction))
     if fraction > 0 and len(items) > 1:
-        n_val = min(max(n_val, 1), len(items) - 1)
-    chosen = order[:n_val] if part == "val" else order[n_val:]
+        n_held = min(max(n_held, 1), len(items) - 1)
+    n_calibration = n_held // 2
+    chosen = {
+        "calibration": order[:n_calibration],
+        "val": order[n_calibration:n_held],
+        "train": order[n_held:],
+    }[part]
     return [items[i] for i in sorted(chosen)]
 
 
 class AnomalyDataset(Dataset):
-    """Shared loading, resizing and checks; subclasses list their entries."""
+    """Shared loading, resizing and checks; subclasses list their entries.
+
+    ``intensity`` is a fitted ``IntensityWindow`` or a ``data.intensity`` mode; a mode is fitted
+    on the training split of the same categories (whatever ``split`` this is), so that every
+    split of a dataset goes through the same window (``self.intensity``).
+    """
 
     reader_name = "base"
 
@@ -89,6 +115,8 @@ class AnomalyDataset(Dataset):
         val_fraction: float = 0.0,
         seed: int = 0,
         on_error: str = "raise",
+        intensity: str | IntensityWindow = "none",
+        intensity_percentiles: Sequence[float] = (0.5, 99.5),
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -121,6 +149,12 @@ class AnomalyDataset(Dataset):
                 f"no images for split {split!r} of {self.categories} in {self.data_dir}"
             )
         self.entries = entries
+        if isinstance(intensity, IntensityWindow):
+            self.intensity = intensity
+        else:
+            self.intensity = self._training_window(
+                intensity, intensity_percentiles, val_fraction, seed
+            )
         if not self.has_masks and split == "test":
             log.warning(
                 "%s: no ground_truth/ folder; image-level only, pixel metrics will be skipped",
@@ -135,6 +169,28 @@ class AnomalyDataset(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
+    def _training_window(
+        self, mode: str, percentiles: Sequence[float], val_fraction: float, seed: int
+    ) -> IntensityWindow:
+        mode, pair = intensity_settings(mode, percentiles)
+        if mode == "none":
+            return IntensityWindow()
+        paths = [
+            entry.path
+            for category in self.categories
+            for entry in self._entries(category, "train", val_fraction, seed)[0]
+        ]
+        stamps = tuple((str(p), *_stamp(p)) for p in paths)
+        window = _fit_window(stamps, mode, pair)
+        log.info(
+            "%s: data.intensity=%s fitted on %d training images: %s",
+            ", ".join(self.categories),
+            mode,
+            len(paths),
+            window.describe(),
+        )
+        return window
+
     def _resize(self, tensor: torch.Tensor, mode: str) -> torch.Tensor:
         if self.image_size is None or tuple(tensor.shape[-2:]) == self.image_size:
             return tensor
@@ -147,7 +203,7 @@ class AnomalyDataset(Dataset):
 
     def load(self, index: int) -> dict[str, Any]:
         entry = self.entries[index]
-        image = read_image(entry.path)
+        image = self.intensity(read_image(entry.path))
         height, width = image.shape[:2]
         if entry.mask is not None:
             mask = read_mask(entry.mask)
@@ -187,6 +243,23 @@ class AnomalyDataset(Dataset):
             self.skipped.append((str(self.entries[index].path), str(exc)))
             log.warning("skipped: %s", exc)
             return {"skipped": True, "path": str(self.entries[index].path), "error": str(exc)}
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        stat = path.stat()
+    except OSError:
+        return (-1, -1)
+    return (stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _fit_window(
+    stamps: tuple[tuple[str, int, int], ...], mode: str, percentiles: tuple[float, float]
+) -> IntensityWindow:
+    # Keyed by the training files with their sizes and times: the train, val and test sets of
+    # one job fit once, and a changed file fits again.
+    return IntensityWindow.fit([Path(s[0]) for s in stamps], mode, percentiles)
 
 
 def _size_pair(size: int | Sequence[int] | None) -> tuple[int, int] | None:
@@ -245,7 +318,7 @@ class MVTecDataset(AnomalyDataset):
         root = self._category_dir(category)
         gt_root = root / "ground_truth"
         has_masks = gt_root.is_dir()
-        if split in ("train", "val"):
+        if split in ("train", *HOLDOUT_SPLITS):
             folder = root / self.train_folder / self.normal_names[0]
             if not folder.is_dir():
                 raise FileNotFoundError(f"training folder not found: {folder}")
@@ -307,7 +380,7 @@ class VisADataset(AnomalyDataset):
                     rows.append(row)
         if not rows:
             raise ValueError(f"{csv_path}: no rows for category {category!r}")
-        wanted = "train" if split in ("train", "val") else "test"
+        wanted = "train" if split in ("train", *HOLDOUT_SPLITS) else "test"
         entries = []
         for row in rows:
             if row["split"] != wanted:
@@ -320,7 +393,7 @@ class VisADataset(AnomalyDataset):
             entries.append(
                 Entry(path, int(anomalous), "anomaly" if anomalous else NORMAL, category, mask)
             )
-        if split in ("train", "val"):
+        if split in ("train", *HOLDOUT_SPLITS):
             entries = holdout_split([e for e in entries if e.label == 0], val_fraction, seed, split)
         return entries, True
 

@@ -3,12 +3,22 @@
 Whatever the camera or file server delivers (8- or 16-bit grayscale, RGB, palette, 1-bit,
 RGBA, ``.npy`` arrays) is read fully (a truncated file must fail here, not later) and converted;
 anything unreadable raises ``ImageReadError`` naming the file and what is wrong.
+
+``read_image`` divides integers by their container's full scale (255 for 8-bit files, 65535 for
+16-bit ones), the same for every file of a type. Cameras often store 10-, 12- or 14-bit counts in
+16-bit files, which then reach the members at a fraction of their contrast: an
+``IntensityWindow`` (``data.intensity``) is fitted once on a dataset's training images and maps
+every image of every split, and at prediction time, through the same fixed linear window.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,19 +30,45 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy")
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 Image.MAX_IMAGE_PIXELS = 20_000 * 20_000  # panels reach 9344 x 7000; refuse absurd sizes
 
+log = logging.getLogger(__name__)
+INTENSITY_MODES = ("auto", "bitdepth", "percentile", "none")
+BIT_DEPTHS = (8, 10, 12, 14, 16)
+# Pixels pooled over all training images for the percentile window (each image subsampled).
+PERCENTILE_PIXELS = 1 << 22
+
 
 class ImageReadError(ValueError):
     """An image or mask file cannot be read."""
 
 
-def _from_pil(image: Image.Image) -> np.ndarray:
+def _pil_scale(mode: str) -> float:
+    """Full scale of a PIL mode's container: 65535 for the 16-bit modes and ``I`` (16-bit PNGs in
+    older Pillow, 32-bit TIFFs), 1 for floats and 1-bit images, 255 for every 8-bit mode."""
+    if mode.startswith("I"):
+        return 65535.0
+    return 1.0 if mode in ("F", "1") else 255.0
+
+
+def _dtype_scale(dtype: np.dtype) -> float:
+    """Full scale of an array's container: 255 for 8-bit integers, 65535 for wider integers
+    (16-bit counts held in int32/int64 arrays), 1 for floats."""
+    if not np.issubdtype(dtype, np.integer):
+        return 1.0
+    return 255.0 if np.dtype(dtype).itemsize == 1 else 65535.0
+
+
+def _from_pil(image: Image.Image, path: Path) -> np.ndarray:
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         return np.asarray(image, dtype=np.uint16).astype(np.float32) / 65535.0
     if mode == "I":
         array = np.asarray(image, dtype=np.int64)
-        top = 65535.0 if array.max(initial=0) > 255 else 255.0
-        return np.clip(array, 0, None).astype(np.float32) / top
+        if array.max(initial=0) > 65535:
+            raise ImageReadError(
+                f"{path}: 32-bit integer values up to {array.max()} exceed 16 bits; save the "
+                "image as 16-bit or as a float .npy in [0, 1]"
+            )
+        return np.clip(array, 0, None).astype(np.float32) / 65535.0
     if mode == "F":
         array = np.asarray(image, dtype=np.float32)
         return np.clip(array, 0.0, 1.0) if array.max(initial=0) <= 1.0 else array / array.max()
@@ -69,7 +105,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     try:
         with Image.open(path) as image:
             image.load()  # decode everything now: truncation must surface here
-            array = _from_pil(image)
+            array = _from_pil(image, path)
+    except ImageReadError:
+        raise
     except UnidentifiedImageError as exc:
         raise ImageReadError(f"{path}: not an image file PIL can read") from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -94,12 +132,12 @@ def _read_npy(path: Path) -> np.ndarray:
         raise ImageReadError(f"{path}: expected an [H, W] or [H, W, 3] array, got {array.shape}")
     if not np.issubdtype(array.dtype, np.number):
         raise ImageReadError(f"{path}: array of {array.dtype} is not numeric")
-    integer = np.issubdtype(array.dtype, np.integer)
+    scale = _dtype_scale(array.dtype)
     array = array.astype(np.float32)
     if not np.isfinite(array).all():
         raise ImageReadError(f"{path}: array contains NaN or Inf values")
-    if integer:
-        array = array / (65535.0 if array.max(initial=0) > 255 else 255.0)
+    if scale != 1.0:
+        array = array / scale
     low, high = float(array.min(initial=0)), float(array.max(initial=0))
     if low < 0 or high > 1:
         raise ImageReadError(f"{path}: values must lie in [0, 1], got [{low:.4g}, {high:.4g}]")
@@ -177,3 +215,177 @@ def random_folder_images(
             F.interpolate(image, size=size, mode="bilinear", antialias=True, align_corners=False)
         )
     return torch.cat(images).clamp_(0, 1).to(device)
+
+
+# --- intensity windows ------------------------------------------------------------------------
+
+
+def intensity_settings(mode: str, percentiles: Sequence[float]) -> tuple[str, tuple[float, float]]:
+    """Check ``data.intensity`` and ``data.intensity_percentiles``; errors name the key, the value
+    and what is allowed."""
+    if mode not in INTENSITY_MODES:
+        raise ValueError(f"data.intensity must be one of {INTENSITY_MODES}, got {mode!r}")
+    values = list(percentiles) if isinstance(percentiles, (list, tuple)) else [percentiles]
+    if (
+        len(values) != 2
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        or not 0 <= values[0] < values[1] <= 100
+    ):
+        raise ValueError(
+            "data.intensity_percentiles must be two numbers [low, high] with "
+            f"0 <= low < high <= 100, got {percentiles!r}"
+        )
+    return mode, (float(values[0]), float(values[1]))
+
+
+def _container_scale(item: str | os.PathLike | np.ndarray) -> float:
+    """Full scale of an image's container, from the file header only (no decoding)."""
+    if isinstance(item, np.ndarray):
+        return _dtype_scale(item.dtype)
+    path = Path(item)
+    try:
+        if path.suffix.lower() == ".npy":
+            return _dtype_scale(np.load(path, mmap_mode="r", allow_pickle=False).dtype)
+        with Image.open(path) as image:
+            return _pil_scale(image.mode)
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as exc:
+        raise ImageReadError(f"{path}: not a readable image ({exc})") from exc
+
+
+def _unit_values(item: str | os.PathLike | np.ndarray) -> np.ndarray:
+    """An image as ``read_image`` returns it (arrays: integers divided by their full scale)."""
+    if isinstance(item, np.ndarray):
+        return item.astype(np.float32) / _dtype_scale(item.dtype)
+    return read_image(item)
+
+
+@dataclass(frozen=True)
+class IntensityWindow:
+    """One fixed linear map of a dataset's intensities to [0, 1]:
+    ``clip((x - low) / (high - low), 0, 1)``.
+
+    ``x`` is what ``read_image`` returns (integers divided by their container's full scale,
+    floats as they are); a raw integer array is divided by its container's full scale first.
+    Fit it once on a dataset's training images (``IntensityWindow.fit``) and apply it unchanged
+    to every split and at prediction time: the scaling of an image never depends on the image,
+    so a defect cannot change its own normalization. ``mode`` is what the fit resolved to:
+    ``none`` (the identity), ``bitdepth`` (``high = (2**bits - 1) / full scale``, ``low = 0``:
+    luminance ratios, hence contrast and SEMU, are kept) or ``percentile`` (a stretch between
+    two percentiles of the training pixels: it moves the zero, so contrast in percent of the
+    background is measured on the stretched values).
+    """
+
+    mode: str = "none"
+    low: float = 0.0
+    high: float = 1.0
+    bits: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("none", "bitdepth", "percentile"):
+            raise ValueError(f"unknown intensity window mode {self.mode!r}")
+        if not self.high > self.low:
+            raise ValueError(f"intensity window needs high > low, got [{self.low}, {self.high}]")
+
+    @classmethod
+    def fit(
+        cls,
+        images: Iterable[str | os.PathLike | np.ndarray],
+        mode: str = "auto",
+        percentiles: Sequence[float] = (0.5, 99.5),
+    ) -> IntensityWindow:
+        """The window of ``mode`` for a dataset whose training images are ``images`` (paths or
+        arrays as a file holds them). Unreadable files are left out with a warning (reading
+        them for training reports them).
+
+        ``auto``: ``bitdepth`` when every training image is an integer image of the same
+        container (8-bit images: divided by 255 as before; 16-bit files holding 12-bit counts:
+        by 4095); the identity for float images and for a mix of containers.
+        ``bitdepth``: integers divided by ``2**bits - 1`` for the smallest of
+        ``BIT_DEPTHS`` that holds the largest training value; floats stay as they are.
+        ``percentile``: the ``percentiles`` of the training pixels (subsampled) map to 0 and 1.
+        """
+        mode, (p_low, p_high) = intensity_settings(mode, percentiles)
+        if mode == "none":
+            return cls()
+        items, scales = [], []
+        for item in images:
+            try:
+                scales.append(_container_scale(item))
+                items.append(item)
+            except ImageReadError as exc:
+                log.warning("intensity window: left out %s", exc)
+        if not items:
+            raise ValueError(f"data.intensity={mode}: no readable training image to fit it on")
+        kinds = sorted(set(scales))
+        if mode == "auto":
+            if len(kinds) > 1 or kinds == [1.0]:
+                return cls()
+            mode = "bitdepth"
+        if mode == "bitdepth":
+            if len(kinds) > 1:
+                raise ValueError(
+                    f"data.intensity=bitdepth: the training images mix containers of full scale "
+                    f"{kinds}; use none or percentile"
+                )
+            scale = kinds[0]
+            if scale == 1.0:
+                return cls()
+            # 8-bit containers hold 8 bits; wider ones are decoded for their largest value.
+            peaks = [scale] if scale == 255.0 else [v.max() * scale for v in _readable(items)]
+            if not peaks:
+                raise ValueError(f"data.intensity={mode}: no readable training image to fit it on")
+            bits = next(b for b in BIT_DEPTHS if 2**b - 1 >= round(float(max(peaks))))
+            return cls("bitdepth", 0.0, (2**bits - 1) / scale, bits)
+        budget = max(1024, PERCENTILE_PIXELS // len(items))
+        samples = []
+        for values in _readable(items):
+            step = max(1, int(np.ceil(np.sqrt(values.shape[0] * values.shape[1] / budget))))
+            samples.append(values[::step, ::step].ravel())
+        if not samples:
+            raise ValueError(f"data.intensity={mode}: no readable training image to fit it on")
+        low, high = (float(v) for v in np.percentile(np.concatenate(samples), [p_low, p_high]))
+        if not high > low:
+            raise ValueError(
+                f"data.intensity=percentile: the training pixels' {p_low} and {p_high} "
+                f"percentiles are both {low:.4g}; widen data.intensity_percentiles"
+            )
+        return cls("percentile", low, high)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """``image`` (``[H, W]`` or ``[H, W, C]``) through the window, as float32 in [0, 1]."""
+        array = np.asarray(image)
+        if np.issubdtype(array.dtype, np.integer):
+            array = array.astype(np.float32) / _dtype_scale(array.dtype)
+        if self.low == 0.0 and self.high == 1.0:
+            return array.astype(np.float32, copy=False)
+        out = (array.astype(np.float32) - np.float32(self.low)) * np.float32(
+            1.0 / (self.high - self.low)
+        )
+        return np.clip(out, 0.0, 1.0, out=out)
+
+    def describe(self) -> str:
+        if self.mode == "bitdepth":
+            return f"bitdepth: {self.bits}-bit counts to [0, 1] (x {1 / self.high:.4g})"
+        if self.mode == "percentile":
+            return f"percentile: [{self.low:.4g}, {self.high:.4g}] to [0, 1]"
+        return "none: integers divided by their type's full scale"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serializable; ``from_dict`` reads it back."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> IntensityWindow:
+        try:
+            return cls(**{k: values[k] for k in ("mode", "low", "high", "bits")})
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a saved intensity window: {dict(values)!r}") from exc
+
+
+def _readable(items: Iterable[str | os.PathLike | np.ndarray]) -> Iterator[np.ndarray]:
+    """Each item's values (``[H, W]`` or ``[H, W, C]``), leaving out unreadable files."""
+    for item in items:
+        try:
+            yield _unit_values(item)
+        except ImageReadError as exc:
+            log.warning("intensity window: left out %s", exc)

@@ -29,6 +29,10 @@ class DataSource:
     channels: int = 3
     val_fraction: float = 0.2
     pixel_pitch_mm: float = 0.1
+    # How camera counts become [0, 1] (``data.intensity``); ``none`` for sources saved before
+    # the key existed, whose members were trained that way.
+    intensity: str = "none"
+    intensity_percentiles: tuple[float, ...] = (0.5, 99.5)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -83,6 +87,8 @@ def resolve_source(
         channels=data_cfg["channels"],
         val_fraction=data_cfg["val_fraction"],
         pixel_pitch_mm=data_cfg["pixel_pitch_mm"],
+        intensity=data_cfg["intensity"],
+        intensity_percentiles=tuple(data_cfg["intensity_percentiles"]),
     )
 
 
@@ -93,8 +99,8 @@ def make_dataset(
     seed: int,
     image_size: int | None | str = "source",
 ) -> Dataset:
-    """``split``: ``train`` (train/good without the held-out share), ``val`` (the held-out
-    share), or ``test``."""
+    """``split``: ``train`` (train/good without the held-out share), ``calibration`` and ``val``
+    (the two disjoint halves of the held-out share), or ``test``."""
     from data.datasets import get_dataset
 
     size = source.image_size if image_size == "source" else image_size
@@ -107,6 +113,9 @@ def make_dataset(
         channels=source.channels,
         val_fraction=source.val_fraction,
         seed=seed,
+        # Fitted on the train split whatever ``split`` is: one window for every split.
+        intensity=source.intensity,
+        intensity_percentiles=tuple(source.intensity_percentiles),
     )
 
 

@@ -57,6 +57,25 @@ def injected_validation_samples(
     return samples
 
 
+def as_dataset_sample(sample: dict[str, Any], index: int, channels: int = 3) -> dict[str, Any]:
+    """An injected validation sample in a dataset's sample layout (``image [C, H, W]``,
+    ``mask [1, H, W]``, ``label``, ``defect_type``, ``path``), so anything that evaluates a
+    dataset evaluates it too. ``path`` names it ``val-injected/<index>``."""
+    from data.images import to_tensor
+
+    image = to_tensor(np.asarray(sample["image"], dtype=np.float32), channels)
+    mask = sample.get("mask")
+    mask = np.zeros(image.shape[-2:], bool) if mask is None else np.asarray(mask) > 0
+    defects = sample.get("defects") or []
+    return {
+        "image": image,
+        "mask": torch.from_numpy(mask.reshape(image.shape[-2:]).astype(np.float32))[None],
+        "label": int(sample["label"]),
+        "defect_type": str(defects[0]["type"]) if defects and sample["label"] else "good",
+        "path": f"val-injected/{index:05d}",
+    }
+
+
 def labeled_defect_sample(sample: dict[str, Any]) -> dict[str, Any]:
     """A dataset sample with real labeled defects in the form fusion and grading learn from.
 

@@ -161,6 +161,7 @@ class Hybrid:
         describer_backbone: str | None = "efficientnet_lite0",
         weights_dir: str = "backbones",
         pixel_samples: int = 4096,
+        intensity: Mapping[str, Any] | None = None,
         seed: int = 0,
     ) -> None:
         from pipelines.member_set import MemberSet
@@ -184,6 +185,9 @@ class Hybrid:
             "describer_backbone": describer_backbone,
             "weights_dir": weights_dir,
             "pixel_samples": pixel_samples,
+            # The members' intensity window (data.images.IntensityWindow.to_dict), fitted on
+            # their training images; predict applies it to every image it reads.
+            "intensity": dict(intensity) if intensity else None,
             "seed": seed,
         }
         self.describer = RegionDescriber(describer_backbone, weights_dir=weights_dir)

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(out_dir / "log.txt")
     write_config(cfg, out_dir / "config.yaml")
-    log.info("members (by %s): %s", opts["criterion"], ", ".join(names))
+    log.info("members (by validation %s): %s", opts["criterion"], ", ".join(names))
 
     source, category = selection.source, selection.category
     if not source.val_fraction:
@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             type_confidence=opts["type_confidence"],
             pixel_pitch_mm=source.pixel_pitch_mm,
             describer_backbone=opts["describer_backbone"],
+            intensity=val_set.intensity.to_dict(),
             seed=cfg["seed"],
         )
 
@@ -134,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         evaluation, hybrid = cross_validate_hybrid(
             make_hybrid, samples, test_set, opts["folds"], cfg["seed"], progress=True
         )
+        fitted_on = (
+            f"val ({len(val_set)} held-out normal images, {len(samples) - len(val_set)} injected "
+            f"copies) and the test split's labeled defects of the other folds"
+        )
+        scored_on = f"test, out of fold ({evaluation['cross_validation']['folds']} folds)"
         note = (
             f"fusion, thresholds, grader and type classifier are fitted on held-out normal "
             f"images, injected synthetic defects and the test split's labeled defects; every "
@@ -144,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         hybrid = make_hybrid().fit(samples, progress=True)
         evaluation = evaluate_hybrid(hybrid, test_set, progress=True)
+        fitted_on = (
+            f"val ({len(val_set)} held-out normal images, {len(samples) - len(val_set)} injected "
+            "copies)"
+        )
+        scored_on = "test"
         note = (
             "fusion, thresholds, grader and type classifier are fitted on held-out normal "
             "images and injected synthetic defects only; the test split is used for "
@@ -164,10 +175,24 @@ def main(argv: list[str] | None = None) -> int:
         "category": category,
         "members": names,
         "selection": [
-            {"member": j["member"], "job_id": j["job_id"], opts["criterion"]: j["criterion_value"]}
+            {
+                "member": j["member"],
+                "job_id": j["job_id"],
+                "split": "val",
+                opts["criterion"]: j["criterion_value"],
+            }
             for j in selection.jobs
         ],
         "fusion": {k: opts[k] for k in ("combiner", "normalizer", "learner")},
+        # Where every figure comes from: members calibrate on the `calibration` half of the
+        # held-out share, are chosen and fused on the `val` half, and are scored on test.
+        "splits": {
+            "member_calibration": "calibration",
+            "selection": "val",
+            "fusion_and_grading_fit": fitted_on,
+            "metrics": scored_on,
+            "grading": scored_on,
+        },
         "validation": hybrid.fitted["validation"],
         "grader": hybrid.fitted["grader_report"],
         "metrics": evaluation["metrics"],

@@ -136,6 +136,7 @@ def plan_jobs(cfg: Mapping[str, Any]) -> list[Job]:
                 "num_workers": cfg["data"]["num_workers"],
                 "init_from": bench.get("init_from"),
                 "n_examples": bench["n_examples"],
+                "validation_injections": bench["validation_injections"],
             }
             jobs.append(
                 Job(job_id, source.name, category, member, backbone, size, bool(tiling), spec)
@@ -250,6 +251,25 @@ def _latency_ms(predict, dataset, n: int = 5) -> float:
     return statistics.median(times) if times else float("nan")
 
 
+@torch.no_grad()
+def _backbone_images_per_second(member, loader, device) -> float | None:
+    """Images/s of the member's backbone feature pass alone over ``loader``: the ceiling its
+    own images/s is compared with (None for members without a backbone)."""
+    from members.backbones import FeatureExtractor
+
+    extractor = getattr(member, "feature_extractor", None)
+    if not isinstance(extractor, FeatureExtractor):
+        return None
+    images, seconds = 0, 0.0
+    for batch in loader:
+        batch_images = batch["image"].to(device)
+        started = time.perf_counter()
+        extractor(batch_images)
+        seconds += time.perf_counter() - started
+        images += len(batch_images)
+    return images / seconds if seconds > 0 else None
+
+
 def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -286,6 +306,25 @@ def _save_examples(member, predict, dataset, records, folder: Path, n: int) -> l
     return examples
 
 
+def _validation_evaluation(predict, val_set, source: DataSource, spec: Mapping[str, Any], bs: int):
+    """The member on the ``val`` split: its held-out normal images and copies of them with
+    injected synthetic defects (exact masks), the figures a hybrid's members are chosen on."""
+    from data.datasets import collate_samples
+    from data.validation import as_dataset_sample, injected_validation_samples
+    from pipelines.evaluation import evaluate
+
+    samples = injected_validation_samples(
+        (val_set[i]["image"] for i in range(len(val_set))),
+        injections_per_image=spec["validation_injections"],
+        pixel_pitch_mm=source.pixel_pitch_mm,
+        seed=spec["seed"],
+    )
+    samples = [as_dataset_sample(s, k, source.channels) for k, s in enumerate(samples)]
+    batches = (collate_samples(samples[i : i + bs]) for i in range(0, len(samples), bs))
+    log.info("validating on %d images (%d held-out normal)", len(samples), len(val_set))
+    return evaluate(predict, batches, pixel_metrics=True)
+
+
 def run_job(job_dir: Path) -> dict[str, Any]:
     """Fit and evaluate the job described by ``job_dir/job.json``; write ``results.json``."""
     from lightning_fabric.utilities.seed import seed_everything
@@ -300,21 +339,34 @@ def run_job(job_dir: Path) -> dict[str, Any]:
     category, seed = spec["category"], spec["seed"]
     tiling = spec["tiling"]
     train_set = make_dataset(source, category, "train", seed, spec["image_size"])
-    val_set = (
-        make_dataset(source, category, "val", seed, spec["image_size"])
+    # The held-out share's two halves: the member calibrates its maps on one; it is chosen for
+    # a hybrid on the other (with injected defects), which fusion later fits on.
+    calibration_set, val_set = (
+        (
+            make_dataset(source, category, "calibration", seed, spec["image_size"]),
+            make_dataset(source, category, "val", seed, spec["image_size"]),
+        )
         if source.val_fraction
-        else None
+        else (None, None)
     )
     test_set = make_dataset(source, category, "test", seed, spec["image_size"])
+    if calibration_set is not None and len(calibration_set) == 0:
+        calibration_set = None
     if tiling["enabled"]:
         from tiling import TiledDataset
 
         train_set = TiledDataset(train_set, tiling["tile_size"], tiling["stride"], mode="all")
-        if val_set is not None:
-            val_set = TiledDataset(val_set, tiling["tile_size"], tiling["stride"], mode="all")
+        if calibration_set is not None:
+            calibration_set = TiledDataset(
+                calibration_set, tiling["tile_size"], tiling["stride"], mode="all"
+            )
     bs, workers = spec["batch_size"], spec["num_workers"]
     train_loader = make_loader(train_set, bs, shuffle=True, num_workers=workers)
-    val_loader = make_loader(val_set, bs, shuffle=False, num_workers=workers) if val_set else None
+    calibration_loader = (
+        make_loader(calibration_set, bs, shuffle=False, num_workers=workers)
+        if calibration_set
+        else None
+    )
 
     member = build_member(spec)
     trainer = _trainer(spec, job_dir)
@@ -326,7 +378,7 @@ def run_job(job_dir: Path) -> dict[str, Any]:
         len(train_set),
     )
     started = time.perf_counter()
-    member.fit(train_loader, val_loader, trainer=trainer)
+    member.fit(train_loader, calibration_loader, trainer=trainer)
     fit_seconds = time.perf_counter() - started
     peak_fit = peak_rss_mb()
     member.save(job_dir / "weights")
@@ -346,7 +398,17 @@ def run_job(job_dir: Path) -> dict[str, Any]:
     evaluation = evaluate(
         on_device, test_loader, pixel_metrics=getattr(test_set, "has_masks", True)
     )
+    validation = (
+        _validation_evaluation(on_device, val_set, source, spec, 1 if tiling["enabled"] else bs)
+        if val_set is not None and len(val_set)
+        else None
+    )
     latency = _latency_ms(on_device, test_set)
+    backbone_speed = (
+        None
+        if tiling["enabled"]
+        else _backbone_images_per_second(member, test_loader, trainer.fabric.device)
+    )
     _write_scores(evaluation.records, job_dir / "scores.csv")
     examples = _save_examples(
         member, on_device, test_set, evaluation.records, job_dir / "examples", spec["n_examples"]
@@ -360,13 +422,26 @@ def run_job(job_dir: Path) -> dict[str, Any]:
         "backbone": spec["member_config"].get("backbone"),
         "image_size": spec["image_size"],
         "tiling": tiling["enabled"],
+        # Test figures report the member; validation figures choose it for a hybrid.
         "metrics": evaluation.metrics,
+        "validation_metrics": validation.metrics if validation else {},
+        "splits": {
+            "metrics": f"test ({evaluation.images} images)",
+            "validation_metrics": (
+                f"val ({len(val_set)} held-out normal images and "
+                f"{validation.images - len(val_set)} copies with injected defects)"
+                if validation
+                else "none: data.val_fraction is 0"
+            ),
+        },
         "notes": evaluation.notes,
         "cost": {
             "fit_seconds": fit_seconds,
             "train_images": len(train_set),
             "test_images": evaluation.images,
             "images_per_second": evaluation.images_per_second,
+            # The same test images through the member's backbone alone, in the same process.
+            "backbone_images_per_second": backbone_speed,
             "latency_ms": latency,
             "peak_rss_mb_fit": peak_fit,
             "peak_rss_mb": peak_rss_mb(),

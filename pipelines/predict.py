@@ -61,6 +61,7 @@ def _csv(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
 def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
+    from data.images import IntensityWindow
     from fusion.hybrid import Hybrid
     from pipelines.inputs import expand_inputs, read_inputs
     from tiling import save_anomaly_map, save_heatmap_overlay
@@ -83,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(out / "log.txt")
     hybrid = Hybrid.load(opts["hybrid"])
     threshold = hybrid.fitted["calibrator"].threshold_
+    # The intensity window the members were trained with (fitted on their training images),
+    # never one fitted on the images predicted. Hybrids saved without one: integers / type max.
+    saved_window = hybrid.options.get("intensity")
+    window = IntensityWindow.from_dict(saved_window) if saved_window else IntensityWindow()
+    log.info("intensity window: %s", window.describe())
     files, skipped = expand_inputs(args.paths)
     predictions: list[dict[str, Any]] = [
         {"path": s.path, "status": "skipped", "error": s.reason} for s in skipped
@@ -95,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("skipped %s: %s", image.path, image.reason)
             predictions.append({"path": image.path, "status": "skipped", "error": image.reason})
             continue
+        image = window(image)
         try:
             result = hybrid.predict(image)
         except (ValueError, RuntimeError) as exc:

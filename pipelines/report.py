@@ -38,6 +38,7 @@ METRIC_COLUMNS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "aup
 COST_COLUMNS = (
     "fit_seconds",
     "images_per_second",
+    "backbone_images_per_second",
     "latency_ms",
     "peak_rss_mb",
     "model_bytes",
@@ -83,7 +84,11 @@ def leaderboard(results: Iterable[dict[str, Any]]) -> dict[str, Any]:
             "tiling": r.get("tiling"),
             "status": r.get("status", "missing"),
             "error": r.get("error", ""),
+            # The ranking is on the test split; ensemble chooses members on the val composite.
             "composite": composite(r.get("metrics", {})) if ok else float("nan"),
+            "val_composite": (
+                composite(r.get("validation_metrics") or {}) if ok else float("nan")
+            ),
         }
         row.update({k: (r.get("metrics") or {}).get(k, float("nan")) for k in METRIC_COLUMNS})
         row.update({k: (r.get("cost") or {}).get(k, float("nan")) for k in COST_COLUMNS})
@@ -145,6 +150,7 @@ def write_leaderboard_csv(board: dict[str, Any], path: Path) -> Path:
         "category",
         "status",
         "composite",
+        "val_composite",
         *METRIC_COLUMNS,
         *COST_COLUMNS,
         "member",
@@ -179,7 +185,7 @@ def format_table(board: dict[str, Any]) -> str:
             score = f"{t['score']:.4f}" if _finite(t["score"]) else "failed"
             lines.append(f"  {t['rank']:>4}  {t['variant']:<{width}}  {score:>6}  {t['jobs']}")
 
-    block("Overall ranking (composite score, higher is better)", board["overall"])
+    block("Overall ranking (test composite, higher is better)", board["overall"])
     if len(board["per_dataset"]) > 1:
         for dataset, table in board["per_dataset"].items():
             block(f"\n{dataset}", table)

@@ -1,4 +1,8 @@
-"""Choosing a hybrid's members from a benchmark run, and the data they were benchmarked on."""
+"""Choosing a hybrid's members from a benchmark run, and the data they were benchmarked on.
+
+Members are chosen on their validation figures (the ``val`` split: held-out normal images and
+copies with injected defects), never on test metrics: the hybrid is judged on the test split.
+"""
 
 from __future__ import annotations
 
@@ -40,7 +44,8 @@ def select_members(
     criterion: str = "composite",
 ) -> Selection:
     """The finished jobs of one (dataset, category, image size, tiling) group of ``run_dir``:
-    the named ``members``, or the ``top_k`` by ``criterion`` (one job per member)."""
+    the named ``members``, or the ``top_k`` by ``criterion`` on the validation split (one job
+    per member)."""
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     if top_k < 1:
@@ -55,10 +60,16 @@ def select_members(
         results = read_results(job_dir)
         if dataset not in (None, results["dataset"]) or category not in (None, results["category"]):
             continue
+        validation = results.get("validation_metrics")
+        if validation is None:
+            raise ValueError(
+                f"{job_dir}: no validation figures (a job from before members were chosen on "
+                "validation data); run the benchmark again to choose members honestly"
+            )
         value = (
-            composite(results["metrics"])
+            composite(validation)
             if criterion == "composite"
-            else results["metrics"].get(criterion, float("nan"))
+            else validation.get(criterion, float("nan"))
         )
         results = {**results, "criterion_value": value}
         key = (results["dataset"], results["category"], results["image_size"], results["tiling"])

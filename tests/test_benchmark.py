@@ -46,6 +46,12 @@ def test_a_run_resumes_records_failures_and_starts_from_other_weights(tmp_path, 
     assert {"fit_seconds", "images_per_second", "latency_ms", "peak_rss_mb", "model_bytes"} <= set(
         good["cost"]
     )
+    assert good["cost"]["backbone_images_per_second"] > 0  # the ceiling, measured beside it
+    # Validation figures (held-out normals and injected defects) are what ensemble chooses on;
+    # every figure names its split.
+    assert 0 <= good["validation_metrics"]["image_auroc"] <= 1
+    assert good["splits"]["metrics"].startswith("test")
+    assert good["splits"]["validation_metrics"].startswith("val")
     assert "patchcore" in capsys.readouterr().out  # the printed ranking
     for name in ("leaderboard.csv", "report.html"):
         assert (run / name).is_file()

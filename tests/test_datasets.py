@@ -59,9 +59,13 @@ def test_holdout_is_seeded_and_disjoint(tmp_path):
     make_mvtec(tmp_path, n_train=10)
     kw = dict(data_dir=tmp_path, categories=["cat"], val_fraction=0.3)
     train = get_dataset("mvtec", split="train", seed=1, **kw)
+    calibration = get_dataset("mvtec", split="calibration", seed=1, **kw)
     val = get_dataset("mvtec", split="val", seed=1, **kw)
-    assert len(train) == 7 and len(val) == 3
-    assert not {e.path for e in train.entries} & {e.path for e in val.entries}
+    # The held-out 3 are halved: members calibrate on one part, selection and fusion use the other.
+    assert len(train) == 7 and len(calibration) == 1 and len(val) == 2
+    parts = [{e.path for e in d.entries} for d in (train, calibration, val)]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert len(parts[0] | parts[1] | parts[2]) == 10
     again = get_dataset("mvtec", split="val", seed=1, **kw)
     other = get_dataset("mvtec", split="val", seed=2, **kw)
     assert [e.path for e in again.entries] == [e.path for e in val.entries]
