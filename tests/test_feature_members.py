@@ -1,4 +1,5 @@
-"""PatchCore, PaDiM and the coreset: separation on panels, persistence, and DDP equivalence."""
+"""PatchCore and PaDiM: separation on panels, persistence, and DDP equivalence (PatchCore's own
+scoring, nearest neighbours and coreset: tests/test_patchcore.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ import pytest
 import torch
 
 from members import FabricTrainer, create_member, load_member
-from members.coreset import coreset_indices
-from members.patchcore import nearest_neighbours
 from tests.helpers import fit_member, outputs_equal, panel_loader, run_script, separation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,39 +49,6 @@ def test_member_round_trips_and_uses_shared_features(fitted, panels_dir, tmp_pat
 def test_padim_refuses_another_input_size(fitted):
     with pytest.raises(ValueError, match="fitted on"):
         fitted["padim"].predict(torch.rand(1, 3, 96, 96))
-
-
-def test_nearest_neighbours_matches_brute_force_across_chunks():
-    generator = torch.Generator().manual_seed(0)
-    queries = torch.randn(50, 8, generator=generator)
-    bank = torch.randn(300, 8, generator=generator)
-    distances, index = nearest_neighbours(queries, bank, k=3, query_chunk=7, bank_chunk=64)
-    expected = torch.cdist(queries, bank).topk(3, largest=False)
-    assert torch.allclose(distances, expected.values, atol=1e-4)
-    assert torch.equal(index, expected.indices)
-
-
-def test_coreset_covers_the_features_better_than_random_sampling():
-    # Clustered data with one small, far cluster: farthest-point selection must reach it.
-    generator = torch.Generator().manual_seed(0)
-    main = torch.randn(3000, 16, generator=generator)
-    rare = torch.randn(30, 16, generator=generator) * 0.1 + 12.0
-    points = torch.cat([main, rare])
-    for method in ("greedy", "chunked"):
-        index = coreset_indices(points, 0.02, method, projection_dim=8, chunk_size=1024)
-        assert len(index) == pytest.approx(0.02 * len(points), abs=3)
-        assert len(set(index.tolist())) == len(index)
-        coverage = torch.cdist(points, points[index]).min(1).values.max()
-        random_index = torch.randperm(len(points), generator=generator)[: len(index)]
-        random_coverage = torch.cdist(points, points[random_index]).min(1).values.max()
-        assert coverage < 0.5 * random_coverage, (method, coverage, random_coverage)
-
-
-def test_coreset_rejects_bad_options():
-    with pytest.raises(ValueError, match="ratio"):
-        coreset_indices(torch.randn(10, 4), 0.0)
-    with pytest.raises(ValueError, match="method"):
-        coreset_indices(torch.randn(10, 4), 0.5, method="kmeans")
 
 
 DDP_SCRIPT = textwrap.dedent(

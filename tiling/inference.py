@@ -4,10 +4,22 @@ Tiles are cut and sent through the member ``batch_size`` at a time, and their ma
 into a preallocated full-resolution map plus a weight map. Peak memory is the member, one batch
 of tiles (in and out, plus the member's activations) and the two full-resolution maps,
 whatever the number of tiles; ``estimate_memory`` predicts it.
+
+The image score of a tiled image follows the member's ``score_from_tiles`` attribute:
+
+- ``"map"`` (the default, also when the attribute is absent): the member's own
+  ``compute_anomaly_score`` of the merged full-resolution map, for members whose image score is
+  an aggregation of their map;
+- ``"max"``: the largest of the member's own per-tile ``pred_score``, for members whose image
+  score is not a function of their map (PatchCore's reweighted raw patch distance).
+
+A module answering with several map channels (a ``MemberSet``, one channel per member) gives one
+mode per channel, a sequence, and gets one score per channel.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -17,6 +29,8 @@ from torch import nn
 
 from data.images import integer_scale
 from tiling.grid import MapAccumulator, TileGrid, pad_image
+
+TILE_SCORES = ("map", "max")
 
 
 class _TileReader:
@@ -65,7 +79,10 @@ class _TileReader:
         return self._float(self.source[:, y0:y1, x0:x1])
 
 
-def _run(member: nn.Module, tiles: torch.Tensor, resize_to: int | None) -> torch.Tensor:
+def _run(
+    member: nn.Module, tiles: torch.Tensor, resize_to: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The member's maps ``[b, C, t, t]`` (at the tiles' size) and scores of one tile batch."""
     size = tiles.shape[-1]
     if resize_to is not None and resize_to != size:
         tiles = F.interpolate(
@@ -75,7 +92,35 @@ def _run(member: nn.Module, tiles: torch.Tensor, resize_to: int | None) -> torch
     maps = out["anomaly_map"].float()
     if maps.shape[-1] != size:
         maps = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
-    return maps
+    return maps, out["pred_score"]
+
+
+def tile_score_modes(member: nn.Module, channels: int) -> list[str]:
+    """Each map channel's ``score_from_tiles`` mode (see the module docstring)."""
+    declared = getattr(member, "score_from_tiles", "map")
+    modes = [declared] * channels if isinstance(declared, str) else list(declared)
+    if len(modes) != channels or any(mode not in TILE_SCORES for mode in modes):
+        raise ValueError(
+            f"score_from_tiles must be one of {TILE_SCORES} or one per map channel "
+            f"({channels}), got {declared!r}"
+        )
+    return modes
+
+
+def _image_scores(
+    member: nn.Module, merged: np.ndarray, modes: Sequence[str], tile_scores: list[torch.Tensor]
+) -> torch.Tensor:
+    """One image score per map channel of the merged map ``[C, H, W]``."""
+    scores = torch.empty(len(modes), dtype=torch.float64)
+    if "map" in modes:
+        from_map = member.compute_anomaly_score(torch.from_numpy(merged)[None])[0]
+        scores[:] = from_map.reshape(-1).double()
+    if "max" in modes:
+        from_tiles = torch.cat(tile_scores).amax(0)
+        for channel, mode in enumerate(modes):
+            if mode == "max":
+                scores[channel] = from_tiles[channel]
+    return scores
 
 
 @torch.no_grad()
@@ -97,7 +142,8 @@ def infer_tiled(
     integer arrays are scaled to [0, 1]; a ``numpy.memmap`` is read tile by tile).
     ``resize_to``: feed tiles to the member at this side (for members fitted at a fixed size);
     maps are resized back. Returns ``{"anomaly_map": float32 ndarray [1, H, W],
-    "pred_score": float}``, the score being the member's own aggregation of the merged map.
+    "pred_score": float}``, the score being the member's own aggregation of the merged map or,
+    for a member with ``score_from_tiles = "max"``, the largest of its per-tile scores.
     A module answering with several map channels (a ``MemberSet``: one per member) gets
     ``[C, H, W]`` and one score per channel.
     """
@@ -110,6 +156,8 @@ def infer_tiled(
     if device is None:
         device = next((p.device for p in member.parameters()), torch.device("cpu"))
     accumulator = None
+    modes: list[str] = []
+    tile_scores: list[torch.Tensor] = []  # [b, C] per batch, kept only for "max" channels
     coords = grid.coords
     from tqdm.auto import tqdm
 
@@ -118,15 +166,17 @@ def infer_tiled(
     ):
         chunk = coords[start : start + batch_size]
         tiles = torch.stack([reader.read(*box) for box in chunk.tolist()])
-        maps = _run(member, tiles.to(device, torch.float32), resize_to)
+        maps, scores = _run(member, tiles.to(device, torch.float32), resize_to)
         if accumulator is None:  # as many channels as the member's maps have
-            accumulator = MapAccumulator(
-                *grid.padded_size, tile_size, reduction, channels=int(maps.shape[1])
-            )
+            channels = int(maps.shape[1])
+            accumulator = MapAccumulator(*grid.padded_size, tile_size, reduction, channels=channels)
+            modes = tile_score_modes(member, channels)
         accumulator.add(maps, chunk)
+        if "max" in modes:
+            tile_scores.append(scores.detach().double().cpu().reshape(len(chunk), -1))
     merged = np.ascontiguousarray(accumulator.result()[:, :height, :width])
-    scores = member.compute_anomaly_score(torch.from_numpy(merged)[None])[0]
-    score = float(scores) if scores.numel() == 1 else scores.double().numpy()
+    image_scores = _image_scores(member, merged, modes, tile_scores)
+    score = float(image_scores) if image_scores.numel() == 1 else image_scores.numpy()
     return {"anomaly_map": merged, "pred_score": score}
 
 

@@ -1,0 +1,146 @@
+"""k-nearest-neighbour search over a memory bank: faiss on the CPU, a torch matrix product on GPUs.
+
+``NearestNeighbourIndex`` answers ``search(bank, queries, k)`` with the Euclidean (not squared)
+distances and the indices of the ``k`` nearest rows of ``bank``. On CPU tensors it searches a
+faiss index built from ``bank``:
+
+- ``exact``: ``IndexFlatL2``, brute force with BLAS; the same answers as ``brute_force_knn``
+  (up to float32 rounding).
+- ``hnsw``: ``IndexHNSWFlat``, a graph index (``hnsw_m`` links per node, ``hnsw_ef_search``
+  candidates per query; more of either: better recall, slower). Approximate: a query may get a
+  slightly farther neighbour than the nearest.
+
+The index is built lazily, on the first search, and rebuilt whenever ``bank`` is another tensor
+than the one it was built from or that tensor was modified in place (``load_state_dict`` copies
+into the buffer; fitting assigns a new one), so the caller keeps the bank as an ordinary
+registered buffer and saving and loading are unchanged. The index itself is never saved (nor
+pickled or deep-copied): it is rebuilt from the bank.
+
+On CUDA tensors the search is ``brute_force_knn``, a chunked matrix product on the GPU: exact,
+and what a faiss GPU flat index would compute (one GEMM per chunk). The project depends on
+``faiss-cpu``, which has no GPU indexes, so ``search`` is ignored there.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+SEARCH_METHODS = ("exact", "hnsw")
+
+
+def brute_force_knn(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    k: int = 1,
+    query_chunk: int = 4096,
+    bank_chunk: int = 65536,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distances and indices of the ``min(k, len(bank))`` nearest rows of ``bank`` for each row
+    of ``queries``, by matrix products in chunks so memory stays at ``query_chunk x bank_chunk``
+    floats. Runs on the tensors' device: the GPU path, and the reference the faiss indexes are
+    tested against."""
+    bank_sq = (bank * bank).sum(1)
+    all_dist, all_index = [], []
+    for q in queries.split(query_chunk):
+        q_sq = (q * q).sum(1, keepdim=True)
+        best_d = torch.full((q.shape[0], 0), float("inf"), device=q.device)
+        best_i = torch.zeros((q.shape[0], 0), dtype=torch.long, device=q.device)
+        for start in range(0, bank.shape[0], bank_chunk):
+            part = bank[start : start + bank_chunk]
+            d = (q_sq - 2 * q @ part.T + bank_sq[start : start + bank_chunk]).clamp_min_(0)
+            d, i = d.topk(min(k, d.shape[1]), dim=1, largest=False)
+            best_d = torch.cat([best_d, d], 1)
+            best_i = torch.cat([best_i, i + start], 1)
+            if best_d.shape[1] > k:
+                best_d, order = best_d.topk(k, dim=1, largest=False)
+                best_i = best_i.gather(1, order)
+        all_dist.append(best_d.sqrt())
+        all_index.append(best_i)
+    return torch.cat(all_dist), torch.cat(all_index)
+
+
+def _as_float32_array(tensor: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(tensor.detach().cpu().float().numpy())
+
+
+class NearestNeighbourIndex:
+    """k-NN search over a bank whose faiss index is built lazily and rebuilt when the bank
+    changes (see the module docstring)."""
+
+    def __init__(self, search: str = "exact", hnsw_m: int = 32, hnsw_ef_search: int = 64) -> None:
+        if search not in SEARCH_METHODS:
+            raise ValueError(f"search must be one of {SEARCH_METHODS}, got {search!r}")
+        if hnsw_m < 2 or hnsw_ef_search < 1:
+            raise ValueError(
+                f"hnsw_m must be >= 2 and hnsw_ef_search >= 1, got {hnsw_m} and {hnsw_ef_search}"
+            )
+        self.method = search
+        self.hnsw_m = hnsw_m
+        self.hnsw_ef_search = hnsw_ef_search
+        self._index: Any = None
+        self._built_from: weakref.ref | None = None
+        self._built_version: int | None = None
+
+    def search(
+        self, bank: torch.Tensor, queries: torch.Tensor, k: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distances ``[N, k']`` (Euclidean, float32) and indices ``[N, k']`` (int64) of the
+        ``k' = min(k, len(bank))`` nearest rows of ``bank [M, D]`` for ``queries [N, D]``,
+        nearest first, on the queries' device."""
+        if bank.ndim != 2 or queries.ndim != 2 or bank.shape[1] != queries.shape[1]:
+            raise ValueError(
+                f"expected bank [M, D] and queries [N, D], got {tuple(bank.shape)} and "
+                f"{tuple(queries.shape)}"
+            )
+        if bank.shape[0] == 0:
+            raise ValueError("the memory bank is empty")
+        k = min(k, bank.shape[0])
+        if queries.is_cuda or bank.is_cuda:
+            return brute_force_knn(queries.float(), bank.to(queries.device).float(), k)
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        index = self._index_for(bank)
+        if self.method == "hnsw":
+            index.hnsw.efSearch = max(self.hnsw_ef_search, k)
+        squared, found = index.search(_as_float32_array(queries), k)
+        distances = torch.from_numpy(squared).clamp_min_(0).sqrt_()
+        return distances.to(queries.device), torch.from_numpy(found).to(queries.device)
+
+    def reset(self) -> None:
+        """Drop the index; the next search builds it again."""
+        self._index, self._built_from, self._built_version = None, None, None
+
+    def _index_for(self, bank: torch.Tensor) -> Any:
+        built_from = self._built_from() if self._built_from is not None else None
+        if self._index is None or built_from is not bank or _version(bank) != self._built_version:
+            self._index = self._build(_as_float32_array(bank))
+            self._built_from, self._built_version = weakref.ref(bank), _version(bank)
+        return self._index
+
+    def _build(self, vectors: np.ndarray) -> Any:
+        dim = vectors.shape[1]
+        if self.method == "hnsw":
+            index = faiss.IndexHNSWFlat(dim, self.hnsw_m)
+        else:
+            index = faiss.IndexFlatL2(dim)
+        index.add(vectors)
+        return index
+
+    def __getstate__(self) -> dict[str, Any]:
+        # faiss indexes do not pickle; a copy rebuilds its index from the bank on first search.
+        state = dict(self.__dict__)
+        state.update(_index=None, _built_from=None, _built_version=None)
+        return state
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place modification counter (None for inference-mode tensors, which
+    cannot be modified in place outside inference mode)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
