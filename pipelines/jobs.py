@@ -350,7 +350,13 @@ def run_job(job_dir: Path) -> dict[str, Any]:
         else (None, None)
     )
     test_set = make_dataset(source, category, "test", seed, spec["image_size"])
-    if calibration_set is not None and len(calibration_set) == 0:
+    if calibration_set is not None and len(calibration_set) < 2:
+        # Per-pixel statistics need two images at least; members then calibrate without.
+        log.warning(
+            "only %d calibration image(s): members calibrate without held-out images "
+            "(raise data.val_fraction)",
+            len(calibration_set),
+        )
         calibration_set = None
     if tiling["enabled"]:
         from tiling import TiledDataset
