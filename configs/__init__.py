@@ -14,7 +14,7 @@ import argparse
 import copy
 import difflib
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ import yaml
 CONFIG_DIR = Path(__file__).resolve().parent
 PIPELINES = ("benchmark", "ensemble", "predict", "retrain", "tiling_benchmark")
 MEMBER_TRAINER_KEY = "trainer"
+# Image sizes: one side (square) or [height, width]; data.image_size may be null (native).
+IMAGE_SIZE_KEYS = ("data.image_size", "retrain.image_size")
 
 
 class ConfigError(ValueError):
@@ -151,6 +153,8 @@ def _type_name(value: Any) -> str:
 def _check_type(value: Any, default: Any, where: str, source: str) -> Any:
     if default is None or value is None and not isinstance(default, (bool, dict)):
         return value
+    if where in IMAGE_SIZE_KEYS and isinstance(value, (list, tuple)):
+        return list(value)  # [height, width]; its values are checked in check_values
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, int):
@@ -216,12 +220,30 @@ def _positive(cfg: Mapping[str, Any], path: str, allow_none: bool = False) -> No
         raise ConfigError(f"{path} must be a positive number, got {node!r}")
 
 
+def _image_sizes(cfg: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    for path in IMAGE_SIZE_KEYS:
+        section, key = path.split(".")
+        if section in cfg:
+            yield path, cfg[section][key]
+    if "benchmark" in cfg:
+        for k, size in enumerate(cfg["benchmark"]["image_sizes"]):
+            yield f"benchmark.image_sizes[{k}]", size
+
+
 def check_values(cfg: Mapping[str, Any]) -> None:
     """Checks across keys and of value ranges that types alone cannot express."""
+    from data.images import size_pair
+
     for path in ("data.batch_size", "tiling.tile_size", "tiling.stride", "tiling.batch_size"):
         _positive(cfg, path)
-    for path in ("data.image_size", "trainer.max_steps"):
-        _positive(cfg, path, allow_none=True)
+    _positive(cfg, "trainer.max_steps", allow_none=True)
+    for path, size in _image_sizes(cfg):
+        try:
+            size_pair(size)
+        except ValueError:
+            raise ConfigError(
+                f"{path} must be a positive int (square side) or [height, width], got {size!r}"
+            ) from None
     _positive(cfg, "trainer.max_epochs")
     if cfg["tiling"]["stride"] > cfg["tiling"]["tile_size"]:
         raise ConfigError(

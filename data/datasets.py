@@ -47,6 +47,7 @@ from data.images import (
     intensity_settings,
     read_image,
     read_mask,
+    size_pair,
     to_tensor,
 )
 
@@ -132,7 +133,7 @@ class AnomalyDataset(Dataset):
         self.categories = list(categories)
         self.split = split
         self.transform = transform
-        self.image_size = _size_pair(image_size)
+        self.image_size = size_pair(image_size)
         self.channels = channels
         self.on_error = on_error
         self.skipped: list[tuple[str, str]] = []
@@ -260,18 +261,6 @@ def _fit_window(
     # Keyed by the training files with their sizes and times: the train, val and test sets of
     # one job fit once, and a changed file fits again.
     return IntensityWindow.fit([Path(s[0]) for s in stamps], mode, percentiles)
-
-
-def _size_pair(size: int | Sequence[int] | None) -> tuple[int, int] | None:
-    if size is None:
-        return None
-    if isinstance(size, int):
-        pair = (size, size)
-    else:
-        pair = tuple(int(s) for s in size)
-    if len(pair) != 2 or min(pair) <= 0:
-        raise ValueError(f"image_size must be a positive int or (height, width), got {size!r}")
-    return pair
 
 
 def _find_mask(folder: Path, stem: str) -> Path | None:

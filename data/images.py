@@ -189,6 +189,34 @@ def write_png(path: str | os.PathLike, image: np.ndarray, bits: int = 8) -> Path
     return atomic_write_bytes(path, buffer.getvalue())
 
 
+def size_pair(size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    """``(height, width)`` of an image size given as one side (square) or ``[height, width]``;
+    None stays None (native size)."""
+    if size is None:
+        return None
+    if isinstance(size, bool):
+        raise ValueError(f"image size must be a positive int or [height, width], got {size!r}")
+    if isinstance(size, int):
+        pair: tuple[int, ...] = (size, size)
+    elif isinstance(size, Sequence) and not isinstance(size, str):
+        pair = tuple(size)
+    else:
+        raise ValueError(f"image size must be a positive int or [height, width], got {size!r}")
+    if len(pair) != 2 or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in pair
+    ):
+        raise ValueError(f"image size must be a positive int or [height, width], got {size!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def size_label(size: int | Sequence[int] | None) -> str:
+    """``256`` for a square size, ``512x208`` for height x width, ``native`` for None."""
+    pair = size_pair(size)
+    if pair is None:
+        return "native"
+    return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}x{pair[1]}"
+
+
 def folder_images(folder: str | os.PathLike) -> list[Path]:
     """The image files directly in ``folder`` (sorted); an error if there are none."""
     folder = Path(folder)

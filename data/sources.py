@@ -25,7 +25,7 @@ class DataSource:
     reader: str
     data_dir: Path
     categories: tuple[str, ...]
-    image_size: int | None
+    image_size: int | list[int] | None
     channels: int = 3
     val_fraction: float = 0.2
     pixel_pitch_mm: float = 0.1

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from data.images import size_pair
 from metrics.severity import (
     DEFAULT_LEVEL_RULES,
     DEFECT_TYPES,
@@ -74,11 +75,11 @@ def _rng(seed: int, *keys: int | str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def _size_pair(size: int | Sequence[int]) -> tuple[int, int]:
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
+def _panel_size(size: int | Sequence[int]) -> tuple[int, int]:
+    height, width = size_pair(size) or (0, 0)
     if min(height, width) < 32:
-        raise ValueError(f"panel size must be at least 32 px, got {height}x{width}")
-    return int(height), int(width)
+        raise ValueError(f"panel size must be at least 32 px, got {size!r}")
+    return height, width
 
 
 class PanelGenerator:
@@ -114,7 +115,7 @@ class PanelGenerator:
             raise ValueError(f"pixel_pitch_mm must be positive, got {pixel_pitch_mm}")
         if max_defects < 1:
             raise ValueError(f"max_defects must be >= 1, got {max_defects}")
-        self.size = _size_pair(size)
+        self.size = _panel_size(size)
         self.gray_level = gray_level
         self.nonuniformity_pct = nonuniformity_pct
         self.vignetting_pct = vignetting_pct

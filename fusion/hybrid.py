@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from sklearn.model_selection import StratifiedKFold
 
+from data.images import size_pair
 from data.io import (
     ArtifactError,
     atomic_folder,
@@ -134,7 +135,8 @@ class Hybrid:
 
     Args:
         members: fitted members by name.
-        image_size: side the members take (images are resized to it), or None with tiling.
+        image_size: side (square) or [height, width] the members take (images are resized
+            to it), or None with tiling.
         tiling: the tiling section (``enabled``, ``tile_size``, ``stride``, ...) or None.
         combiner, normalizer, learner: image- and pixel-level ``ScoreFusion`` options.
         grader: ``auto``, ``rules`` or ``ordinal``.
@@ -148,7 +150,7 @@ class Hybrid:
     def __init__(
         self,
         members: Mapping[str, Member],
-        image_size: int | None,
+        image_size: int | Sequence[int] | None,
         tiling: Mapping[str, Any] | None = None,
         combiner: str = "rank",
         normalizer: str = "rank",
@@ -217,10 +219,10 @@ class Hybrid:
                 pad_mode=tiling.get("pad_mode"),
             )
             return np.atleast_1d(out["pred_score"]).astype(np.float64), out["anomaly_map"]
-        size = self.options["image_size"]
+        size = size_pair(self.options["image_size"])
         batch = image[None]
-        if size is not None and (height, width) != (size, size):
-            batch = F.interpolate(batch, size=(size, size), mode="bilinear", antialias=True)
+        if size is not None and (height, width) != size:
+            batch = F.interpolate(batch, size=size, mode="bilinear", antialias=True)
         scores, maps = self.member_set(batch)
         if maps.shape[-2:] != (height, width):
             maps = F.interpolate(maps, size=(height, width), mode="bilinear")

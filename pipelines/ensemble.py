@@ -95,9 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             "the benchmark run held out no validation images (data.val_fraction = 0); "
             "fusion and grading need them"
         )
-    size = None if selection.tiling else selection.image_size
-    val_set = make_dataset(source, category, "val", selection.seed, size)
-    test_set = make_dataset(source, category, "test", selection.seed, size)
+    # Images at their own size, as predict reads them: the hybrid resizes them for its members,
+    # so regions are measured (and grading is fitted) in the panel's own pixels.
+    val_set = make_dataset(source, category, "val", selection.seed, None)
+    test_set = make_dataset(source, category, "test", selection.seed, None)
     samples = injected_validation_samples(
         (val_set[i]["image"] for i in range(len(val_set))),
         injections_per_image=opts["injections_per_image"],

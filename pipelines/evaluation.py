@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data.images import size_pair
 from data.validation import labeled_defect_sample
 from metrics import get_metric
 
@@ -267,7 +268,7 @@ def shared_work_cost(hybrid, images: list[torch.Tensor]) -> dict[str, float]:
     from pipelines.member_set import MemberSet
     from tiling import infer_tiled
 
-    tiling, size = hybrid.options["tiling"], hybrid.options["image_size"]
+    tiling, size = hybrid.options["tiling"], size_pair(hybrid.options["image_size"])
     if tiling:
         options = {k: tiling[k] for k in ("tile_size", "stride", "batch_size", "reduction")}
         options["pad_mode"] = tiling.get("pad_mode")
@@ -277,8 +278,8 @@ def shared_work_cost(hybrid, images: list[torch.Tensor]) -> dict[str, float]:
                 infer_tiled(member_set, image, **options)
     else:
         batch = torch.stack(images)
-        if size is not None and batch.shape[-2:] != (size, size):
-            batch = torch.nn.functional.interpolate(batch, size=(size, size), mode="bilinear")
+        if size is not None and tuple(batch.shape[-2:]) != size:
+            batch = torch.nn.functional.interpolate(batch, size=size, mode="bilinear")
 
         def run(member_set: MemberSet, count: int) -> None:
             member_set(batch[:count])

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from data.images import size_label
 from data.io import ArtifactError, atomic_write_json, atomic_write_text, verify_manifest
 from data.sources import DataSource, make_dataset, make_loader, resolve_source
 
@@ -44,7 +45,7 @@ class Job:
     category: str
     member: str
     backbone: str | None
-    image_size: int | None
+    image_size: int | list[int] | None
     tiling: bool
     spec: dict[str, Any]
 
@@ -117,7 +118,7 @@ def plan_jobs(cfg: Mapping[str, Any]) -> list[Job]:
             parts = [source.name, category, member]
             if backbone:
                 parts.append(backbone)
-            parts.append(f"tile{cfg['tiling']['tile_size']}" if tiling else f"{size or 'native'}px")
+            parts.append(f"tile{cfg['tiling']['tile_size']}" if tiling else f"{size_label(size)}px")
             job_id = "-".join(str(p).replace("/", "_") for p in parts)
             if job_id in seen:
                 continue

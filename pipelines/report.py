@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from data.images import size_label
 from data.io import atomic_write_text
 
 COMPOSITE_WEIGHTS = {
@@ -65,7 +66,7 @@ def variant_name(row: dict[str, Any]) -> str:
     if row.get("tiling"):
         parts.append("tiled")
     elif row.get("image_size"):
-        parts.append(f"{row['image_size']}px")
+        parts.append(f"{size_label(row['image_size'])}px")
     return " / ".join(parts)
 
 
@@ -86,9 +87,7 @@ def leaderboard(results: Iterable[dict[str, Any]]) -> dict[str, Any]:
             "error": r.get("error", ""),
             # The ranking is on the test split; ensemble chooses members on the val composite.
             "composite": composite(r.get("metrics", {})) if ok else float("nan"),
-            "val_composite": (
-                composite(r.get("validation_metrics") or {}) if ok else float("nan")
-            ),
+            "val_composite": (composite(r.get("validation_metrics") or {}) if ok else float("nan")),
         }
         row.update({k: (r.get("metrics") or {}).get(k, float("nan")) for k in METRIC_COLUMNS})
         row.update({k: (r.get("cost") or {}).get(k, float("nan")) for k in COST_COLUMNS})

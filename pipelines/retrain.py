@@ -57,10 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     cfg = load_config("retrain", args.config, args.overrides)
-    if cfg["retrain"]["image_size"] <= 0:
-        raise ConfigError(
-            f"retrain.image_size must be a positive number, got {cfg['retrain']['image_size']}"
-        )
+    if cfg["retrain"]["image_size"] is None:
+        raise ConfigError("retrain.image_size must be a positive int or [height, width], got null")
     interval = parse_interval(args.every) if args.every else None
     workspace = Path(cfg["retrain"]["workspace"])
     workspace.mkdir(parents=True, exist_ok=True)

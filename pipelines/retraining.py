@@ -25,7 +25,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from data.images import read_image, to_tensor
+from data.images import read_image, size_pair, to_tensor
 from data.io import atomic_write_json, fault_point
 from pipelines.champion import (
     RunLock,
@@ -54,8 +54,10 @@ METRICS = ("composite", "image_auroc", "pixel_auroc", "aupro")
 class ImageFiles(Dataset):
     """Image files as samples (resized to ``image_size``): normal ones, or labeled defects."""
 
-    def __init__(self, paths: list[Path], image_size: int, labels: list[str] | None = None):
-        self.paths, self.image_size = paths, image_size
+    def __init__(
+        self, paths: list[Path], image_size: int | Sequence[int], labels: list[str] | None = None
+    ):
+        self.paths, self.image_size = paths, size_pair(image_size)
         self.types = labels or ["good"] * len(paths)
         self.has_masks = False
 
@@ -64,16 +66,14 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image = to_tensor(read_image(self.paths[index]))
-        image = F.interpolate(
-            image[None], size=(self.image_size,) * 2, mode="bilinear", antialias=True
-        )[0]
+        image = F.interpolate(image[None], size=self.image_size, mode="bilinear", antialias=True)[0]
         defect_type = self.types[index]
         return {
             "image": image.clamp(0, 1),
             "label": int(defect_type != "good"),
             "defect_type": defect_type,
             "path": str(self.paths[index]),
-            "mask": torch.zeros(1, self.image_size, self.image_size),
+            "mask": torch.zeros(1, *self.image_size),
         }
 
 

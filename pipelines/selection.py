@@ -24,7 +24,7 @@ CRITERIA = ("composite", "image_auroc", "pixel_auroc", "aupro")
 class Selection:
     dataset: str
     category: str
-    image_size: int | None
+    image_size: int | list[int] | None
     tiling: dict[str, Any] | None
     source: DataSource
     seed: int
@@ -72,7 +72,9 @@ def select_members(
             else validation.get(criterion, float("nan"))
         )
         results = {**results, "criterion_value": value}
-        key = (results["dataset"], results["category"], results["image_size"], results["tiling"])
+        size = results["image_size"]  # [height, width] from JSON: a tuple, to key the group
+        size = tuple(size) if isinstance(size, list) else size
+        key = (results["dataset"], results["category"], size, results["tiling"])
         groups[key].append(results)
     if not groups:
         raise ValueError(

@@ -53,9 +53,7 @@ def natural_images(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     them, in [0, 1] at ``size`` px."""
     from sklearn.datasets import load_sample_images
 
-    photos = [
-        torch.tensor(im).permute(2, 0, 1).float() / 255 for im in load_sample_images().images
-    ]
+    photos = [torch.tensor(im).permute(2, 0, 1).float() / 255 for im in load_sample_images().images]
     generator = torch.Generator().manual_seed(0)
     crops = []
     for photo in photos:

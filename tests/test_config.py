@@ -29,6 +29,14 @@ def test_files_and_overrides_apply_in_order(tmp_path):
     assert cfg["trainer"]["max_steps"] == 7
 
 
+def test_image_size_is_a_side_or_height_and_width():
+    cfg = load_config("benchmark", overrides=["data.image_size=[512,208]"])
+    assert cfg["data"]["image_size"] == [512, 208]
+    cfg = load_config("retrain", overrides=["retrain.image_size=[96,64]"])
+    assert cfg["retrain"]["image_size"] == [96, 64]
+    assert load_config("predict", overrides=["data.image_size=null"])["data"]["image_size"] is None
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -36,6 +44,9 @@ def test_files_and_overrides_apply_in_order(tmp_path):
         ("tilng.stride=3", "did you mean 'tiling'"),
         ("stride=5", "did you mean 'tiling.stride'"),
         ("data.image_size=abc", "data.image_size must be int"),
+        ("data.image_size=[0,64]", "data.image_size must be a positive int (square side) or ["),
+        ("data.image_size=[64,64,3]", "data.image_size must be a positive int (square side) or"),
+        ("benchmark.image_sizes=[128,[64,x]]", "benchmark.image_sizes[1] must be a positive int"),
         ("trainer.max_epochs=2.5", "trainer.max_epochs must be int"),
         ("tiling.stride=999", "larger than tiling.tile_size"),
         ("data.batch_size=-1", "data.batch_size must be a positive number"),

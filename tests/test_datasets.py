@@ -53,6 +53,12 @@ def test_mvtec_layout_reads_labels_masks_and_types(tmp_path):
     )
     assert resized[1]["image"].shape == (3, 16, 16)
     assert set(resized[1]["mask"].unique().tolist()) <= {0.0, 1.0}
+    # [height, width] keeps a tall or wide part's proportions; the mask follows.
+    kept = get_dataset(
+        "mvtec", data_dir=tmp_path, categories=["cat"], split="test", image_size=[10, 15]
+    )
+    assert kept[1]["image"].shape == (3, 10, 15) and kept[1]["mask"].shape == (1, 10, 15)
+    assert kept[1]["mask"].sum() == 6  # the 4 x 6 defect at half scale
 
 
 def test_holdout_is_seeded_and_disjoint(tmp_path):

@@ -35,7 +35,8 @@ def run(tmp_path_factory) -> dict[str, Path]:
         "--set",
         "synthetic.size=128",
         "--set",
-        "data.image_size=128",
+        # Non-square member input ([height, width]): maps come back at the panel's size.
+        "data.image_size=[128,112]",
     ]
     assert benchmark.main([*common, "--members", "patchcore,padim", "--run-name", "bench"]) == 0
     run_dir = root / "bench"

@@ -1,5 +1,5 @@
 """PatchCore as published: the paper's image score on raw patch distances, per-layer projection,
-faiss nearest neighbours, the coreset and its coverage report, and tiled scores."""
+exact and HNSW nearest neighbours, the coreset and its coverage report, and tiled scores."""
 
 from __future__ import annotations
 
@@ -120,8 +120,7 @@ def test_compact_features_keep_every_distance_of_the_published_ones():
 
 
 @pytest.mark.parametrize(("queries", "bank", "dim", "k"), [(7, 50, 8, 1), (60, 500, 32, 5)])
-def test_faiss_exact_search_equals_brute_force(queries, bank, dim, k):
-    # 7 queries: faiss computes each distance directly; 60: through BLAS.
+def test_exact_search_equals_cdist(queries, bank, dim, k):
     generator = torch.Generator().manual_seed(queries)
     q, m = (
         torch.randn(queries, dim, generator=generator),
@@ -134,12 +133,13 @@ def test_faiss_exact_search_equals_brute_force(queries, bank, dim, k):
     assert distances.dtype == torch.float32 and index.dtype == torch.int64
 
 
-def test_brute_force_knn_matches_cdist_across_chunks():
+@pytest.mark.parametrize("k", [1, 3])
+def test_brute_force_knn_matches_cdist_across_chunks(k):
     generator = torch.Generator().manual_seed(0)
-    queries = torch.randn(50, 8, generator=generator)
-    bank = torch.randn(300, 8, generator=generator)
-    distances, index = brute_force_knn(queries, bank, k=3, query_chunk=7, bank_chunk=64)
-    expected = exact_cdist(queries, bank).topk(3, largest=False)
+    queries = torch.randn(50, 8, generator=generator) + 3  # norms far from zero
+    bank = torch.randn(300, 8, generator=generator) + 3
+    distances, index = brute_force_knn(queries, bank, k=k, query_chunk=7, bank_chunk=64)
+    expected = exact_cdist(queries, bank).topk(k, largest=False)
     assert torch.allclose(distances, expected.values, atol=1e-4)
     assert torch.equal(index, expected.indices)
 
