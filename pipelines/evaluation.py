@@ -276,13 +276,22 @@ def shared_work_cost(hybrid, images: list[torch.Tensor]) -> dict[str, float]:
         def run(member_set: MemberSet, count: int) -> None:
             for image in images[:count]:
                 infer_tiled(member_set, image, **options)
-    else:
-        batch = torch.stack(images)
-        if size is not None and tuple(batch.shape[-2:]) != size:
-            batch = torch.nn.functional.interpolate(batch, size=size, mode="bilinear")
+    elif size is not None:
+        # Each image resized to the members' input first: test images may differ in size.
+        batch = torch.cat(
+            [
+                torch.nn.functional.interpolate(image[None], size=size, mode="bilinear")
+                for image in images
+            ]
+        )
 
         def run(member_set: MemberSet, count: int) -> None:
             member_set(batch[:count])
+    else:
+
+        def run(member_set: MemberSet, count: int) -> None:
+            for image in images[:count]:  # native sizes, which may differ: one at a time
+                member_set(image[None])
 
     shared = hybrid.member_set
     timings = {}

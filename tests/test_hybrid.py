@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data.io import ArtifactError
@@ -16,6 +17,7 @@ from data.synthetic import PanelGenerator
 from fusion.hybrid import Hybrid
 from grading.evaluation import grading_scores
 from pipelines import benchmark, ensemble, predict
+from pipelines.evaluation import shared_work_cost
 
 pytestmark = pytest.mark.slow
 
@@ -105,6 +107,20 @@ def test_predict_writes_results_overlays_and_skips_bad_files(run, tmp_path):
     again = hybrid.predict(image)
     assert again["score"] == pytest.approx(done[0]["score"], rel=1e-6)
     assert again["level"] == done[0]["level"]
+
+
+def test_images_of_other_sizes_are_resized_for_the_members(run):
+    # Panels of one line differ by a few pixels (KolektorSDD: 1240 to 1270 rows): the maps
+    # come back at each image's own size, and the cost measurement takes such a set.
+    hybrid = Hybrid.load(run["out"] / "hybrid")
+    rng = np.random.default_rng(1)
+    images = [
+        rng.random((h, w, 3), dtype=np.float32) * 0.1 + 0.4 for h, w in [(128, 128), (120, 136)]
+    ]
+    for image in images:
+        assert hybrid.predict(image)["anomaly_map"].shape == image.shape[:2]
+    cost = shared_work_cost(hybrid, [torch.from_numpy(image).permute(2, 0, 1) for image in images])
+    assert cost["members_together_ms"] > 0 and cost["members_sum_ms"] > 0
 
 
 def test_a_tampered_hybrid_folder_is_refused(run, tmp_path):
