@@ -6,9 +6,12 @@
 3. Fix the holdout once (a seeded share of the first run's normal images, plus every confirmed
    defect, plus injected defects with a fixed seed); it never changes afterwards, so champion
    and challenger are always compared on the same images and nothing in it is ever trained on.
+   The intensity window (``data.intensity``) is fitted once too, on the first run's training
+   images (``intensity.json``), and saved with every hybrid.
 4. Train the challenger's members on the other normal images (checkpoints in a work folder keyed
-   by the data, so a killed run resumes), fit fusion and grading on a validation share of them,
-   and save the hybrid into ``hybrids/<id>`` (atomically).
+   by the data, so a killed run resumes), fit fusion and grading on a validation share of them
+   at their own size (as ``predict`` reads images; the members get them resized), and save the
+   hybrid into ``hybrids/<id>`` (atomically).
 5. Score challenger and champion on the holdout; promote (one atomic switch of ``current``) when
    there is no champion or the challenger is not worse by more than ``margin``.
 6. Write the manifest (the data is consumed) and append the run to ``history.jsonl``.
@@ -34,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from data.images import read_image, size_pair, to_tensor
+from data.images import IntensityWindow, read_image, size_pair, to_tensor
 from data.io import atomic_write_json, fault_point
 from pipelines.champion import (
     RunLock,
@@ -52,12 +55,17 @@ METRICS = ("composite", "image_auroc", "pixel_auroc", "aupro")
 
 
 class ImageFiles(Dataset):
-    """Image files as samples (resized to ``image_size``): normal ones, or labeled defects."""
+    """Image files as samples, through the workspace's intensity window and resized to
+    ``image_size`` (None: their own size): normal ones, or labeled defects."""
 
     def __init__(
-        self, paths: list[Path], image_size: int | Sequence[int], labels: list[str] | None = None
+        self,
+        paths: list[Path],
+        image_size: int | Sequence[int] | None,
+        window: IntensityWindow,
+        labels: list[str] | None = None,
     ):
-        self.paths, self.image_size = paths, size_pair(image_size)
+        self.paths, self.image_size, self.window = paths, size_pair(image_size), window
         self.types = labels or ["good"] * len(paths)
         self.has_masks = False
 
@@ -65,15 +73,18 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image = to_tensor(read_image(self.paths[index]))
-        image = F.interpolate(image[None], size=self.image_size, mode="bilinear", antialias=True)[0]
+        image = to_tensor(self.window(read_image(self.paths[index])))
+        if self.image_size is not None:
+            image = F.interpolate(
+                image[None], size=self.image_size, mode="bilinear", antialias=True
+            )[0]
         defect_type = self.types[index]
         return {
             "image": image.clamp(0, 1),
             "label": int(defect_type != "good"),
             "defect_type": defect_type,
             "path": str(self.paths[index]),
-            "mask": torch.zeros(1, *self.image_size),
+            "mask": torch.zeros(1, *image.shape[-2:]),
         }
 
 
@@ -114,13 +125,28 @@ def choose_holdout(workspace: Path, normals: list[str], defects: list[str], opts
     return holdout
 
 
-def holdout_dataset(holdout: dict, opts) -> HoldoutSet:
+def workspace_intensity(workspace: Path, training: list[str], data_cfg) -> IntensityWindow:
+    """The workspace's intensity window: fitted once, on the first run's training images
+    (``data.intensity``), and kept, so every champion, challenger and the holdout see the
+    same scaling."""
+    path = workspace / "intensity.json"
+    if path.is_file():
+        return IntensityWindow.from_dict(json.loads(path.read_text()))
+    window = IntensityWindow.fit(
+        [Path(p) for p in training], data_cfg["intensity"], data_cfg["intensity_percentiles"]
+    )
+    atomic_write_json(path, window.to_dict())
+    log.info("intensity window: %s", window.describe())
+    return window
+
+
+def holdout_dataset(holdout: dict, opts, window: IntensityWindow) -> HoldoutSet:
+    """The holdout at its images' own size, as predict sees them."""
     from data.validation import injected_validation_samples
 
-    size = opts["image_size"]
-    normal = ImageFiles([Path(p) for p in holdout["normal"]], size)
+    normal = ImageFiles([Path(p) for p in holdout["normal"]], None, window)
     defect_paths = [Path(p) for p in holdout["defects"]]
-    defects = ImageFiles(defect_paths, size, [p.parent.name for p in defect_paths])
+    defects = ImageFiles(defect_paths, None, window, [p.parent.name for p in defect_paths])
     samples = [normal[i] for i in range(len(normal))] + [defects[i] for i in range(len(defects))]
     injected = injected_validation_samples(
         (s["image"] for s in samples[: len(normal)]), opts["holdout_injections"], seed=12345
@@ -151,8 +177,15 @@ def holdout_score(hybrid, holdout: HoldoutSet, metric: str) -> tuple[float, dict
     return float(value), metrics
 
 
-def train_challenger(cfg: Mapping[str, Any], files: list[str], work: Path, champion: Path | None):
-    """Members fitted on ``files`` (minus a validation share), then fusion and grading."""
+def train_challenger(
+    cfg: Mapping[str, Any],
+    files: list[str],
+    work: Path,
+    champion: Path | None,
+    window: IntensityWindow,
+):
+    """Members fitted on ``files`` (minus a validation share), then fusion and grading (on the
+    validation share at its own size, as predict sees images)."""
     from data.datasets import collate_samples
     from data.validation import injected_validation_samples
     from fusion.hybrid import Hybrid
@@ -166,7 +199,7 @@ def train_challenger(cfg: Mapping[str, Any], files: list[str], work: Path, champ
     train_files = [Path(files[i]) for i in sorted(order[n_val:])]
     if len(train_files) < 2:
         raise ValueError(f"too few normal images to train on: {len(train_files)}")
-    train_set = ImageFiles(train_files, opts["image_size"])
+    train_set = ImageFiles(train_files, opts["image_size"], window)
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=cfg["data"]["batch_size"], shuffle=True, collate_fn=collate_samples
     )
@@ -193,7 +226,7 @@ def train_challenger(cfg: Mapping[str, Any], files: list[str], work: Path, champ
         member.fit(loader, None, trainer)
         members[name] = member
     fault_point("after_training")
-    val_set = ImageFiles(val_files, opts["image_size"])
+    val_set = ImageFiles(val_files, None, window)
     samples = injected_validation_samples(
         (val_set[i]["image"] for i in range(len(val_set))),
         opts["injections_per_image"],
@@ -205,6 +238,7 @@ def train_challenger(cfg: Mapping[str, Any], files: list[str], work: Path, champ
         opts["image_size"],
         combiner=opts["combiner"],
         pixel_pitch_mm=cfg["data"]["pixel_pitch_mm"],
+        intensity=window.to_dict(),
         seed=cfg["seed"],
     ).fit(samples)
 
@@ -252,11 +286,12 @@ def run_once(cfg: Mapping[str, Any]) -> dict[str, Any]:
             ).encode()
         ).hexdigest()[:12]
         work = workspace / "work" / data_key
-        challenger = train_challenger(cfg, training, work, champion)
+        window = workspace_intensity(workspace, training, cfg["data"])
+        challenger = train_challenger(cfg, training, work, champion, window)
         hybrid_dir = workspace / "hybrids" / f"{time.strftime('%Y%m%d-%H%M%S')}-{data_key}"
         challenger.save(hybrid_dir)
         fault_point("after_save")
-        evaluation = holdout_dataset(holdout, opts)
+        evaluation = holdout_dataset(holdout, opts, window)
         score, metrics = holdout_score(challenger, evaluation, opts["metric"])
         entry.update(
             train_images=len(training),

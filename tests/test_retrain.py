@@ -60,7 +60,9 @@ def test_promotion_rejection_and_no_new_data(tmp_path, capsys):
     workspace = tmp_path / "ws"
     first = current_champion(workspace)
     assert first is not None and "promoted" in capsys.readouterr().out
-    Hybrid.load(first)  # complete and verified
+    hybrid = Hybrid.load(first)  # complete and verified
+    saved_window = json.loads((workspace / "intensity.json").read_text())
+    assert hybrid.options["intensity"] == saved_window  # predict applies the same scaling
 
     assert retrain.main(settings(tmp_path)) == 0
     assert "no new data" in capsys.readouterr().out
@@ -129,3 +131,26 @@ def test_sigkill_at_any_step_leaves_the_champion_intact(tmp_path):
     assert read_history(workspace)[-1]["action"] == "promoted"
     Hybrid.load(current_champion(workspace))
     assert not list((workspace / "hybrids").glob(".*"))
+
+
+def test_the_intensity_window_is_fitted_once_per_workspace(tmp_path):
+    from PIL import Image
+
+    from configs import load_config
+    from pipelines.retraining import workspace_intensity
+
+    twelve_bit = []
+    for i in range(3):  # a 12-bit camera writing 16-bit files
+        counts = (PanelGenerator(size=64, seed=7).generate_normal(i)["image"] * 4095).round()
+        path = tmp_path / f"panel{i}.png"
+        Image.fromarray(counts.astype("uint16")).save(path)
+        twelve_bit.append(str(path))
+    data_cfg = load_config("retrain")["data"]
+    window = workspace_intensity(tmp_path / "ws", twelve_bit, data_cfg)
+    assert window.mode == "bitdepth" and window.bits == 12
+    saved = json.loads((tmp_path / "ws" / "intensity.json").read_text())
+    assert saved["bits"] == 12
+    # Later runs keep it, whatever their training images.
+    add_normals(tmp_path / "later", 0, 2)
+    later = [str(p) for p in sorted((tmp_path / "later").glob("*.png"))]
+    assert workspace_intensity(tmp_path / "ws", later, data_cfg) == window
