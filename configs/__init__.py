@@ -250,6 +250,15 @@ def check_values(cfg: Mapping[str, Any]) -> None:
             f"tiling.stride ({cfg['tiling']['stride']}) is larger than tiling.tile_size "
             f"({cfg['tiling']['tile_size']}): parts of the image would never be inspected"
         )
+    if cfg["grading"]["operating_point"] not in ("false_alarm", "f1"):
+        raise ConfigError(
+            "grading.operating_point must be false_alarm or f1, got "
+            f"{cfg['grading']['operating_point']!r}"
+        )
+    if not 0 <= cfg["grading"]["false_alarm_rate"] < 1:
+        raise ConfigError(
+            f"grading.false_alarm_rate must be in [0, 1), got {cfg['grading']['false_alarm_rate']}"
+        )
     if not 0 <= cfg["data"]["val_fraction"] < 1:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg['data']['val_fraction']}")
     reduction = cfg["tiling"]["reduction"]

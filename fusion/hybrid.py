@@ -2,10 +2,11 @@
 
 ``Hybrid.fit`` takes labeled validation samples (held-out normal images and defects the
 synthetic injector put into copies of them, or real labeled defects) and fits, in order: the
-image- and pixel-level ``ScoreFusion``, the image threshold (F1-optimal on the fused validation
-scores), the pixel threshold (``ThresholdCalibrator``), and, from the validation regions matched
-to their truth, the ``TypeClassifier`` and the grader (``OrdinalGrader`` when labeled levels
-exist and it beats the rules in cross-validation, ``RuleGrader`` otherwise).
+image- and pixel-level ``ScoreFusion``, the image threshold (``operating_point``: at most
+``false_alarm_rate`` of the normal validation images flagged, or F1-optimal), the pixel
+threshold (``ThresholdCalibrator``), and, from the validation regions matched to their truth,
+the ``TypeClassifier`` and the grader (``OrdinalGrader`` when labeled levels exist and it beats
+the rules in cross-validation, ``RuleGrader`` otherwise).
 
 ``Hybrid.predict(image)`` takes one image of any size (float ``[H, W]`` or ``[H, W, C]`` in
 [0, 1]): the members run on the image resized to their input size (backbones they share run
@@ -57,6 +58,7 @@ FORMAT_VERSION = 1
 HYBRID_FILE = "hybrid.json"
 FUSION_FILE = "fusion.joblib"
 GRADING_FILE = "grading.joblib"
+OPERATING_POINTS = ("false_alarm", "f1")
 GRADERS = ("auto", "rules", "ordinal")
 
 
@@ -145,6 +147,8 @@ class Hybrid:
         pixel_pitch_mm: for areas in mm² and SEMU.
         describer_backbone: backbone of the type descriptors (None: measurements only).
         pixel_samples: pixels per validation image used to fit the pixel fusion.
+        intensity: the members' intensity window (``IntensityWindow.to_dict``).
+        operating_point, false_alarm_rate: the image threshold's rule (see ``image_threshold``).
     """
 
     def __init__(
@@ -164,12 +168,20 @@ class Hybrid:
         weights_dir: str = "backbones",
         pixel_samples: int = 4096,
         intensity: Mapping[str, Any] | None = None,
+        operating_point: str = "false_alarm",
+        false_alarm_rate: float = 0.01,
         seed: int = 0,
     ) -> None:
         from pipelines.member_set import MemberSet
 
         if grader not in GRADERS:
             raise ValueError(f"grader must be one of {GRADERS}, got {grader!r}")
+        if operating_point not in OPERATING_POINTS:
+            raise ValueError(
+                f"operating_point must be one of {OPERATING_POINTS}, got {operating_point!r}"
+            )
+        if not 0 <= false_alarm_rate < 1:
+            raise ValueError(f"false_alarm_rate must be in [0, 1), got {false_alarm_rate!r}")
         if not members:
             raise ValueError("a hybrid needs at least one member")
         self.member_set = MemberSet(dict(members))
@@ -190,6 +202,8 @@ class Hybrid:
             # The members' intensity window (data.images.IntensityWindow.to_dict), fitted on
             # their training images; predict applies it to every image it reads.
             "intensity": dict(intensity) if intensity else None,
+            "operating_point": operating_point,
+            "false_alarm_rate": false_alarm_rate,
             "seed": seed,
         }
         self.describer = RegionDescriber(describer_backbone, weights_dir=weights_dir)
@@ -276,7 +290,9 @@ class Hybrid:
             np.concatenate(pixel_rows), np.concatenate(pixel_labels)
         )
         fused_scores = image_fusion.transform(scores)
-        self.fitted["image_threshold"] = image_threshold(fused_scores, labels)
+        self.fitted["image_threshold"] = image_threshold(
+            fused_scores, labels, opts["operating_point"], opts["false_alarm_rate"]
+        )
         fused_maps = [self.fuse_map(maps) for _, _, _, maps, _ in cache]
         calibrator = ThresholdCalibrator().fit(fused_maps, [c[4] for c in cache])
         self.fitted["calibrator"] = calibrator
@@ -522,13 +538,29 @@ class Hybrid:
         return hybrid
 
 
-def image_threshold(fused_scores: np.ndarray, labels: np.ndarray, quantile: float = 0.99) -> float:
-    """F1-optimal threshold with both classes present, else a quantile of the normal scores."""
-    if len(np.unique(labels)) == 2:
+def image_threshold(
+    fused_scores: np.ndarray,
+    labels: np.ndarray,
+    operating_point: str = "false_alarm",
+    false_alarm_rate: float = 0.01,
+) -> float:
+    """The image threshold (a score at or above it is defective).
+
+    ``false_alarm``: the lowest threshold that flags at most ``false_alarm_rate`` of the normal
+    scores (with 15 normal images and a 1 % budget, none: just above the highest). ``f1``: the
+    F1-optimal threshold where both classes are present (it trades false alarms for recall at
+    the validation data's defect share), else the false-alarm rule."""
+    normal = np.sort(np.asarray(fused_scores, np.float64)[np.asarray(labels) == 0])[::-1]
+    if operating_point == "f1" and len(np.unique(labels)) == 2:
         metric = ImageF1MaxMetric()
         metric.update(fused_scores, labels)
         return float(metric.compute()["threshold"])
-    return float(np.quantile(fused_scores[labels == 0], quantile))
+    if normal.size == 0:
+        raise ValueError("the false-alarm operating point needs normal validation images")
+    allowed = int(np.floor(false_alarm_rate * normal.size + 1e-9))  # normals it may flag
+    if allowed >= normal.size:
+        return float(normal[-1])
+    return float(np.nextafter(normal[allowed], np.inf))
 
 
 def match_regions(

@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             learner=opts["learner"],
             grader=opts["grader"],
             type_confidence=opts["type_confidence"],
+            operating_point=cfg["grading"]["operating_point"],
+            false_alarm_rate=cfg["grading"]["false_alarm_rate"],
             pixel_pitch_mm=source.pixel_pitch_mm,
             describer_backbone=opts["describer_backbone"],
             intensity=val_set.intensity.to_dict(),
@@ -198,6 +200,13 @@ def main(argv: list[str] | None = None) -> int:
         "grader": hybrid.fitted["grader_report"],
         "metrics": evaluation["metrics"],
         "grading": evaluation["grading"],
+        # The image threshold's rule (fitted on the fusion data) and what it did on test.
+        "operating_point": {
+            "operating_point": cfg["grading"]["operating_point"],
+            "false_alarm_rate_budget": cfg["grading"]["false_alarm_rate"],
+            **evaluation["operating_point"],
+            "split": scored_on,
+        },
         "cost": cost,
         "cross_validation": evaluation.get("cross_validation"),
         "notes": [note],
@@ -217,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
         f"grading on true regions: level accuracy {grading['level_accuracy']:.3f}, "
         f"within one {grading['level_within_one']:.3f}, type macro-F1 "
         f"{grading['type_macro_f1']:.3f} ({grading['n']} defects)"
+    )
+    point = results["operating_point"]
+    print(
+        f"operating point ({point['operating_point']}): {point['false_alarm_rate']:.1%} of "
+        f"{point['normal_images']} defect-free test images flagged, {point['miss_rate']:.1%} "
+        f"of {point['defective_images']} defective ones missed"
     )
     print(f"\nhybrid: {out_dir / 'hybrid'}\nreport: {report}")
     return 0

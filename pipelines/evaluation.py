@@ -8,7 +8,7 @@ images to scores and maps: a member, a member behind tiled inference, or a hybri
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,6 +172,7 @@ def evaluate_hybrid(
                 "label": int(sample["label"]),
                 "defect_type": sample["defect_type"],
                 "score": out["score"],
+                "flagged": out["label"],
                 "level": out["level"],
                 "true_level": sample.get("level"),
                 "regions": len(out["regions"]),
@@ -196,7 +197,34 @@ def evaluate_hybrid(
         predicted, truth = (torch.tensor(v) for v in zip(*levels))
         grading["image_level_accuracy"] = float((predicted == truth).float().mean())
         grading["image_level_within_one"] = float(((predicted - truth).abs() <= 1).float().mean())
-    return {"metrics": metrics, "grading": grading, "records": records, "seconds": seconds}
+    return {
+        "metrics": metrics,
+        "grading": grading,
+        "operating_point": operating_point_figures(records),
+        "records": records,
+        "seconds": seconds,
+    }
+
+
+def operating_point_figures(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What the hybrid's image threshold does on a split: the share of defect-free images it
+    flags, the share of defective ones it passes, and the levels defect-free images get."""
+    normal = [r for r in records if not r["label"]]
+    defective = [r for r in records if r["label"]]
+    levels: dict[str, int] = {}
+    for record in normal:
+        levels[str(record["level"])] = levels.get(str(record["level"]), 0) + 1
+    return {
+        "false_alarm_rate": float(np.mean([bool(r["flagged"]) for r in normal]))
+        if normal
+        else float("nan"),
+        "miss_rate": float(np.mean([not r["flagged"] for r in defective]))
+        if defective
+        else float("nan"),
+        "normal_images": len(normal),
+        "defective_images": len(defective),
+        "levels_of_normal_images": dict(sorted(levels.items())),
+    }
 
 
 def cross_validate_hybrid(

@@ -22,6 +22,24 @@ def write_hybrid_report(results: dict[str, Any], records: list[dict[str, Any]], 
     columns = ["image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "aupro"]
     rows = [{"detector": name, **values} for name, values in results["metrics"].items()]
     sections.append(_table(rows, ["detector", *columns]))
+    point = results["operating_point"]
+    sections.append("<h2>Operating point (test split)</h2>")
+    sections.append(
+        f"<p>Image threshold rule: {html.escape(str(point['operating_point']))} (false-alarm "
+        f"budget {point['false_alarm_rate_budget']:.2%} of held-out defect-free images). "
+        "What it did on the test images:</p>"
+    )
+    sections.append(
+        _table(
+            [point],
+            ["false_alarm_rate", "miss_rate", "normal_images", "defective_images"],
+        )
+    )
+    level_rows = [
+        {"level given to a defect-free test image": level, "images": count}
+        for level, count in point["levels_of_normal_images"].items()
+    ]
+    sections.append(_table(level_rows, ["level given to a defect-free test image", "images"]))
     grading = results["grading"]
     sections.append("<h2>Grading</h2>")
     sections.append(

@@ -239,6 +239,8 @@ def train_challenger(
         combiner=opts["combiner"],
         pixel_pitch_mm=cfg["data"]["pixel_pitch_mm"],
         intensity=window.to_dict(),
+        operating_point=cfg["grading"]["operating_point"],
+        false_alarm_rate=cfg["grading"]["false_alarm_rate"],
         seed=cfg["seed"],
     ).fit(samples)
 

@@ -52,6 +52,8 @@ def test_image_size_is_a_side_or_height_and_width():
         ("data.batch_size=-1", "data.batch_size must be a positive number"),
         ("tiling.tile_size=0", "tiling.tile_size must be a positive number"),
         ("data.val_fraction=1", "data.val_fraction must be in [0, 1)"),
+        ("grading.operating_point=youden", "grading.operating_point must be false_alarm or f1"),
+        ("grading.false_alarm_rate=1.5", "grading.false_alarm_rate must be in [0, 1)"),
         ("data=3", "data must be a mapping"),
         ("data.image_size", "expects key.sub=value"),
     ],

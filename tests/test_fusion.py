@@ -97,3 +97,18 @@ def test_fusion_errors_name_the_problem():
         fitted.transform(X[:, :2])
     with pytest.raises(ValueError, match="NaN"):
         ScoreFusion("mean").fit(np.full((5, 3), np.nan))
+
+
+def test_false_alarm_operating_point_keeps_its_budget():
+    from fusion.hybrid import image_threshold
+
+    rng = np.random.default_rng(0)
+    normal, defective = rng.normal(0, 1, 400), rng.normal(2, 1, 400)
+    scores, labels = np.r_[normal, defective], np.r_[np.zeros(400), np.ones(400)]
+    threshold = image_threshold(scores, labels, "false_alarm", 0.01)
+    assert (normal >= threshold).sum() == 4  # 1 % of 400
+    assert (rng.normal(0, 1, 20000) >= threshold).mean() < 0.02  # new defect-free panels
+    # At this defect share, F1 buys recall with false alarms: a lower threshold.
+    assert image_threshold(scores, labels, "f1") < threshold
+    few = normal[:15]  # a 1 % budget over 15 images allows none of them
+    assert (few >= image_threshold(few, np.zeros(15), "false_alarm", 0.01)).sum() == 0

@@ -57,6 +57,10 @@ def test_rank_fusion_of_two_members_beats_the_worse_member(run):
     assert (run["out"] / "report.html").read_text().count("<table") >= 4
     cost = results["cost"]
     assert cost["members_together_ms"] > 0 and cost["members_sum_ms"] > 0
+    point = results["operating_point"]
+    assert point["operating_point"] == "false_alarm" and point["false_alarm_rate"] <= 0.25
+    assert point["miss_rate"] <= 0.5
+    assert sum(point["levels_of_normal_images"].values()) == point["normal_images"] > 0
 
 
 def test_grading_levels_and_types_on_synthetic_panels(run):
