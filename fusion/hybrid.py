@@ -550,11 +550,11 @@ def image_threshold(
     scores (with 15 normal images and a 1 % budget, none: just above the highest). ``f1``: the
     F1-optimal threshold where both classes are present (it trades false alarms for recall at
     the validation data's defect share), else the false-alarm rule."""
-    normal = np.sort(np.asarray(fused_scores, np.float64)[np.asarray(labels) == 0])[::-1]
     if operating_point == "f1" and len(np.unique(labels)) == 2:
         metric = ImageF1MaxMetric()
         metric.update(fused_scores, labels)
         return float(metric.compute()["threshold"])
+    normal = np.sort(np.asarray(fused_scores, np.float64)[np.asarray(labels) == 0])[::-1]
     if normal.size == 0:
         raise ValueError("the false-alarm operating point needs normal validation images")
     allowed = int(np.floor(false_alarm_rate * normal.size + 1e-9))  # normals it may flag

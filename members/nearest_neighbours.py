@@ -77,8 +77,8 @@ def _as_float32_array(tensor: torch.Tensor) -> np.ndarray:
 
 
 class NearestNeighbourIndex:
-    """k-NN search over a bank whose faiss index is built lazily and rebuilt when the bank
-    changes (see the module docstring)."""
+    """k-NN search over a bank: exact, or through an HNSW graph built lazily and rebuilt when
+    the bank changes (see the module docstring)."""
 
     def __init__(self, search: str = "exact", hnsw_m: int = 32, hnsw_ef_search: int = 16) -> None:
         if search not in SEARCH_METHODS:
