@@ -10,7 +10,13 @@
   gets no say;
 - ``learned``: a classifier on the normalized scores (``learner``: logistic regression or
   gradient boosting), fitted on labeled validation data; the fused score is its defect
-  probability.
+  probability;
+- ``auto``: chooses, by cross-validated AUROC on the labeled fitting data, among the combiners
+  above and each member alone (rank-normalized), so a hybrid whose fusion does not help
+  falls back to its best member instead of diluting it. Folds keep each ``groups`` value
+  (the image a pixel comes from) together; ``choose_on`` restricts the comparison to some rows
+  (real labeled defects, where there are any, rather than injected ones) while the winner is
+  fitted on all. Without both labels it is ``rank``.
 
 The same estimator fuses image scores (rows are images) and pixel maps (rows are pixels of the
 tile-merged, full-resolution maps).
@@ -19,15 +25,16 @@ tile-merged, full-resolution maps).
 from __future__ import annotations
 
 import numpy as np
-from sklearn.base import BaseEstimator
+from sklearn.base import BaseEstimator, clone
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.utils.validation import check_is_fitted
 
 from fusion.normalizers import get_normalizer, has_both_classes
 
-COMBINERS = ("mean", "max", "rank", "weighted", "learned")
+COMBINERS = ("mean", "max", "rank", "weighted", "learned", "auto")
 LEARNERS = ("logistic", "boosting")
 
 
@@ -39,7 +46,12 @@ class ScoreFusion(BaseEstimator):
         normalizer: ``minmax``, ``zscore`` or ``rank`` (forced to ``rank`` by ``combiner="rank"``).
         weights: member weights for ``weighted`` (None: from validation AUROC, or equal).
         learner: ``logistic`` or ``boosting`` for ``learned``.
-        seed: for the learner.
+        seed: for the learner, and the folds and row sample of ``auto``.
+        folds: cross-validation folds of ``auto``.
+        max_selection_rows: rows (a seeded sample) on which ``auto`` compares its candidates.
+
+    ``auto`` keeps ``candidate_auroc_`` (candidate name: cross-validated AUROC), ``chosen_``
+    (the winner's name) and ``fusion_`` (the winner, fitted on all rows).
     """
 
     def __init__(
@@ -49,18 +61,30 @@ class ScoreFusion(BaseEstimator):
         weights: list[float] | None = None,
         learner: str = "logistic",
         seed: int = 0,
+        folds: int = 5,
+        max_selection_rows: int = 200_000,
     ) -> None:
         self.combiner = combiner
         self.normalizer = normalizer
         self.weights = weights
         self.learner = learner
         self.seed = seed
+        self.folds = folds
+        self.max_selection_rows = max_selection_rows
 
-    def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> ScoreFusion:
+    def fit(
+        self,
+        X: np.ndarray,
+        y: np.ndarray | None = None,
+        groups: np.ndarray | None = None,
+        choose_on: np.ndarray | None = None,
+    ) -> ScoreFusion:
         if self.combiner not in COMBINERS:
             raise ValueError(f"unknown combiner {self.combiner!r}; choose one of {COMBINERS}")
         X = np.asarray(X, np.float64)
         y = None if y is None else np.asarray(y).ravel().astype(int)
+        if self.combiner == "auto":
+            return self._fit_auto(X, y, groups, choose_on)
         self.normalizer_ = get_normalizer("rank" if self.combiner == "rank" else self.normalizer)
         normalized = self.normalizer_.fit(X, y).transform(X)
         self.n_members_ = X.shape[1]
@@ -78,6 +102,66 @@ class ScoreFusion(BaseEstimator):
             else:
                 raise ValueError(f"unknown learner {self.learner!r}; choose one of {LEARNERS}")
             self.model_ = model.fit(normalized, y)
+        return self
+
+    def candidates(self, n_members: int) -> dict[str, ScoreFusion]:
+        """What ``auto`` chooses among: every combiner, then each member alone."""
+        out = {
+            name: ScoreFusion(name, self.normalizer, None, self.learner, self.seed)
+            for name in COMBINERS
+            if name != "auto"
+        }
+        for m in range(n_members):
+            alone = np.eye(n_members)[m].tolist()
+            out[f"member {m}"] = ScoreFusion("weighted", "rank", alone, seed=self.seed)
+        return out
+
+    def _fit_auto(
+        self,
+        X: np.ndarray,
+        y: np.ndarray | None,
+        groups: np.ndarray | None,
+        choose_on: np.ndarray | None,
+    ):
+        candidates = self.candidates(X.shape[1])
+        rows = np.arange(len(X)) if choose_on is None else np.flatnonzero(choose_on)
+        if y is None or not has_both_classes(y[rows]):
+            self.candidate_auroc_, self.chosen_ = {}, "rank"
+        else:
+            rng = np.random.default_rng(self.seed)
+            if len(rows) > self.max_selection_rows:
+                rows = np.sort(rng.choice(rows, self.max_selection_rows, replace=False))
+            X_sel, y_sel = X[rows], y[rows]
+            g_sel = None if groups is None else np.asarray(groups).ravel()[rows]
+            folds = min(self.folds, int(np.bincount(y_sel).min()))
+            if g_sel is not None:
+                folds = min(folds, *(len(np.unique(g_sel[y_sel == c])) for c in (0, 1)))
+            if folds < 2:
+                raise ValueError(
+                    "the auto combiner needs at least 2 normal and 2 defective samples "
+                    "(in 2 groups each) to cross-validate its candidates"
+                )
+            splitter = (
+                StratifiedKFold(folds, shuffle=True, random_state=self.seed)
+                if g_sel is None
+                else StratifiedGroupKFold(folds, shuffle=True, random_state=self.seed)
+            )
+            splits = list(splitter.split(X_sel, y_sel, g_sel))
+            self.candidate_auroc_ = {}
+            for name, candidate in candidates.items():
+                out_of_fold = np.empty(len(y_sel))
+                try:
+                    for train, held in splits:
+                        fitted = clone(candidate).fit(X_sel[train], y_sel[train])
+                        out_of_fold[held] = fitted.transform(X_sel[held])
+                except ValueError:  # a fold without both classes for a learner
+                    continue
+                self.candidate_auroc_[name] = float(roc_auc_score(y_sel, out_of_fold))
+            # Highest AUROC; on a tie the earlier candidate (fusions before single members).
+            self.chosen_ = max(self.candidate_auroc_, key=self.candidate_auroc_.get)
+        self.fusion_ = candidates[self.chosen_].fit(X, y)
+        self.normalizer_ = self.fusion_.normalizer_
+        self.n_members_ = X.shape[1]
         return self
 
     def _weights(self, normalized: np.ndarray, y: np.ndarray | None) -> np.ndarray:
@@ -102,6 +186,8 @@ class ScoreFusion(BaseEstimator):
         X = np.asarray(X, np.float64)
         if X.ndim != 2 or X.shape[1] != self.n_members_:
             raise ValueError(f"expected scores [n, {self.n_members_}], got shape {X.shape}")
+        if self.combiner == "auto":
+            return self.fusion_.transform(X)
         normalized = self.normalizer_.transform(X)
         if self.combiner in ("mean", "rank"):
             return normalized.mean(axis=1)
@@ -111,5 +197,11 @@ class ScoreFusion(BaseEstimator):
             return normalized @ self.weights_
         return self.model_.predict_proba(normalized)[:, 1]
 
-    def fit_transform(self, X: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
-        return self.fit(X, y).transform(X)
+    def fit_transform(
+        self,
+        X: np.ndarray,
+        y: np.ndarray | None = None,
+        groups: np.ndarray | None = None,
+        choose_on: np.ndarray | None = None,
+    ) -> np.ndarray:
+        return self.fit(X, y, groups, choose_on).transform(X)

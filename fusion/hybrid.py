@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+from sklearn.base import clone
 from sklearn.model_selection import StratifiedKFold
 
 from data.images import size_pair
@@ -274,22 +275,37 @@ class Hybrid:
             raise ValueError("fitting a hybrid needs validation samples")
         labels = np.array([int(s["label"]) for s, *_ in cache])
         scores = np.stack([c[2] for c in cache])
+        # Where real labeled defects exist, the auto combiner chooses on real images only
+        # (normal ones and those): injected defects can rank members unlike real ones do.
+        real = np.array(
+            [
+                not s.get("defects") or any(d.get("source") == "labeled" for d in s["defects"])
+                for s, *_ in cache
+            ]
+        )
+        choose_on = real if real[labels == 1].any() else None
 
-        image_fusion = ScoreFusion(opts["combiner"], opts["normalizer"], None, opts["learner"])
-        self.fitted["image_fusion"] = image_fusion.fit(scores, labels)
-        pixel_rows, pixel_labels = [], []
-        for _, _, _, maps, mask in cache:
+        fusion = ScoreFusion(
+            opts["combiner"], opts["normalizer"], None, opts["learner"], opts["seed"]
+        )
+        self.fitted["image_fusion"] = clone(fusion).fit(scores, labels, None, choose_on)
+        pixel_rows, pixel_labels, pixel_images = [], [], []
+        for index_of_image, (_, _, _, maps, mask) in enumerate(cache):
             flat, flat_mask = maps.reshape(len(self.names), -1).T, mask.ravel()
             for value in (0, 1):
                 index = np.flatnonzero(flat_mask == value)
                 take = rng.choice(index, min(len(index), opts["pixel_samples"]), replace=False)
                 pixel_rows.append(flat[take])
                 pixel_labels.append(np.full(len(take), value))
-        pixel_fusion = ScoreFusion(opts["combiner"], opts["normalizer"], None, opts["learner"])
-        self.fitted["pixel_fusion"] = pixel_fusion.fit(
-            np.concatenate(pixel_rows), np.concatenate(pixel_labels)
+                pixel_images.append(np.full(len(take), index_of_image))
+        pixel_images = np.concatenate(pixel_images)
+        self.fitted["pixel_fusion"] = clone(fusion).fit(
+            np.concatenate(pixel_rows),
+            np.concatenate(pixel_labels),
+            pixel_images,
+            None if choose_on is None else choose_on[pixel_images],
         )
-        fused_scores = image_fusion.transform(scores)
+        fused_scores = self.fitted["image_fusion"].transform(scores)
         self.fitted["image_threshold"] = image_threshold(
             fused_scores, labels, opts["operating_point"], opts["false_alarm_rate"]
         )
@@ -343,8 +359,29 @@ class Hybrid:
             "image_threshold": self.fitted["image_threshold"],
             "pixel_threshold": calibrator.threshold_,
             "pixel_threshold_method": calibrator.method_,
+            "fusion_choice": {
+                level: self.fusion_choice(self.fitted[f"{level}_fusion"], choose_on is not None)
+                for level in ("image", "pixel")
+            },
         }
         return self
+
+    def fusion_choice(self, fusion: ScoreFusion, on_real: bool) -> dict[str, Any] | None:
+        """What the ``auto`` combiner chose, the cross-validated AUROC of every candidate, with
+        member names, and on which images (None for a fixed combiner)."""
+        if fusion.combiner != "auto":
+            return None
+
+        def named(candidate: str) -> str:
+            if candidate.startswith("member "):
+                return f"{self.names[int(candidate.split()[1])]} alone"
+            return candidate
+
+        return {
+            "chosen": named(fusion.chosen_),
+            "chosen_on": "normal and labeled-defect images" if on_real else "all fusion images",
+            "cv_auroc": {named(k): v for k, v in fusion.candidate_auroc_.items()},
+        }
 
     def _fit_grader(self, regions: list[Region], levels: list[int]):
         opts = self.options

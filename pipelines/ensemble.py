@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--from", dest="from_run", help="the benchmark run folder")
     parser.add_argument("--top-k", type=int, help="number of best members to combine")
     parser.add_argument("--members", help="comma-separated members instead of the top k")
-    parser.add_argument("--combiner", help="mean | max | rank | weighted | learned")
+    parser.add_argument("--combiner", help="auto | mean | max | rank | weighted | learned")
     parser.add_argument("--name", help="output folder name under the run")
     return parser.parse_args(argv)
 

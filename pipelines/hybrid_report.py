@@ -56,7 +56,25 @@ def write_hybrid_report(results: dict[str, Any], records: list[dict[str, Any]], 
     facts = {k: v for k, v in grading.items() if not isinstance(v, dict)}
     sections.append(_table([facts], list(facts)))
     sections.append("<h2>Validation and grader choice</h2>")
-    sections.append(_table([results["validation"]], list(results["validation"])))
+    validation = {k: v for k, v in results["validation"].items() if not isinstance(v, dict)}
+    sections.append(_table([validation], list(validation)))
+    choices = results["validation"].get("fusion_choice") or {}
+    choice_rows = [
+        {
+            "level": level,
+            "chosen": c["chosen"],
+            "chosen on": c["chosen_on"],
+            **{f"cv AUROC {k}": v for k, v in c["cv_auroc"].items()},
+        }
+        for level, c in choices.items()
+        if c
+    ]
+    if choice_rows:
+        sections.append(
+            "<p>The auto combiner's choice at each level: cross-validated AUROC of every "
+            "candidate on the fusion data (not test).</p>"
+        )
+        sections.append(_table(choice_rows, list(choice_rows[0])))
     sections.append(_table([results["grader"]], list(results["grader"])))
     sections.append('<h2>Scores</h2><div class="row">')
     sections.append(

@@ -86,6 +86,34 @@ def test_learned_combiner_scores_at_least_as_high_as_rank_mean_on_held_out_data(
     assert weighted.weights_[2] < 0.15  # the member that does not separate gets little say
 
 
+def test_auto_combiner_fuses_complementary_members_and_keeps_a_dominant_one_alone():
+    # Two members with independent noise: fusing them beats either, and auto fuses.
+    X_val, y_val = member_scores(600, 9)
+    X_test, y_test = member_scores(1500, 10)
+    auto = ScoreFusion("auto").fit(X_val[:, :2], y_val)
+    assert not auto.chosen_.startswith("member"), auto.candidate_auroc_
+    best = max(roc_auc_score(y_test, X_test[:, m]) for m in range(2))
+    assert roc_auc_score(y_test, auto.transform(X_test[:, :2])) > best + 0.02
+
+    # A strong member beside a weak one: the rank mean dilutes the strong one; auto keeps it.
+    def strong_and_weak(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        y = (rng.random(n) < 0.4).astype(int)
+        return np.stack([3.0 * y + rng.normal(0, 1, n), 0.4 * y + rng.normal(0, 1, n)], 1), y
+
+    X_val, y_val = strong_and_weak(600, 11)
+    X_test, y_test = strong_and_weak(1500, 12)
+    auto = ScoreFusion("auto").fit(X_val, y_val)
+    strong = roc_auc_score(y_test, X_test[:, 0])
+    rank_mean = roc_auc_score(y_test, ScoreFusion("rank").fit(X_val, y_val).transform(X_test))
+    fused = roc_auc_score(y_test, auto.transform(X_test))
+    assert rank_mean < strong - 0.01  # the dilution auto must avoid
+    assert fused > rank_mean + 0.01 and fused >= strong - 0.01, (auto.chosen_, fused, strong)
+    assert set(auto.candidate_auroc_) >= {"rank", "mean", "learned", "member 0", "member 1"}
+    # Unlabeled data gives no basis for a choice: rank mean.
+    assert ScoreFusion("auto").fit(X_val).chosen_ == "rank"
+
+
 def test_fusion_errors_name_the_problem():
     X, y = member_scores(50, 8)
     with pytest.raises(ValueError, match="unknown combiner"):
