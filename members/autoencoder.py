@@ -217,6 +217,7 @@ class ReconstructionMember(Member):
     """
 
     trainable = True
+    reconstructs = True
     map_metric: str
     map_sigma: float
 
@@ -254,6 +255,9 @@ class ReconstructionMember(Member):
     ) -> torch.Tensor:
         """The standardized reconstruction ``[B, 3, H, W]`` of ``images`` (in [0, 1])."""
         raise NotImplementedError
+
+    def reconstruct_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self.destandardize(self.reconstruct(images)).clamp(0, 1)
 
     def error_map(self, images: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
         """Per-pixel error ``[B, 1, H, W]`` of a standardized ``reconstruction`` of ``images``

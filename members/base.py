@@ -11,6 +11,10 @@ Two kinds of member exist:
 - trainable members (``trainable = True``) implement ``configure_optimizers`` and
   ``training_step`` and are trained by the shared Fabric loop in ``members.trainer``.
 
+Members that reconstruct their input (``reconstructs = True``: autoencoder, VAE, DRAEM) also
+implement ``reconstruct_images``, which the benchmark's image-quality figures compare with the
+input.
+
 Members record their constructor arguments (``hparams``) so a fitted member saves to a folder
 (``member.json`` + ``weights.pt`` + a SHA-256 manifest) and loads back with ``load_member``.
 """
@@ -114,6 +118,7 @@ class Member(nn.Module):
 
     member_name: ClassVar[str] = "member"
     trainable: ClassVar[bool] = False
+    reconstructs: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -196,6 +201,11 @@ class Member(nn.Module):
                 raise KeyError(f"{self.member_name}: shared features lack layer(s) {missing}")
             return [features[i] for i in extractor.layers]
         return extractor(images)
+
+    def reconstruct_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Members with ``reconstructs``: the reconstruction ``[B, 3, H, W]`` of ``images``
+        ``[B, C, H, W]`` in [0, 1], on their scale (clamped to [0, 1])."""
+        raise NotImplementedError(f"{type(self).__name__} does not reconstruct its input")
 
     def compute_anomaly_score(self, anomaly_map: torch.Tensor) -> torch.Tensor:
         """Image scores ``[B]`` aggregated from ``anomaly_map`` ``[B, 1, H, W]``."""

@@ -92,6 +92,7 @@ class Draem(Member):
     """
 
     trainable = True
+    reconstructs = True
 
     def __init__(
         self,
@@ -151,6 +152,9 @@ class Draem(Member):
         skips = self.discriminative["encoder"](torch.cat((padded, reconstruction), dim=1))
         logits = self.discriminative["decoder"](skips[-1], skips)
         return reconstruction[..., :height, :width], logits[..., :height, :width]
+
+    def reconstruct_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self.reconstruct_and_segment(images)[0].float().clamp(0, 1)
 
     def compute_anomaly_map(
         self, images: torch.Tensor, features: dict[int, torch.Tensor] | None = None

@@ -15,12 +15,17 @@ Every ``XxxMetric`` averages a per-image value over the images given to ``update
   of, without the panel's gradual fall-off and without pixel noise.
 - ``SEMUMetric``: SEMU of labelled regions (mask per image), measured as the grading stage
   measures them, with the same ``metrics.severity.semu`` the synthetic generator uses.
+
+Two functions give the pipelines their figures: ``panel_quality`` (one panel's mura energy and
+colour uniformity, for ``predict``) and ``reconstruction_quality`` (PSNR, SSIM and LPIPS of a
+reconstruction member, for the benchmark's jobs).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,10 @@ LPIPS_BACKBONE_FILES = {
     "vgg": "vgg16-397923af.pth",
     "squeeze": "squeezenet1_1-b8a52dc0.pth",
 }
+# Pixel budgets that bound the figures of the largest panels (9344 x 7000 = 65 Mpx): the grid
+# ``mura_energy`` filters and transforms, and the pixels whose ΔE2000 ``panel_quality`` computes.
+MURA_MAX_PIXELS = 2048 * 2048
+DELTA_E_MAX_PIXELS = 1 << 20
 
 
 def _batch(images: Any) -> torch.Tensor:
@@ -195,20 +204,49 @@ class DeltaE2000Metric(_MeanOverImages):
 
 
 def mura_energy(
-    luminance: np.ndarray, background_sigma: float = 32.0, band: tuple[float, float] = (4.0, 32.0)
+    luminance: np.ndarray,
+    background_sigma: float = 32.0,
+    band: tuple[float, float] = (4.0, 32.0),
+    max_pixels: int | None = MURA_MAX_PIXELS,
 ) -> float:
     """Band-pass energy (RMS, percent of the background) of ``luminance`` ``[H, W]``: the
     deviation from a Gaussian-smoothed background, restricted by FFT to spatial periods between
     ``band[0]`` and ``band[1]`` pixels (by default 4 to 32: above pixel noise, below the
-    panel's gradual fall-off)."""
-    lum = np.asarray(luminance, dtype=np.float64)
-    background = ndimage.gaussian_filter(lum, background_sigma, mode="reflect")
+    panel's gradual fall-off).
+
+    Images of more than ``max_pixels`` pixels are first reduced by block means over ``f x f``
+    pixels, ``f`` the smallest integer that brings them within it, and the background sigma and
+    the band are divided by ``f``, so that the figure still measures periods of ``band`` image
+    pixels; this bounds time and memory (a 9344 x 7000 panel: ``f = 4``, a 2336 x 1750 grid).
+    Periods shorter than ``2 f`` pixels, the reduced grid's limit, drop out (``f = 4``: 8 to
+    32 px instead of 4 to 32 px) and those near it are attenuated by the block mean. ``None``:
+    always at full resolution.
+    """
+    lum = np.asarray(luminance)
+    if lum.ndim != 2:
+        raise ValueError(f"expected a luminance image [H, W], got {lum.shape}")
+    factor = 1
+    if max_pixels is not None and lum.size > max_pixels:
+        factor = math.ceil(math.sqrt(lum.size / max_pixels))
+    if band[1] <= 2 * factor:
+        raise ValueError(
+            f"mura_energy: a {lum.shape[1]}x{lum.shape[0]} image reduced {factor}x to fit "
+            f"max_pixels={max_pixels} keeps no period of the band {band} px; raise max_pixels"
+        )
+    if factor > 1:
+        rows, cols = lum.shape[0] // factor, lum.shape[1] // factor
+        # A view of whole blocks (the last < factor rows and columns are left out): no copy.
+        blocks = lum[: rows * factor, : cols * factor].reshape(rows, factor, cols, factor)
+        lum = blocks.mean(axis=(1, 3), dtype=np.float64)
+    else:
+        lum = lum.astype(np.float64)
+    background = ndimage.gaussian_filter(lum, background_sigma / factor, mode="reflect")
     deviation = lum / np.maximum(background, 1e-6) - 1
     spectrum = np.fft.rfft2(deviation)
     fy = np.fft.fftfreq(lum.shape[0])[:, None]
     fx = np.fft.rfftfreq(lum.shape[1])[None, :]
     frequency = np.hypot(fy, fx)
-    keep = (frequency >= 1 / band[1]) & (frequency <= 1 / band[0])
+    keep = (frequency >= factor / band[1]) & (frequency <= factor / band[0])
     filtered = np.fft.irfft2(spectrum * keep, s=lum.shape)
     return float(100 * math.sqrt(np.mean(filtered**2)))
 
@@ -244,6 +282,89 @@ class SEMUMetric(_MeanOverImages):
                 region = labels == k
                 found = measure_region(image, region, region.astype(float), self.pixel_pitch_mm)
                 self._add([found.semu])
+
+
+def panel_quality(image: np.ndarray) -> dict[str, float | None]:
+    """Uniformity figures of one panel image as read, at its own resolution (``[H, W]`` or
+    ``[H, W, 3]`` in [0, 1]):
+
+    - ``mura_energy_pct``: ``mura_energy`` of its luminance (the channel mean, as the grading
+      stage measures it), in percent of the background; large panels are reduced for the FFT
+      (see ``mura_energy``).
+    - ``delta_e2000_mean`` and ``delta_e2000_p99``: mean and 99th percentile of the CIEDE2000
+      difference between each pixel and the panel's mean CIELAB colour (sRGB, D65). Colour
+      panels only: both are None for grey images (one channel, or three equal ones), whose
+      colour is not measured (which is not a difference of 0). Panels of more than
+      ``DELTA_E_MAX_PIXELS`` pixels are measured on that many pixels drawn uniformly at random,
+      with a fixed seed (the same image gives the same figures; random rather than a regular
+      subgrid, which a sub-pixel pattern could alias).
+    """
+    image = np.asarray(image)
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+        raise ValueError(f"expected a panel image [H, W] or [H, W, 3], got {image.shape}")
+    grey = image.ndim == 2 or (
+        np.array_equal(image[..., 0], image[..., 1])
+        and np.array_equal(image[..., 1], image[..., 2])
+    )
+    luminance = image if image.ndim == 2 else image.mean(axis=2, dtype=np.float32)
+    figures: dict[str, float | None] = {
+        "mura_energy_pct": mura_energy(luminance),
+        "delta_e2000_mean": None,
+        "delta_e2000_p99": None,
+    }
+    if grey:
+        return figures
+    pixels = image.reshape(-1, 3)
+    if len(pixels) > DELTA_E_MAX_PIXELS:
+        pixels = pixels[np.random.default_rng(0).integers(0, len(pixels), DELTA_E_MAX_PIXELS)]
+    lab = srgb_to_lab(np.clip(pixels, 0.0, 1.0))
+    difference = delta_e_2000(lab, lab.mean(axis=0))
+    figures["delta_e2000_mean"] = float(difference.mean())
+    figures["delta_e2000_p99"] = float(np.percentile(difference, 99))
+    return figures
+
+
+def reconstruction_quality(
+    pairs: Iterable[tuple[Any, Any]],
+    lpips_net: str = "alex",
+    weights_dir: str | os.PathLike = "backbones",
+) -> dict[str, Any]:
+    """How closely a member reconstructs its input: ``psnr_db`` (dB), ``ssim`` and ``lpips``,
+    each the mean over images of its value between an image and its reconstruction, and
+    ``count``, the number of images.
+
+    ``pairs``: batches ``(images, reconstructions)``, ``[B, C, H, W]`` in [0, 1]; one-channel
+    images against three-channel reconstructions are compared as three equal channels (what
+    the reconstruction members are trained to reproduce). LPIPS needs its backbone file in
+    ``weights_dir`` (``LPIPS_BACKBONE_FILES``) and the lpips package; nothing is downloaded:
+    without them ``lpips`` is None and ``lpips_unavailable`` says why.
+    """
+    psnr, ssim = PSNRMetric(), SSIMMetric()
+    lpips: LPIPSMetric | None = None
+    unavailable = None
+    try:
+        lpips = LPIPSMetric(lpips_net, weights_dir)
+    except (FileNotFoundError, ImportError) as exc:
+        unavailable = str(exc)
+    count = 0
+    for images, reconstructions in pairs:
+        reconstructions = _batch(reconstructions)
+        images = _batch(images).expand(-1, reconstructions.shape[1], -1, -1)
+        for metric in (psnr, ssim, lpips):
+            if metric is not None:
+                metric.update(reconstructions, images)
+        count += len(images)
+    if not count:
+        raise ValueError("reconstruction_quality: no images were given")
+    figures = {
+        "count": count,
+        "psnr_db": psnr.compute(),
+        "ssim": ssim.compute(),
+        "lpips": lpips.compute() if lpips is not None else None,
+    }
+    if unavailable is not None:
+        figures["lpips_unavailable"] = unavailable
+    return figures
 
 
 QUALITY_METRICS: dict[str, type[Metric]] = {

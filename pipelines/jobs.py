@@ -326,6 +326,26 @@ def _validation_evaluation(predict, val_set, source: DataSource, spec: Mapping[s
     return evaluate(predict, batches, pixel_metrics=True)
 
 
+@torch.no_grad()
+def _reconstruction_quality(
+    member, test_set, tiling: Mapping[str, Any], bs: int, workers: int, device: torch.device
+) -> dict[str, Any]:
+    """PSNR, SSIM and LPIPS between the test images and the member's reconstructions of them
+    (of their tiles in a tiled job: the member's input there)."""
+    from metrics.quality import reconstruction_quality
+
+    if tiling["enabled"]:
+        from tiling import TiledDataset
+
+        test_set = TiledDataset(test_set, tiling["tile_size"], tiling["stride"], mode="all")
+    loader = make_loader(test_set, bs, shuffle=False, num_workers=workers)
+    pairs = (
+        (batch["image"], member.reconstruct_images(batch["image"].to(device))) for batch in loader
+    )
+    quality = reconstruction_quality(pairs)
+    return {"split": "test", "unit": "tile" if tiling["enabled"] else "image", **quality}
+
+
 def run_job(job_dir: Path) -> dict[str, Any]:
     """Fit and evaluate the job described by ``job_dir/job.json``; write ``results.json``."""
     from lightning_fabric.utilities.seed import seed_everything
@@ -464,6 +484,12 @@ def run_job(job_dir: Path) -> dict[str, Any]:
         "examples": examples,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    # After the cost figures: LPIPS's network is not part of the member's memory.
+    results["reconstruction_quality"] = (
+        _reconstruction_quality(member, test_set, tiling, bs, workers, trainer.fabric.device)
+        if member.reconstructs
+        else None
+    )
     atomic_write_json(job_dir / RESULTS_FILE, results)
     return results
 

@@ -2,8 +2,9 @@
 
     python -m pipelines.predict --hybrid reports/RUN/hybrid-rank-top3/hybrid panels/ one.png
 
-Writes, in ``--out``: ``predictions.json`` (per image: score, label, level, and its regions with
-type, level, bbox, area, contrast, SEMU, score), ``predictions.csv`` (one row per image),
+Writes, in ``--out``: ``predictions.json`` (per image: score, label, level, its regions with
+type, level, bbox, area, contrast, SEMU, score, and the panel's uniformity figures from
+``metrics.quality.panel_quality``), ``predictions.csv`` (one row per image),
 ``regions.csv`` (one row per region), ``overlays/`` (heatmap overlay PNGs at the original
 resolution) and ``skipped`` entries for files that could not be read: a bad file is reported and
 skipped, the others are still processed.
@@ -25,7 +26,18 @@ from pipelines.common import PipelineError, main_guard, setup_logging
 
 log = logging.getLogger("pipelines.predict")
 
-IMAGE_COLUMNS = ("path", "status", "score", "label", "level", "regions", "error")
+IMAGE_COLUMNS = (
+    "path",
+    "status",
+    "score",
+    "label",
+    "level",
+    "regions",
+    "mura_energy_pct",
+    "delta_e2000_mean",
+    "delta_e2000_p99",
+    "error",
+)
 REGION_COLUMNS = (
     "path",
     "type",
@@ -63,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from data.images import IntensityWindow
     from fusion.hybrid import Hybrid
+    from metrics.quality import panel_quality
     from pipelines.inputs import expand_inputs, read_inputs
     from tiling import save_anomaly_map, save_heatmap_overlay
 
@@ -101,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("skipped %s: %s", image.path, image.reason)
             predictions.append({"path": image.path, "status": "skipped", "error": image.reason})
             continue
-        image = window(image)
         try:
+            # The panel as read, before the members' intensity window.
+            quality = panel_quality(image)
+            image = window(image)
             result = hybrid.predict(image)
         except (ValueError, RuntimeError) as exc:
             log.warning("skipped %s: %s", path, exc)
@@ -118,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             "label": result["label"],
             "level": result["level"],
             "regions": regions,
+            **quality,
         }
         stem = f"{number:05d}-{path.stem}"
         if opts["overlays"]:

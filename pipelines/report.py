@@ -44,6 +44,8 @@ COST_COLUMNS = (
     "peak_rss_mb",
     "model_bytes",
 )
+# Reconstruction members' figures on the test split (``reconstruction_quality`` of a job).
+RECONSTRUCTION_COLUMNS = ("psnr_db", "ssim", "lpips")
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 
@@ -91,6 +93,8 @@ def leaderboard(results: Iterable[dict[str, Any]]) -> dict[str, Any]:
         }
         row.update({k: (r.get("metrics") or {}).get(k, float("nan")) for k in METRIC_COLUMNS})
         row.update({k: (r.get("cost") or {}).get(k, float("nan")) for k in COST_COLUMNS})
+        quality = r.get("reconstruction_quality") or {}
+        row.update({k: quality.get(k) for k in RECONSTRUCTION_COLUMNS})
         rows.append(row)
 
     def ranked(groups: dict[str, list[float]]) -> list[dict[str, Any]]:
@@ -152,6 +156,7 @@ def write_leaderboard_csv(board: dict[str, Any], path: Path) -> Path:
         "val_composite",
         *METRIC_COLUMNS,
         *COST_COLUMNS,
+        *RECONSTRUCTION_COLUMNS,
         "member",
         "backbone",
         "image_size",
@@ -370,6 +375,10 @@ def write_html_report(
         sections.append(_table(table, ["rank", "variant", "score"]))
     sections.append("<h2>All jobs</h2>")
     sections.append(
+        "<p>psnr_db, ssim, lpips: reconstruction members only, input against reconstruction on "
+        "the test split (PSNR in dB; LPIPS empty where its backbone file is absent).</p>"
+    )
+    sections.append(
         _table(
             board["rows"],
             [
@@ -381,6 +390,7 @@ def write_html_report(
                 "composite",
                 *METRIC_COLUMNS,
                 *COST_COLUMNS,
+                *RECONSTRUCTION_COLUMNS,
                 "error",
             ],
             "jobs",

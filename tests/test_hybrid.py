@@ -104,7 +104,14 @@ def test_predict_writes_results_overlays_and_skips_bad_files(run, tmp_path):
             assert overlay.size == (entry["width"], entry["height"])  # original resolution
         for region in entry["regions"]:
             assert {"type", "level", "bbox", "area_px", "area_mm2", "semu"} <= set(region)
-    assert (out / "predictions.csv").read_text().count("\n") == 6  # header + 5 inputs
+        # Grey panels: a mura energy, and no colour uniformity (not measured, not 0).
+        assert entry["mura_energy_pct"] > 0
+        assert entry["delta_e2000_mean"] is None and entry["delta_e2000_p99"] is None
+    table = (out / "predictions.csv").read_text()
+    assert table.count("\n") == 6  # header + 5 inputs
+    assert {"mura_energy_pct", "delta_e2000_mean", "delta_e2000_p99"} <= set(
+        table.splitlines()[0].split(",")
+    )
     # The same image through a second load of the hybrid gives the same answer.
     hybrid = Hybrid.load(run["out"] / "hybrid")
     image = np.asarray(Image.open(done[0]["path"]), dtype=np.float32) / 65535.0

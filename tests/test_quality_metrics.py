@@ -1,5 +1,6 @@
 """Image-quality metrics: CIEDE2000 on the Sharma pairs, PSNR/SSIM/MS-SSIM/LPIPS behaviour,
-FFT mura energy and region SEMU against the synthetic generator's truth."""
+FFT mura energy and region SEMU against the synthetic generator's truth, a panel's uniformity
+figures (``panel_quality``) and a reconstruction's (``reconstruction_quality``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ import torch
 
 from data.synthetic import PanelGenerator
 from metrics import get_metric
-from metrics.quality import LPIPS_BACKBONE_FILES, delta_e_2000, mura_energy, srgb_to_lab
+from metrics.quality import (
+    LPIPS_BACKBONE_FILES,
+    delta_e_2000,
+    mura_energy,
+    panel_quality,
+    reconstruction_quality,
+    srgb_to_lab,
+)
 
 SHARMA = Path(__file__).parent / "data" / "ciede2000_sharma.txt"
 
@@ -93,3 +101,76 @@ def test_semu_metric_measures_regions_like_the_generator():
             torch.from_numpy(sample["image"])[None], torch.from_numpy(sample["mask"])[None]
         )
         assert metric.compute() == pytest.approx(truth["semu"], rel=0.25), truth
+
+
+def _flat_panel(size: int = 128, noise: float = 0.005, seed: int = 0) -> np.ndarray:
+    """A uniform grey panel with only pixel noise (``noise``: relative standard deviation)."""
+    rng = np.random.default_rng(seed)
+    return 0.5 * (1 + noise * rng.standard_normal((size, size)))
+
+
+def _blotch(size: int, centre: tuple[int, int], sigma: float, amplitude: float) -> np.ndarray:
+    """A smooth Gaussian blotch as a relative luminance change ``1 + amplitude * profile``."""
+    yy, xx = np.mgrid[:size, :size]
+    distance2 = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2
+    return 1 + amplitude * np.exp(-distance2 / (2 * sigma**2))
+
+
+def test_panel_quality_gives_a_smooth_blotch_more_mura_energy_than_pixel_noise():
+    flat = _flat_panel()
+    blotched = flat * _blotch(128, (64, 50), sigma=6, amplitude=0.05)
+    flat_energy = panel_quality(flat)["mura_energy_pct"]
+    assert panel_quality(blotched)["mura_energy_pct"] > 1.3 * flat_energy
+    # A grey panel stored as RGB is the same panel: same figure, and no colour figures.
+    as_rgb = panel_quality(np.repeat(flat[..., None], 3, axis=2))
+    assert as_rgb["mura_energy_pct"] == pytest.approx(flat_energy, rel=1e-6)
+    for figures in (panel_quality(flat), as_rgb):
+        assert figures["delta_e2000_mean"] is None and figures["delta_e2000_p99"] is None
+
+
+def test_panel_quality_colour_uniformity_grows_with_a_colour_blotch(monkeypatch):
+    colour = np.array([0.8, 0.5, 0.3])
+    uniform = np.broadcast_to(colour, (64, 64, 3)).copy()
+    figures = panel_quality(uniform)
+    assert figures["delta_e2000_mean"] == pytest.approx(0.0, abs=1e-6)
+    assert figures["delta_e2000_p99"] == pytest.approx(0.0, abs=1e-6)
+    p99 = []
+    for shift in (0.02, 0.05):
+        blotched = uniform.copy()
+        blotched[16:40, 20:44] += [0.0, shift, -shift]
+        figures = panel_quality(blotched)
+        assert figures["delta_e2000_p99"] > figures["delta_e2000_mean"] > 0.1
+        p99.append(figures["delta_e2000_p99"])
+    assert p99[1] > 2 * p99[0] > 1.0, p99
+    # Panels over the pixel budget are measured on a random sample of their pixels.
+    monkeypatch.setattr("metrics.quality.DELTA_E_MAX_PIXELS", 1024)
+    assert panel_quality(blotched)["delta_e2000_mean"] == pytest.approx(
+        figures["delta_e2000_mean"], rel=0.15
+    )
+
+
+def test_mura_energy_of_a_large_panel_is_measured_on_a_reduced_grid():
+    image = 0.5 * np.ones((512, 512))
+    for centre in ((100, 100), (300, 200), (400, 400), (200, 380)):
+        image = image * _blotch(512, centre, sigma=8, amplitude=0.05)
+    full = mura_energy(image, max_pixels=None)
+    # Reduced 4x (8 to 32 px periods left): the smooth blotches keep nearly all their energy.
+    assert mura_energy(image, max_pixels=128 * 128) == pytest.approx(full, rel=0.1)
+    with pytest.raises(ValueError, match="max_pixels"):
+        mura_energy(image, max_pixels=16 * 16)  # reduced 32x: no period of the band is left
+
+
+def test_reconstruction_quality_reports_lpips_as_unavailable_without_its_backbone(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    images = 0.4 + 0.2 * torch.rand(2, 1, 64, 64, generator=generator)
+    close = (images + 0.01 * torch.randn(images.shape, generator=generator)).expand(-1, 3, -1, -1)
+    far = (images + 0.2 * torch.randn(images.shape, generator=generator)).clamp(0, 1)
+    good = reconstruction_quality(
+        [(images[:1], close[:1]), (images[1:], close[1:])], weights_dir=tmp_path
+    )
+    bad = reconstruction_quality([(images, far.expand(-1, 3, -1, -1))], weights_dir=tmp_path)
+    assert good["count"] == bad["count"] == 2
+    assert good["psnr_db"] > bad["psnr_db"] + 10 and good["ssim"] > bad["ssim"]
+    for figures in (good, bad):
+        assert figures["lpips"] is None
+        assert LPIPS_BACKBONE_FILES["alex"] in figures["lpips_unavailable"]

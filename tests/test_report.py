@@ -1,5 +1,6 @@
 """Leaderboard ranking and the HTML report (opened in a real headless browser)."""
 
+import csv
 import math
 import shutil
 import subprocess
@@ -76,10 +77,13 @@ def test_ranking_per_dataset_overall_and_per_category():
 def test_csv_and_html_are_written(tmp_path):
     rng = np.random.default_rng(0)
     results = [result("a", image_auroc=0.9, image_ap=0.8), result("b", status="failed")]
+    results[0]["reconstruction_quality"] = {"split": "test", "psnr_db": 31.25, "lpips": None}
     board = leaderboard(results)
     csv_path = write_leaderboard_csv(board, tmp_path / "leaderboard.csv")
     lines = csv_path.read_text().splitlines()
     assert lines[0].startswith("overall_rank,variant") and len(lines) == 3
+    rows = list(csv.DictReader(lines))
+    assert rows[0]["psnr_db"] == "31.25" and rows[0]["lpips"] == "" and rows[1]["psnr_db"] == ""
     records = [{"label": int(i % 2), "score": float(rng.random() + i % 2)} for i in range(20)]
     report = write_html_report(
         board, results, tmp_path, "Test report", {"synthetic-panel-a": records}, {"run": "x"}

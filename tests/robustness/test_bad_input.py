@@ -94,7 +94,10 @@ def test_predict_goes_on_past_bad_files(predicted):
     assert result.returncode == 0, result.stderr[-2000:]
     assert_clean(result.stderr)
     for path in predicted["good"]:
-        assert predicted["by_path"][str(path)]["status"] == "ok"
+        entry = predicted["by_path"][str(path)]
+        assert entry["status"] == "ok"
+        # The panel's figures: grey images get a mura energy and no colour uniformity.
+        assert entry["mura_energy_pct"] > 0 and entry["delta_e2000_mean"] is None
 
 
 @pytest.mark.parametrize("name,writer,expected", IMAGE_CASES, ids=IMAGE_IDS)
