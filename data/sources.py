@@ -65,6 +65,7 @@ def resolve_source(
             category=categories[0],
             defect_fraction=synthetic_cfg["defect_fraction"],
             pixel_pitch_mm=data_cfg["pixel_pitch_mm"],
+            level_weights=synthetic_cfg["level_weights"],
         )
         reader = "mvtec"
     else:

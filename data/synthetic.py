@@ -14,8 +14,9 @@ Truth of a defect: its mask (``p >= 0.5`` for soft profiles, ``p > 0`` for sharp
 ``(I_defect - I_background) / I_background * 100`` where the background is the panel without
 that defect (so ``contrast_pct = 100 * a * mean(p over mask)``), ``area_px``, ``area_mm2`` (from
 ``pixel_pitch_mm``), ``semu`` and ``level`` (SEMU bins for mura, size and contrast rules for the
-others; ``metrics.severity``). Target levels are drawn uniformly, and size and contrast are then
-chosen to land in that level, so every level occurs for every type.
+others; ``metrics.severity``). Target levels are drawn with ``level_weights`` (uniform by default;
+a production line's mix is mostly faint, near the just-noticeable difference), and size and
+contrast are then chosen to land in that level, so every level occurs for every type.
 
 ``inject_defects`` puts the same defects into any real defect-free image (contrast relative to
 the local luminance), which gives labeled validation data where real defects are scarce.
@@ -104,6 +105,7 @@ class PanelGenerator:
         max_defects: int = 2,
         semu_edges: Sequence[float] = SEMU_LEVEL_EDGES,
         level_rules: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+        level_weights: Sequence[float] | None = None,
         seed: int = 0,
     ) -> None:
         unknown = sorted(set(defect_types) - set(DEFECT_TYPES))
@@ -115,6 +117,14 @@ class PanelGenerator:
             raise ValueError(f"pixel_pitch_mm must be positive, got {pixel_pitch_mm}")
         if max_defects < 1:
             raise ValueError(f"max_defects must be >= 1, got {max_defects}")
+        if level_weights is not None:
+            weights = np.asarray(level_weights, dtype=float)
+            if weights.shape != (5,) or (weights < 0).any() or weights.sum() <= 0:
+                raise ValueError(
+                    f"level_weights must be 5 non-negative numbers (levels 1-5) with a positive "
+                    f"sum, got {list(level_weights)}"
+                )
+            level_weights = (weights / weights.sum()).tolist()
         self.size = _panel_size(size)
         self.gray_level = gray_level
         self.nonuniformity_pct = nonuniformity_pct
@@ -129,6 +139,7 @@ class PanelGenerator:
         self.max_defects = max_defects
         self.semu_edges = tuple(semu_edges)
         self.level_rules = dict(DEFAULT_LEVEL_RULES if level_rules is None else level_rules)
+        self.level_weights = level_weights
         self.seed = seed
 
     # --- background ----------------------------------------------------------------------
@@ -270,7 +281,10 @@ class PanelGenerator:
     ) -> Defect | None:
         """Render one defect at a free place of ``occupied`` (a bool map, updated); None if no
         free place was found. With ``image``, a brightening is capped so it does not saturate."""
-        level = int(rng.integers(1, 6)) if level is None else level
+        if level is None and self.level_weights is None:
+            level = int(rng.integers(1, 6))
+        elif level is None:
+            level = int(rng.choice(np.arange(1, 6), p=self.level_weights))
         profile = self._profile(defect_type, level, rng)
         height, width = self.size
         ph, pw = profile.shape
@@ -387,6 +401,67 @@ class PanelGenerator:
 
     def generate_defective(self, index: int, split: str = "test") -> dict[str, Any]:
         return self.generate(index, defective=True, split=split)
+
+
+class PanelSet:
+    """``count`` panels of ``generator`` rendered on demand, as dataset samples (the first
+    ``defect_fraction`` of them defective): ``image`` ``[C, H, W]`` tensor (grey repeated to
+    ``channels``), ``mask`` ``[1, H, W]``, ``instances``, ``defects``, ``label``, ``level``,
+    ``defect_type``, ``path``. With a seed nothing was fitted on, these are unseen panels."""
+
+    has_masks = True
+
+    def __init__(
+        self,
+        generator: PanelGenerator,
+        count: int,
+        defect_fraction: float = 0.5,
+        channels: int = 3,
+        split: str = "unseen",
+    ) -> None:
+        if count < 1:
+            raise ValueError(f"a panel set needs at least one panel, got {count}")
+        self.generator = generator
+        self.count = count
+        self.defective = int(round(count * defect_fraction))
+        self.channels = channels
+        self.split = split
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        import torch
+
+        sample = self.generator.generate(index, index < self.defective, self.split)
+        image = torch.from_numpy(np.atleast_3d(sample["image"]).transpose(2, 0, 1).copy())
+        if image.shape[0] != self.channels:
+            image = image[:1].expand(self.channels, -1, -1).contiguous()
+        defects = sample["defects"]
+        return {
+            "image": image,
+            "mask": torch.from_numpy(sample["mask"].astype(np.float32))[None],
+            "instances": torch.from_numpy(sample["instances"].astype(np.int32)),
+            "defects": defects,
+            "label": sample["label"],
+            "level": sample["level"],
+            "defect_type": dominant_type(defects) if defects else "good",
+            "path": f"{self.split}/seed{self.generator.seed}/{index:05d}",
+        }
+
+
+def generator_of_dataset(category_dir: str | os.PathLike, seed: int) -> PanelGenerator | None:
+    """The generator that wrote a synthetic dataset (its ``meta.json``), with another ``seed``;
+    None for a folder the generator did not write."""
+    path = Path(category_dir) / "meta.json"
+    if not path.is_file():
+        return None
+    try:
+        params = dict(json.loads(path.read_text())["generator"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a synthetic dataset description ({exc})") from exc
+    params["seed"] = seed
+    return PanelGenerator(**params)
 
 
 def inject_defects(

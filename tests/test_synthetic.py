@@ -8,7 +8,14 @@ import pytest
 from PIL import Image
 
 from data.datasets import get_dataset
-from data.synthetic import PanelGenerator, ensure_synthetic_dataset, inject_defects, write_dataset
+from data.synthetic import (
+    PanelGenerator,
+    PanelSet,
+    ensure_synthetic_dataset,
+    generator_of_dataset,
+    inject_defects,
+    write_dataset,
+)
 from metrics.severity import DEFECT_TYPES, MURA_TYPES, jnd_contrast, level_from_semu, semu
 
 
@@ -116,6 +123,40 @@ def test_writer_layout_truth_and_level_coverage(tmp_path):
     test = get_dataset("mvtec", data_dir=tmp_path, categories=["panel"], split="test")
     sample = test[0]
     assert sample["defects"] and sample["level"] >= 1 and sample["instances"].max() >= 1
+
+
+def test_level_weights_set_the_mix_of_levels():
+    faint = PanelGenerator(size=96, seed=3, level_weights=[0.43, 0.26, 0.16, 0.09, 0.06])
+    uniform = PanelGenerator(size=96, seed=3)
+    counts = {}
+    for name, generator in (("faint", faint), ("uniform", uniform)):
+        rng = np.random.default_rng(0)
+        defects = [
+            generator.make_defect("spot_mura", rng, np.zeros((96, 96), bool)) for _ in range(300)
+        ]
+        levels = [d.truth["target_level"] for d in defects if d is not None]
+        counts[name] = np.bincount(levels, minlength=6)[1:] / len(levels)
+    assert counts["faint"][0] > 0.35 and counts["faint"][4] < 0.1, counts
+    assert np.all(np.abs(counts["uniform"] - 0.2) < 0.07), counts
+    with pytest.raises(ValueError, match="level_weights"):
+        PanelGenerator(level_weights=[1, 0, 0])
+
+
+def test_unseen_panels_come_from_the_dataset_generator_with_another_seed(tmp_path):
+    root = write_dataset(
+        tmp_path, n_train=2, n_test=2, size=64, seed=0, level_weights=[1, 1, 1, 0, 0]
+    )
+    generator = generator_of_dataset(root, seed=5)
+    assert generator.seed == 5 and generator.size == (64, 64)
+    assert generator.level_weights == pytest.approx([1 / 3, 1 / 3, 1 / 3, 0, 0])
+    panels = PanelSet(generator, 6, defect_fraction=0.5, channels=3)
+    assert [panels[i]["label"] for i in range(6)] == [1, 1, 1, 0, 0, 0]
+    sample = panels[0]
+    assert sample["image"].shape == (3, 64, 64) and sample["mask"].shape == (1, 64, 64)
+    assert all(d["level"] <= 3 for d in sample["defects"])
+    written = PanelGenerator(size=64, seed=0).generate(0, True, "test")["image"]
+    assert not np.allclose(sample["image"][0].numpy(), written)  # not the dataset's own panels
+    assert generator_of_dataset(tmp_path, seed=5) is None  # not a generated folder
 
 
 def test_cache_returns_the_same_folder_and_does_not_rewrite(tmp_path):
