@@ -150,6 +150,8 @@ class Hybrid:
         pixel_samples: pixels per validation image used to fit the pixel fusion.
         intensity: the members' intensity window (``IntensityWindow.to_dict``).
         operating_point, false_alarm_rate: the image threshold's rule (see ``image_threshold``).
+        pixel_threshold: the pixel threshold's rule, ``region``, ``f1`` or ``quantile`` (see
+            ``ThresholdCalibrator``).
     """
 
     def __init__(
@@ -171,6 +173,7 @@ class Hybrid:
         intensity: Mapping[str, Any] | None = None,
         operating_point: str = "false_alarm",
         false_alarm_rate: float = 0.01,
+        pixel_threshold: str = "region",
         seed: int = 0,
     ) -> None:
         from pipelines.member_set import MemberSet
@@ -205,6 +208,7 @@ class Hybrid:
             "intensity": dict(intensity) if intensity else None,
             "operating_point": operating_point,
             "false_alarm_rate": false_alarm_rate,
+            "pixel_threshold": pixel_threshold,
             "seed": seed,
         }
         self.describer = RegionDescriber(describer_backbone, weights_dir=weights_dir)
@@ -310,7 +314,9 @@ class Hybrid:
             fused_scores, labels, opts["operating_point"], opts["false_alarm_rate"]
         )
         fused_maps = [self.fuse_map(maps) for _, _, _, maps, _ in cache]
-        calibrator = ThresholdCalibrator().fit(fused_maps, [c[4] for c in cache])
+        calibrator = ThresholdCalibrator(opts["pixel_threshold"]).fit(
+            fused_maps, [c[4] for c in cache]
+        )
         self.fitted["calibrator"] = calibrator
 
         # Grading learns from two views of every known defect: the region the detector found

@@ -1,4 +1,11 @@
-"""Scores of the grading stage against truth: level accuracy and type macro-F1."""
+"""Scores of the grading stage against truth.
+
+``grading_scores``: level accuracy (exact, within one) and type macro-F1 of graded regions paired
+with their truth defects. ``grading_figures``: what an inspection engineer checks end to end:
+which true defects were found (recall per true level), the level and type confusion matrices,
+how far the measured area and contrast are from the truth, and the median level the images of
+each true level got.
+"""
 
 from __future__ import annotations
 
@@ -30,4 +37,102 @@ def grading_scores(pairs: Sequence[tuple[Region, Mapping[str, Any]]]) -> dict[st
         ),
         "n": len(pairs),
         "n_with_level": len(leveled),
+    }
+
+
+def _relative_errors(pairs: Sequence[tuple[Region, Mapping[str, Any]]], key: str) -> np.ndarray:
+    values = [
+        (getattr(region, key), float(truth[key]))
+        for region, truth in pairs
+        if truth.get(key) not in (None, 0)
+    ]
+    if not values:
+        return np.array([])
+    # Of magnitudes: a dark and a bright defect read too weak both give a negative error.
+    measured, true = np.abs(np.asarray(values, dtype=np.float64)).T
+    return (measured - true) / true
+
+
+def measurement_errors(pairs: Sequence[tuple[Region, Mapping[str, Any]]]) -> dict[str, Any]:
+    """Median relative error of the magnitude (signed: the bias; negative reads too small) and
+    median absolute relative error of the measured ``area_px`` and ``contrast_pct`` against the
+    truth's, overall and per type."""
+    out: dict[str, Any] = {}
+    for key in ("area_px", "contrast_pct"):
+        errors = _relative_errors(pairs, key)
+        by_type = {}
+        for kind in sorted({str(t["type"]) for _, t in pairs}):
+            typed = _relative_errors([(r, t) for r, t in pairs if str(t["type"]) == kind], key)
+            if typed.size:
+                by_type[kind] = float(np.median(np.abs(typed)))
+        out[key] = {
+            "n": int(errors.size),
+            "median_abs_relative_error": float(np.median(np.abs(errors))) if errors.size else None,
+            "median_relative_error": float(np.median(errors)) if errors.size else None,
+            "median_abs_relative_error_by_type": by_type,
+        }
+    return out
+
+
+def confusion(true: Sequence[Any], predicted: Sequence[Any]) -> dict[str, dict[str, int]]:
+    """Counts ``{true: {predicted: n}}`` (labels as strings, sorted)."""
+    table: dict[str, dict[str, int]] = {}
+    for t, p in zip(true, predicted):
+        row = table.setdefault(str(t), {})
+        row[str(p)] = row.get(str(p), 0) + 1
+    return {t: dict(sorted(row.items())) for t, row in sorted(table.items())}
+
+
+def grading_figures(
+    stage_pairs: Sequence[tuple[Region, Mapping[str, Any]]],
+    detected_pairs: Sequence[tuple[Region, Mapping[str, Any]]],
+    image_levels: Sequence[tuple[int, int]] = (),
+    graded_from: int = 2,
+) -> dict[str, Any]:
+    """End-to-end figures of the grading stage.
+
+    ``stage_pairs``: every true defect, graded on its own true region (one pair per defect).
+    ``detected_pairs``: the regions the hybrid found, each with the true defect it overlaps
+    most. ``image_levels``: ``(predicted, true)`` image levels (0: defect-free).
+
+    Returns ``detection_recall_by_level`` (found / present per true level), the recall of the
+    defects of level ``graded_from`` and above, ``level_confusion`` and ``type_confusion``
+    (true -> predicted, over detected regions), ``measurement`` (``measurement_errors`` on the
+    detected regions and on the true regions) and ``median_level_by_true_level`` (images).
+    """
+    found = {id(truth) for _, truth in detected_pairs}
+    recall: dict[str, float] = {}
+    present_graded = found_graded = 0
+    levels = sorted({int(t["level"]) for _, t in stage_pairs if t.get("level") is not None})
+    for level in levels:
+        truths = [t for _, t in stage_pairs if t.get("level") == level]
+        hits = sum(id(t) in found for t in truths)
+        recall[str(level)] = hits / len(truths)
+        if level >= graded_from:
+            present_graded += len(truths)
+            found_graded += hits
+    leveled = [(r, t) for r, t in detected_pairs if t.get("level") is not None]
+    by_true_level: dict[str, list[int]] = {}
+    for predicted, true in image_levels:
+        by_true_level.setdefault(str(true), []).append(int(predicted))
+    return {
+        "defects": len(stage_pairs),
+        "defects_detected": sum(id(t) in found for _, t in stage_pairs),
+        "detection_recall_by_level": recall,
+        f"detection_recall_level_{graded_from}_and_above": (
+            found_graded / present_graded if present_graded else float("nan")
+        ),
+        "level_confusion": confusion(
+            [int(t["level"]) for _, t in leveled], [r.level for r, _ in leveled]
+        ),
+        "type_confusion": confusion(
+            [t["type"] for _, t in detected_pairs], [r.type for r, _ in detected_pairs]
+        ),
+        "measurement": {
+            "detected_regions": measurement_errors(detected_pairs),
+            "true_regions": measurement_errors(stage_pairs),
+        },
+        "median_level_by_true_level": {
+            level: float(np.median(values)) for level, values in sorted(by_true_level.items())
+        },
     }

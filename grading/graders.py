@@ -1,7 +1,8 @@
 """Severity levels, defect types and thresholds for measured regions (scikit-learn estimators).
 
-- ``ThresholdCalibrator``: the pixel threshold of the fused map: F1-optimal on labeled
-  validation maps (injected or real defects), or a high quantile of normal pixels.
+- ``ThresholdCalibrator``: the pixel threshold of the fused map, on labeled validation maps
+  (injected or real defects): F1-optimal over defects found and regions raised (``region``),
+  F1-optimal over pixels (``f1``), or a high quantile of normal pixels.
 - ``RuleGrader``: the design's levels: SEMU bins for mura (and for types without a rule), size
   and contrast rules for pixel, line, scratch and particle defects.
 - ``OrdinalGrader``: learned where labeled levels exist. Cumulative binary logistic models
@@ -18,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from scipy import ndimage
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
@@ -31,17 +33,26 @@ from metrics.severity import SEMU_LEVEL_EDGES, defect_level
 
 UNKNOWN = "unknown"
 LEVELS = (1, 2, 3, 4, 5)
-THRESHOLD_METHODS = ("f1", "quantile")
+THRESHOLD_METHODS = ("region", "f1", "quantile")
 
 
 class ThresholdCalibrator(BaseEstimator):
-    """Pixel threshold of fused maps. ``fit(maps, masks)`` with lists of ``[H, W]`` arrays;
-    ``method="f1"`` needs defect pixels in the masks and falls back to ``quantile`` of the
-    normal pixels without them."""
+    """Pixel threshold of fused maps. ``fit(maps, masks)`` with lists of ``[H, W]`` arrays.
 
-    def __init__(self, method: str = "f1", quantile: float = 0.999) -> None:
+    ``region``: the threshold with the best F1 of defects found (a mask component touched by a
+    region of the thresholded map) against regions raised (a region touching no defect is a
+    false one). This is what an inspection counts; pixel F1 is dominated by the pixels of
+    large defects and sets a threshold that loses small and faint ones. Candidates are the
+    defects' peak values and the normal images' maxima (at most ``candidates`` of them).
+    ``f1``: F1-optimal over pixels. Both need defect pixels in the masks and fall back to
+    ``quantile`` of the normal pixels without them."""
+
+    def __init__(
+        self, method: str = "region", quantile: float = 0.999, candidates: int = 64
+    ) -> None:
         self.method = method
         self.quantile = quantile
+        self.candidates = candidates
 
     def fit(self, maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> ThresholdCalibrator:
         if self.method not in THRESHOLD_METHODS:
@@ -49,7 +60,10 @@ class ThresholdCalibrator(BaseEstimator):
         if not len(maps):
             raise ValueError("threshold calibration needs at least one map")
         has_defects = any(np.asarray(m).any() for m in masks)
-        if self.method == "f1" and has_defects:
+        if self.method == "region" and has_defects:
+            self.threshold_, self.region_f1_ = self._region_threshold(maps, masks)
+            self.method_ = "region"
+        elif self.method == "f1" and has_defects:
             metric = PixelF1MaxMetric()
             for anomaly_map, mask in zip(maps, masks):
                 metric.update(np.asarray(anomaly_map)[None, None], np.asarray(mask)[None, None])
@@ -62,6 +76,41 @@ class ThresholdCalibrator(BaseEstimator):
             self.threshold_ = float(np.quantile(normal, self.quantile))
             self.method_ = "quantile"
         return self
+
+    def _region_threshold(
+        self, maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]
+    ) -> tuple[float, float]:
+        images = []
+        peaks = []
+        for anomaly_map, mask in zip(maps, masks):
+            anomaly_map = np.asarray(anomaly_map, dtype=np.float64)
+            defects, count = ndimage.label(np.asarray(mask, bool).reshape(anomaly_map.shape))
+            images.append((anomaly_map, defects, count))
+            if count:
+                peaks.append(ndimage.maximum(anomaly_map, defects, np.arange(1, count + 1)))
+            else:
+                peaks.append([anomaly_map.max()])
+        values = np.unique(np.concatenate([np.atleast_1d(p) for p in peaks]))
+        if len(values) > self.candidates:
+            values = np.unique(np.quantile(values, np.linspace(0, 1, self.candidates)))
+        best = (-1.0, float(values[-1]))
+        for threshold in values:
+            found = present = true_regions = raised = 0
+            for anomaly_map, defects, count in images:
+                regions, n_regions = ndimage.label(anomaly_map >= threshold)
+                raised += n_regions
+                present += count
+                if not n_regions or not count:
+                    continue
+                touched = (regions > 0) & (defects > 0)
+                found += len(np.unique(defects[touched]))
+                true_regions += len(np.unique(regions[touched]))
+            precision = true_regions / raised if raised else 0.0
+            recall = found / present if present else 0.0
+            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+            if f1 > best[0]:
+                best = (f1, float(threshold))
+        return best[1], best[0]
 
 
 def _type_of(region: Region) -> str:

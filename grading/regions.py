@@ -105,6 +105,39 @@ def _masked_blur(values: np.ndarray, weights: np.ndarray, sigma: float) -> np.nd
     ]
 
 
+def _quadratic_trend(values: np.ndarray, weights: np.ndarray, sigma: float) -> np.ndarray:
+    """The least-squares quadratic surface through ``values`` where ``weights`` is 1, over the
+    whole array (fitted on ``sigma // 8`` blocks, like ``_masked_blur``)."""
+    step = max(1, int(sigma // 8))
+    coarse_values, coarse_weights = _block_means(values, step), _block_means(weights, step)
+    height, width = values.shape
+    scale = max(height, width) / 2.0
+
+    def basis(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        y, x = (rows - height / 2) / scale, (cols - width / 2) / scale
+        return np.stack([np.ones_like(y), y, x, y * y, x * y, x * x], axis=-1)
+
+    centres = (
+        (np.arange(coarse_values.shape[0]) + 0.5) * step,
+        (np.arange(coarse_values.shape[1]) + 0.5) * step,
+    )
+    design = basis(*np.meshgrid(*centres, indexing="ij"))
+    use = coarse_weights > 0.5
+    if use.sum() < 12:
+        return np.full(values.shape, float(np.average(values, weights=weights + 1e-12)))
+    coefficients, *_ = np.linalg.lstsq(design[use], coarse_values[use], rcond=None)
+    return basis(*np.mgrid[:height, :width].astype(np.float64)) @ coefficients
+
+
+def local_background(values: np.ndarray, weights: np.ndarray, sigma: float) -> np.ndarray:
+    """The background under a hole (``weights`` 0) from the pixels around it: a quadratic trend
+    through them, plus the Gaussian-weighted mean (scale ``sigma``) of what the trend leaves.
+    The mean alone fills a hole with its rim's average, which misreads a region on a curved
+    background (vignetting) by the curvature over the hole; the trend carries that."""
+    trend = _quadratic_trend(values, weights, sigma)
+    return trend + _masked_blur(values - trend, weights, sigma)
+
+
 def _shape_features(mask: np.ndarray, image_shape: tuple[int, int]) -> dict[str, float]:
     ys, xs = np.nonzero(mask)
     height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
@@ -140,16 +173,22 @@ def measure_region(
     window = _window(bbox, int(3 * sigma) + 2, lum.shape)
     local, region = lum[window], detection[window]
     grown = ndimage.binary_dilation(region, iterations=max(2, short_side // 4))
-    background = _masked_blur(local, (~grown).astype(np.float64), sigma)
+    background = local_background(local, (~grown).astype(np.float64), sigma)
     deviation = local / np.maximum(background, 1e-6) - 1.0
-    sign = 1.0 if deviation[region].mean() >= 0 else -1.0
+    # The sign of the strongest excursion under the detection (lightly smoothed against single
+    # noise pixels), not of its mean: a thin defect covers little of a coarse map's blob.
+    smooth = ndimage.gaussian_filter(deviation, 1.0)[region]
+    sign = 1.0 if smooth.max() >= -smooth.min() else -1.0
     outside = deviation[~grown]
     noise = 1.4826 * np.median(np.abs(outside - np.median(outside))) if outside.size > 8 else 0.0
     raw_peak = np.max(sign * deviation[grown])
     signed = sign * (
         deviation if raw_peak > noise_k * noise else ndimage.gaussian_filter(deviation, 1.5)
     )
-    peak = np.quantile(signed[grown], 0.99)
+    # A high percentile, so that one noise pixel does not set the peak; but a defect of a few
+    # pixels in a wide detection is less than 1 % of it, and its maximum, less the noise's
+    # typical excess, is its peak.
+    peak = max(np.quantile(signed[grown], 0.99), np.max(signed[grown]) - 3.0 * noise)
     extent = grown & (signed >= 0.5 * peak) if peak > 0 else region
     labels, count = ndimage.label(extent)
     if count > 1:  # keep the parts that touch the detection

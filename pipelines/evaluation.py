@@ -126,7 +126,7 @@ def evaluate_hybrid(
     from tqdm.auto import tqdm
 
     from fusion.hybrid import match_regions
-    from grading.evaluation import grading_scores
+    from grading.evaluation import grading_figures, grading_scores
 
     detectors = ["hybrid", *hybrid.names]
     image_metrics = {d: {n: get_metric(n) for n in IMAGE_METRICS} for d in detectors}
@@ -190,8 +190,7 @@ def evaluate_hybrid(
     grading: dict[str, Any] = {
         "stage_on_true_regions": grading_scores(stage_pairs),
         "end_to_end": grading_scores(detected_pairs),
-        "defects": len(stage_pairs),
-        "defects_detected": len({id(t) for _, t in detected_pairs}),
+        **grading_figures(stage_pairs, detected_pairs, levels),
     }
     if levels:
         predicted, truth = (torch.tensor(v) for v in zip(*levels))

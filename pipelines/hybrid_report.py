@@ -47,14 +47,17 @@ def write_hybrid_report(results: dict[str, Any], records: list[dict[str, Any]], 
         "hybrid found, matched to the defect they overlap most). Unknown types count as wrong."
         "</p>"
     )
-    grade_rows = [
-        {"view": view, **grading[view]} for view in ("stage_on_true_regions", "end_to_end")
-    ]
-    sections.append(
-        _table(grade_rows, ["view", "level_accuracy", "level_within_one", "type_macro_f1", "n"])
-    )
-    facts = {k: v for k, v in grading.items() if not isinstance(v, dict)}
-    sections.append(_table([facts], list(facts)))
+    sections.extend(_grading_sections(grading))
+    unseen = results.get("unseen_panels")
+    if unseen:
+        sections.append(f"<h2>Unseen panels: {html.escape(unseen['split'])}</h2>")
+        sections.append(
+            f"<p>The saved hybrid on {unseen['images']} new panels of the same generator "
+            "parameters and a seed nothing was fitted or chosen on; every defect's type and "
+            "level is known.</p>"
+        )
+        sections.append(_table([unseen["metrics"]], list(unseen["metrics"])))
+        sections.extend(_grading_sections(unseen["grading"]))
     sections.append("<h2>Validation and grader choice</h2>")
     validation = {k: v for k, v in results["validation"].items() if not isinstance(v, dict)}
     sections.append(_table([validation], list(validation)))
@@ -98,3 +101,60 @@ def write_hybrid_report(results: dict[str, Any], records: list[dict[str, Any]], 
         sections.append(bar_chart(cost, "Milliseconds per image", "ms"))
     sections.append(_table([results["cost"]], list(results["cost"])))
     return atomic_write_text(path, html_page("Hybrid report", sections))
+
+
+def _confusion_table(table: dict[str, dict[str, int]], true_name: str) -> str:
+    predicted = sorted({p for row in table.values() for p in row})
+    rows = [{true_name: t, **{p: row.get(p, 0) for p in predicted}} for t, row in table.items()]
+    return _table(rows, [true_name, *predicted])
+
+
+def _grading_sections(grading: dict[str, Any]) -> list[str]:
+    """Level and type accuracy, recall per true level, the confusion matrices, measurement
+    errors and median levels."""
+    views = [{"view": v, **grading[v]} for v in ("stage_on_true_regions", "end_to_end")]
+    facts = {k: v for k, v in grading.items() if not isinstance(v, dict)}
+    out = [
+        _table(views, ["view", "level_accuracy", "level_within_one", "type_macro_f1", "n"]),
+        _table([facts], list(facts)),
+    ]
+    recall = grading.get("detection_recall_by_level") or {}
+    if recall:
+        out.append("<h3>Defects found, per true level (end to end)</h3>")
+        out.append(
+            _table(
+                [{"true level": level, "recall": value} for level, value in recall.items()],
+                ["true level", "recall"],
+            )
+        )
+    if grading.get("level_confusion"):
+        out.append("<h3>Level confusion (rows: true level, columns: given level)</h3>")
+        out.append(_confusion_table(grading["level_confusion"], "true level"))
+    if grading.get("type_confusion"):
+        out.append("<h3>Type confusion (rows: true type, columns: given type)</h3>")
+        out.append(_confusion_table(grading["type_confusion"], "true type"))
+    measurement = grading.get("measurement") or {}
+    rows = [
+        {
+            "regions": view,
+            "figure": key,
+            "n": figures["n"],
+            "median |relative error|": figures["median_abs_relative_error"],
+            "median relative error (bias)": figures["median_relative_error"],
+        }
+        for view, by_key in measurement.items()
+        for key, figures in by_key.items()
+    ]
+    if rows:
+        out.append("<h3>Measured area and contrast against the truth</h3>")
+        out.append(_table(rows, list(rows[0])))
+    medians = grading.get("median_level_by_true_level") or {}
+    if medians:
+        out.append("<h3>Median level given to the images of each true level</h3>")
+        out.append(
+            _table(
+                [{"true level": k, "median level given": v} for k, v in medians.items()],
+                ["true level", "median level given"],
+            )
+        )
+    return out

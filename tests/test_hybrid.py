@@ -42,7 +42,13 @@ def run(tmp_path_factory) -> dict[str, Path]:
     ]
     assert benchmark.main([*common, "--members", "patchcore,padim", "--run-name", "bench"]) == 0
     run_dir = root / "bench"
-    assert ensemble.main(["--from", str(run_dir), "--top-k", "2", "--name", "hybrid"]) == 0
+    assert (
+        ensemble.main(
+            ["--from", str(run_dir), "--top-k", "2", "--name", "hybrid"]
+            + ["--set", "ensemble.unseen_panels=40"]
+        )
+        == 0
+    )
     return {"root": root, "run": run_dir, "out": run_dir / "hybrid"}
 
 
@@ -76,6 +82,26 @@ def test_grading_levels_and_types_on_synthetic_panels(run):
     assert scores["level_accuracy"] >= 0.8, scores
     assert scores["level_within_one"] >= 0.95, scores
     assert scores["type_macro_f1"] >= 0.8, scores
+
+
+def test_grading_end_to_end_on_panels_of_an_unseen_generator_seed(run):
+    results = json.loads((run["out"] / "results.json").read_text())
+    unseen = results["unseen_panels"]
+    # Panels nothing was fitted on, graded from the regions the hybrid found and measured:
+    # not the rules grading their own truth. A small model (128 px, 40 training panels):
+    # the bounds are loose, but levels must rise with the truth's.
+    assert unseen["split"] == "unseen panels (generator seed 1)" and unseen["images"] == 40
+    grading = unseen["grading"]
+    assert grading["defects"] >= 20
+    assert unseen["metrics"]["image_auroc"] > 0.8
+    assert grading["detection_recall_level_2_and_above"] > 0.3
+    assert grading["end_to_end"]["level_within_one"] >= 0.7
+    medians = grading["median_level_by_true_level"]
+    assert medians["0"] == 0 and medians[max(medians, key=int)] >= 3
+    found = sum(sum(row.values()) for row in grading["level_confusion"].values())
+    assert found == grading["end_to_end"]["n_with_level"]
+    report = (run["out"] / "report.html").read_text()
+    assert "Level confusion" in report and "Unseen panels" in report
 
 
 def test_predict_writes_results_overlays_and_skips_bad_files(run, tmp_path):

@@ -3,7 +3,7 @@
 import numpy as np
 from scipy import ndimage
 
-from grading.regions import _masked_blur, measure_region
+from grading.regions import _masked_blur, local_background, measure_region
 
 
 def smooth_panel(height: int = 600, width: int = 480) -> np.ndarray:
@@ -44,3 +44,33 @@ def test_a_large_mura_is_measured_at_its_area_and_contrast():
     region = measure_region(image, detection, disk.astype(float), pixel_pitch_mm=0.1)
     assert abs(region.contrast_pct - -5.0) < 0.5, region.contrast_pct
     assert abs(region.area_px / disk.sum() - 1) < 0.15, (region.area_px, int(disk.sum()))
+
+
+def test_the_background_under_a_mura_on_a_curved_panel_carries_the_curvature():
+    rows, cols = np.mgrid[:400, :400]
+    # Vignetting: a panel 12 % darker 200 px from its bright point, and a slight tilt.
+    panel = 0.4 * (1 - 0.12 * ((rows - 150) ** 2 + (cols - 230) ** 2) / 200.0**2)
+    panel = panel + 0.01 * rows / 400.0
+    disk = (rows - 200) ** 2 + (cols - 200) ** 2 <= 50**2
+    image = panel * np.where(disk, 0.97, 1.0)  # a -3 % mura, 100 px across
+    outside = (~ndimage.binary_dilation(disk, iterations=12)).astype(float)
+    trend = local_background(image, outside, 100.0)
+    mean_only = _masked_blur(image, outside, 100.0)
+    # The rim's mean misses the curvature by several percent, more than the mura itself...
+    assert np.abs(mean_only[disk] / panel[disk] - 1).max() > 0.03
+    # ... the trend through the rim does not.
+    assert np.abs(trend[disk] / panel[disk] - 1).max() < 0.002
+    detection = ndimage.binary_erosion(disk, iterations=10)
+    region = measure_region(image, detection, disk.astype(float), pixel_pitch_mm=0.1)
+    assert abs(region.contrast_pct - -3.0) < 0.1, region.contrast_pct
+
+
+def test_a_dark_pixel_in_a_wide_detection_is_measured_as_one_pixel():
+    panel = smooth_panel(200, 200)
+    image = panel.copy()
+    image[100, 120] *= 0.85  # one pixel 15 % dark
+    rows, cols = np.mgrid[:200, :200]
+    detection = (rows - 100) ** 2 + (cols - 118) ** 2 <= 14**2  # a coarse map's blob
+    region = measure_region(image, detection, detection.astype(float), pixel_pitch_mm=0.1)
+    assert region.area_px == 1, region.area_px
+    assert abs(region.contrast_pct - -15.0) < 1.5, region.contrast_pct
