@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 from sklearn.base import clone
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold
 
 from data.images import size_pair
 from data.io import (
@@ -323,7 +323,7 @@ class Hybrid:
         # (what it sees in use) and the region of the true mask (clean, and present even where
         # detection missed it). Levels come from defects that have one. Types: where the
         # dataset's labeled defects have type names of their own, the classifier knows those.
-        graded, levels, type_rows = [], [], []
+        graded, levels, defect_ids, type_rows = [], [], [], []
         for (sample, image, *_), fused in zip(cache, fused_maps):
             if not sample.get("defects"):
                 continue
@@ -340,6 +340,7 @@ class Hybrid:
                 if truth.get("level") is not None:
                     graded.append(region)
                     levels.append(int(truth["level"]))
+                    defect_ids.append(id(truth))
         labeled_types = {kind for _, kind, labeled in type_rows if labeled}
         if labeled_types - set(DEFECT_TYPES):
             # The dataset names its own types: injected defects count only where they match.
@@ -352,7 +353,9 @@ class Hybrid:
             self.fitted["type_classifier"] = TypeClassifier(
                 opts["type_confidence"], seed=opts["seed"]
             ).fit(X, types)
-        self.fitted["grader"], self.fitted["grader_report"] = self._fit_grader(graded, levels)
+        self.fitted["grader"], self.fitted["grader_report"] = self._fit_grader(
+            graded, levels, defect_ids
+        )
         self.fitted["validation"] = {
             "images": len(cache),
             "defective_images": int(labels.sum()),
@@ -389,7 +392,7 @@ class Hybrid:
             "cv_auroc": {named(k): v for k, v in fusion.candidate_auroc_.items()},
         }
 
-    def _fit_grader(self, regions: list[Region], levels: list[int]):
+    def _fit_grader(self, regions: list[Region], levels: list[int], defects: list[int]):
         opts = self.options
         rules = RuleGrader(opts["semu_edges"], opts["level_rules"]).fit()
         report: dict[str, Any] = {"chosen": "rules", "regions": len(regions)}
@@ -403,13 +406,18 @@ class Hybrid:
         y = np.asarray(levels)
         rule_accuracy = float((rules.predict(regions) == y).mean())
         # Cross-validated accuracy of the learned grader against the rules' (which learn
-        # nothing): it replaces them only where it is better on regions it was not fitted on.
-        smallest = int(np.bincount(y)[np.unique(y)].min())
+        # nothing): it replaces them only where it is better on defects it was not fitted on.
+        # A defect's two views (detected and true region) stay in one fold, or the learner
+        # would be scored on the twin of a region it learned.
+        groups = np.asarray(defects)
+        smallest = min(len(np.unique(groups[y == level])) for level in np.unique(y))
         ordinal_accuracy = float("nan")
         if smallest >= 2:
-            splitter = StratifiedKFold(min(5, smallest), shuffle=True, random_state=opts["seed"])
+            splitter = StratifiedGroupKFold(
+                min(5, smallest), shuffle=True, random_state=opts["seed"]
+            )
             cv_predictions = np.zeros(len(y), dtype=int)
-            for train, test in splitter.split(np.zeros(len(y)), y):
+            for train, test in splitter.split(np.zeros(len(y)), y, groups):
                 model = OrdinalGrader((), opts["semu_edges"], opts["level_rules"]).fit(
                     [regions[i] for i in train], y[train]
                 )
