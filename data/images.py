@@ -172,7 +172,7 @@ def write_png(path: str | os.PathLike, image: np.ndarray, bits: int = 8) -> Path
     ``bits=16`` keeps fractions of a percent of contrast (grayscale only)."""
     import io
 
-    from data.io import atomic_write_bytes
+    from artifacts.io import atomic_write_bytes
 
     array = np.asarray(image)
     if array.dtype == bool:

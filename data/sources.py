@@ -45,13 +45,12 @@ def resolve_source(
     """The data source a ``data`` section describes; generates the synthetic panels if needed."""
     reader = data_cfg["dataset"]
     if reader == SYNTHETIC:
-        from configs import ConfigError
         from data.synthetic import ensure_synthetic_dataset
 
         for key in ("n_train", "n_test", "size"):
             value = synthetic_cfg[key]
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"synthetic.{key} must be a positive number, got {value!r}")
+                raise ValueError(f"synthetic.{key} must be a positive number, got {value!r}")
 
         categories = tuple(data_cfg["categories"]) or ("panel",)
         if len(categories) != 1:

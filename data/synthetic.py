@@ -591,7 +591,7 @@ def _write_instances(path: Path, instances: np.ndarray) -> None:
 
     from PIL import Image
 
-    from data.io import atomic_write_bytes
+    from artifacts.io import atomic_write_bytes
 
     buffer = io.BytesIO()
     Image.fromarray(instances.astype(np.uint16)).save(buffer, format="PNG")

@@ -32,8 +32,7 @@ from scipy import ndimage
 from sklearn.base import clone
 from sklearn.model_selection import StratifiedGroupKFold
 
-from data.images import size_pair
-from data.io import (
+from artifacts.io import (
     ArtifactError,
     atomic_folder,
     atomic_joblib_dump,
@@ -41,6 +40,7 @@ from data.io import (
     load_joblib_verified,
     verify_manifest,
 )
+from data.images import size_pair
 from fusion.combiners import ScoreFusion
 from grading.graders import (
     UNKNOWN,
@@ -52,6 +52,7 @@ from grading.graders import (
 from grading.regions import Region, find_regions, luminance, measure_region
 from members.backbones import load_backbone
 from members.base import Member, load_member
+from members.member_set import MemberSet
 from metrics.detection import ImageF1MaxMetric
 from metrics.severity import DEFECT_TYPES
 
@@ -136,6 +137,11 @@ class RegionDescriber:
 class Hybrid:
     """See the module docstring.
 
+    Fitted state (after ``fit`` or ``load``): ``image_fusion_`` and ``pixel_fusion_``
+    (``ScoreFusion``), ``image_threshold_``, ``calibrator_`` (its ``threshold_`` is the pixel
+    threshold), ``type_classifier_`` (None with fewer than two types), ``grader_``,
+    ``grader_report_`` (the grader choice) and ``validation_`` (what it was fitted on).
+
     Args:
         members: fitted members by name.
         image_size: side (square) or [height, width] the members take (images are resized
@@ -176,8 +182,6 @@ class Hybrid:
         pixel_threshold: str = "region",
         seed: int = 0,
     ) -> None:
-        from pipelines.member_set import MemberSet
-
         if grader not in GRADERS:
             raise ValueError(f"grader must be one of {GRADERS}, got {grader!r}")
         if operating_point not in OPERATING_POINTS:
@@ -212,7 +216,6 @@ class Hybrid:
             "seed": seed,
         }
         self.describer = RegionDescriber(describer_backbone, weights_dir=weights_dir)
-        self.fitted: dict[str, Any] = {}
 
     @property
     def names(self) -> list[str]:
@@ -251,7 +254,7 @@ class Hybrid:
 
     def fuse_map(self, maps: np.ndarray, rows_per_chunk: int = 256) -> np.ndarray:
         """Fused ``[H, W]`` map of member maps ``[M, H, W]``, in row chunks (bounded memory)."""
-        fusion: ScoreFusion = self.fitted["pixel_fusion"]
+        fusion: ScoreFusion = self.pixel_fusion_
         m, height, width = maps.shape
         out = np.empty((height, width), np.float32)
         for start in range(0, height, rows_per_chunk):
@@ -292,7 +295,7 @@ class Hybrid:
         fusion = ScoreFusion(
             opts["combiner"], opts["normalizer"], None, opts["learner"], opts["seed"]
         )
-        self.fitted["image_fusion"] = clone(fusion).fit(scores, labels, None, choose_on)
+        self.image_fusion_ = clone(fusion).fit(scores, labels, None, choose_on)
         pixel_rows, pixel_labels, pixel_images = [], [], []
         for index_of_image, (_, _, _, maps, mask) in enumerate(cache):
             flat, flat_mask = maps.reshape(len(self.names), -1).T, mask.ravel()
@@ -303,21 +306,21 @@ class Hybrid:
                 pixel_labels.append(np.full(len(take), value))
                 pixel_images.append(np.full(len(take), index_of_image))
         pixel_images = np.concatenate(pixel_images)
-        self.fitted["pixel_fusion"] = clone(fusion).fit(
+        self.pixel_fusion_ = clone(fusion).fit(
             np.concatenate(pixel_rows),
             np.concatenate(pixel_labels),
             pixel_images,
             None if choose_on is None else choose_on[pixel_images],
         )
-        fused_scores = self.fitted["image_fusion"].transform(scores)
-        self.fitted["image_threshold"] = image_threshold(
+        fused_scores = self.image_fusion_.transform(scores)
+        self.image_threshold_ = image_threshold(
             fused_scores, labels, opts["operating_point"], opts["false_alarm_rate"]
         )
         fused_maps = [self.fuse_map(maps) for _, _, _, maps, _ in cache]
         calibrator = ThresholdCalibrator(opts["pixel_threshold"]).fit(
             fused_maps, [c[4] for c in cache]
         )
-        self.fitted["calibrator"] = calibrator
+        self.calibrator_ = calibrator
 
         # Grading learns from two views of every known defect: the region the detector found
         # (what it sees in use) and the region of the true mask (clean, and present even where
@@ -346,17 +349,15 @@ class Hybrid:
             # The dataset names its own types: injected defects count only where they match.
             type_rows = [r for r in type_rows if r[1] in labeled_types]
         types = [kind for _, kind, _ in type_rows]
-        self.fitted["type_classifier"] = None
+        self.type_classifier_ = None
         # A dataset with one labeled defect type names every region with it.
         if len(set(types)) >= 2 or (labeled_types and len(types) >= 2):
             X = np.stack([row for row, *_ in type_rows])
-            self.fitted["type_classifier"] = TypeClassifier(
-                opts["type_confidence"], seed=opts["seed"]
-            ).fit(X, types)
-        self.fitted["grader"], self.fitted["grader_report"] = self._fit_grader(
-            graded, levels, defect_ids
-        )
-        self.fitted["validation"] = {
+            self.type_classifier_ = TypeClassifier(opts["type_confidence"], seed=opts["seed"]).fit(
+                X, types
+            )
+        self.grader_, self.grader_report_ = self._fit_grader(graded, levels, defect_ids)
+        self.validation_ = {
             "images": len(cache),
             "defective_images": int(labels.sum()),
             "regions_for_levels": len(graded),
@@ -365,11 +366,11 @@ class Hybrid:
                 any(d.get("source") == "labeled" for d in s.get("defects") or []) for s, *_ in cache
             ),
             "types": sorted(set(types)),
-            "image_threshold": self.fitted["image_threshold"],
+            "image_threshold": self.image_threshold_,
             "pixel_threshold": calibrator.threshold_,
             "pixel_threshold_method": calibrator.method_,
             "fusion_choice": {
-                level: self.fusion_choice(self.fitted[f"{level}_fusion"], choose_on is not None)
+                level: self.fusion_choice(getattr(self, f"{level}_fusion_"), choose_on is not None)
                 for level in ("image", "pixel")
             },
         }
@@ -436,7 +437,7 @@ class Hybrid:
         return find_regions(
             image.numpy(),
             fused,
-            self.fitted["calibrator"].threshold_,
+            self.calibrator_.threshold_,
             self.options["pixel_pitch_mm"],
         )
 
@@ -486,9 +487,9 @@ class Hybrid:
         (``member_outputs``: this image's ``member_outputs``, if already computed)."""
         tensor = image_tensor(image)
         scores, maps = member_outputs or self.member_outputs(tensor)
-        score = float(self.fitted["image_fusion"].transform(scores[None])[0])
+        score = float(self.image_fusion_.transform(scores[None])[0])
         fused = self.fuse_map(maps)
-        label = int(score >= self.fitted["image_threshold"])
+        label = int(score >= self.image_threshold_)
         regions = self.regions(tensor, fused) if label else []
         if label and not regions:
             regions = self._strongest_region(tensor, fused)
@@ -519,7 +520,7 @@ class Hybrid:
 
     def classify(self, image: torch.Tensor, regions: list[Region]) -> None:
         """Set each region's type (and confidence) and level, in place."""
-        classifier: TypeClassifier | None = self.fitted["type_classifier"]
+        classifier: TypeClassifier | None = self.type_classifier_
         if regions and classifier is not None:
             X = self.describer(image, regions)
             proba = classifier.predict_proba(X)
@@ -528,25 +529,26 @@ class Hybrid:
                 region.type, region.type_confidence = str(name), float(p)
         for region in regions:
             region.type = region.type or UNKNOWN
-        for region, level in zip(regions, self.fitted["grader"].predict(regions)):
+        for region, level in zip(regions, self.grader_.predict(regions)):
             region.level = int(level)
 
     # --- persistence ------------------------------------------------------------------------
 
     def save(self, folder: str | Path) -> Path:
-        from data.io import write_manifest
+        from artifacts.io import write_manifest
 
-        if "grader" not in self.fitted:
+        if not hasattr(self, "grader_"):
             raise RuntimeError("the hybrid is not fitted; call fit() first")
         folder = Path(folder)
         with atomic_folder(folder) as tmp:
             for name in self.names:
                 self.member_set.members[name].save(tmp / "members" / name)
             atomic_joblib_dump(
-                {k: self.fitted[k] for k in ("image_fusion", "pixel_fusion")}, tmp / FUSION_FILE
+                {k: getattr(self, f"{k}_") for k in ("image_fusion", "pixel_fusion")},
+                tmp / FUSION_FILE,
             )
             atomic_joblib_dump(
-                {k: self.fitted[k] for k in ("calibrator", "type_classifier", "grader")},
+                {k: getattr(self, f"{k}_") for k in ("calibrator", "type_classifier", "grader")},
                 tmp / GRADING_FILE,
             )
             atomic_write_json(
@@ -555,9 +557,9 @@ class Hybrid:
                     "format_version": FORMAT_VERSION,
                     "members": self.names,
                     "options": self.options,
-                    "image_threshold": self.fitted["image_threshold"],
-                    "validation": self.fitted["validation"],
-                    "grader_report": self.fitted["grader_report"],
+                    "image_threshold": self.image_threshold_,
+                    "validation": self.validation_,
+                    "grader_report": self.grader_report_,
                 },
             )
             write_manifest(tmp)
@@ -581,11 +583,13 @@ class Hybrid:
             raise ArtifactError(f"{folder}: hybrid format {meta.get('format_version')} unsupported")
         members = {name: load_member(folder / "members" / name) for name in names}
         hybrid = cls(members, **options)
-        hybrid.fitted.update(load_joblib_verified(folder / FUSION_FILE, folder))
-        hybrid.fitted.update(load_joblib_verified(folder / GRADING_FILE, folder))
-        hybrid.fitted["image_threshold"] = meta["image_threshold"]
-        hybrid.fitted["validation"] = meta["validation"]
-        hybrid.fitted["grader_report"] = meta["grader_report"]
+        fitted = {
+            **load_joblib_verified(folder / FUSION_FILE, folder),
+            **load_joblib_verified(folder / GRADING_FILE, folder),
+            **{k: meta[k] for k in ("image_threshold", "validation", "grader_report")},
+        }
+        for name, value in fitted.items():
+            setattr(hybrid, f"{name}_", value)
         return hybrid
 
 

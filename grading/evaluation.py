@@ -1,5 +1,7 @@
 """Scores of the grading stage against truth.
 
+``SEMUMetric``: mean SEMU of labelled regions (mask per image), measured as the grading stage
+measures them, with the same ``metrics.severity.semu`` the synthetic generator uses.
 ``grading_scores``: level accuracy (exact, within one) and type macro-F1 of graded regions paired
 with their truth defects. ``grading_figures``: what an inspection engineer checks end to end:
 which true defects were found (recall per true level), the level and type confusion matrices,
@@ -13,9 +15,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 from sklearn.metrics import f1_score
 
-from grading.regions import Region
+from grading.regions import Region, measure_region
+from metrics.quality import MeanOverImages, image_batch
 
 
 def grading_scores(pairs: Sequence[tuple[Region, Mapping[str, Any]]]) -> dict[str, float]:
@@ -136,3 +140,22 @@ def grading_figures(
             level: float(np.median(values)) for level, values in sorted(by_true_level.items())
         },
     }
+
+
+class SEMUMetric(MeanOverImages):
+    """Mean SEMU of the labelled regions in ``masks`` (connected components) of ``images``."""
+
+    name = "semu"
+
+    def __init__(self, pixel_pitch_mm: float = 0.1) -> None:
+        self.pixel_pitch_mm = pixel_pitch_mm
+        super().__init__()
+
+    def update(self, images: Any, masks: Any) -> None:
+        images, masks = image_batch(images), image_batch(masks)
+        for image, mask in zip(images.mean(1).numpy(), masks[:, 0].numpy() > 0.5):
+            labels, count = ndimage.label(mask)
+            for k in range(1, count + 1):
+                region = labels == k
+                found = measure_region(image, region, region.astype(float), self.pixel_pitch_mm)
+                self._add([found.semu])

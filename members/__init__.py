@@ -12,6 +12,7 @@ from members.base import (
     member_parameters,
     register,
 )
+from members.member_set import MemberSet
 from members.trainer import FabricTrainer
 
 # One module per member; importing them registers them.
@@ -29,6 +30,7 @@ from members import (  # noqa: E402,F401  isort: skip
 __all__ = [
     "FabricTrainer",
     "Member",
+    "MemberSet",
     "aggregate_scores",
     "available_members",
     "create_member",

@@ -23,7 +23,7 @@ import timm
 import torch
 from torch import nn
 
-from data.io import sha256_file, torch_load
+from artifacts.io import sha256_file, torch_load
 
 DEFAULT_WEIGHTS_DIR = "backbones"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

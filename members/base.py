@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.io import (
+from artifacts.io import (
     ArtifactError,
     atomic_folder,
     atomic_torch_save,

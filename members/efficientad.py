@@ -64,8 +64,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from artifacts.io import ArtifactError, torch_load
 from data.images import folder_images, random_folder_images
-from data.io import ArtifactError, torch_load
 from members.autoencoder import as_three_channels, check_choice
 from members.backbones import IMAGENET_MEAN, IMAGENET_STD, load_backbone
 from members.base import Member, register, upsample_map

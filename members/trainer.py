@@ -33,7 +33,7 @@ from lightning_fabric import Fabric
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from data.io import atomic_torch_save, atomic_write_text, fault_point, torch_load
+from artifacts.io import atomic_torch_save, atomic_write_text, fault_point, torch_load
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "32", "bf16-true", "64-true")

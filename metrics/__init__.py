@@ -21,7 +21,6 @@ from metrics.quality import (
     MSSSIMMetric,
     MuraEnergyMetric,
     PSNRMetric,
-    SEMUMetric,
     SSIMMetric,
 )
 
@@ -42,7 +41,6 @@ __all__ = [
     "MSSSIMMetric",
     "MuraEnergyMetric",
     "PSNRMetric",
-    "SEMUMetric",
     "SSIMMetric",
     "ImageAPMetric",
     "ImageAUROCMetric",

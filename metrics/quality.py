@@ -13,8 +13,6 @@ Every ``XxxMetric`` averages a per-image value over the images given to ``update
 - ``MuraEnergyMetric``: FFT band-pass energy of the luminance after removing the low-frequency
   background (a wide Gaussian), in percent of the background: the smooth blotches mura are made
   of, without the panel's gradual fall-off and without pixel noise.
-- ``SEMUMetric``: SEMU of labelled regions (mask per image), measured as the grading stage
-  measures them, with the same ``metrics.severity.semu`` the synthetic generator uses.
 
 Two functions give the pipelines their figures: ``panel_quality`` (one panel's mura energy and
 colour uniformity, for ``predict``) and ``reconstruction_quality`` (PSNR, SSIM and LPIPS of a
@@ -33,6 +31,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from artifacts.io import torch_load
 from metrics.detection import Metric, _numpy
 
 LPIPS_BACKBONE_FILES = {
@@ -46,7 +45,7 @@ MURA_MAX_PIXELS = 2048 * 2048
 DELTA_E_MAX_PIXELS = 1 << 20
 
 
-def _batch(images: Any) -> torch.Tensor:
+def image_batch(images: Any) -> torch.Tensor:
     tensor = torch.as_tensor(_numpy(images), dtype=torch.float32)
     if tensor.ndim == 3:
         tensor = tensor[:, None]
@@ -55,7 +54,7 @@ def _batch(images: Any) -> torch.Tensor:
     return tensor
 
 
-class _MeanOverImages(Metric):
+class MeanOverImages(Metric):
     def __init__(self) -> None:
         self.reset()
 
@@ -71,15 +70,15 @@ class _MeanOverImages(Metric):
         return float(np.mean(self._values))
 
 
-class PSNRMetric(_MeanOverImages):
+class PSNRMetric(MeanOverImages):
     name = "psnr"
 
     def update(self, images: Any, references: Any) -> None:
-        mse = ((_batch(images) - _batch(references)) ** 2).flatten(1).mean(1).double()
+        mse = ((image_batch(images) - image_batch(references)) ** 2).flatten(1).mean(1).double()
         self._add(10 * torch.log10(1.0 / mse.clamp_min(1e-20)))
 
 
-class SSIMMetric(_MeanOverImages):
+class SSIMMetric(MeanOverImages):
     name = "ssim"
     multiscale = False
 
@@ -87,7 +86,11 @@ class SSIMMetric(_MeanOverImages):
         from pytorch_msssim import ms_ssim, ssim
 
         function = ms_ssim if self.multiscale else ssim
-        self._add(function(_batch(images), _batch(references), data_range=1.0, size_average=False))
+        self._add(
+            function(
+                image_batch(images), image_batch(references), data_range=1.0, size_average=False
+            )
+        )
 
 
 class MSSSIMMetric(SSIMMetric):
@@ -97,7 +100,7 @@ class MSSSIMMetric(SSIMMetric):
     multiscale = True
 
 
-class LPIPSMetric(_MeanOverImages):
+class LPIPSMetric(MeanOverImages):
     name = "lpips"
 
     def __init__(self, net: str = "alex", weights_dir: str | os.PathLike = "backbones") -> None:
@@ -111,8 +114,6 @@ class LPIPSMetric(_MeanOverImages):
                 f"LPIPS ({net}) needs the torchvision backbone file {path}; put "
                 f"{LPIPS_BACKBONE_FILES[net]} into {weights_dir}/ (see backbones/README.md)"
             )
-        from data.io import torch_load
-
         # pnet_rand: build the backbone without torchvision's download, then load the local file.
         self.model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False).eval()
         features = {
@@ -127,7 +128,7 @@ class LPIPSMetric(_MeanOverImages):
         super().__init__()
 
     def update(self, images: Any, references: Any) -> None:
-        a, b = _batch(images), _batch(references)
+        a, b = image_batch(images), image_batch(references)
         if a.shape[1] == 1:
             a, b = a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1)
         with torch.no_grad():
@@ -191,11 +192,11 @@ def delta_e_2000(lab1: np.ndarray, lab2: np.ndarray) -> np.ndarray:
     return np.sqrt(terms + r_t * (d_cp / s_c) * (d_hp / s_h))
 
 
-class DeltaE2000Metric(_MeanOverImages):
+class DeltaE2000Metric(MeanOverImages):
     name = "delta_e_2000"
 
     def update(self, images: Any, references: Any) -> None:
-        a, b = _batch(images), _batch(references)
+        a, b = image_batch(images), image_batch(references)
         if a.shape[1] != 3:
             raise ValueError(f"ΔE2000 needs RGB images [B, 3, H, W], got {tuple(a.shape)}")
         lab_a = srgb_to_lab(a.permute(0, 2, 3, 1).numpy())
@@ -251,7 +252,7 @@ def mura_energy(
     return float(100 * math.sqrt(np.mean(filtered**2)))
 
 
-class MuraEnergyMetric(_MeanOverImages):
+class MuraEnergyMetric(MeanOverImages):
     name = "mura_energy"
 
     def __init__(self, background_sigma: float = 32.0, band: tuple[float, float] = (4.0, 32.0)):
@@ -259,29 +260,8 @@ class MuraEnergyMetric(_MeanOverImages):
         super().__init__()
 
     def update(self, images: Any) -> None:
-        for image in _batch(images).mean(1).numpy():
+        for image in image_batch(images).mean(1).numpy():
             self._add([mura_energy(image, self.background_sigma, self.band)])
-
-
-class SEMUMetric(_MeanOverImages):
-    """Mean SEMU of the labelled regions in ``masks`` (connected components) of ``images``."""
-
-    name = "semu"
-
-    def __init__(self, pixel_pitch_mm: float = 0.1) -> None:
-        self.pixel_pitch_mm = pixel_pitch_mm
-        super().__init__()
-
-    def update(self, images: Any, masks: Any) -> None:
-        from grading.regions import measure_region
-
-        images, masks = _batch(images), _batch(masks)
-        for image, mask in zip(images.mean(1).numpy(), masks[:, 0].numpy() > 0.5):
-            labels, count = ndimage.label(mask)
-            for k in range(1, count + 1):
-                region = labels == k
-                found = measure_region(image, region, region.astype(float), self.pixel_pitch_mm)
-                self._add([found.semu])
 
 
 def panel_quality(image: np.ndarray) -> dict[str, float | None]:
@@ -348,8 +328,8 @@ def reconstruction_quality(
         unavailable = str(exc)
     count = 0
     for images, reconstructions in pairs:
-        reconstructions = _batch(reconstructions)
-        images = _batch(images).expand(-1, reconstructions.shape[1], -1, -1)
+        reconstructions = image_batch(reconstructions)
+        images = image_batch(images).expand(-1, reconstructions.shape[1], -1, -1)
         for metric in (psnr, ssim, lpips):
             if metric is not None:
                 metric.update(reconstructions, images)
@@ -376,6 +356,5 @@ QUALITY_METRICS: dict[str, type[Metric]] = {
         LPIPSMetric,
         DeltaE2000Metric,
         MuraEnergyMetric,
-        SEMUMetric,
     )
 }

@@ -19,8 +19,8 @@ import logging
 import sys
 from pathlib import Path
 
-from configs import add_config_arguments, load_config, write_config
-from data.io import atomic_write_json
+from artifacts.io import atomic_write_json
+from configs import Flag, add_config_arguments, load_config, split_names, write_config
 from pipelines.common import PipelineError, config_hash, main_guard, setup_logging
 from pipelines.jobs import plan_jobs, read_results, run_jobs
 from pipelines.report import format_table, leaderboard, write_html_report, write_leaderboard_csv
@@ -47,24 +47,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def overrides_from_flags(args: argparse.Namespace) -> list[str]:
-    """The shorthand flags as --set overrides (applied after --set, so they win)."""
-    sets = []
+def overrides_from_flags(args: argparse.Namespace) -> list[Flag]:
+    """The shorthand flags as overrides (applied after --set, so they win); names stay text."""
+    flags = []
     if args.data_dir:
-        sets += [f"data.data_dir={args.data_dir}", f"data.dataset={args.dataset or 'mvtec'}"]
+        flags += [
+            Flag("data.data_dir", args.data_dir, "--data-dir"),
+            Flag("data.dataset", args.dataset or "mvtec", "--dataset"),
+        ]
         if not args.categories:
-            sets.append("data.categories=[]")
+            flags.append(Flag("data.categories", [], "--data-dir"))
     elif args.dataset:
-        sets.append(f"data.dataset={args.dataset}")
+        flags.append(Flag("data.dataset", args.dataset, "--dataset"))
     if args.categories:
-        sets.append(f"data.categories=[{args.categories}]")
+        flags.append(Flag("data.categories", split_names(args.categories), "--categories"))
     if args.members:
-        sets.append(f"benchmark.members=[{args.members}]")
+        flags.append(Flag("benchmark.members", split_names(args.members), "--members"))
     if args.run_name:
-        sets.append(f"benchmark.run_name={args.run_name}")
+        flags.append(Flag("benchmark.run_name", args.run_name, "--run-name"))
     if args.init_from:
-        sets.append(f"benchmark.init_from={args.init_from}")
-    return sets
+        flags.append(Flag("benchmark.init_from", args.init_from, "--init-from"))
+    return flags
 
 
 @main_guard

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from data.io import atomic_write_json, atomic_write_text, sha256_file
+from artifacts.io import atomic_write_json, atomic_write_text, sha256_file
 
 CURRENT = "current"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy"}

@@ -19,8 +19,8 @@ import io
 import logging
 from pathlib import Path
 
-from configs import add_config_arguments, load_config, write_config
-from data.io import atomic_write_json, atomic_write_text
+from artifacts.io import atomic_write_json, atomic_write_text
+from configs import Flag, add_config_arguments, load_config, split_names, write_config
 from pipelines.common import PipelineError, main_guard, setup_logging
 
 log = logging.getLogger("pipelines.ensemble")
@@ -37,16 +37,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def overrides_from_flags(args: argparse.Namespace) -> list[str]:
-    sets = []
-    for flag, key in (("from_run", "from_run"), ("top_k", "top_k"), ("combiner", "combiner")):
-        if getattr(args, flag) is not None:
-            sets.append(f"ensemble.{key}={getattr(args, flag)}")
+def overrides_from_flags(args: argparse.Namespace) -> list[Flag]:
+    """The shorthand flags as overrides (applied after --set, so they win); names stay text."""
+    flags = []
+    for key, flag in (("from_run", "--from"), ("top_k", "--top-k"), ("combiner", "--combiner")):
+        if getattr(args, key) is not None:
+            flags.append(Flag(f"ensemble.{key}", getattr(args, key), flag))
     if args.members:
-        sets.append(f"ensemble.members=[{args.members}]")
+        flags.append(Flag("ensemble.members", split_names(args.members), "--members"))
     if args.name:
-        sets.append(f"ensemble.name={args.name}")
-    return sets
+        flags.append(Flag("ensemble.name", args.name, "--name"))
+    return flags
 
 
 def _write_scores(records: list[dict], path: Path) -> None:
@@ -213,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             "metrics": scored_on,
             "grading": scored_on,
         },
-        "validation": hybrid.fitted["validation"],
-        "grader": hybrid.fitted["grader_report"],
+        "validation": hybrid.validation_,
+        "grader": hybrid.grader_report_,
         "metrics": evaluation["metrics"],
         "grading": evaluation["grading"],
         # The image threshold's rule (fitted on the fusion data) and what it did on test.

@@ -292,7 +292,7 @@ def shared_work_cost(hybrid, images: list[torch.Tensor]) -> dict[str, float]:
     """Milliseconds per image of the hybrid's members run together (shared backbones run once
     per batch; with tiling, every tile batch goes through all members) against the sum of each
     member run on its own, on the same images."""
-    from pipelines.member_set import MemberSet
+    from members.member_set import MemberSet
     from tiling import infer_tiled
 
     tiling, size = hybrid.options["tiling"], size_pair(hybrid.options["image_size"])

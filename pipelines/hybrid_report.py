@@ -6,7 +6,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from data.io import atomic_write_text
+from artifacts.io import atomic_write_text
 from pipelines.report import _table, bar_chart, histogram, html_page, line_chart, roc_points
 
 

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
+from artifacts.io import ArtifactError, atomic_write_json, atomic_write_text, verify_manifest
 from data.images import size_label
-from data.io import ArtifactError, atomic_write_json, atomic_write_text, verify_manifest
 from data.sources import DataSource, make_dataset, make_loader, resolve_source
 
 log = logging.getLogger("pipelines.jobs")

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from configs import ConfigError, add_config_arguments, load_config
-from data.io import atomic_write_json, atomic_write_text
+from artifacts.io import atomic_write_json, atomic_write_text
+from configs import ConfigError, Flag, add_config_arguments, load_config
 from pipelines.common import PipelineError, main_guard, setup_logging
 
 log = logging.getLogger("pipelines.predict")
@@ -61,6 +61,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def overrides_from_flags(args: argparse.Namespace) -> list[Flag]:
+    """--hybrid and --out as overrides (applied after --set, so they win); paths stay text."""
+    flags = [Flag("predict.hybrid", args.hybrid, "--hybrid")] if args.hybrid else []
+    return flags + ([Flag("predict.out", args.out, "--out")] if args.out else [])
+
+
 def _csv(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
@@ -80,10 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from tiling import save_anomaly_map, save_heatmap_overlay
 
     args = parse_args(argv)
-    sets = [*args.overrides]
-    sets += [f"predict.hybrid={args.hybrid}"] if args.hybrid else []
-    sets += [f"predict.out={args.out}"] if args.out else []
-    cfg = load_config("predict", args.config, sets)
+    cfg = load_config("predict", args.config, [*args.overrides, *overrides_from_flags(args)])
     opts = cfg["predict"]
     if opts["overlay_max_side"] is not None and opts["overlay_max_side"] <= 0:
         raise ConfigError(
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out / "log.txt")
     hybrid = Hybrid.load(opts["hybrid"])
-    threshold = hybrid.fitted["calibrator"].threshold_
+    threshold = hybrid.calibrator_.threshold_
     # The intensity window the members were trained with (fitted on their training images),
     # never one fitted on the images predicted. Hybrids saved without one: integers / type max.
     saved_window = hybrid.options.get("intensity")

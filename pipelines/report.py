@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from artifacts.io import atomic_write_text
 from data.images import size_label
-from data.io import atomic_write_text
 
 COMPOSITE_WEIGHTS = {
     "image_auroc": 0.3,

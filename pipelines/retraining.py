@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from artifacts.io import atomic_write_json, fault_point
 from data.images import IntensityWindow, read_image, size_pair, to_tensor
-from data.io import atomic_write_json, fault_point
 from pipelines.champion import (
     RunLock,
     append_history,

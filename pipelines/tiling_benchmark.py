@@ -25,8 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from artifacts.io import atomic_write_json, atomic_write_text
 from configs import add_config_arguments, load_config, write_config
-from data.io import atomic_write_json, atomic_write_text
 from pipelines.common import PipelineError, main_guard, setup_logging
 
 log = logging.getLogger("pipelines.tiling_benchmark")

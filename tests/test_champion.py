@@ -95,8 +95,8 @@ def test_history_keeps_every_run(tmp_path):
 
 def test_artifact_manifests_work_with_relative_folders(tmp_path, monkeypatch):
     # Pipelines write below relative folders such as the default output_dir "reports".
-    from data.io import atomic_folder, atomic_write_text, verify_manifest
-    from data.io import write_manifest as write_artifact_manifest
+    from artifacts.io import atomic_folder, atomic_write_text, verify_manifest
+    from artifacts.io import write_manifest as write_artifact_manifest
 
     monkeypatch.chdir(tmp_path)
     with atomic_folder("reports/run/weights") as folder:

@@ -5,7 +5,18 @@ import re
 import pytest
 import yaml
 
-from configs import CONFIG_DIR, ConfigError, load_config, parse_override, write_config
+import configs
+from configs import (
+    CONFIG_DIR,
+    PIPELINES,
+    ConfigError,
+    Flag,
+    default_tree,
+    key_table,
+    load_config,
+    parse_override,
+    write_config,
+)
 from members.base import available_members, member_parameters
 
 
@@ -104,7 +115,229 @@ def test_override_values_are_yaml():
     assert parse_override("a=true") == {"a": True}
 
 
-def test_resolved_config_round_trips_through_yaml(tmp_path):
-    cfg = load_config("benchmark", overrides=["data.image_size=96"])
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_resolved_config_round_trips_through_yaml(tmp_path, pipeline):
+    # Loading the written defaults checks every default against key_table's types and choices.
+    cfg = load_config(pipeline, overrides=["data.image_size=96"])
     path = write_config(cfg, tmp_path / "config.yaml")
-    assert load_config("benchmark", [path]) == cfg
+    assert load_config(pipeline, [path]) == cfg
+
+
+# --- typed configuration: names stay text, choices and numbers are checked -------------------
+
+
+def test_flag_names_stay_text(tmp_path):
+    from pipelines import benchmark, ensemble, predict
+
+    args = benchmark.parse_args(
+        ["--run-name", "2024-06-01", "--categories", "01, 02", "--members", "patchcore,padim"]
+    )
+    cfg = load_config("benchmark", overrides=benchmark.overrides_from_flags(args))
+    assert cfg["benchmark"]["run_name"] == "2024-06-01"
+    assert (tmp_path / cfg["benchmark"]["run_name"]).name == "2024-06-01"  # was a TypeError
+    assert cfg["data"]["categories"] == ["01", "02"]
+    assert cfg["benchmark"]["members"] == ["patchcore", "padim"]
+
+    args = benchmark.parse_args(["--data-dir", "2024", "--dataset", "btad", "--init-from", "007"])
+    cfg = load_config("benchmark", overrides=benchmark.overrides_from_flags(args))
+    assert (cfg["data"]["data_dir"], cfg["data"]["dataset"]) == ("2024", "btad")
+    assert cfg["data"]["categories"] == []  # --data-dir alone: every category found
+    assert cfg["benchmark"]["init_from"] == "007"
+
+    args = ensemble.parse_args(
+        ["--from", "2024-06-01", "--members", "padim", "--name", "1e3", "--top-k", "2"]
+    )
+    opts = load_config("ensemble", overrides=ensemble.overrides_from_flags(args))["ensemble"]
+    assert (opts["from_run"], opts["members"], opts["name"]) == ("2024-06-01", ["padim"], "1e3")
+    assert opts["top_k"] == 2
+
+    args = predict.parse_args(["--hybrid", "2024-06-01", "--out", "yes", "panel.png"])
+    opts = load_config("predict", overrides=predict.overrides_from_flags(args))["predict"]
+    assert (opts["hybrid"], opts["out"]) == ("2024-06-01", "yes")
+
+
+def test_flags_win_over_set_and_are_checked():
+    cfg = load_config(
+        "benchmark",
+        overrides=["benchmark.run_name=a", Flag("benchmark.run_name", "b", "--run-name")],
+    )
+    assert cfg["benchmark"]["run_name"] == "b"
+    with pytest.raises(ConfigError, match=re.escape("--dataset foo: data.dataset must be")):
+        load_config("benchmark", overrides=[Flag("data.dataset", "foo", "--dataset")])
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "override", "key", "expected"),
+    [
+        ("benchmark", "benchmark.run_name=2024-06-01", "benchmark.run_name", "2024-06-01"),
+        ("benchmark", "data.categories=[01, 02]", "data.categories", ["01", "02"]),
+        ("benchmark", "benchmark.backbones=[007]", "benchmark.backbones", ["007"]),
+        ("benchmark", "output_dir=2024", "output_dir", "2024"),
+        ("benchmark", "data.data_dir=1e3", "data.data_dir", "1e3"),
+        ("benchmark", "device.precision=32", "device.precision", "32"),
+        ("ensemble", "ensemble.category=01", "ensemble.category", "01"),
+        ("ensemble", "ensemble.name=yes", "ensemble.name", "yes"),
+        ("retrain", "retrain.normal_dirs=[2024-06-01]", "retrain.normal_dirs", ["2024-06-01"]),
+        ("benchmark", "benchmark.run_name=null", "benchmark.run_name", None),
+    ],
+)
+def test_set_keeps_the_text_typed_where_a_key_takes_text(pipeline, override, key, expected):
+    section, name = key.split(".") if "." in key else (None, key)
+    cfg = load_config(pipeline, overrides=[override])
+    assert (cfg[section] if section else cfg)[name] == expected
+
+
+def test_set_values_stay_yaml_where_a_key_takes_numbers():
+    cfg = load_config("benchmark", overrides=["trainer.gradient_clip_val=1", "data.batch_size=4"])
+    assert cfg["trainer"]["gradient_clip_val"] == 1.0
+    assert cfg["data"]["batch_size"] == 4
+
+
+def test_names_in_a_file_must_be_quoted(tmp_path):
+    path = tmp_path / "names.yaml"
+    path.write_text("data:\n  categories: [01, 02]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config("benchmark", [path])
+    message = str(info.value)
+    assert str(path) in message
+    assert "data.categories[0] must be str, got int 1" in message
+    assert "quote it" in message
+    path.write_text("benchmark:\n  run_name: 2024-06-01\n")
+    with pytest.raises(ConfigError, match="benchmark.run_name must be str or null, got date"):
+        load_config("benchmark", [path])
+    path.write_text("data:\n  categories: ['01', '02']\nbenchmark:\n  run_name: '2024-06-01'\n")
+    cfg = load_config("benchmark", [path])
+    assert (cfg["data"]["categories"], cfg["benchmark"]["run_name"]) == (["01", "02"], "2024-06-01")
+
+
+def _choice_cases() -> list[tuple[str, str, str, str, tuple[str, ...]]]:
+    """(pipeline, key, bad value, choices) from the libraries' own lists where they have one."""
+    from data.datasets import available_datasets
+    from fusion.combiners import COMBINERS, LEARNERS
+    from fusion.hybrid import GRADERS, OPERATING_POINTS
+    from fusion.normalizers import NORMALIZERS
+    from grading.graders import THRESHOLD_METHODS
+    from members.autoencoder import AUTOENCODER_VARIANTS
+    from members.base import SCORE_AGGREGATIONS
+    from members.trainer import PRECISIONS
+    from pipelines.retraining import METRICS
+    from pipelines.selection import CRITERIA
+    from tiling.grid import PAD_MODES, REDUCTIONS
+
+    members = tuple(available_members())
+    return [
+        ("benchmark", "device.accelerator", "tpu9", ("cpu", "cuda", "gpu", "mps", "auto")),
+        ("benchmark", "device.strategy", "ddp9", ("auto", "ddp", "ddp_spawn")),
+        ("benchmark", "device.precision", "16", PRECISIONS),
+        ("benchmark", "data.dataset", "foo", ("synthetic", *available_datasets())),
+        ("benchmark", "tiling.reduction", "median", REDUCTIONS),
+        ("benchmark", "tiling.pad_mode", "wrap", PAD_MODES),
+        ("benchmark", "grading.operating_point", "youden", OPERATING_POINTS),
+        ("benchmark", "benchmark.members", "[patchcore, foo]", members),
+        ("benchmark", "members.autoencoder.variant", "resnet", AUTOENCODER_VARIANTS),
+        ("benchmark", "members.padim.score_aggregation", "median", SCORE_AGGREGATIONS),
+        ("ensemble", "ensemble.combiner", "vote", COMBINERS),
+        ("ensemble", "ensemble.normalizer", "robust", tuple(NORMALIZERS)),
+        ("ensemble", "ensemble.learner", "svm", LEARNERS),
+        ("ensemble", "ensemble.grader", "learned", GRADERS),
+        ("ensemble", "ensemble.pixel_threshold", "otsu", THRESHOLD_METHODS),
+        ("ensemble", "ensemble.criterion", "speed", CRITERIA),
+        ("ensemble", "ensemble.labeled_defects", "always", configs.LABELED_DEFECTS),
+        ("ensemble", "ensemble.members", "[foo]", members),
+        ("retrain", "retrain.metric", "speed", METRICS),
+        ("retrain", "retrain.combiner", "vote", COMBINERS),
+        ("retrain", "retrain.members", "[foo]", members),
+        ("tiling_benchmark", "tiling_benchmark.member", "foo", members),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "key", "value", "choices"), _choice_cases(), ids=lambda v: str(v)[:40]
+)
+def test_choice_errors_name_the_key_the_value_and_the_choices(pipeline, key, value, choices):
+    with pytest.raises(ConfigError) as info:
+        load_config(pipeline, overrides=[f"{key}={value}"])
+    message = str(info.value)
+    bad = value.strip("[]").split(", ")[-1]
+    assert key in message
+    assert repr(bad) in message
+    for choice in choices:
+        assert str(choice) in message
+    good = f"[{choices[0]}]" if value.startswith("[") else choices[0]
+    assert load_config(pipeline, overrides=[f"{key}={good}"])  # a choice itself is taken
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "override", "message"),
+    [
+        ("benchmark", "trainer.gradient_clip_val=abc", "trainer.gradient_clip_val must be float"),
+        ("benchmark", "trainer.max_steps=abc", "trainer.max_steps must be int or null"),
+        (
+            "benchmark",
+            "members.padim.trainer.gradient_clip_val=abc",
+            "members.padim.trainer.gradient_clip_val must be float",
+        ),
+        ("benchmark", "benchmark.job_timeout_s=soon", "benchmark.job_timeout_s must be float"),
+        ("benchmark", "synthetic.level_weights=[1, a]", "synthetic.level_weights[1] must be"),
+        ("benchmark", "benchmark.tiling=[true, 3]", "benchmark.tiling[1] must be bool"),
+        ("benchmark", "members.patchcore.layers=[2, x]", "members.patchcore.layers[1] must be int"),
+        ("benchmark", "seed=null", "seed must be int (like the default 0), got null"),
+        ("predict", "predict.overlay_max_side=big", "predict.overlay_max_side must be int"),
+        ("retrain", "retrain.image_size=null", "retrain.image_size must be int or list"),
+    ],
+)
+def test_numbers_reject_what_is_not_a_number(pipeline, override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(pipeline, overrides=[override])
+
+
+def test_every_key_has_a_type():
+    """Every null default and every empty list has a declared type, and the table names only
+    keys that exist (a typo in it would silently check nothing)."""
+    leaves: dict[str, object] = {}
+    for pipeline in PIPELINES:
+        tree = default_tree(pipeline)
+        for path in configs._leaf_paths(tree):
+            node = tree
+            for part in path.split("."):
+                node = node[part]
+            if not isinstance(node, dict):
+                leaves[path] = node
+    untyped = [
+        path
+        for path, default in leaves.items()
+        if (default is None or default == []) and configs._key(path).type is None
+    ]
+    assert not untyped, f"declare these in configs.key_table: {untyped}"
+    for path in key_table():
+        if "*" not in path:
+            assert path in leaves, f"configs.key_table names {path!r}, which no pipeline has"
+
+
+def test_config_choices_equal_the_libraries():
+    """configs writes these lists out (their modules are above it or pull in scikit-learn)."""
+    from fusion.combiners import COMBINERS, LEARNERS
+    from fusion.hybrid import GRADERS, OPERATING_POINTS
+    from fusion.normalizers import NORMALIZERS
+    from grading.graders import THRESHOLD_METHODS
+    from pipelines.retraining import METRICS
+    from pipelines.selection import CRITERIA
+
+    assert set(configs.COMBINERS) == set(COMBINERS)
+    assert set(configs.LEARNERS) == set(LEARNERS)
+    assert set(configs.NORMALIZERS) == set(NORMALIZERS)
+    assert set(configs.GRADERS) == set(GRADERS)
+    assert set(configs.OPERATING_POINTS) == set(OPERATING_POINTS)
+    assert set(configs.PIXEL_THRESHOLDS) == set(THRESHOLD_METHODS)
+    assert set(configs.CRITERIA) == set(CRITERIA) == set(METRICS)
+
+
+def test_accelerator_choices_are_what_fabric_takes():
+    from lightning_fabric import Fabric
+
+    choices = key_table()["device.accelerator"].choices
+    assert {"cpu", "cuda", "gpu", "mps", "auto"} <= set(choices)
+    for accelerator in ("cpu", "auto"):  # the others need their hardware
+        Fabric(accelerator=accelerator, devices=1)
+    with pytest.raises(ValueError, match="tpu9"):  # what configs rejects, Fabric rejects too
+        Fabric(accelerator="tpu9", devices=1)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from artifacts.io import ArtifactError
 from configs import load_config
 from data.images import write_png
-from data.io import ArtifactError
 from members import create_member, load_member
 from tests.helpers import fit_member, outputs_equal, panel_loader, separation
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data.io import ArtifactError
+from artifacts.io import ArtifactError
 from data.synthetic import PanelGenerator
 from fusion.hybrid import Hybrid
 from grading.evaluation import grading_scores
@@ -223,7 +223,7 @@ def test_real_labeled_defects_train_the_hybrid_under_cross_validation(tmp_path):
     assert results["cross_validation"]["types"] == ["dust", "line"]
     assert "cross-validation" in results["notes"][0]
     hybrid = Hybrid.load(run_dir / "cv" / "hybrid")
-    assert list(hybrid.fitted["type_classifier"].classes_) == ["dust", "line"]
+    assert list(hybrid.type_classifier_.classes_) == ["dust", "line"]
     grading = results["grading"]["stage_on_true_regions"]
     assert grading["n"] >= 12 and grading["n_with_level"] == 0
     assert grading["type_macro_f1"] >= 0.7, grading  # out of fold; chance is about 0.5

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import members.backbones
-from data.io import ArtifactError, write_manifest
+from artifacts.io import ArtifactError, write_manifest
 from members import create_member, load_member
 from members.base import MEMBER_FILE
 from tests.helpers import fit_member, outputs_equal, panel_loader

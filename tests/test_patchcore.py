@@ -248,7 +248,7 @@ def test_fit_reports_coverage_and_keeps_the_bank_a_buffer(fitted):
 
 
 def test_tiled_score_is_the_max_of_the_reweighted_tile_scores(fitted):
-    from pipelines.member_set import MemberSet
+    from members.member_set import MemberSet
 
     image = torch.rand(3, 112, 160, generator=torch.Generator().manual_seed(4))
     image[:, 70:80, 100:110] = 1.0

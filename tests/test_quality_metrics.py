@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from data.synthetic import PanelGenerator
+from grading.evaluation import SEMUMetric
 from metrics import get_metric
 from metrics.quality import (
     LPIPS_BACKBONE_FILES,
@@ -96,7 +97,7 @@ def test_semu_metric_measures_regions_like_the_generator():
     for index in range(5):
         sample = generator.generate_defective(index)
         truth = sample["defects"][0]
-        metric = get_metric("semu", pixel_pitch_mm=generator.pixel_pitch_mm)
+        metric = SEMUMetric(pixel_pitch_mm=generator.pixel_pitch_mm)
         metric.update(
             torch.from_numpy(sample["image"])[None], torch.from_numpy(sample["mask"])[None]
         )

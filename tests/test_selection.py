@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from data.io import atomic_write_json, write_manifest
+from artifacts.io import atomic_write_json, write_manifest
 from data.sources import DataSource
 from pipelines.jobs import JOB_FILE, RESULTS_FILE
 from pipelines.report import composite

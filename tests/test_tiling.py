@@ -221,7 +221,7 @@ def test_a_member_set_runs_every_member_on_each_tile_batch(panels_dir):
     backbone runs once per batch) and gets exactly each member's own tiled map and score."""
     from data.synthetic import PanelGenerator
     from members import create_member
-    from pipelines.member_set import MemberSet
+    from members.member_set import MemberSet
     from tests.helpers import fit_member
 
     members = {}

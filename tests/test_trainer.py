@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from data.io import ArtifactError
+from artifacts.io import ArtifactError
 from members.base import Member, aggregate_scores, load_member
 from members.trainer import FabricTrainer, ShardedEpochSampler
 

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from artifacts.io import atomic_write_bytes
 from data.images import integer_scale
-from data.io import atomic_write_bytes
 
 # A perceptually ordered blue-to-red colormap (anchor colours of "turbo"), interpolated.
 _ANCHORS = np.array(

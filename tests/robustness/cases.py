@@ -406,7 +406,7 @@ def _manifest_outside(folder: Path) -> None:
 
 def _resigned_garbage(folder: Path) -> None:
     """The attacker also rewrites the manifest: the bytes verify but are not a hybrid."""
-    from data.io import write_manifest
+    from artifacts.io import write_manifest
 
     (folder / "hybrid.json").write_text("{ not json")
     write_manifest(folder)

@@ -2,7 +2,7 @@
 next run resumes or redoes the work; nothing half-written is loaded), and a full disk while
 results are written (the error is reported, earlier results stay intact).
 
-The kills are real SIGKILLs at named points (``data.io.fault_point``: ``OLED_AD_KILL_AT``)."""
+The kills are real SIGKILLs at named points (``artifacts.io.fault_point``: ``OLED_AD_KILL_AT``)."""
 
 from __future__ import annotations
 
@@ -146,8 +146,8 @@ class _FullDisk:
 
 
 def fill_disk_at(monkeypatch, name: str) -> None:
-    """Writes through ``data.io``'s atomic writer to a file called ``name`` hit a full disk."""
-    import data.io
+    """Writes through ``artifacts.io``'s atomic writer to a file called ``name`` hit a full disk."""
+    import artifacts.io
 
     real = os.fdopen
 
@@ -156,7 +156,7 @@ def fill_disk_at(monkeypatch, name: str) -> None:
         fh = real(fd, *args, **kwargs)
         return _FullDisk(fh) if target.startswith(f".{name}.") else fh
 
-    monkeypatch.setattr(data.io.os, "fdopen", fdopen)
+    monkeypatch.setattr(artifacts.io.os, "fdopen", fdopen)
 
 
 def test_a_full_disk_during_predict_keeps_the_earlier_results(

@@ -12,7 +12,7 @@ import joblib
 import pytest
 import torch
 
-from data.io import (
+from artifacts.io import (
     ArtifactError,
     load_joblib_verified,
     torch_load,
@@ -22,7 +22,17 @@ from tests.helpers import run_module
 from tests.robustness.support import assert_clean, tiny
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("pipelines", "members", "fusion", "tiling", "data", "grading", "metrics", "configs")
+PACKAGES = (
+    "pipelines",
+    "members",
+    "fusion",
+    "tiling",
+    "data",
+    "grading",
+    "metrics",
+    "configs",
+    "artifacts",
+)
 
 
 def _calls(*names: str) -> list[tuple[Path, ast.Call]]:
@@ -61,7 +71,7 @@ def test_every_torch_load_uses_weights_only():
 def test_pickles_load_only_in_the_verified_loader():
     calls = _calls("joblib.load", "pickle.load", "pickle.loads", "torch.load")
     places = {(str(p), c.lineno) for p, c in calls}
-    allowed = {str(Path("data") / "io.py")}
+    allowed = {str(Path("artifacts") / "io.py")}
     assert {p for p, _ in places} == allowed, places
     # np.load refuses pickles by default: it must never be told otherwise.
     numpy = _calls("np.load", "numpy.load")
