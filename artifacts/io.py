@@ -16,7 +16,7 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,30 @@ def fault_point(step: str) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def csv_text(rows: Iterable[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """CSV of ``rows`` (dicts) with a header: ``columns`` in that order (keys a row lacks are
+    empty, keys not named are left out), or every key the rows have, in first-seen order."""
+    import csv
+
+    rows = list(rows)
+    if columns is None:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def atomic_write_csv(
+    path: str | os.PathLike,
+    rows: Iterable[Mapping[str, Any]],
+    columns: Sequence[str] | None = None,
+) -> Path:
+    """``csv_text(rows, columns)`` written atomically to ``path``."""
+    return atomic_write_text(path, csv_text(rows, columns))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

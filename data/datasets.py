@@ -265,7 +265,7 @@ def _fit_window(
 
 def _find_mask(folder: Path, stem: str) -> Path | None:
     for name in (f"{stem}_mask", stem):
-        for suffix in (".png", ".bmp", ".tif", ".tiff", ".jpg"):
+        for suffix in IMAGE_SUFFIXES:  # masks are images too; the first that exists
             candidate = folder / f"{name}{suffix}"
             if candidate.is_file():
                 return candidate

@@ -16,8 +16,6 @@ optimizer, scheduler, the random states and the position inside the epoch.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import os
@@ -33,7 +31,12 @@ from lightning_fabric import Fabric
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from artifacts.io import atomic_torch_save, atomic_write_text, fault_point, torch_load
+from artifacts.io import (
+    atomic_torch_save,
+    atomic_write_csv,
+    fault_point,
+    torch_load,
+)
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "32", "bf16-true", "64-true")
@@ -429,14 +432,7 @@ class FabricTrainer:
         """Write ``history.csv`` (one row per optimizer step and per epoch) on rank 0."""
         if self.out_dir is None or not self.fabric.is_global_zero:
             return None
-        columns: list[str] = []
-        for row in self.history:
-            columns.extend(k for k in row if k not in columns)
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(self.history)
-        return atomic_write_text(self.out_dir / "history.csv", buffer.getvalue())
+        return atomic_write_csv(self.out_dir / "history.csv", self.history)
 
 
 def _name(member: torch.nn.Module) -> str:

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from artifacts.io import atomic_write_json, atomic_write_text, sha256_file
+from data.images import IMAGE_SUFFIXES
 
 CURRENT = "current"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy"}
 
 
 class LockHeld(RuntimeError):

@@ -14,12 +14,10 @@ evaluates the hybrid against each member on the test split, and writes ``<run>/<
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
 from pathlib import Path
 
-from artifacts.io import atomic_write_json, atomic_write_text
+from artifacts.io import atomic_write_csv, atomic_write_json
 from configs import Flag, add_config_arguments, load_config, split_names, write_config
 from pipelines.common import PipelineError, main_guard, setup_logging
 
@@ -48,14 +46,6 @@ def overrides_from_flags(args: argparse.Namespace) -> list[Flag]:
     if args.name:
         flags.append(Flag("ensemble.name", args.name, "--name"))
     return flags
-
-
-def _write_scores(records: list[dict], path: Path) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(records[0]))
-    writer.writeheader()
-    writer.writerows(records)
-    atomic_write_text(path, buffer.getvalue())
 
 
 @main_guard
@@ -231,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "notes": [note],
     }
     atomic_write_json(out_dir / "results.json", results)
-    _write_scores(evaluation["records"], out_dir / "scores.csv")
+    atomic_write_csv(out_dir / "scores.csv", evaluation["records"])
     report = write_hybrid_report(results, evaluation["records"], out_dir / "report.html")
     print(f"\n{'detector':<16}{'image AUROC':>13}{'pixel AUROC':>13}{'AUPRO':>9}")
     for name, values in evaluation["metrics"].items():

@@ -11,8 +11,6 @@ weights it names verify against their manifest.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import itertools
 import json
 import logging
@@ -27,9 +25,17 @@ from typing import Any
 
 import torch
 
-from artifacts.io import ArtifactError, atomic_write_json, atomic_write_text, verify_manifest
+from artifacts.io import (
+    ArtifactError,
+    atomic_write_csv,
+    atomic_write_json,
+    verify_manifest,
+)
 from data.images import size_label
 from data.sources import DataSource, make_dataset, make_loader, resolve_source
+
+# scores.csv: one row per test image.
+SCORE_COLUMNS = ("path", "label", "defect_type", "score")
 
 log = logging.getLogger("pipelines.jobs")
 
@@ -275,14 +281,6 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def _write_scores(records: list[dict[str, Any]], path: Path) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["path", "label", "defect_type", "score"])
-    writer.writeheader()
-    writer.writerows(records)
-    atomic_write_text(path, buffer.getvalue())
-
-
 def _save_examples(member, predict, dataset, records, folder: Path, n: int) -> list[dict]:
     """Heatmap overlays of the ``n`` best and ``n`` worst cases: defective images scored
     highest/lowest and normal images scored lowest/highest."""
@@ -436,7 +434,7 @@ def run_job(job_dir: Path) -> dict[str, Any]:
         if tiling["enabled"]
         else _backbone_images_per_second(member, test_loader, trainer.fabric.device)
     )
-    _write_scores(evaluation.records, job_dir / "scores.csv")
+    atomic_write_csv(job_dir / "scores.csv", evaluation.records, SCORE_COLUMNS)
     examples = _save_examples(
         member, on_device, test_set, evaluation.records, job_dir / "examples", spec["n_examples"]
     )

@@ -13,14 +13,12 @@ skipped, the others are still processed.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from artifacts.io import atomic_write_json, atomic_write_text
+from artifacts.io import atomic_write_csv, atomic_write_json
 from configs import ConfigError, Flag, add_config_arguments, load_config
 from pipelines.common import PipelineError, main_guard, setup_logging
 
@@ -65,14 +63,6 @@ def overrides_from_flags(args: argparse.Namespace) -> list[Flag]:
     """--hybrid and --out as overrides (applied after --set, so they win); paths stay text."""
     flags = [Flag("predict.hybrid", args.hybrid, "--hybrid")] if args.hybrid else []
     return flags + ([Flag("predict.out", args.out, "--out")] if args.out else [])
-
-
-def _csv(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
 
 
 @main_guard
@@ -160,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(
         out / "predictions.json", {"hybrid": str(opts["hybrid"]), "images": predictions}
     )
-    atomic_write_text(out / "predictions.csv", _csv(image_rows, IMAGE_COLUMNS))
-    atomic_write_text(out / "regions.csv", _csv(region_rows, REGION_COLUMNS))
+    atomic_write_csv(out / "predictions.csv", image_rows, IMAGE_COLUMNS)
+    atomic_write_csv(out / "regions.csv", region_rows, REGION_COLUMNS)
     done = [p for p in predictions if p["status"] == "ok"]
     print(
         f"{len(done)} image(s) predicted, {len(predictions) - len(done)} skipped; "

@@ -14,9 +14,7 @@ embedded as data URIs.
 from __future__ import annotations
 
 import base64
-import csv
 import html
-import io
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -25,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from artifacts.io import atomic_write_text
+from artifacts.io import atomic_write_csv, atomic_write_text
 from data.images import size_label
 
 COMPOSITE_WEIGHTS = {
@@ -163,12 +161,8 @@ def write_leaderboard_csv(board: dict[str, Any], path: Path) -> Path:
         "tiling",
         "error",
     ]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    for row in board["rows"]:
-        writer.writerow({k: _csv_value(row.get(k)) for k in columns})
-    return atomic_write_text(path, buffer.getvalue())
+    rows = [{k: _csv_value(row.get(k)) for k in columns} for row in board["rows"]]
+    return atomic_write_csv(path, rows, columns)
 
 
 def _csv_value(value: Any) -> Any:

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from artifacts.io import atomic_write_json, atomic_write_text
+from artifacts.io import atomic_write_csv, atomic_write_json, csv_text
 from configs import add_config_arguments, load_config, write_config
 from pipelines.common import PipelineError, main_guard, setup_logging
 
@@ -100,11 +100,6 @@ def _in_fresh_process(call: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _csv(rows: list[dict[str, Any]]) -> str:
-    keys = list(rows[0])
-    return "\n".join([",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in rows]) + "\n"
-
-
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     from pipelines.tiling_measurements import merge_errors
@@ -121,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     merges = merge_errors(
         [tuple(s) for s in bench["merge_sizes"]], tiling["tile_size"], bench["merge_strides"]
     )
-    atomic_write_text(run_dir / "merge_errors.csv", _csv(merges))
+    atomic_write_csv(run_dir / "merge_errors.csv", merges)
 
     log.info("fitting %s on %d-px tiles", bench["member"], tiling["tile_size"])
     member_dir = fit_member_on_tiles(cfg, run_dir / "member")
@@ -135,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%dx%d: %s", height, width, row)
         shutil.rmtree(panel_dir)  # hundreds of MB per panel
     (run_dir / "panels").rmdir()
-    atomic_write_text(run_dir / "speed_memory.csv", _csv(rows))
+    atomic_write_csv(run_dir / "speed_memory.csv", rows)
     summary = {
         "member": bench["member"],
         "tiling": options,
@@ -144,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "merge_errors": merges,
     }
     atomic_write_json(run_dir / "results.json", summary)
-    print(_csv([{k: r[k] for k in list(r)[:12]} for r in rows]))
+    print(csv_text([{k: r[k] for k in list(r)[:12]} for r in rows]))
     print(f"largest merge error over {len(merges)} cases: {summary['merge_max_abs_error']:.2e}")
     print(f"results: {run_dir / 'results.json'}")
     return 0
