@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     from data.sources import make_dataset
     from data.synthetic import PanelSet, generator_of_dataset
     from data.validation import injected_validation_samples
+    from evaluation import cross_validate_hybrid, evaluate_hybrid, shared_work_cost
     from fusion.hybrid import Hybrid
     from members.base import load_member
-    from pipelines.evaluation import cross_validate_hybrid, evaluate_hybrid, shared_work_cost
     from pipelines.hybrid_report import write_hybrid_report
     from pipelines.selection import select_members
 

@@ -310,7 +310,7 @@ def _validation_evaluation(predict, val_set, source: DataSource, spec: Mapping[s
     injected synthetic defects (exact masks), the figures a hybrid's members are chosen on."""
     from data.datasets import collate_samples
     from data.validation import as_dataset_sample, injected_validation_samples
-    from pipelines.evaluation import evaluate
+    from evaluation import evaluate
 
     samples = injected_validation_samples(
         (val_set[i]["image"] for i in range(len(val_set))),
@@ -348,8 +348,8 @@ def run_job(job_dir: Path) -> dict[str, Any]:
     """Fit and evaluate the job described by ``job_dir/job.json``; write ``results.json``."""
     from lightning_fabric.utilities.seed import seed_everything
 
+    from evaluation import evaluate
     from pipelines.common import peak_rss_mb
-    from pipelines.evaluation import evaluate
 
     spec = json.loads((job_dir / JOB_FILE).read_text())
     atomic_write_json(job_dir / "config.json", spec)

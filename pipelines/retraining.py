@@ -169,7 +169,7 @@ def holdout_dataset(holdout: dict, opts, window: IntensityWindow) -> HoldoutSet:
 
 
 def holdout_score(hybrid, holdout: HoldoutSet, metric: str) -> tuple[float, dict[str, float]]:
-    from pipelines.evaluation import evaluate_hybrid
+    from evaluation import evaluate_hybrid
     from pipelines.report import composite
 
     metrics = evaluate_hybrid(hybrid, holdout)["metrics"]["hybrid"]

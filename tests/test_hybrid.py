@@ -14,10 +14,10 @@ from PIL import Image
 
 from artifacts.io import ArtifactError
 from data.synthetic import PanelGenerator
+from evaluation import shared_work_cost
 from fusion.hybrid import Hybrid
 from grading.evaluation import grading_scores
 from pipelines import benchmark, ensemble, predict
-from pipelines.evaluation import shared_work_cost
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,8 @@
 Floors, lowest first: ``artifacts`` (atomic writes, manifests, guarded loading: every floor
 saves and loads through it), ``metrics`` (figures), ``data`` (images, datasets, the generator,
 artifact files), ``members`` and ``tiling`` (detectors and how they run over large images),
-``grading`` (regions, levels, types), ``fusion`` (the hybrid), ``configs``, ``pipelines``
+``grading`` (regions, levels, types), ``fusion`` (the hybrid), ``evaluation`` (scoring
+detectors on labeled splits), ``configs``, ``pipelines``
 (the entry points). Imports inside functions count too: hiding one there does not change
 which floor depends on which.
 """
@@ -22,8 +23,9 @@ FLOORS = {
     "tiling": 2,
     "grading": 3,
     "fusion": 4,
-    "configs": 5,
-    "pipelines": 6,
+    "evaluation": 5,
+    "configs": 6,
+    "pipelines": 7,
 }
 
 

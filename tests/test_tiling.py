@@ -241,7 +241,7 @@ def test_a_member_set_runs_every_member_on_each_tile_batch(panels_dir):
     # The ensemble's cost comparison runs the same tiled paths (figures, not asserted limits).
     from types import SimpleNamespace
 
-    from pipelines.evaluation import shared_work_cost
+    from evaluation import shared_work_cost
 
     tiling = {"tile_size": 128, "stride": 96, "batch_size": 4, "reduction": "hann"}
     hybrid = SimpleNamespace(options={"tiling": tiling, "image_size": None}, member_set=member_set)

@@ -32,6 +32,7 @@ PACKAGES = (
     "metrics",
     "configs",
     "artifacts",
+    "evaluation",
 )
 
 
