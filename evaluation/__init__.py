@@ -9,6 +9,7 @@ from evaluation.scoring import (
     cross_validate_hybrid,
     evaluate,
     evaluate_hybrid,
+    evaluate_on_unseen_panels,
     operating_point_figures,
     shared_work_cost,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "cross_validate_hybrid",
     "evaluate",
     "evaluate_hybrid",
+    "evaluate_on_unseen_panels",
     "operating_point_figures",
     "shared_work_cost",
 ]

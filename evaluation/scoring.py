@@ -205,6 +205,33 @@ def evaluate_hybrid(
     }
 
 
+def evaluate_on_unseen_panels(
+    hybrid,
+    category_dir,
+    seed: int,
+    count: int,
+    channels: int = 3,
+    progress: bool = False,
+) -> dict[str, Any] | None:
+    """A fitted hybrid on ``count`` new panels of the generator that wrote a synthetic dataset
+    (``category_dir``), with a ``seed`` nothing was fitted or chosen on; every defect's type and
+    level is known. None for a dataset the generator did not write, or ``count`` 0."""
+    from data.synthetic import PanelSet, generator_of_dataset
+
+    generator = generator_of_dataset(category_dir, seed)
+    if generator is None or not count:
+        return None
+    panels = PanelSet(generator, count, channels=channels)
+    evaluation = evaluate_hybrid(hybrid, panels, progress=progress)
+    return {
+        "split": f"unseen panels (generator seed {seed})",
+        "images": len(panels),
+        "metrics": evaluation["metrics"]["hybrid"],
+        "grading": evaluation["grading"],
+        "operating_point": evaluation["operating_point"],
+    }
+
+
 def operating_point_figures(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """What the hybrid's image threshold does on a split: the share of defect-free images it
     flags, the share of defective ones it passes, and the levels defect-free images get."""

@@ -51,9 +51,13 @@ def overrides_from_flags(args: argparse.Namespace) -> list[Flag]:
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     from data.sources import make_dataset
-    from data.synthetic import PanelSet, generator_of_dataset
     from data.validation import injected_validation_samples
-    from evaluation import cross_validate_hybrid, evaluate_hybrid, shared_work_cost
+    from evaluation import (
+        cross_validate_hybrid,
+        evaluate_hybrid,
+        evaluate_on_unseen_panels,
+        shared_work_cost,
+    )
     from fusion.hybrid import Hybrid
     from members.base import load_member
     from pipelines.hybrid_report import write_hybrid_report
@@ -158,21 +162,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     hybrid.save(out_dir / "hybrid")
     log.info("hybrid written to %s", out_dir / "hybrid")
-    unseen = None
-    generator = generator_of_dataset(source.data_dir / category, cfg["seed"] + 1)
-    if generator is not None and opts["unseen_panels"]:
-        # A synthetic dataset: the saved hybrid on panels of a generator seed nothing was
-        # fitted or chosen on (same parameters), where every defect's type and level is known.
-        panels = PanelSet(generator, opts["unseen_panels"], channels=source.channels)
-        log.info("unseen panels: %d of generator seed %d", len(panels), generator.seed)
-        unseen_evaluation = evaluate_hybrid(hybrid, panels, progress=True)
-        unseen = {
-            "split": f"unseen panels (generator seed {generator.seed})",
-            "images": len(panels),
-            "metrics": unseen_evaluation["metrics"]["hybrid"],
-            "grading": unseen_evaluation["grading"],
-            "operating_point": unseen_evaluation["operating_point"],
-        }
+    unseen = evaluate_on_unseen_panels(
+        hybrid,
+        source.data_dir / category,
+        cfg["seed"] + 1,
+        opts["unseen_panels"],
+        source.channels,
+        progress=True,
+    )
 
     cost_images = [test_set[i]["image"] for i in range(min(8, len(test_set)))]
     cost = shared_work_cost(hybrid, cost_images)
