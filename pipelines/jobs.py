@@ -181,40 +181,6 @@ def read_results(job_dir: Path) -> dict[str, Any] | None:
 # --- one job, in its own process -----------------------------------------------------------
 
 
-def _trainer(spec: Mapping[str, Any], job_dir: Path):
-    from members.trainer import FabricTrainer
-
-    device = spec["device"]
-    return FabricTrainer(
-        accelerator=device["accelerator"],
-        devices=device["devices"],
-        strategy=device["strategy"],
-        num_nodes=device["num_nodes"],
-        precision=device["precision"],
-        out_dir=job_dir,
-        resume=True,
-        seed=spec["seed"],
-        **spec["trainer"],
-    )
-
-
-def build_member(spec: Mapping[str, Any]):
-    """The member to fit: fresh from its config, or starting from another run's weights."""
-    from members.base import create_member, load_member
-
-    if spec.get("init_from"):
-        init = Path(spec["init_from"])
-        member = load_member(init)
-        if member.member_name != spec["member"]:
-            raise ValueError(
-                f"--init-from {init} holds a {member.member_name!r} member, not {spec['member']!r}"
-            )
-        member.fitted.fill_(False)
-        log.info("starting from the weights in %s", init)
-        return member
-    return create_member(spec["member"], **spec["member_config"])
-
-
 def tiled_predictor(member, tiling: Mapping[str, Any]):
     """A predict function running ``member`` tile by tile over full-resolution images."""
     from tiling import infer_tiled
@@ -349,6 +315,7 @@ def run_job(job_dir: Path) -> dict[str, Any]:
     from lightning_fabric.utilities.seed import seed_everything
 
     from evaluation import evaluate
+    from members.build import build_member, build_trainer
     from pipelines.common import peak_rss_mb
 
     spec = json.loads((job_dir / JOB_FILE).read_text())
@@ -393,8 +360,8 @@ def run_job(job_dir: Path) -> dict[str, Any]:
         else None
     )
 
-    member = build_member(spec)
-    trainer = _trainer(spec, job_dir)
+    member = build_member(spec["member"], spec["member_config"], spec.get("init_from"))
+    trainer = build_trainer(spec["device"], spec["trainer"], seed=spec["seed"], out_dir=job_dir)
     log.info(
         "fitting %s on %s/%s (%d training images)",
         spec["member"],

@@ -189,8 +189,7 @@ def train_challenger(
     from data.datasets import collate_samples
     from data.validation import injected_validation_samples
     from fusion.hybrid import Hybrid
-    from members.base import create_member, load_member
-    from members.trainer import FabricTrainer
+    from members.build import build_member, build_trainer, member_options, trainer_options
 
     opts = cfg["retrain"]
     order = np.random.default_rng(cfg["seed"]).permutation(len(files))
@@ -205,22 +204,18 @@ def train_challenger(
     )
     members = {}
     for name in opts["members"]:
-        if opts["warm_start"] and champion is not None and (champion / "members" / name).is_dir():
-            member = load_member(champion / "members" / name)
-            member.fitted.fill_(False)
-        else:
-            options = {k: v for k, v in cfg["members"][name].items() if k != "trainer"}
-            member = create_member(name, **options)
-        trainer_options = {**cfg["trainer"], **cfg["members"][name].get("trainer", {})}
-        trainer_options["progress"] = False
-        trainer = FabricTrainer(
-            accelerator=cfg["device"]["accelerator"],
-            devices=cfg["device"]["devices"],
-            precision=cfg["device"]["precision"],
-            out_dir=work / "members" / name,
-            resume=True,
+        warm = champion / "members" / name if champion is not None else None
+        member = build_member(
+            name,
+            member_options(cfg["members"], name),
+            warm if opts["warm_start"] and warm is not None and warm.is_dir() else None,
+        )
+        trainer = build_trainer(
+            cfg["device"],
+            trainer_options(cfg["trainer"], cfg["members"], name),
             seed=cfg["seed"],
-            **trainer_options,
+            out_dir=work / "members" / name,
+            progress=False,
         )
         log.info("training %s on %d images", name, len(train_set))
         member.fit(loader, None, trainer)

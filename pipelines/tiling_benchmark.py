@@ -50,7 +50,7 @@ def fit_member_on_tiles(cfg: dict[str, Any], out_dir: Path) -> Path:
 
     from data.datasets import collate_samples
     from data.synthetic import PanelGenerator
-    from members import FabricTrainer, create_member
+    from members.build import build_member, build_trainer, member_options, trainer_options
     from tiling import TiledDataset
 
     bench, tiling = cfg["tiling_benchmark"], cfg["tiling"]
@@ -68,11 +68,14 @@ def fit_member_on_tiles(cfg: dict[str, Any], out_dir: Path) -> Path:
     )
     loader = DataLoader(tiles, batch_size=tiling["batch_size"], collate_fn=collate_samples)
     name = bench["member"]
-    member_cfg = {k: v for k, v in cfg["members"][name].items() if k != "trainer"}
-    member = create_member(name, **member_cfg)
-    trainer_options = {**cfg["trainer"], **cfg["members"][name].get("trainer", {})}
-    trainer_options.update(progress=False, seed=cfg["seed"])
-    member.fit(loader, None, FabricTrainer(**trainer_options))
+    member = build_member(name, member_options(cfg["members"], name))
+    trainer = build_trainer(
+        cfg["device"],
+        trainer_options(cfg["trainer"], cfg["members"], name),
+        seed=cfg["seed"],
+        progress=False,
+    )
+    member.fit(loader, None, trainer)
     return member.save(out_dir)
 
 
