@@ -15,8 +15,8 @@ import re
 import time
 from pathlib import Path
 
+from artifacts.lock import LockHeld
 from configs import ConfigError, add_config_arguments, load_config
-from pipelines.champion import LockHeld
 from pipelines.common import PipelineError, describe_error, main_guard, setup_logging
 
 log = logging.getLogger("pipelines.retrain")

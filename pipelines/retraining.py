@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from artifacts.io import atomic_write_json, fault_point
+from artifacts.lock import RunLock
 from data.images import IntensityWindow, read_image, size_pair, to_tensor
 from pipelines.champion import (
-    RunLock,
     append_history,
     current_champion,
     new_files,

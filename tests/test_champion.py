@@ -7,9 +7,8 @@ import sys
 
 import pytest
 
+from artifacts.lock import LockHeld, RunLock
 from pipelines.champion import (
-    LockHeld,
-    RunLock,
     append_history,
     current_champion,
     new_files,
@@ -25,7 +24,7 @@ def test_lock_is_exclusive_while_its_holder_lives(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from pipelines.champion import RunLock; "
+            "import sys, time; from artifacts.lock import RunLock; "
             f"RunLock({str(path)!r}).acquire(); print('held', flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,
