@@ -2,12 +2,18 @@
 
     python -m pipelines.predict --hybrid reports/RUN/hybrid-rank-top3/hybrid panels/ one.png
 
-Writes, in ``--out``: ``predictions.json`` (per image: score, label, level, its regions with
-type, level, bbox, area, contrast, SEMU, score, and the panel's uniformity figures from
-``metrics.quality.panel_quality``), ``predictions.csv`` (one row per image),
-``regions.csv`` (one row per region), ``overlays/`` (heatmap overlay PNGs at the original
+Writes, in ``--out``: ``predictions.jsonl`` (one line per image, appended as soon as the image is
+done), and rebuilt from it at the end: ``predictions.json`` (per image: score, label, level, its
+regions with type, level, bbox, area, contrast, SEMU, score, and the panel's uniformity figures
+from ``metrics.quality.panel_quality``), ``predictions.csv`` (one row per image),
+``regions.csv`` (one row per region); ``overlays/`` (heatmap overlay PNGs at the original
 resolution) and ``skipped`` entries for files that could not be read: a bad file is reported and
 skipped, the others are still processed.
+
+Re-running the same command with the same ``--out`` resumes: images done before (same path and
+SHA-256, same hybrid) are skipped. Ctrl-C finishes the current image and stops (a second Ctrl-C
+stops at once); everything done is kept. Exit status: 0 every image predicted, 3 some skipped,
+1 none predicted or a failure, 2 bad configuration, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -16,38 +22,12 @@ import argparse
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
-from artifacts.io import atomic_write_csv, atomic_write_json
 from configs import ConfigError, Flag, add_config_arguments, load_config
 from pipelines.common import PipelineError, main_guard, setup_logging
 
 log = logging.getLogger("pipelines.predict")
-
-IMAGE_COLUMNS = (
-    "path",
-    "status",
-    "score",
-    "label",
-    "level",
-    "regions",
-    "mura_energy_pct",
-    "delta_e2000_mean",
-    "delta_e2000_p99",
-    "error",
-)
-REGION_COLUMNS = (
-    "path",
-    "type",
-    "type_confidence",
-    "level",
-    "bbox",
-    "area_px",
-    "area_mm2",
-    "contrast_pct",
-    "semu",
-    "score",
-)
+PARTIAL_FAILURE = 3
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -67,13 +47,19 @@ def overrides_from_flags(args: argparse.Namespace) -> list[Flag]:
 
 @main_guard
 def main(argv: list[str] | None = None) -> int:
-    from tqdm.auto import tqdm
-
+    from artifacts.lock import LockHeld, RunLock
     from data.images import IntensityWindow
     from fusion.hybrid import Hybrid
-    from metrics.quality import panel_quality
-    from pipelines.inputs import expand_inputs, read_inputs
-    from tiling import save_anomaly_map, save_heatmap_overlay
+    from prediction.inputs import expand_inputs
+    from prediction.results import (
+        STREAM_NAME,
+        ResultStream,
+        finished,
+        latest_per_image,
+        read_stream,
+        write_reports,
+    )
+    from prediction.run import StopRequest, hybrid_id, predict_files
 
     args = parse_args(argv)
     cfg = load_config("predict", args.config, [*args.overrides, *overrides_from_flags(args)])
@@ -88,81 +74,61 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(opts["out"] or f"predictions-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out / "log.txt")
-    hybrid = Hybrid.load(opts["hybrid"])
-    threshold = hybrid.calibrator_.threshold_
-    # The intensity window the members were trained with (fitted on their training images),
-    # never one fitted on the images predicted. Hybrids saved without one: integers / type max.
-    saved_window = hybrid.options.get("intensity")
-    window = IntensityWindow.from_dict(saved_window) if saved_window else IntensityWindow()
-    log.info("intensity window: %s", window.describe())
-    files, skipped = expand_inputs(args.paths)
-    predictions: list[dict[str, Any]] = [
-        {"path": s.path, "status": "skipped", "error": s.reason} for s in skipped
-    ]
-    region_rows: list[dict[str, Any]] = []
-    for number, (path, image) in enumerate(
-        tqdm(read_inputs(files), total=len(files), desc="predict", unit="image")
-    ):
-        if not hasattr(image, "shape"):  # a Skipped: unreadable or unusable file
-            log.warning("skipped %s: %s", image.path, image.reason)
-            predictions.append({"path": image.path, "status": "skipped", "error": image.reason})
-            continue
-        try:
-            # The panel as read, before the members' intensity window.
-            quality = panel_quality(image)
-            image = window(image)
-            result = hybrid.predict(image)
-        except (ValueError, RuntimeError) as exc:
-            log.warning("skipped %s: %s", path, exc)
-            predictions.append({"path": str(path), "status": "skipped", "error": str(exc)})
-            continue
-        regions = [r.to_dict() for r in result["regions"]]
-        entry = {
-            "path": str(path),
-            "status": "ok",
-            "width": int(image.shape[1]),
-            "height": int(image.shape[0]),
-            "score": result["score"],
-            "label": result["label"],
-            "level": result["level"],
-            "regions": regions,
-            **quality,
-        }
-        stem = f"{number:05d}-{path.stem}"
-        if opts["overlays"]:
-            fused = result["anomaly_map"]
-            entry["overlay"] = str(
-                save_heatmap_overlay(
-                    image,
-                    fused,
-                    out / "overlays" / f"{stem}.png",
-                    max_preview_side=opts["overlay_max_side"] or max(fused.shape),
-                    vmin=0.0,
-                    vmax=max(2 * threshold, float(fused.max())),
+    try:
+        lock = RunLock(out / ".lock").acquire()
+    except LockHeld as exc:
+        raise PipelineError(f"{exc}: wait for it, or choose another --out") from None
+    try:
+        hybrid = Hybrid.load(opts["hybrid"])
+        ref = hybrid_id(opts["hybrid"])
+        done = finished(read_stream(out / STREAM_NAME), ref)
+        # The intensity window the members were trained with (fitted on their training images),
+        # never one fitted on the images predicted. Hybrids saved without one: integers / max.
+        saved_window = hybrid.options.get("intensity")
+        window = IntensityWindow.from_dict(saved_window) if saved_window else IntensityWindow()
+        log.info("intensity window: %s", window.describe())
+        files, missing = expand_inputs(args.paths)
+        interrupted = False
+        with ResultStream(out / STREAM_NAME) as stream, StopRequest() as stop:
+            try:
+                counts = predict_files(
+                    hybrid,
+                    files,
+                    missing,
+                    out,
+                    stream,
+                    hybrid_ref=ref,
+                    done=done,
+                    prepare=window,
+                    overlays=opts["overlays"],
+                    overlay_max_side=opts["overlay_max_side"],
+                    save_maps=opts["save_maps"],
+                    stop=stop,
                 )
-            )
-        if opts["save_maps"]:
-            map_path = out / "maps" / f"{stem}.npy"
-            entry["map"] = str(save_anomaly_map(result["anomaly_map"], map_path))
-        predictions.append(entry)
-        region_rows += [{"path": str(path), **r} for r in regions]
-    image_rows = [{**p, "regions": len(p.get("regions", []))} for p in predictions]
-    atomic_write_json(
-        out / "predictions.json", {"hybrid": str(opts["hybrid"]), "images": predictions}
-    )
-    atomic_write_csv(out / "predictions.csv", image_rows, IMAGE_COLUMNS)
-    atomic_write_csv(out / "regions.csv", region_rows, REGION_COLUMNS)
-    done = [p for p in predictions if p["status"] == "ok"]
+            except KeyboardInterrupt:  # the second Ctrl-C: the current image is dropped
+                counts, interrupted = None, True
+            interrupted = interrupted or stop.requested
+        entries = latest_per_image(read_stream(out / STREAM_NAME))
+        write_reports(out, str(opts["hybrid"]), entries)
+    finally:
+        lock.release()
+    if interrupted:
+        print(
+            f"stopped; every finished image is kept in {out / STREAM_NAME}. "
+            "Run the same command again to resume."
+        )
+        return 130
+    if counts.already_done:
+        print(f"{counts.already_done} image(s) already done in {out} (same file, same hybrid)")
     print(
-        f"{len(done)} image(s) predicted, {len(predictions) - len(done)} skipped; "
-        f"{sum(p['label'] for p in done)} defective\nresults: {out / 'predictions.json'}"
+        f"{counts.predicted} image(s) predicted, {counts.skipped} skipped; "
+        f"{counts.defective} defective\nresults: {out / 'predictions.json'}"
     )
-    for p in predictions:
-        if p["status"] != "ok":
-            print(f"skipped {p['path']}: {p['error']}")
-    if not done:
+    for path, reason in counts.skipped_paths:
+        print(f"skipped {path}: {reason}")
+    if not any(e["status"] == "ok" for e in entries):
         raise PipelineError("no image could be predicted")
-    return 0
+    return PARTIAL_FAILURE if counts.skipped else 0
 
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@ Floors, lowest first: ``artifacts`` (atomic writes, manifests, guarded loading: 
 saves and loads through it), ``metrics`` (figures), ``data`` (images, datasets, the generator,
 artifact files), ``members`` and ``tiling`` (detectors and how they run over large images),
 ``grading`` (regions, levels, types), ``fusion`` (the hybrid), ``evaluation`` (scoring
-detectors on labeled splits), ``configs``, ``pipelines``
-(the entry points). Imports inside functions count too: hiding one there does not change
-which floor depends on which.
+detectors on labeled splits) and ``prediction`` (applying a hybrid to many images, results
+streamed), ``configs``, ``pipelines`` (the entry points). Imports inside functions count too:
+hiding one there does not change which floor depends on which.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ FLOORS = {
     "grading": 3,
     "fusion": 4,
     "evaluation": 5,
+    "prediction": 5,
     "configs": 6,
     "pipelines": 7,
 }

@@ -91,7 +91,8 @@ def predicted(tiny_run, tmp_path_factory) -> dict:
 
 def test_predict_goes_on_past_bad_files(predicted):
     result = predicted["result"]
-    assert result.returncode == 0, result.stderr[-2000:]
+    # Some inputs were skipped: a partial failure a scheduler can see.
+    assert result.returncode == predict.PARTIAL_FAILURE, result.stderr[-2000:]
     assert_clean(result.stderr)
     for path in predicted["good"]:
         entry = predicted["by_path"][str(path)]

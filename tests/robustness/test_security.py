@@ -33,6 +33,7 @@ PACKAGES = (
     "configs",
     "artifacts",
     "evaluation",
+    "prediction",
 )
 
 

@@ -4,7 +4,7 @@ and skipped, the rest go on."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,23 +40,14 @@ def expand_inputs(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[
     return files, skipped
 
 
-def read_inputs(
-    files: Iterable[Path], min_side: int = 1
-) -> Iterator[tuple[Path, np.ndarray | Skipped]]:
-    """Each file with its image (float32 [H, W] or [H, W, 3] in [0, 1]) or why it was skipped."""
-    for path in files:
-        try:
-            image = read_image(path)
-        except ImageReadError as exc:
-            yield path, Skipped(str(path), str(exc).removeprefix(f"{path}: "))
-            continue
-        if min(image.shape[:2]) < min_side:
-            yield (
-                path,
-                Skipped(
-                    str(path),
-                    f"image is {image.shape[1]}x{image.shape[0]} px, smaller than {min_side} px",
-                ),
-            )
-            continue
-        yield path, image
+def read_input(path: Path, min_side: int = 1) -> np.ndarray | Skipped:
+    """The file's image (float32 [H, W] or [H, W, 3] in [0, 1]) or why it was skipped."""
+    try:
+        image = read_image(path)
+    except ImageReadError as exc:
+        return Skipped(str(path), str(exc).removeprefix(f"{path}: "))
+    if min(image.shape[:2]) < min_side:
+        return Skipped(
+            str(path), f"image is {image.shape[1]}x{image.shape[0]} px, smaller than {min_side} px"
+        )
+    return image

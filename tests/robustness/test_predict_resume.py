@@ -1,0 +1,153 @@
+"""Predict on a plant's volume: results streamed line by line survive a SIGKILL and a re-run
+resumes (no image done twice, none lost); Ctrl-C stops cleanly; one run at a time per output
+folder; a folder of another hybrid is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fusion.hybrid import Hybrid
+from pipelines import predict
+from prediction.results import STREAM_NAME, ResultsError, read_stream
+from tests.helpers import run_module
+from tests.robustness.support import assert_clean, call
+
+
+@pytest.fixture(scope="module")
+def panels(tiny_run) -> list[Path]:
+    images = tiny_run["run"].parent / "cache"
+    found = sorted(p for p in images.rglob("*.png") if "test" in p.parts and "mask" not in p.name)
+    assert len(found) >= 5
+    return found[:5]
+
+
+def _lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / STREAM_NAME).read_text().splitlines()]
+
+
+def test_a_killed_run_keeps_its_images_and_the_rerun_does_each_once(tiny_run, panels, tmp_path):
+    out = tmp_path / "out"
+    args = ["--hybrid", str(tiny_run["hybrid"]), "--out", str(out), *map(str, panels)]
+    killed = run_module("pipelines.predict", *args, env={"OLED_AD_KILL_AT": "predict_image_done"})
+    assert killed.returncode == -signal.SIGKILL
+    assert [e["path"] for e in _lines(out)] == [str(panels[0])]  # the first image survived
+
+    resumed = run_module("pipelines.predict", *args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_clean(resumed.stderr)
+    assert "1 image(s) already done" in resumed.stdout
+    lines = _lines(out)
+    assert sorted(e["path"] for e in lines) == sorted(map(str, panels))  # none twice, none lost
+    report = json.loads((out / "predictions.json").read_text())
+    assert [e["path"] for e in report["images"]] == [e["path"] for e in lines]
+    assert len((out / "predictions.csv").read_text().splitlines()) == len(panels) + 1
+
+    again = run_module("pipelines.predict", *args)
+    assert again.returncode == 0 and f"{len(panels)} image(s) already done" in again.stdout
+    assert len(_lines(out)) == len(panels)
+
+
+def test_a_changed_file_is_predicted_again(tiny_run, panels, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    copies = [folder / p.name for p in panels[:2]]
+    for source, copy in zip(panels, copies):
+        copy.write_bytes(source.read_bytes())
+    out = tmp_path / "out"
+    argv = ["--hybrid", tiny_run["hybrid"], "--out", out, folder]
+    assert predict.main([str(a) for a in argv]) == 0
+    copies[0].write_bytes(panels[3].read_bytes())  # same path, new content
+    assert predict.main([str(a) for a in argv]) == 0
+    assert [e["path"] for e in _lines(out)] == [str(copies[0]), str(copies[1]), str(copies[0])]
+    report = json.loads((out / "predictions.json").read_text())["images"]
+    assert len(report) == 2  # the latest result per image
+    assert {e["sha256"] for e in report if e["path"] == str(copies[0])} == {
+        _lines(out)[-1]["sha256"]
+    }
+
+
+@pytest.mark.parametrize("signals", [1, 2], ids=["once", "twice"])
+def test_ctrl_c_keeps_what_is_done_and_says_how_to_resume(
+    tiny_run, panels, tmp_path, monkeypatch, capsys, signals
+):
+    """Ctrl-C during the second image: once finishes it, twice drops it; exit 130, no
+    traceback, every finished image kept, the same command resumes."""
+    original = Hybrid.predict
+    seen = []
+
+    def predict_and_interrupt(self, image):
+        seen.append(1)
+        if len(seen) == 2:
+            for _ in range(signals):
+                os.kill(os.getpid(), signal.SIGINT)
+        return original(self, image)
+
+    monkeypatch.setattr(Hybrid, "predict", predict_and_interrupt)
+    out = tmp_path / "out"
+    argv = ["--hybrid", tiny_run["hybrid"], "--out", out, *panels]
+    code, stdout, _ = call(predict.main, argv, capsys)
+    assert code == 130
+    assert "Run the same command again to resume" in stdout
+    kept = [e["path"] for e in _lines(out)]
+    assert kept == [str(p) for p in panels[: 3 - signals]]
+    assert json.loads((out / "predictions.json").read_text())["images"][-1]["path"] == kept[-1]
+    monkeypatch.setattr(Hybrid, "predict", original)
+    code, stdout, _ = call(predict.main, argv, capsys)
+    assert code == 0 and f"{len(kept)} image(s) already done" in stdout
+    assert sorted(e["path"] for e in _lines(out)) == sorted(map(str, panels))
+
+
+def test_one_run_at_a_time_per_output_folder(tiny_run, panels, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from artifacts.lock import RunLock; "
+            f"RunLock({str(out / '.lock')!r}).acquire(); print('held', flush=True); "
+            "time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        argv = ["--hybrid", tiny_run["hybrid"], "--out", out, panels[0]]
+        code, _, err = call(predict.main, argv, capsys)
+        assert code == 1
+        assert f"held by pid {holder.pid}" in err and "choose another --out" in err
+        assert not (out / STREAM_NAME).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is dead: its lock is stale and the next run takes it.
+    assert call(predict.main, argv, capsys)[0] == 0
+
+
+def test_results_of_another_hybrid_are_refused(tiny_run, panels, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / STREAM_NAME).write_text(
+        json.dumps({"path": str(panels[0]), "hybrid_id": "0" * 64, "status": "ok"}) + "\n"
+    )
+    argv = ["--hybrid", tiny_run["hybrid"], "--out", out, panels[0]]
+    code, _, err = call(predict.main, argv, capsys)
+    assert code == 1 and "results of another hybrid" in err and "choose a new --out" in err
+
+
+def test_a_line_cut_short_by_a_kill_is_dropped(tmp_path):
+    path = tmp_path / STREAM_NAME
+    path.write_text('{"path": "a"}\n{"path": "b"}\n{"path": "c", "sco')
+    assert [e["path"] for e in read_stream(path)] == ["a", "b"]
+    assert path.read_text() == '{"path": "a"}\n{"path": "b"}\n'  # appending goes on cleanly
+    path.write_text('{"path": "a"}\nnot json\n{"path": "b"}\n')
+    with pytest.raises(ResultsError, match=f"{path}, line 2"):
+        read_stream(path)
