@@ -21,9 +21,10 @@ from pathlib import Path
 
 from artifacts.io import atomic_write_json
 from configs import Flag, add_config_arguments, load_config, split_names, write_config
+from experiments.ranking import format_table, leaderboard, write_leaderboard_csv
 from pipelines.common import PipelineError, config_hash, main_guard, setup_logging
 from pipelines.jobs import plan_jobs, read_results, run_jobs
-from pipelines.report import format_table, leaderboard, write_html_report, write_leaderboard_csv
+from reporting.benchmark_report import write_html_report
 
 log = logging.getLogger("pipelines.benchmark")
 

@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     from fusion.hybrid import Hybrid
     from members.base import load_member
-    from pipelines.hybrid_report import write_hybrid_report
     from pipelines.selection import select_members
+    from reporting.hybrid_report import write_hybrid_report
 
     args = parse_args(argv)
     cfg = load_config("ensemble", args.config, [*args.overrides, *overrides_from_flags(args)])

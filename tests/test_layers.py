@@ -4,7 +4,8 @@ Floors, lowest first: ``artifacts`` (atomic writes, manifests, guarded loading: 
 saves and loads through it), ``metrics`` (figures), ``data`` (images, datasets, the generator,
 artifact files), ``members`` and ``tiling`` (detectors and how they run over large images),
 ``grading`` (regions, levels, types), ``fusion`` (the hybrid), ``evaluation`` (scoring
-detectors on labeled splits), ``configs``, ``pipelines``
+detectors on labeled splits), ``reporting`` (HTML reports and charts), ``configs``,
+``experiments`` (the benchmark's job grid, its runner and ranking), ``pipelines``
 (the entry points). Imports inside functions count too: hiding one there does not change
 which floor depends on which.
 """
@@ -24,8 +25,10 @@ FLOORS = {
     "grading": 3,
     "fusion": 4,
     "evaluation": 5,
-    "configs": 6,
-    "pipelines": 7,
+    "reporting": 6,
+    "configs": 7,
+    "experiments": 8,
+    "pipelines": 9,
 }
 
 

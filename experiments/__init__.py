@@ -1,0 +1,1 @@
+"""The benchmark's experiments: the ranking (``experiments.ranking``)."""
