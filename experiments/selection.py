@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from data.sources import DataSource
+from experiments.job_folder import JOB_FILE, job_is_complete, read_results
 from experiments.ranking import composite
-from pipelines.jobs import JOB_FILE, job_is_complete, read_results
 
 CRITERIA = ("composite", "image_auroc", "pixel_auroc", "aupro")
 
