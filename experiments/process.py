@@ -38,11 +38,13 @@ def call_in_fresh_process(
     if function.__module__ == "__main__" or "." in function.__qualname__:
         raise ValueError(f"{function.__qualname__} cannot be imported by a fresh process")
     call = f"{function.__name__}{tuple(map(str, args))}"
-    payload = {"module": function.__module__, "name": function.__name__}
-    payload |= {"args": args, "kwargs": kwargs}
+    payload = json.dumps(
+        {"module": function.__module__, "name": function.__name__, "args": args, "kwargs": kwargs},
+        default=str,
+    )
     try:
         done = subprocess.run(
-            [sys.executable, "-c", CHILD, json.dumps(payload, default=str)],
+            [sys.executable, "-c", CHILD, payload],
             capture_output=True,
             text=True,
             timeout=timeout_s,
