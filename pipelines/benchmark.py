@@ -21,9 +21,13 @@ from pathlib import Path
 
 from artifacts.io import atomic_write_json
 from configs import Flag, add_config_arguments, load_config, split_names, write_config
-from pipelines.common import PipelineError, config_hash, main_guard, setup_logging
-from pipelines.jobs import plan_jobs, read_results, run_jobs
-from pipelines.report import format_table, leaderboard, write_html_report, write_leaderboard_csv
+from experiments.grid import config_hash, plan_jobs
+from experiments.job_folder import read_scores
+from experiments.ranking import format_table, leaderboard, write_leaderboard_csv
+from experiments.runner import run_jobs
+from pipelines import jobs as job_entry_point
+from pipelines.common import PipelineError, main_guard, setup_logging
+from reporting.benchmark_report import write_html_report
 
 log = logging.getLogger("pipelines.benchmark")
 
@@ -87,11 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(run_dir / "log.txt")
     write_config(cfg, run_dir / "config.yaml")
     log.info("run folder: %s (%d jobs)", run_dir, len(jobs))
-    results = run_jobs(jobs, run_dir, cfg["benchmark"]["job_timeout_s"])
+    results = run_jobs(jobs, run_dir, job_entry_point.main, cfg["benchmark"]["job_timeout_s"])
     board = leaderboard(results)
     write_leaderboard_csv(board, run_dir / "leaderboard.csv")
     atomic_write_json(run_dir / "results.json", {"jobs": results, "overall": board["overall"]})
-    scores = {r["job_id"]: _scores(run_dir / "jobs" / r["job_id"]) for r in results}
+    scores = {r["job_id"]: read_scores(run_dir / "jobs" / r["job_id"]) for r in results}
     report = write_html_report(
         board,
         results,
@@ -110,17 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     if len(failed) == len(results):
         raise PipelineError(f"every job failed; first error: {failed[0].get('error')}")
     return 0
-
-
-def _scores(job_dir: Path) -> list[dict]:
-    import csv
-
-    if read_results(job_dir) is None or not (job_dir / "scores.csv").is_file():
-        return []
-    with open(job_dir / "scores.csv") as fh:
-        return [
-            {**r, "label": int(r["label"]), "score": float(r["score"])} for r in csv.DictReader(fh)
-        ]
 
 
 if __name__ == "__main__":

@@ -1,20 +1,16 @@
-"""What every entry point shares: clean failure reporting, logging, run folders, resources."""
+"""What every entry point shares: clean failure reporting and logging."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import resource
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-log = logging.getLogger("pipelines")
+# Packages whose exceptions read as plain messages: their type names add nothing for the user.
+OWN_ERRORS = {"configs", "data", "experiments", "members", "pipelines", "prediction", "tiling"}
 
 
 class PipelineError(RuntimeError):
@@ -49,7 +45,7 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.filename:
         return f"{exc.strerror or type(exc).__name__}: {exc.filename}"
     text = str(exc) if str(exc) else type(exc).__name__
-    if type(exc).__module__.split(".")[0] in {"configs", "data", "members", "pipelines", "tiling"}:
+    if type(exc).__module__.split(".")[0] in OWN_ERRORS:
         return text
     return f"{type(exc).__name__}: {text}"
 
@@ -70,33 +66,3 @@ def setup_logging(log_file: str | os.PathLike | None = None, verbose: bool = Fal
         root.addHandler(file_handler)
     for noisy in ("lightning_fabric", "lightning.fabric", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def config_hash(cfg: Any, length: int = 10) -> str:
-    """A short stable hash of a JSON-serializable configuration."""
-    blob = json.dumps(cfg, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:length]
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far. Linux's ``VmHWM`` belongs to the process
-    image; ``ru_maxrss`` survives ``exec``, so in a freshly started job it would report its
-    parent's peak whenever that is higher (it is the fallback elsewhere)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB."""
-    return peak_rss_bytes() / 2**20
-
-
-def timestamp() -> str:
-    return time.strftime("%Y%m%d-%H%M%S")

@@ -58,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         evaluate_on_unseen_panels,
         shared_work_cost,
     )
+    from experiments.selection import select_members
     from fusion.hybrid import Hybrid
     from members.base import load_member
-    from pipelines.hybrid_report import write_hybrid_report
-    from pipelines.selection import select_members
+    from reporting.hybrid_report import write_hybrid_report
 
     args = parse_args(argv)
     cfg = load_config("ensemble", args.config, [*args.overrides, *overrides_from_flags(args)])

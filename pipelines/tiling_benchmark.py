@@ -16,21 +16,23 @@ Writes <output_dir>/<run_name>/{results.json, speed_memory.csv, merge_errors.csv
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 from artifacts.io import atomic_write_csv, atomic_write_json, csv_text
 from configs import add_config_arguments, load_config, write_config
-from pipelines.common import PipelineError, main_guard, setup_logging
+from experiments.process import call_in_fresh_process
+from experiments.tiling_measurements import (
+    fit_member_on_tiles,
+    measure_panel,
+    merge_errors,
+    write_panel,
+)
+from pipelines.common import main_guard, setup_logging
 
 log = logging.getLogger("pipelines.tiling_benchmark")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,70 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def fit_member_on_tiles(cfg: dict[str, Any], out_dir: Path) -> Path:
-    """Fit the configured member on random tiles of defect-free panels; save it to out_dir."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from data.datasets import collate_samples
-    from data.synthetic import PanelGenerator
-    from members.build import build_member, build_trainer, member_options, trainer_options
-    from tiling import TiledDataset
-
-    bench, tiling = cfg["tiling_benchmark"], cfg["tiling"]
-    generator = PanelGenerator(size=bench["train_panel_size"], seed=cfg["seed"])
-    panels = [
-        {
-            "image": torch.from_numpy(generator.generate_normal(i)["image"])[None],
-            "mask": torch.zeros(1, bench["train_panel_size"], bench["train_panel_size"]),
-            "label": 0,
-        }
-        for i in range(bench["train_panels"])
-    ]
-    tiles = TiledDataset(
-        panels, tiling["tile_size"], mode="random", crops_per_image=bench["crops_per_panel"]
-    )
-    loader = DataLoader(tiles, batch_size=tiling["batch_size"], collate_fn=collate_samples)
-    name = bench["member"]
-    member = build_member(name, member_options(cfg["members"], name))
-    trainer = build_trainer(
-        cfg["device"],
-        trainer_options(cfg["trainer"], cfg["members"], name),
-        seed=cfg["seed"],
-        progress=False,
-    )
-    member.fit(loader, None, trainer)
-    return member.save(out_dir)
-
-
-def _in_fresh_process(call: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """``pipelines.tiling_measurements.<call>(*args, **kwargs)`` run in a new interpreter (so
-    its peak memory is its own); its JSON result."""
-    code = (
-        "import json, sys; import pipelines.tiling_measurements as b; "
-        "a = json.loads(sys.argv[1]); "
-        f"print(json.dumps(b.{call}(*a['args'], **a['kwargs'])))"
-    )
-    payload = json.dumps(
-        {"args": [str(a) if isinstance(a, Path) else a for a in args], "kwargs": kwargs}
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code, payload],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-    )
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise PipelineError(f"{call}{tuple(map(str, args))} failed: {last}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 @main_guard
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.tiling_measurements import merge_errors
-
     args = parse_args(argv)
     cfg = load_config("tiling_benchmark", args.config, args.overrides)
     bench, tiling = cfg["tiling_benchmark"], cfg["tiling"]
@@ -127,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for height, width in bench["sizes"]:
         panel_dir = run_dir / "panels" / f"{height}x{width}"
-        truth = _in_fresh_process("write_panel", panel_dir, height, width, seed=cfg["seed"])
-        row = _in_fresh_process("measure_panel", member_dir, panel_dir, **options)
+        truth = call_in_fresh_process(write_panel, panel_dir, height, width, seed=cfg["seed"])
+        row = call_in_fresh_process(measure_panel, member_dir, panel_dir, **options)
         rows.append({**row, **truth})
         log.info("%dx%d: %s", height, width, row)
         shutil.rmtree(panel_dir)  # hundreds of MB per panel

@@ -213,6 +213,7 @@ def test_names_in_a_file_must_be_quoted(tmp_path):
 def _choice_cases() -> list[tuple[str, str, str, str, tuple[str, ...]]]:
     """(pipeline, key, bad value, choices) from the libraries' own lists where they have one."""
     from data.datasets import available_datasets
+    from experiments.selection import CRITERIA
     from fusion.combiners import COMBINERS, LEARNERS
     from fusion.hybrid import GRADERS, OPERATING_POINTS
     from fusion.normalizers import NORMALIZERS
@@ -221,7 +222,6 @@ def _choice_cases() -> list[tuple[str, str, str, str, tuple[str, ...]]]:
     from members.base import SCORE_AGGREGATIONS
     from members.trainer import PRECISIONS
     from pipelines.retraining import METRICS
-    from pipelines.selection import CRITERIA
     from tiling.grid import PAD_MODES, REDUCTIONS
 
     members = tuple(available_members())
@@ -316,12 +316,12 @@ def test_every_key_has_a_type():
 
 def test_config_choices_equal_the_libraries():
     """configs writes these lists out (their modules are above it or pull in scikit-learn)."""
+    from experiments.selection import CRITERIA
     from fusion.combiners import COMBINERS, LEARNERS
     from fusion.hybrid import GRADERS, OPERATING_POINTS
     from fusion.normalizers import NORMALIZERS
     from grading.graders import THRESHOLD_METHODS
     from pipelines.retraining import METRICS
-    from pipelines.selection import CRITERIA
 
     assert set(configs.COMBINERS) == set(COMBINERS)
     assert set(configs.LEARNERS) == set(LEARNERS)

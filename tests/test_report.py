@@ -8,13 +8,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from pipelines.report import (
-    composite,
-    format_table,
-    leaderboard,
-    write_html_report,
-    write_leaderboard_csv,
-)
+from experiments.ranking import composite, format_table, leaderboard, write_leaderboard_csv
+from reporting.benchmark_report import write_html_report
 
 
 def result(member, dataset="synthetic", category="panel", status="ok", **metrics):

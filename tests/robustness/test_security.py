@@ -33,6 +33,8 @@ PACKAGES = (
     "configs",
     "artifacts",
     "evaluation",
+    "reporting",
+    "experiments",
     "prediction",
 )
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from data.sources import DataSource
-from pipelines.jobs import JOB_FILE, job_is_complete, read_results
-from pipelines.report import composite
+from experiments.job_folder import JOB_FILE, job_is_complete, read_results
+from experiments.ranking import composite
 
 CRITERIA = ("composite", "image_auroc", "pixel_auroc", "aupro")
 

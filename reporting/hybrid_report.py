@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from artifacts.io import atomic_write_text
-from pipelines.report import _table, bar_chart, histogram, html_page, line_chart, roc_points
+from reporting.charts import bar_chart, histogram, line_chart, roc_points
+from reporting.page import html_page, html_table
 
 
 def write_hybrid_report(results: dict[str, Any], records: list[dict[str, Any]], path: Path) -> Path:
@@ -21,7 +22,7 @@ def write_hybrid_report(results: dict[str, Any], records: list[dict[str, Any]], 
     ]
     columns = ["image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "aupro"]
     rows = [{"detector": name, **values} for name, values in results["metrics"].items()]
-    sections.append(_table(rows, ["detector", *columns]))
+    sections.append(html_table(rows, ["detector", *columns]))
     point = results["operating_point"]
     sections.append("<h2>Operating point (test split)</h2>")
     sections.append(
@@ -30,7 +31,7 @@ def write_hybrid_report(results: dict[str, Any], records: list[dict[str, Any]], 
         "What it did on the test images:</p>"
     )
     sections.append(
-        _table(
+        html_table(
             [point],
             ["false_alarm_rate", "miss_rate", "normal_images", "defective_images"],
         )
@@ -39,7 +40,7 @@ def write_hybrid_report(results: dict[str, Any], records: list[dict[str, Any]], 
         {"level given to a defect-free test image": level, "images": count}
         for level, count in point["levels_of_normal_images"].items()
     ]
-    sections.append(_table(level_rows, ["level given to a defect-free test image", "images"]))
+    sections.append(html_table(level_rows, ["level given to a defect-free test image", "images"]))
     grading = results["grading"]
     sections.append("<h2>Grading</h2>")
     sections.append(
@@ -56,11 +57,11 @@ def write_hybrid_report(results: dict[str, Any], records: list[dict[str, Any]], 
             "parameters and a seed nothing was fitted or chosen on; every defect's type and "
             "level is known.</p>"
         )
-        sections.append(_table([unseen["metrics"]], list(unseen["metrics"])))
+        sections.append(html_table([unseen["metrics"]], list(unseen["metrics"])))
         sections.extend(_grading_sections(unseen["grading"]))
     sections.append("<h2>Validation and grader choice</h2>")
     validation = {k: v for k, v in results["validation"].items() if not isinstance(v, dict)}
-    sections.append(_table([validation], list(validation)))
+    sections.append(html_table([validation], list(validation)))
     choices = results["validation"].get("fusion_choice") or {}
     choice_rows = [
         {
@@ -77,8 +78,8 @@ def write_hybrid_report(results: dict[str, Any], records: list[dict[str, Any]], 
             "<p>The auto combiner's choice at each level: cross-validated AUROC of every "
             "candidate on the fusion data (not test).</p>"
         )
-        sections.append(_table(choice_rows, list(choice_rows[0])))
-    sections.append(_table([results["grader"]], list(results["grader"])))
+        sections.append(html_table(choice_rows, list(choice_rows[0])))
+    sections.append(html_table([results["grader"]], list(results["grader"])))
     sections.append('<h2>Scores</h2><div class="row">')
     sections.append(
         line_chart(
@@ -99,14 +100,14 @@ def write_hybrid_report(results: dict[str, Any], records: list[dict[str, Any]], 
     cost = {k: v for k, v in results["cost"].items() if k.endswith("_ms")}
     if cost:
         sections.append(bar_chart(cost, "Milliseconds per image", "ms"))
-    sections.append(_table([results["cost"]], list(results["cost"])))
+    sections.append(html_table([results["cost"]], list(results["cost"])))
     return atomic_write_text(path, html_page("Hybrid report", sections))
 
 
 def _confusion_table(table: dict[str, dict[str, int]], true_name: str) -> str:
     predicted = sorted({p for row in table.values() for p in row})
     rows = [{true_name: t, **{p: row.get(p, 0) for p in predicted}} for t, row in table.items()]
-    return _table(rows, [true_name, *predicted])
+    return html_table(rows, [true_name, *predicted])
 
 
 def _grading_sections(grading: dict[str, Any]) -> list[str]:
@@ -115,14 +116,14 @@ def _grading_sections(grading: dict[str, Any]) -> list[str]:
     views = [{"view": v, **grading[v]} for v in ("stage_on_true_regions", "end_to_end")]
     facts = {k: v for k, v in grading.items() if not isinstance(v, dict)}
     out = [
-        _table(views, ["view", "level_accuracy", "level_within_one", "type_macro_f1", "n"]),
-        _table([facts], list(facts)),
+        html_table(views, ["view", "level_accuracy", "level_within_one", "type_macro_f1", "n"]),
+        html_table([facts], list(facts)),
     ]
     recall = grading.get("detection_recall_by_level") or {}
     if recall:
         out.append("<h3>Defects found, per true level (end to end)</h3>")
         out.append(
-            _table(
+            html_table(
                 [{"true level": level, "recall": value} for level, value in recall.items()],
                 ["true level", "recall"],
             )
@@ -147,12 +148,12 @@ def _grading_sections(grading: dict[str, Any]) -> list[str]:
     ]
     if rows:
         out.append("<h3>Measured area and contrast against the truth</h3>")
-        out.append(_table(rows, list(rows[0])))
+        out.append(html_table(rows, list(rows[0])))
     medians = grading.get("median_level_by_true_level") or {}
     if medians:
         out.append("<h3>Median level given to the images of each true level</h3>")
         out.append(
-            _table(
+            html_table(
                 [{"true level": k, "median level given": v} for k, v in medians.items()],
                 ["true level", "median level given"],
             )

@@ -1,5 +1,6 @@
 """Measurements behind ``python -m pipelines.tiling_benchmark``: merge exactness, and the speed,
-peak memory and accuracy of streaming tiled inference on synthetic high-resolution panels.
+peak memory and accuracy of streaming tiled inference on synthetic high-resolution panels, by a
+member fitted on tiles of defect-free panels (``fit_member_on_tiles``).
 
 Each panel size is measured in a fresh process (``measure_panel``), so one size's peak resident
 memory does not hide the next one's. The panel is written to disk first, by yet another process,
@@ -8,20 +9,50 @@ and read back as a ``numpy.memmap``: the measuring process never holds the whole
 
 from __future__ import annotations
 
-import resource
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipelines.common import peak_rss_bytes
+from experiments.memory import current_rss_bytes, peak_rss_bytes
 from tiling.grid import REDUCTIONS, MapAccumulator, TileGrid
 
 
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * resource.getpagesize()
+def fit_member_on_tiles(cfg: dict[str, Any], out_dir: Path) -> Path:
+    """Fit the configured member on random tiles of defect-free panels; save it to out_dir."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from data.datasets import collate_samples
+    from data.synthetic import PanelGenerator
+    from members.build import build_member, build_trainer, member_options, trainer_options
+    from tiling import TiledDataset
+
+    bench, tiling = cfg["tiling_benchmark"], cfg["tiling"]
+    generator = PanelGenerator(size=bench["train_panel_size"], seed=cfg["seed"])
+    panels = [
+        {
+            "image": torch.from_numpy(generator.generate_normal(i)["image"])[None],
+            "mask": torch.zeros(1, bench["train_panel_size"], bench["train_panel_size"]),
+            "label": 0,
+        }
+        for i in range(bench["train_panels"])
+    ]
+    tiles = TiledDataset(
+        panels, tiling["tile_size"], mode="random", crops_per_image=bench["crops_per_panel"]
+    )
+    loader = DataLoader(tiles, batch_size=tiling["batch_size"], collate_fn=collate_samples)
+    name = bench["member"]
+    member = build_member(name, member_options(cfg["members"], name))
+    trainer = build_trainer(
+        cfg["device"],
+        trainer_options(cfg["trainer"], cfg["members"], name),
+        seed=cfg["seed"],
+        progress=False,
+    )
+    member.fit(loader, None, trainer)
+    return member.save(out_dir)
 
 
 def merge_errors(

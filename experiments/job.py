@@ -1,0 +1,304 @@
+"""One benchmark job's experiment: fit the member, evaluate it on test and validation data,
+measure its cost, save examples, and write ``results.json`` last (see ``experiments.job_folder``).
+
+It runs in a process of its own (``experiments.runner`` starts one per job), so a crash or a
+kill costs only that job, and its peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from artifacts.io import atomic_write_csv, atomic_write_json
+from data.sources import DataSource, make_dataset, make_loader
+from experiments.job_folder import JOB_FILE, RESULTS_FILE, SCORE_COLUMNS
+from experiments.memory import peak_rss_mb
+
+log = logging.getLogger(__name__)
+
+
+def tiled_predictor(member, tiling: Mapping[str, Any]):
+    """A predict function running ``member`` tile by tile over full-resolution images."""
+    from tiling import infer_tiled
+
+    def predict(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, maps = [], []
+        for image in batch["image"]:
+            out = infer_tiled(
+                member,
+                image,
+                tile_size=tiling["tile_size"],
+                stride=tiling["stride"],
+                batch_size=tiling["batch_size"],
+                reduction=tiling["reduction"],
+                pad_mode=tiling["pad_mode"],
+            )
+            maps.append(torch.as_tensor(out["anomaly_map"]).reshape(1, *image.shape[-2:]))
+            scores.append(float(out["pred_score"]))
+        return torch.tensor(scores), torch.stack(maps)
+
+    return predict
+
+
+def member_predictor(member):
+    """A predict function running ``member`` on whole (resized) images."""
+
+    def predict(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = member.predict(batch["image"])
+        return out["pred_score"], out["anomaly_map"]
+
+    return predict
+
+
+def _latency_ms(predict, dataset, n: int = 5) -> float:
+    from data.datasets import collate_samples
+
+    times = []
+    for i in range(min(n, len(dataset))):
+        batch = collate_samples([dataset[i]])
+        started = time.perf_counter()
+        predict(batch)
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times) if times else float("nan")
+
+
+@torch.no_grad()
+def _backbone_images_per_second(member, loader, device) -> float | None:
+    """Images/s of the member's backbone feature pass alone over ``loader``: the ceiling its
+    own images/s is compared with (None for members without a backbone)."""
+    from members.backbones import FeatureExtractor
+
+    extractor = getattr(member, "feature_extractor", None)
+    if not isinstance(extractor, FeatureExtractor):
+        return None
+    images, seconds = 0, 0.0
+    for batch in loader:
+        batch_images = batch["image"].to(device)
+        started = time.perf_counter()
+        extractor(batch_images)
+        seconds += time.perf_counter() - started
+        images += len(batch_images)
+    return images / seconds if seconds > 0 else None
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _save_examples(member, predict, dataset, records, folder: Path, n: int) -> list[dict]:
+    """Heatmap overlays of the ``n`` best and ``n`` worst cases: defective images scored
+    highest/lowest and normal images scored lowest/highest."""
+    from data.datasets import collate_samples
+    from tiling import save_heatmap_overlay
+
+    if n <= 0:
+        return []
+    by_path = {r["path"]: i for i, r in enumerate(records)}
+    defects = sorted((r for r in records if r["label"] == 1), key=lambda r: r["score"])
+    normals = sorted((r for r in records if r["label"] == 0), key=lambda r: r["score"])
+    picks = [("worst", r) for r in defects[: (n + 1) // 2] + normals[::-1][: n // 2]]
+    picks += [("best", r) for r in defects[::-1][: (n + 1) // 2] + normals[: n // 2]]
+    examples = []
+    for k, (kind, record) in enumerate(picks):
+        # Records are in dataset order: the test loader does not shuffle.
+        sample = dataset[by_path[record["path"]]]
+        _, maps = predict(collate_samples([sample]))
+        name = f"{kind}-{k:02d}-{Path(record['path']).stem}.png"
+        save_heatmap_overlay(sample["image"], maps[0], folder / name)
+        examples.append({**record, "kind": kind, "file": f"examples/{name}"})
+    return examples
+
+
+def _validation_evaluation(predict, val_set, source: DataSource, spec: Mapping[str, Any], bs: int):
+    """The member on the ``val`` split: its held-out normal images and copies of them with
+    injected synthetic defects (exact masks), the figures a hybrid's members are chosen on."""
+    from data.datasets import collate_samples
+    from data.validation import as_dataset_sample, injected_validation_samples
+    from evaluation import evaluate
+
+    samples = injected_validation_samples(
+        (val_set[i]["image"] for i in range(len(val_set))),
+        injections_per_image=spec["validation_injections"],
+        pixel_pitch_mm=source.pixel_pitch_mm,
+        seed=spec["seed"],
+    )
+    samples = [as_dataset_sample(s, k, source.channels) for k, s in enumerate(samples)]
+    batches = (collate_samples(samples[i : i + bs]) for i in range(0, len(samples), bs))
+    log.info("validating on %d images (%d held-out normal)", len(samples), len(val_set))
+    return evaluate(predict, batches, pixel_metrics=True)
+
+
+@torch.no_grad()
+def _reconstruction_quality(
+    member, test_set, tiling: Mapping[str, Any], bs: int, workers: int, device: torch.device
+) -> dict[str, Any]:
+    """PSNR, SSIM and LPIPS between the test images and the member's reconstructions of them
+    (of their tiles in a tiled job: the member's input there)."""
+    from metrics.quality import reconstruction_quality
+
+    if tiling["enabled"]:
+        from tiling import TiledDataset
+
+        test_set = TiledDataset(test_set, tiling["tile_size"], tiling["stride"], mode="all")
+    loader = make_loader(test_set, bs, shuffle=False, num_workers=workers)
+    pairs = (
+        (batch["image"], member.reconstruct_images(batch["image"].to(device))) for batch in loader
+    )
+    quality = reconstruction_quality(pairs)
+    return {"split": "test", "unit": "tile" if tiling["enabled"] else "image", **quality}
+
+
+def run_job(job_dir: Path) -> dict[str, Any]:
+    """Fit and evaluate the job described by ``job_dir/job.json``; write ``results.json``."""
+    from lightning_fabric.utilities.seed import seed_everything
+
+    from evaluation import evaluate
+    from members.build import build_member, build_trainer
+
+    spec = json.loads((job_dir / JOB_FILE).read_text())
+    atomic_write_json(job_dir / "config.json", spec)
+    seed_everything(spec["seed"], verbose=False)
+    source = DataSource(**{**spec["source"], "data_dir": Path(spec["source"]["data_dir"])})
+    category, seed = spec["category"], spec["seed"]
+    tiling = spec["tiling"]
+    train_set = make_dataset(source, category, "train", seed, spec["image_size"])
+    # The held-out share's two halves: the member calibrates its maps on one; it is chosen for
+    # a hybrid on the other (with injected defects), which fusion later fits on.
+    calibration_set, val_set = (
+        (
+            make_dataset(source, category, "calibration", seed, spec["image_size"]),
+            make_dataset(source, category, "val", seed, spec["image_size"]),
+        )
+        if source.val_fraction
+        else (None, None)
+    )
+    test_set = make_dataset(source, category, "test", seed, spec["image_size"])
+    if calibration_set is not None and len(calibration_set) < 2:
+        # Per-pixel statistics need two images at least; members then calibrate without.
+        log.warning(
+            "only %d calibration image(s): members calibrate without held-out images "
+            "(raise data.val_fraction)",
+            len(calibration_set),
+        )
+        calibration_set = None
+    if tiling["enabled"]:
+        from tiling import TiledDataset
+
+        train_set = TiledDataset(train_set, tiling["tile_size"], tiling["stride"], mode="all")
+        if calibration_set is not None:
+            calibration_set = TiledDataset(
+                calibration_set, tiling["tile_size"], tiling["stride"], mode="all"
+            )
+    bs, workers = spec["batch_size"], spec["num_workers"]
+    train_loader = make_loader(train_set, bs, shuffle=True, num_workers=workers)
+    calibration_loader = (
+        make_loader(calibration_set, bs, shuffle=False, num_workers=workers)
+        if calibration_set
+        else None
+    )
+
+    member = build_member(spec["member"], spec["member_config"], spec.get("init_from"))
+    trainer = build_trainer(spec["device"], spec["trainer"], seed=spec["seed"], out_dir=job_dir)
+    log.info(
+        "fitting %s on %s/%s (%d training images)",
+        spec["member"],
+        source.name,
+        category,
+        len(train_set),
+    )
+    started = time.perf_counter()
+    member.fit(train_loader, calibration_loader, trainer=trainer)
+    fit_seconds = time.perf_counter() - started
+    peak_fit = peak_rss_mb()
+    member.save(job_dir / "weights")
+    member.eval()
+    if trainer.fabric.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    predict = tiled_predictor(member, tiling) if tiling["enabled"] else member_predictor(member)
+    test_loader = make_loader(
+        test_set, 1 if tiling["enabled"] else bs, shuffle=False, num_workers=workers
+    )
+    log.info("evaluating on %d test images", len(test_set))
+
+    def on_device(batch):
+        return predict({**batch, "image": batch["image"].to(trainer.fabric.device)})
+
+    evaluation = evaluate(
+        on_device, test_loader, pixel_metrics=getattr(test_set, "has_masks", True)
+    )
+    validation = (
+        _validation_evaluation(on_device, val_set, source, spec, 1 if tiling["enabled"] else bs)
+        if val_set is not None and len(val_set)
+        else None
+    )
+    latency = _latency_ms(on_device, test_set)
+    backbone_speed = (
+        None
+        if tiling["enabled"]
+        else _backbone_images_per_second(member, test_loader, trainer.fabric.device)
+    )
+    atomic_write_csv(job_dir / "scores.csv", evaluation.records, SCORE_COLUMNS)
+    examples = _save_examples(
+        member, on_device, test_set, evaluation.records, job_dir / "examples", spec["n_examples"]
+    )
+    results = {
+        "status": "ok",
+        "job_id": job_dir.name,
+        "dataset": source.name,
+        "category": category,
+        "member": spec["member"],
+        "backbone": spec["member_config"].get("backbone"),
+        "image_size": spec["image_size"],
+        "tiling": tiling["enabled"],
+        # Test figures report the member; validation figures choose it for a hybrid.
+        "metrics": evaluation.metrics,
+        "validation_metrics": validation.metrics if validation else {},
+        "splits": {
+            "metrics": f"test ({evaluation.images} images)",
+            "validation_metrics": (
+                f"val ({len(val_set)} held-out normal images and "
+                f"{validation.images - len(val_set)} copies with injected defects)"
+                if validation
+                else "none: data.val_fraction is 0"
+            ),
+        },
+        "notes": evaluation.notes,
+        "cost": {
+            "fit_seconds": fit_seconds,
+            "train_images": len(train_set),
+            "test_images": evaluation.images,
+            "images_per_second": evaluation.images_per_second,
+            # The same test images through the member's backbone alone, in the same process.
+            "backbone_images_per_second": backbone_speed,
+            "latency_ms": latency,
+            "peak_rss_mb_fit": peak_fit,
+            "peak_rss_mb": peak_rss_mb(),
+            "peak_gpu_mb": (
+                torch.cuda.max_memory_allocated() / 2**20
+                if trainer.fabric.device.type == "cuda"
+                else None
+            ),
+            "model_bytes": _folder_bytes(job_dir / "weights"),
+            # What a member measures of its own fit (e.g. PatchCore's coreset time).
+            **{f"fit_{k}": v for k, v in getattr(member, "fit_stats", {}).items()},
+        },
+        "examples": examples,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    # After the cost figures: LPIPS's network is not part of the member's memory.
+    results["reconstruction_quality"] = (
+        _reconstruction_quality(member, test_set, tiling, bs, workers, trainer.fabric.device)
+        if member.reconstructs
+        else None
+    )
+    atomic_write_json(job_dir / RESULTS_FILE, results)
+    return results

@@ -1,0 +1,65 @@
+"""Running the benchmark's jobs, each in a fresh process: a crash or a kill costs only that job,
+and its peak memory is its own. Finished jobs are skipped, so a run resumes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from artifacts.io import atomic_write_json
+from experiments.grid import Job
+from experiments.job_folder import JOB_FILE, RESULTS_FILE, job_is_complete, read_results
+from experiments.process import FreshProcessError, call_in_fresh_process
+
+log = logging.getLogger(__name__)
+
+
+def run_jobs(
+    jobs: list[Job],
+    run_dir: Path,
+    job_main: Callable[[list[str]], int],
+    timeout_s: float | None = None,
+) -> list[dict]:
+    """Run every job not finished yet, each in its own process; a failed or killed job is
+    recorded with its error and the others go on. Returns every job's results.
+
+    ``job_main``: the entry point that runs one job in that process, ``job_main([job_dir])``
+    (``pipelines.jobs.main``); it returns 0 and writes the job's ``results.json``, or records
+    the job's failure there and returns 1."""
+    outcomes = []
+    for number, job in enumerate(jobs, 1):
+        job_dir = job.folder(run_dir)
+        label = f"[{number}/{len(jobs)}] {job.job_id}"
+        if job_is_complete(job_dir):
+            log.info("%s: finished earlier, skipped", label)
+            outcomes.append({**job.identity(), **read_results(job_dir)})
+            continue
+        job_dir.mkdir(parents=True, exist_ok=True)
+        previous = job_dir / JOB_FILE
+        # Compared as job.json holds it: tuples (a source's categories) come back as lists.
+        spec = json.loads(json.dumps(job.spec, default=str))
+        if previous.is_file() and json.loads(previous.read_text()) != spec:
+            # The same cell with other settings: its checkpoints belong to the old settings.
+            shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)
+        atomic_write_json(job_dir / JOB_FILE, job.spec)
+        (job_dir / RESULTS_FILE).unlink(missing_ok=True)
+        log.info("%s: running", label)
+        started = time.perf_counter()
+        try:
+            status, crash = call_in_fresh_process(job_main, [str(job_dir)], timeout_s=timeout_s), ""
+        except FreshProcessError as exc:
+            status, crash = None, exc.reason
+        results = read_results(job_dir)
+        if status != 0 or results is None or results.get("status") != "ok":
+            error = (results or {}).get("error") or crash or f"exit status {status}"
+            results = {"status": "failed", "job_id": job.job_id, "error": error}
+            atomic_write_json(job_dir / RESULTS_FILE, results)
+            log.error("%s: failed: %s (see %s)", label, error, job_dir / "log.txt")
+        else:
+            log.info("%s: done in %.0f s", label, time.perf_counter() - started)
+        outcomes.append({**job.identity(), **results})
+    return outcomes

@@ -1,0 +1,42 @@
+"""The reports' HTML: one self-contained page and its tables."""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from typing import Any
+
+
+def html_value(value: Any, digits: int = 4) -> str:
+    """A figure as escaped text: floats to ``digits`` significant digits, nan as a dash."""
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if math.isfinite(value) else "–"
+    return html.escape("" if value is None else str(value))
+
+
+def html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], css: str = "") -> str:
+    """A table of ``rows`` (dicts), one column per name in ``columns``."""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html_value(r.get(c))}</td>" for c in columns) + "</tr>"
+        for r in rows
+    )
+    return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def html_page(title: str, sections: Sequence[str]) -> str:
+    """A self-contained HTML page of ``sections`` (HTML fragments) with the reports' style."""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1em; font-size: 13px; }}
+th, td {{ border: 1px solid #ccc; padding: 3px 7px; text-align: right; }}
+th {{ background: #f3f3f3; }} td:nth-child(2) {{ text-align: left; }}
+.row {{ display: flex; flex-wrap: wrap; gap: 12px; align-items: flex-start; }}
+figure {{ margin: 0; font-size: 11px; max-width: 230px; }}
+</style></head><body>
+{"".join(sections)}
+</body></html>
+"""
