@@ -26,7 +26,7 @@ from experiments.job_folder import read_scores
 from experiments.ranking import format_table, leaderboard, write_leaderboard_csv
 from experiments.runner import run_jobs
 from pipelines import jobs as job_entry_point
-from pipelines.common import PipelineError, main_guard, setup_logging
+from pipelines.common import PARTIAL_FAILURE, PipelineError, main_guard, setup_logging
 from reporting.benchmark_report import write_html_report
 
 log = logging.getLogger("pipelines.benchmark")
@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r for r in results if r.get("status") != "ok"]
     if len(failed) == len(results):
         raise PipelineError(f"every job failed; first error: {failed[0].get('error')}")
-    return 0
+    for job in failed:
+        print(f"failed {job['job_id']}: {job.get('error')}")
+    return PARTIAL_FAILURE if failed else 0
 
 
 if __name__ == "__main__":

@@ -13,13 +13,18 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 OWN_ERRORS = {"configs", "data", "experiments", "members", "pipelines", "prediction", "tiling"}
 
 
+# The exit status of a run that did part of its work: some inputs skipped, some jobs failed.
+PARTIAL_FAILURE = 3
+
+
 class PipelineError(RuntimeError):
     """A failure to report to the user in one line, without a traceback."""
 
 
 def main_guard(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
     """Wrap an entry point so errors reach the user as one clear line and an exit status:
-    2 for bad configuration or arguments, 1 for any other failure, 130 when interrupted.
+    2 for bad configuration or arguments, 1 for any other failure, 130 when interrupted (and
+    ``PARTIAL_FAILURE``, 3, returned by the entry point itself when part of the work failed).
     Set ``OLED_AD_DEBUG=1`` to see the traceback."""
 
     def guarded(argv: list[str] | None = None) -> int:

@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 
 from configs import ConfigError, Flag, add_config_arguments, load_config
-from pipelines.common import PipelineError, main_guard, setup_logging
+from pipelines.common import PARTIAL_FAILURE, PipelineError, main_guard, setup_logging
 
 log = logging.getLogger("pipelines.predict")
-PARTIAL_FAILURE = 3
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

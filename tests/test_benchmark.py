@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import benchmark
+from pipelines.common import PARTIAL_FAILURE
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +32,7 @@ def test_a_run_resumes_records_failures_and_starts_from_other_weights(tmp_path, 
     args = [*tiny(tmp_path), "--members", "patchcore,padim", "--run-name", "run"]
     # PaDiM asked for more channels than its layers have: that job fails, the other goes on.
     failing = [*args, "--set", "members.padim.n_features=100000"]
-    assert benchmark.main(failing) == 0
+    assert benchmark.main(failing) == PARTIAL_FAILURE  # a scheduler sees the failed job
     run = tmp_path / "run"
     results = {r["member"]: r for r in json.loads((run / "results.json").read_text())["jobs"]}
     assert results["padim"]["status"] == "failed" and "n_features" in results["padim"]["error"]

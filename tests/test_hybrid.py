@@ -18,6 +18,7 @@ from evaluation import shared_work_cost
 from fusion.hybrid import Hybrid
 from grading.evaluation import grading_scores
 from pipelines import benchmark, ensemble, predict
+from pipelines.common import PARTIAL_FAILURE
 
 pytestmark = pytest.mark.slow
 
@@ -118,7 +119,7 @@ def test_predict_writes_results_overlays_and_skips_bad_files(run, tmp_path):
     (inputs / "empty.png").write_bytes(b"")
     out = tmp_path / "out"
     status = predict.main(["--hybrid", str(run["out"] / "hybrid"), str(inputs), "--out", str(out)])
-    assert status == predict.PARTIAL_FAILURE  # two inputs were skipped
+    assert status == PARTIAL_FAILURE  # two inputs were skipped
     result = json.loads((out / "predictions.json").read_text())
     by_name = {Path(p["path"]).name: p for p in result["images"]}
     assert by_name["broken.png"]["status"] == "skipped" and "broken.png" in str(
