@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             "predict.overlay_max_side must be a positive number or null, "
             f"got {opts['overlay_max_side']}"
         )
+    if opts["read_ahead"] < 0:
+        raise ConfigError(f"predict.read_ahead must be 0 or more, got {opts['read_ahead']}")
     if not opts["hybrid"]:
         raise PipelineError("no hybrid given: pass --hybrid DIR (or predict.hybrid)")
     out = Path(opts["out"] or f"predictions-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -103,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                     overlay_max_side=opts["overlay_max_side"],
                     save_maps=opts["save_maps"],
                     stop=stop,
+                    read_ahead_images=opts["read_ahead"],
                 )
             except KeyboardInterrupt:  # the second Ctrl-C: the current image is dropped
                 counts, interrupted = None, True

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from artifacts.io import MANIFEST_NAME, fault_point, sha256_file
-from prediction.inputs import Skipped, read_input
+from prediction.inputs import Skipped, read_ahead
 from prediction.results import ResultStream
 
 log = logging.getLogger(__name__)
@@ -76,13 +76,14 @@ def predict_files(
     save_maps: bool = False,
     stop: StopRequest | None = None,
     progress: bool = True,
+    read_ahead_images: int = 2,
 ) -> PredictionCounts:
     """Predict ``files`` with ``hybrid`` and append each result to ``stream`` (``missing``: the
     paths given that were not image files, recorded as skipped).
 
     ``done`` maps path -> SHA-256 of images finished by this hybrid (``hybrid_ref``) before:
     those are skipped. ``prepare`` turns the image as read into the members' input (the hybrid's
-    intensity window).
+    intensity window). ``read_ahead_images``: how many files are read and decoded ahead.
     """
     from tqdm.auto import tqdm
 
@@ -103,21 +104,19 @@ def predict_files(
                 "error": entry.reason,
             }
         )
-    for path in tqdm(files, desc="predict", unit="image", disable=not progress):
+    inputs = read_ahead(files, done, read_ahead_images)
+    for item in tqdm(inputs, total=len(files), desc="predict", unit="image", disable=not progress):
         if stop is not None and stop.requested:
             break
-        entry: dict[str, Any] = {"path": str(path), "hybrid_id": hybrid_ref}
-        try:
-            entry["sha256"] = sha256_file(path)
-        except OSError as exc:
-            entry.update(status="skipped", error=f"cannot read the file: {exc.strerror or exc}")
-        if entry.get("sha256") and done.get(str(path)) == entry["sha256"]:
+        if item.already_done:
             counts.already_done += 1
             continue
-        image = read_input(path) if "status" not in entry else None
-        if isinstance(image, Skipped):
-            entry.update(status="skipped", error=image.reason)
-        elif image is not None:
+        path = item.path
+        entry: dict[str, Any] = {"path": str(path), "hybrid_id": hybrid_ref, "sha256": item.sha256}
+        if item.skipped is not None:
+            entry.update(status="skipped", error=item.skipped)
+        else:
+            image = item.image
             try:
                 quality = panel_quality(image)  # the panel as read, before the members' window
                 result = hybrid.predict(prepare(image))
@@ -125,7 +124,7 @@ def predict_files(
                 entry.update(status="skipped", error=str(exc))
             else:
                 entry.update(_result_entry(image, result, quality))
-                stem = f"{path.stem}-{entry['sha256'][:10]}"
+                stem = f"{path.stem}-{item.sha256[:10]}"
                 if overlays:
                     fused = result["anomaly_map"]
                     entry["overlay"] = str(
