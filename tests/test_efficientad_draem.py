@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from artifacts.io import ArtifactError
 from configs import load_config
@@ -156,14 +157,40 @@ def test_efficientad_works_at_other_input_sizes():
     assert out["anomaly_map"].shape == (2, 1, 100, 72)
 
 
-def test_draem_takes_textures_from_a_folder(panels_dir, image_folder):
-    member = create_member(
-        "draem", base_width=4, disc_width=4, depth=3, disc_depth=3, texture_dir=str(image_folder)
-    )
+def test_draem_takes_textures_from_a_folder(panels_dir, image_folder, monkeypatch):
+    import members.draem
+
+    draws = []
+    real_draw = members.draem.random_folder_images
+
+    def counted_draw(*args, **kwargs):
+        draws.append(args[1])  # how many textures were drawn
+        return real_draw(*args, **kwargs)
+
+    monkeypatch.setattr(members.draem, "random_folder_images", counted_draw)
+    options = {"base_width": 4, "disc_width": 4, "depth": 3, "disc_depth": 3}
+    member = create_member("draem", texture_dir=str(image_folder), **options)
     history = fit_member(member, panels_dir, max_steps=1)
     assert np.isfinite(history[0]["loss"])
-    textures = member.textures(torch.rand(2, 3, 32, 40))
-    assert textures.shape == (2, 3, 32, 40)
+    assert draws == [8]  # the training step drew its batch's textures from the folder
+    # Without the random augmentations, each texture is one of the folder's images, pixel for
+    # pixel (asked at the folder images' own size, so no resampling), not a training panel.
+    monkeypatch.setattr(members.draem, "augment_textures", lambda textures: textures)
+    folder = [
+        torch.from_numpy(np.asarray(Image.open(path), np.float32) / 255).permute(2, 0, 1)
+        for path in sorted(image_folder.glob("*.png"))
+    ]
+    images = torch.rand(4, 3, 48, 64)
+    textures = member.textures(images)
+    assert textures.shape == (4, 3, 48, 64)
+    for texture in textures:
+        assert min(float((texture - image).abs().max()) for image in folder) < 1e-6
+    # The default source is the batch itself: each image gets its neighbour's pixels.
+    default = create_member("draem", **options)
+    assert torch.equal(default.textures(images), images.roll(1, dims=0))
+    draws.clear()
+    fit_member(default, panels_dir, max_steps=1)
+    assert draws == []
 
 
 def test_member_config_files_are_valid():

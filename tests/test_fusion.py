@@ -140,3 +140,63 @@ def test_false_alarm_operating_point_keeps_its_budget():
     assert image_threshold(scores, labels, "f1") < threshold
     few = normal[:15]  # a 1 % budget over 15 images allows none of them
     assert (few >= image_threshold(few, np.zeros(15), "false_alarm", 0.01)).sum() == 0
+
+
+def test_hybrid_rank_fusion_of_members_blind_to_each_others_defects_beats_both():
+    """By construction fusion must help: one member sees only dark spots, the other only
+    bright ones; the hybrid (rank fusion of scores and maps, fitted on validation panels)
+    finds both kinds, on images and pixels, better than either member can."""
+    import torch
+    import torch.nn.functional as F
+
+    from evaluation import evaluate_hybrid
+    from fusion.hybrid import Hybrid
+    from members.base import Member
+
+    class OneSignedContrast(Member):
+        """The image's deviation from its local mean, of one sign only."""
+
+        def __init__(self, sign: float) -> None:
+            super().__init__()
+            self.sign = sign
+            self.fitted.fill_(True)
+
+        def compute_anomaly_map(self, images, features=None):
+            gray = images.mean(1, keepdim=True)
+            local = F.avg_pool2d(gray, 9, stride=1, padding=4, count_include_pad=False)
+            return (self.sign * (gray - local)).clamp_min(0)
+
+    def panels(seed: int, n: int = 8, size: int = 48) -> list[dict]:
+        """``n`` noisy flat panels each: defect-free, with a dark spot, with a bright spot."""
+        rng = np.random.default_rng(seed)
+        out = []
+        for kind in ["normal"] * n + ["dark"] * n + ["bright"] * n:
+            image = 0.5 + rng.normal(0, 0.02, (size, size))
+            mask = np.zeros((size, size), bool)
+            if kind != "normal":
+                y, x = rng.integers(4, size - 10, 2)
+                mask[y : y + 6, x : x + 6] = True
+                image[mask] += 0.1 if kind == "bright" else -0.1
+            out.append(
+                {
+                    "image": torch.from_numpy(image).float()[None],
+                    "mask": torch.from_numpy(mask).float()[None],
+                    "label": int(kind != "normal"),
+                    "path": f"{kind}.png",
+                    "defect_type": None if kind == "normal" else kind,
+                }
+            )
+        return out
+
+    members = {"dark": OneSignedContrast(-1.0), "bright": OneSignedContrast(1.0)}
+    hybrid = Hybrid(members, image_size=None, combiner="rank", describer_backbone=None)
+    validation = [
+        {"image": s["image"][0].numpy(), "mask": s["mask"][0].numpy(), "label": s["label"]}
+        for s in panels(1)
+    ]
+    metrics = evaluate_hybrid(hybrid.fit(validation), panels(2))["metrics"]
+    # Measured over five seed pairs: members image AUROC 0.76-0.94, pixel AUROC 0.61-0.62,
+    # AUPRO 0.47-0.48 (each misses half the defects); the hybrid 0.98-1.0, 0.96-0.97, 0.90-0.91.
+    for key, margin in (("image_auroc", 0.05), ("pixel_auroc", 0.25), ("aupro", 0.3)):
+        best = max(metrics[name][key] for name in members)
+        assert metrics["hybrid"][key] > best + margin, (key, metrics)

@@ -53,14 +53,23 @@ def run(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "run": run_dir, "out": run_dir / "hybrid"}
 
 
-def test_rank_fusion_of_two_members_beats_the_worse_member(run):
+def test_rank_fusion_of_two_members_is_above_the_worse_and_near_the_better(run):
     results = json.loads((run["out"] / "results.json").read_text())
     metrics = results["metrics"]
     members = [metrics[m] for m in results["members"]]
     assert len(members) == 2
+    # Two members of close quality that see the same defects: their rank mean lands between
+    # them, not above the better one (measured: pixel AUROC 0.775 against 0.770 and 0.786,
+    # AUPRO 0.802 against 0.780 and 0.821, image AUROC 0.993 for all three). So: above the
+    # worse member, and within 0.03 of the better one (the measured gaps are 0.011 and 0.019;
+    # the rest is room for another platform's arithmetic). Fusion that strictly helps, with
+    # members blind to each other's defects, is in tests/test_fusion.py.
     for key in ("pixel_auroc", "aupro"):
-        assert metrics["hybrid"][key] > min(m[key] for m in members), key
-    assert metrics["hybrid"]["image_auroc"] >= min(m["image_auroc"] for m in members)
+        values = [m[key] for m in members]
+        assert min(values) < metrics["hybrid"][key], (key, metrics)
+        assert metrics["hybrid"][key] >= max(values) - 0.03, (key, metrics)
+    best_image_auroc = max(m["image_auroc"] for m in members)
+    assert metrics["hybrid"]["image_auroc"] >= best_image_auroc - 0.01, metrics
     # The default panels hold defects near the just-noticeable difference: no member is
     # perfect on them, so the leaderboard can rank members on image scores.
     assert min(m["image_auroc"] for m in members) < 1.0, members

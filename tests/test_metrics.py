@@ -92,13 +92,42 @@ def test_aupro_of_random_maps_is_low():
     assert metric.compute() == pytest.approx(0.15, abs=0.03)
 
 
-def test_pixel_f1_max():
+def brute_force_f1_max(maps: np.ndarray, masks: np.ndarray) -> float:
+    """The best F1 over every distinct score taken as the threshold (score >= it: defective)."""
+    labels, scores = masks.ravel() > 0, maps.ravel()
+    return max(f1_score(labels, scores >= t) for t in np.unique(scores))
+
+
+def test_pixel_f1_max_is_the_best_threshold():
+    # Small enough to try every threshold; few distinct values, so ties are many.
+    rng = np.random.default_rng(4)
+    maps = np.round(rng.random((3, 1, 8, 8)), 1).astype(np.float32)
+    masks = (rng.random(maps.shape) < 0.3).astype(np.float32)
+    maps += masks * 0.2
+    metric = get_metric("pixel_f1_max")
+    for i in range(len(maps)):  # streamed
+        metric.update(maps[i : i + 1], masks[i : i + 1])
+    out = metric.compute()
+    assert out["f1"] == pytest.approx(brute_force_f1_max(maps, masks), abs=1e-12)
+    labels, scores = masks.ravel() > 0, maps.ravel()
+    assert f1_score(labels, scores >= out["threshold"]) == pytest.approx(out["f1"], abs=1e-12)
+    # The larger random case too.
     maps, masks = random_maps(seed=4)
     metric = get_metric("pixel_f1_max")
     metric.update(maps, masks)
+    assert metric.compute()["f1"] == pytest.approx(brute_force_f1_max(maps, masks), abs=1e-12)
+
+
+def test_pixel_f1_max_hand_made_case():
+    # Scores 0.9 .. 0.4 with defects at 0.9 and 0.7: thresholds 0.9, 0.8, 0.7, 0.6 give
+    # F1 2/3, 1/2, 4/5 (tp 2, fp 1), 2/3; lower ones only add false positives.
+    maps = np.array([[[[0.9, 0.8, 0.7], [0.6, 0.5, 0.4]]]], np.float32)
+    masks = np.array([[[[1, 0, 1], [0, 0, 0]]]], np.float32)
+    metric = get_metric("pixel_f1_max")
+    metric.update(maps, masks)
     out = metric.compute()
-    labels, scores = masks.ravel() > 0, maps.ravel()
-    assert f1_score(labels, scores >= out["threshold"]) == pytest.approx(out["f1"], abs=1e-9)
+    assert out["f1"] == pytest.approx(0.8)
+    assert out["threshold"] == pytest.approx(0.7)
 
 
 def test_factory_and_errors():

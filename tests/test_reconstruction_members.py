@@ -96,27 +96,152 @@ def test_member_round_trips(fitted, panels_dir, tmp_path, name):
     assert outputs_equal(member, loaded, images)
 
 
-@pytest.mark.parametrize(
-    ("name", "options"),
-    [
-        ("autoencoder", {"variant": "unet"}),
-        ("autoencoder", {"variant": "unet", "corruption": "perlin"}),
-        ("autoencoder", {"variant": "backbone"}),
-        ("autoencoder", {"map_metric": "ssim", "ssim_weight": 0.5, "lr_schedule": "constant"}),
-        ("autoencoder", {"standardize_map": False}),
-        ("vae", {"kl_weight_in_map": 1.0, "map_metric": "ssim"}),
-    ],
-)
-def test_other_options_train_and_give_finite_maps(panels_dir, name, options):
-    member = create_member(name, **options)
-    history = fit_member(member, panels_dir, max_steps=2)
+def fit_briefly(panels_dir, member: Member, **trainer_options) -> tuple[list[dict], torch.Tensor]:
+    """Train ``member`` for a few steps (two unless ``trainer_options`` say otherwise); its
+    history and four test images. Checks that losses, maps and scores are finite."""
+    trainer_options.setdefault("max_steps", 2)
+    history = fit_member(member, panels_dir, **trainer_options)
     steps = [row for row in history if row["scope"] == "step"]
-    assert len(steps) == 2 and all(torch.isfinite(torch.tensor(row["loss"])) for row in steps)
+    assert steps and all(torch.isfinite(torch.tensor(row["loss"])) for row in steps)
     images = next(iter(panel_loader(panels_dir, "test")))["image"][:4]
     out = member.predict(images)
     assert out["anomaly_map"].shape == (4, 1, 128, 128)
     assert torch.isfinite(out["anomaly_map"]).all() and torch.isfinite(out["pred_score"]).all()
-    assert bool(member.map_mean.numel()) == options.get("standardize_map", True)
+    return history, images
+
+
+def test_unet_skip_connections_carry_the_input_past_the_bottleneck(panels_dir):
+    torch.manual_seed(0)
+    unet = create_member("autoencoder", variant="unet")
+    _, images = fit_briefly(panels_dir, unet)
+    vanilla = create_member("autoencoder").eval()
+    other = images.flip(-1)  # other content, same statistics
+    for member, skips in ((unet, True), (vanilla, False)):
+        # Silence the bottleneck: only skip connections can still carry the input through.
+        handle = member.bottleneck.register_forward_hook(lambda *args: torch.zeros_like(args[2]))
+        try:
+            with torch.no_grad():
+                difference = (member.reconstruct(images) - member.reconstruct(other)).abs()
+        finally:
+            handle.remove()
+        assert member.decoder.skip_connections is skips
+        if skips:
+            # Measured 0.006-0.02 (standardized units) after two steps; exactly 0 without skips.
+            assert float(difference.mean()) > 1e-4, float(difference.mean())
+        else:
+            assert float(difference.max()) == 0.0
+
+
+def test_perlin_corruption_trains_on_corrupted_inputs_against_clean_targets(
+    panels_dir, monkeypatch
+):
+    import members.autoencoder
+
+    member = create_member("autoencoder", variant="unet", corruption="perlin")
+    fit_briefly(panels_dir, member)
+    clean = next(iter(panel_loader(panels_dir, "train")))["image"].expand(-1, 3, -1, -1)
+    synthesized, seen = [], []
+    real_synthesize = members.autoencoder.synthesize_anomalies
+
+    def recording_synthesize(*args, **kwargs):
+        synthesized.append(real_synthesize(*args, **kwargs))
+        return synthesized[-1]
+
+    def recording(member: Member) -> Callable:
+        def reconstruct(inputs, features=None):
+            seen.append((inputs, type(member).reconstruct(member, inputs, features)))
+            return seen[-1][1]
+
+        return reconstruct
+
+    monkeypatch.setattr(members.autoencoder, "synthesize_anomalies", recording_synthesize)
+    monkeypatch.setattr(member, "reconstruct", recording(member))
+    member.train()
+    torch.manual_seed(0)
+    out = member.training_step({"image": clean})
+    (corrupted, masks), ((inputs, reconstruction),) = synthesized[0], seen
+    # The network saw the corrupted batch: changed inside the Perlin masks, nowhere else.
+    assert len(synthesized) == 1 and inputs is corrupted
+    assert float(masks.sum()) > 0 and not torch.equal(inputs, clean)
+    assert torch.equal(inputs * (1 - masks), clean * (1 - masks))
+    # ... and was scored against the clean batch: it learns to restore normal appearance.
+    expected = torch.nn.functional.mse_loss(reconstruction.detach(), member.standardize(clean))
+    assert float(out["mse"]) == pytest.approx(float(expected), rel=1e-6)
+    # Without corruption the network reads the clean batch itself.
+    plain = create_member("autoencoder", variant="unet").train()
+    monkeypatch.setattr(plain, "reconstruct", recording(plain))
+    synthesized.clear()
+    seen.clear()
+    plain.training_step({"image": clean})
+    assert synthesized == [] and torch.equal(seen[0][0], clean)
+
+
+def test_ssim_map_loss_and_constant_learning_rate(panels_dir):
+    options = {"map_metric": "ssim", "ssim_weight": 0.5, "lr_schedule": "constant"}
+    member = create_member("autoencoder", **options)
+    history, images = fit_briefly(panels_dir, member, max_epochs=1, max_steps=None)
+    # Constant: the epoch ends at the starting rate (the cosine schedule ends it near zero).
+    (epoch,) = [row for row in history if row["scope"] == "epoch"]
+    assert epoch["lr"] == pytest.approx(member.lr)
+    # The loss adds the weighted 1 - SSIM term to the MSE.
+    for row in (row for row in history if row["scope"] == "step"):
+        assert row["loss"] == pytest.approx(row["mse"] + 0.5 * row["ssim_loss"], rel=1e-5)
+    with torch.no_grad():
+        ssim_error = member.raw_map(images)
+        member.map_metric = "l2"
+        l2_error = member.raw_map(images)
+        member.map_metric = "ssim"
+    # 1 - SSIM lies in [0, 2]; it is another measure than the squared error, not a rescaling.
+    assert 0 <= float(ssim_error.min()) and float(ssim_error.max()) <= 2
+    correlation = torch.corrcoef(torch.stack((ssim_error.flatten(), l2_error.flatten())))[0, 1]
+    # Measured: correlation 0.32 after one epoch.
+    assert float(correlation) < 0.9, float(correlation)
+
+
+def test_unstandardized_maps_are_the_raw_reconstruction_error(panels_dir):
+    member = create_member("autoencoder", standardize_map=False)
+    fit_briefly(panels_dir, member)
+    assert member.map_mean.numel() == 0  # nothing measured
+    train = torch.cat([batch["image"] for batch in panel_loader(panels_dir, "train")])
+    maps = member.predict(train)["anomaly_map"]
+    with torch.no_grad():
+        assert torch.equal(maps, member.raw_map(train))
+    # Smoothed squared errors: never negative, and not z-scores on the training images.
+    assert float(maps.min()) >= 0
+    # Measured: per-pixel means about 1.0 (two steps: the error is of the images' own spread).
+    assert float(maps.mean(0).abs().mean()) > 0.3, float(maps.mean(0).abs().mean())
+    # The same model standardized on those images: per-pixel mean 0 there.
+    member.standardize_map = True
+    member.measure_map_statistics(FabricTrainer(progress=False), panel_loader(panels_dir, "train"))
+    standardized = member.predict(train)["anomaly_map"]
+    assert float(standardized.mean(0).abs().max()) < 1e-3
+
+
+def test_vae_kl_map_term_adds_the_latent_divergence(panels_dir):
+    member = create_member("vae", kl_weight_in_map=1.0, map_metric="ssim")
+    _, images = fit_briefly(panels_dir, member)
+    with torch.no_grad():
+        with_kl = member.raw_map(images)
+        member.kl_weight_in_map = 0.0
+        without_kl = member.raw_map(images)
+        member.kl_weight_in_map = 1.0
+    # KL divergences are non-negative: the term only adds, and adds something.
+    added = with_kl - without_kl
+    # Measured: 0.034 on average after two steps (the 1 - SSIM map itself: 0.006).
+    assert float(added.min()) >= -1e-6 and float(added.mean()) > 1e-3, float(added.mean())
+    assert 0 <= float(without_kl.min()) and float(without_kl.max()) <= 2  # 1 - SSIM
+
+
+def test_backbone_variant_trains_its_decoder_on_a_frozen_encoder(panels_dir):
+    member = create_member("autoencoder", variant="backbone")
+    before = {key: value.clone() for key, value in member.state_dict().items()}
+    fit_briefly(panels_dir, member)
+    after = member.state_dict()
+    assert member.encoder is None
+    frozen = [key for key in before if key.startswith("feature_extractor.")]
+    assert frozen and all(torch.equal(after[key], before[key]) for key in frozen)
+    trained = [key for key in before if key.startswith(("bottleneck.", "decoder."))]
+    assert any(not torch.equal(after[key], before[key]) for key in trained)
 
 
 @pytest.mark.parametrize("name", MEMBERS)

@@ -219,7 +219,11 @@ def test_integer_and_memory_mapped_images_are_read_tile_by_tile(tmp_path):
 def test_a_member_set_runs_every_member_on_each_tile_batch(panels_dir):
     """A tiled hybrid cuts the tiles once and feeds them to all its members (their shared
     backbone runs once per batch) and gets exactly each member's own tiled map and score."""
+    from collections import Counter
+    from types import SimpleNamespace
+
     from data.synthetic import PanelGenerator
+    from evaluation import shared_work_cost
     from members import create_member
     from members.member_set import MemberSet
     from tests.helpers import fit_member
@@ -230,25 +234,38 @@ def test_a_member_set_runs_every_member_on_each_tile_batch(panels_dir):
         fit_member(members[name], panels_dir)
     member_set = MemberSet(members)
     assert len(member_set.extractors) == 1  # one shared efficientnet_lite0
+    # Count the backbone passes: the shared extractor's and each member's own.
+    passes: Counter[str] = Counter()
+    extractors = {"shared": member_set.extractors[0]}
+    extractors |= {name: member.feature_extractor for name, member in members.items()}
+    for key, extractor in extractors.items():
+        extractor.register_forward_hook(lambda *_, key=key: passes.update([key]))
+
+    def batches(height: int, width: int) -> int:
+        return -(-len(TileGrid(height, width, 128, 96).coords) // 4)
+
     image = torch.from_numpy(PanelGenerator(size=(200, 300), seed=5).generate_defective(0)["image"])
     image = image[None]
     together = infer_tiled(member_set, image, tile_size=128, stride=96, batch_size=4)
     assert together["anomaly_map"].shape == (2, 200, 300)
+    # One shared backbone pass per tile batch served both members; neither ran its own.
+    assert batches(200, 300) == 2 and passes == Counter(shared=2)
     for i, (name, member) in enumerate(members.items()):
+        passes.clear()
         alone = infer_tiled(member, image, tile_size=128, stride=96, batch_size=4)
+        assert passes == Counter({name: 2})
         assert np.allclose(together["anomaly_map"][i], alone["anomaly_map"][0], atol=1e-4), name
         assert together["pred_score"][i] == pytest.approx(alone["pred_score"], rel=1e-4), name
-    # The ensemble's cost comparison runs the same tiled paths (figures, not asserted limits).
-    from types import SimpleNamespace
-
-    from evaluation import shared_work_cost
-
+    # The ensemble's cost comparison times these same paths: the members together run only the
+    # shared backbone (a warm-up image, then every image), each member alone only its own.
+    passes.clear()
     tiling = {"tile_size": 128, "stride": 96, "batch_size": 4, "reduction": "hann"}
     hybrid = SimpleNamespace(options={"tiling": tiling, "image_size": None}, member_set=member_set)
     cost = shared_work_cost(hybrid, [image[:, :150, :200], image])
     assert set(cost) >= {"members_together_ms", "patchcore_alone_ms", "padim_alone_ms"}
-    assert cost["members_sum_ms"] == pytest.approx(
-        cost["patchcore_alone_ms"] + cost["padim_alone_ms"]
+    every_image = batches(150, 200) + batches(200, 300)
+    assert passes == Counter(
+        shared=batches(150, 200) + every_image, patchcore=every_image, padim=every_image
     )
 
 
