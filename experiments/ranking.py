@@ -1,11 +1,12 @@
 """The benchmark's ranking: each job's composite, the leaderboard and its CSV and printed table.
 
-Ranking composite (documented in the README): a weighted mean of the detection metrics a job
-has, ``0.3 image AUROC + 0.2 image AP + 0.2 pixel AUROC + 0.2 AUPRO + 0.1 pixel F1-max``,
-renormalized over the metrics present (image-level-only datasets have no pixel metrics). Cost
-figures are shown beside it but do not enter it: speed and memory are constraints a plant sets,
-not trade-offs a score should make for it. A variant's dataset score is the mean of its
-categories' composites; its overall score the mean over datasets. Failed jobs rank last.
+Ranking composite (``metrics.composite``, documented in the README): a weighted mean of the
+detection metrics a job has, ``0.3 image AUROC + 0.2 image AP + 0.2 pixel AUROC + 0.2 AUPRO +
+0.1 pixel F1-max``, renormalized over the metrics present (image-level-only datasets have no
+pixel metrics). Cost figures are shown beside it but do not enter it: speed and memory are
+constraints a plant sets, not trade-offs a score should make for it. A variant's dataset score
+is the mean of its categories' composites; its overall score the mean over datasets. Failed jobs
+rank last.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from artifacts.io import atomic_write_csv
+from metrics.composite import composite
 from reporting.columns import (
     COST_COLUMNS,
     METRIC_COLUMNS,
@@ -26,22 +28,6 @@ from reporting.columns import (
     finite,
     variant_name,
 )
-
-COMPOSITE_WEIGHTS = {
-    "image_auroc": 0.3,
-    "image_ap": 0.2,
-    "pixel_auroc": 0.2,
-    "aupro": 0.2,
-    "pixel_f1_max": 0.1,
-}
-
-
-def composite(metrics: dict[str, float]) -> float:
-    """The ranking score of one job (nan when it has none of the metrics)."""
-    present = {k: w for k, w in COMPOSITE_WEIGHTS.items() if finite(metrics.get(k))}
-    if not present:
-        return float("nan")
-    return sum(metrics[k] * w for k, w in present.items()) / sum(present.values())
 
 
 def leaderboard(results: Iterable[dict[str, Any]]) -> dict[str, Any]:

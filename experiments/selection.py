@@ -15,7 +15,7 @@ from typing import Any
 
 from data.sources import DataSource
 from experiments.job_folder import JOB_FILE, job_is_complete, read_results
-from experiments.ranking import composite
+from metrics.composite import composite
 
 CRITERIA = ("composite", "image_auroc", "pixel_auroc", "aupro")
 

@@ -170,7 +170,7 @@ def holdout_dataset(holdout: dict, opts, window: IntensityWindow) -> HoldoutSet:
 
 def holdout_score(hybrid, holdout: HoldoutSet, metric: str) -> tuple[float, dict[str, float]]:
     from evaluation import evaluate_hybrid
-    from experiments.ranking import composite
+    from metrics.composite import composite
 
     metrics = evaluate_hybrid(hybrid, holdout)["metrics"]["hybrid"]
     value = composite(metrics) if metric == "composite" else metrics.get(metric, float("nan"))

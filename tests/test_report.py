@@ -8,7 +8,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from experiments.ranking import composite, format_table, leaderboard, write_leaderboard_csv
+from experiments.ranking import format_table, leaderboard, write_leaderboard_csv
+from metrics.composite import composite
 from reporting.benchmark_report import write_html_report
 
 

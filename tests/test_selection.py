@@ -10,8 +10,8 @@ import pytest
 from artifacts.io import atomic_write_json, write_manifest
 from data.sources import DataSource
 from experiments.job_folder import JOB_FILE, RESULTS_FILE
-from experiments.ranking import composite
 from experiments.selection import select_members
+from metrics.composite import composite
 
 GOOD = {"image_auroc": 0.95, "image_ap": 0.95, "pixel_auroc": 0.95, "aupro": 0.9}
 POOR = {"image_auroc": 0.70, "image_ap": 0.70, "pixel_auroc": 0.70, "aupro": 0.5}
