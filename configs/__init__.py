@@ -49,7 +49,8 @@ LEARNERS = ("logistic", "boosting")  # fusion.combiners
 GRADERS = ("auto", "rules", "ordinal")  # fusion.hybrid
 OPERATING_POINTS = ("false_alarm", "f1")  # fusion.hybrid
 PIXEL_THRESHOLDS = ("region", "f1", "quantile")  # grading.graders.THRESHOLD_METHODS
-CRITERIA = ("composite", "image_auroc", "pixel_auroc", "aupro")  # experiments.selection, retraining
+# experiments.selection.CRITERIA, retraining.holdout.METRICS
+CRITERIA = ("composite", "image_auroc", "pixel_auroc", "aupro")
 LABELED_DEFECTS = ("auto", "cross_validate", "never")  # read by pipelines.ensemble only
 
 

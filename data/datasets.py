@@ -21,6 +21,9 @@ so nothing is fitted twice on the same images; ``test`` is the test folder. A ca
 any ``ground_truth/`` folder is image-level only (``has_masks`` is False); where
 ``ground_truth/`` exists, a defective image without its mask or with a mask of another size is
 an error naming the file.
+
+``ImageFiles`` reads a plain list of image files (a retraining job's folders) into the same
+sample, without masks or a category.
 """
 
 from __future__ import annotations
@@ -402,6 +405,41 @@ def get_dataset(name: str, **params: Any) -> AnomalyDataset:
     if name not in _READERS:
         raise KeyError(f"unknown dataset reader {name!r}; available: {available_datasets()}")
     return _READERS[name](**params)
+
+
+class ImageFiles(Dataset):
+    """A plain list of image files as samples (no folder layout, no masks), through an
+    intensity window and resized to ``image_size`` (None: their own size): normal images, or
+    labeled defects with one defect type per file (``labels``; ``good`` is normal)."""
+
+    def __init__(
+        self,
+        paths: list[Path],
+        image_size: int | Sequence[int] | None,
+        window: IntensityWindow,
+        labels: list[str] | None = None,
+    ):
+        self.paths, self.image_size, self.window = paths, size_pair(image_size), window
+        self.types = labels or [NORMAL] * len(paths)
+        self.has_masks = False
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image = to_tensor(self.window(read_image(self.paths[index])))
+        if self.image_size is not None:
+            image = F.interpolate(
+                image[None], size=self.image_size, mode="bilinear", antialias=True
+            )[0]
+        defect_type = self.types[index]
+        return {
+            "image": image.clamp(0, 1),
+            "label": int(defect_type != NORMAL),
+            "defect_type": defect_type,
+            "path": str(self.paths[index]),
+            "mask": torch.zeros(1, *image.shape[-2:]),
+        }
 
 
 def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""python -m pipelines.retrain — the scheduled retraining job (see ``pipelines.retraining``).
+"""python -m pipelines.retrain — the scheduled retraining job (see ``retraining.run``).
 
     python -m pipelines.retrain --config configs/retrain.yaml
     python -m pipelines.retrain --config my.yaml --every 24h   # loop mode, without cron
@@ -53,7 +53,7 @@ def report(entry: dict) -> str:
 
 @main_guard
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.retraining import run_once
+    from retraining.run import run_once
 
     args = parse_args(argv)
     cfg = load_config("retrain", args.config, args.overrides)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from artifacts.lock import LockHeld, RunLock
-from pipelines.champion import (
+from retraining.workspace import (
     append_history,
     current_champion,
     new_files,

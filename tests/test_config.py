@@ -221,7 +221,7 @@ def _choice_cases() -> list[tuple[str, str, str, str, tuple[str, ...]]]:
     from members.autoencoder import AUTOENCODER_VARIANTS
     from members.base import SCORE_AGGREGATIONS
     from members.trainer import PRECISIONS
-    from pipelines.retraining import METRICS
+    from retraining.holdout import METRICS
     from tiling.grid import PAD_MODES, REDUCTIONS
 
     members = tuple(available_members())
@@ -321,7 +321,7 @@ def test_config_choices_equal_the_libraries():
     from fusion.hybrid import GRADERS, OPERATING_POINTS
     from fusion.normalizers import NORMALIZERS
     from grading.graders import THRESHOLD_METHODS
-    from pipelines.retraining import METRICS
+    from retraining.holdout import METRICS
 
     assert set(configs.COMBINERS) == set(COMBINERS)
     assert set(configs.LEARNERS) == set(LEARNERS)

@@ -5,9 +5,10 @@ saves and loads through it), ``metrics`` (figures), ``data`` (images, datasets, 
 artifact files), ``members`` and ``tiling`` (detectors and how they run over large images),
 ``grading`` (regions, levels, types), ``fusion`` (the hybrid), ``evaluation`` (scoring
 detectors on labeled splits) and ``prediction`` (applying a hybrid to many images, results
-streamed), ``reporting`` (HTML reports and charts), ``configs``, ``experiments`` (the
-benchmark's job grid, its runner and ranking), ``pipelines`` (the entry points). Imports inside
-functions count too: hiding one there does not change which floor depends on which.
+streamed), ``reporting`` (HTML reports and charts) and ``retraining`` (the scheduled
+retraining: workspace, holdout, one run), ``configs``, ``experiments`` (the benchmark's job
+grid, its runner and ranking), ``pipelines`` (the entry points). Imports inside functions count
+too: hiding one there does not change which floor depends on which.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ FLOORS = {
     "evaluation": 5,
     "prediction": 5,
     "reporting": 6,
+    "retraining": 6,
     "configs": 7,
     "experiments": 8,
     "pipelines": 9,

@@ -16,7 +16,7 @@ from data.images import write_png
 from data.synthetic import PanelGenerator
 from fusion.hybrid import Hybrid
 from pipelines import retrain
-from pipelines.champion import current_champion, read_history
+from retraining.workspace import current_champion, read_history
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -137,7 +137,7 @@ def test_the_intensity_window_is_fitted_once_per_workspace(tmp_path):
     from PIL import Image
 
     from configs import load_config
-    from pipelines.retraining import workspace_intensity
+    from retraining.workspace import workspace_intensity
 
     twelve_bit = []
     for i in range(3):  # a 12-bit camera writing 16-bit files

@@ -18,7 +18,7 @@ from data.synthetic import PanelGenerator
 from fusion.hybrid import Hybrid
 from members.base import load_member
 from pipelines import benchmark, predict, retrain
-from pipelines.champion import current_champion, read_history
+from retraining.workspace import current_champion, read_history
 from tests.helpers import run_module
 from tests.robustness.support import assert_clean, call, sets, tiny
 

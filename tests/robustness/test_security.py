@@ -36,6 +36,7 @@ PACKAGES = (
     "reporting",
     "experiments",
     "prediction",
+    "retraining",
 )
 
 

@@ -1,4 +1,5 @@
-"""One scheduled retraining run, step by step (``pipelines.retrain`` is its command line).
+"""Training a challenger, and one scheduled retraining run step by step (``pipelines.retrain``
+is its command line).
 
 1. Take the workspace lock (a lock left by a dead process is cleared and reported).
 2. Hash every file under the data folders; compare with the manifest of the last completed run.
@@ -28,153 +29,35 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import Dataset
 
-from artifacts.io import atomic_write_json, fault_point
+from artifacts.io import fault_point
 from artifacts.lock import RunLock
-from data.images import IntensityWindow, read_image, size_pair, to_tensor
-from pipelines.champion import (
+from data.datasets import ImageFiles, collate_samples
+from data.images import IntensityWindow
+from retraining.holdout import METRICS, choose_holdout, holdout_dataset, holdout_score
+from retraining.workspace import (
     append_history,
     current_champion,
     new_files,
     promote,
     read_manifest,
     scan_files,
+    workspace_intensity,
     write_manifest,
 )
 
-log = logging.getLogger("pipelines.retrain")
-METRICS = ("composite", "image_auroc", "pixel_auroc", "aupro")
-
-
-class ImageFiles(Dataset):
-    """Image files as samples, through the workspace's intensity window and resized to
-    ``image_size`` (None: their own size): normal ones, or labeled defects."""
-
-    def __init__(
-        self,
-        paths: list[Path],
-        image_size: int | Sequence[int] | None,
-        window: IntensityWindow,
-        labels: list[str] | None = None,
-    ):
-        self.paths, self.image_size, self.window = paths, size_pair(image_size), window
-        self.types = labels or ["good"] * len(paths)
-        self.has_masks = False
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        image = to_tensor(self.window(read_image(self.paths[index])))
-        if self.image_size is not None:
-            image = F.interpolate(
-                image[None], size=self.image_size, mode="bilinear", antialias=True
-            )[0]
-        defect_type = self.types[index]
-        return {
-            "image": image.clamp(0, 1),
-            "label": int(defect_type != "good"),
-            "defect_type": defect_type,
-            "path": str(self.paths[index]),
-            "mask": torch.zeros(1, *image.shape[-2:]),
-        }
-
-
-class HoldoutSet(Dataset):
-    """Fixed holdout samples held in memory: real files and injected-defect copies."""
-
-    def __init__(self, samples: list[dict[str, Any]], has_masks: bool) -> None:
-        self.samples, self.has_masks = samples, has_masks
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.samples[index]
+log = logging.getLogger(__name__)
 
 
 def _normal_files(manifest: Mapping[str, str], normal_dirs: list[str]) -> list[str]:
     roots = [Path(d).resolve() for d in normal_dirs]
     return sorted(p for p in manifest if any(r in Path(p).resolve().parents for r in roots))
-
-
-def choose_holdout(workspace: Path, normals: list[str], defects: list[str], opts) -> dict:
-    """The fixed holdout: chosen on the first run, extended only by new confirmed defects."""
-    path = workspace / "holdout.json"
-    if path.is_file():
-        holdout = json.loads(path.read_text())
-    else:
-        if len(normals) < 4:
-            raise ValueError(
-                f"the first run needs at least 4 normal images, found {len(normals)} in "
-                f"retrain.normal_dirs: {', '.join(map(str, opts['normal_dirs']))}"
-            )
-        order = np.random.default_rng(0).permutation(len(normals))
-        count = max(2, int(round(len(normals) * opts["holdout_fraction"])))
-        holdout = {"normal": sorted(normals[i] for i in order[:count]), "defects": []}
-    holdout["defects"] = sorted(set(holdout["defects"]) | set(defects))
-    atomic_write_json(path, holdout)
-    return holdout
-
-
-def workspace_intensity(workspace: Path, training: list[str], data_cfg) -> IntensityWindow:
-    """The workspace's intensity window: fitted once, on the first run's training images
-    (``data.intensity``), and kept, so every champion, challenger and the holdout see the
-    same scaling."""
-    path = workspace / "intensity.json"
-    if path.is_file():
-        return IntensityWindow.from_dict(json.loads(path.read_text()))
-    window = IntensityWindow.fit(
-        [Path(p) for p in training], data_cfg["intensity"], data_cfg["intensity_percentiles"]
-    )
-    atomic_write_json(path, window.to_dict())
-    log.info("intensity window: %s", window.describe())
-    return window
-
-
-def holdout_dataset(holdout: dict, opts, window: IntensityWindow) -> HoldoutSet:
-    """The holdout at its images' own size, as predict sees them."""
-    from data.validation import injected_validation_samples
-
-    normal = ImageFiles([Path(p) for p in holdout["normal"]], None, window)
-    defect_paths = [Path(p) for p in holdout["defects"]]
-    defects = ImageFiles(defect_paths, None, window, [p.parent.name for p in defect_paths])
-    samples = [normal[i] for i in range(len(normal))] + [defects[i] for i in range(len(defects))]
-    injected = injected_validation_samples(
-        (s["image"] for s in samples[: len(normal)]), opts["holdout_injections"], seed=12345
-    )
-    for k, sample in enumerate(s for s in injected if s["label"]):
-        samples.append(
-            {
-                "image": to_tensor(sample["image"]),
-                "label": 1,
-                "defect_type": sample["defects"][0]["type"],
-                "path": f"injected-{k}",
-                "mask": torch.from_numpy(sample["mask"]).float()[None],
-                "instances": torch.from_numpy(sample["instances"].astype(np.int64))[None],
-                "defects": sample["defects"],
-                "level": sample["level"],
-            }
-        )
-    # Confirmed defects come without masks: pixel metrics only where every defect has one.
-    return HoldoutSet(samples, has_masks=not holdout["defects"])
-
-
-def holdout_score(hybrid, holdout: HoldoutSet, metric: str) -> tuple[float, dict[str, float]]:
-    from evaluation import evaluate_hybrid
-    from metrics.composite import composite
-
-    metrics = evaluate_hybrid(hybrid, holdout)["metrics"]["hybrid"]
-    value = composite(metrics) if metric == "composite" else metrics.get(metric, float("nan"))
-    return float(value), metrics
 
 
 def train_challenger(
@@ -186,7 +69,6 @@ def train_challenger(
 ):
     """Members fitted on ``files`` (minus a validation share), then fusion and grading (on the
     validation share at its own size, as predict sees images)."""
-    from data.datasets import collate_samples
     from data.validation import injected_validation_samples
     from fusion.hybrid import Hybrid
     from members.build import build_member, build_trainer, member_options, trainer_options

@@ -1,11 +1,13 @@
-"""What keeps a scheduled retraining safe: a run lock, a data manifest, atomic promotion and a
-kept history.
+"""A retraining workspace: what keeps a scheduled retraining safe (a data manifest, atomic
+promotion of the champion, a kept history; the run lock is ``artifacts.lock``'s, on ``lock``)
+and the intensity window fixed in it.
 
 Workspace layout (``retrain.workspace``)::
 
     lock                 held while a run works: {"pid", "host", "started"}
     manifest.json        SHA-256 of every data file seen by the last completed run
     holdout.json         the fixed holdout (chosen once), so champion and challenger compare fairly
+    intensity.json       the intensity window (fitted once), so every hybrid sees the same scaling
     hybrids/<id>/        complete hybrid folders (each with its own SHA-256 manifest)
     current -> hybrids/<id>    the champion; switched with one atomic rename
     history.jsonl        one line per run: data used, scores, promoted or not, why
@@ -18,15 +20,17 @@ leaves ``current`` pointing at a complete champion.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from artifacts.io import atomic_write_json, atomic_write_text, sha256_file
-from data.images import IMAGE_SUFFIXES
+from data.images import IMAGE_SUFFIXES, IntensityWindow
 
+log = logging.getLogger(__name__)
 CURRENT = "current"
 
 
@@ -91,3 +95,20 @@ def read_history(workspace: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def workspace_intensity(
+    workspace: Path, training: list[str], data_cfg: Mapping[str, Any]
+) -> IntensityWindow:
+    """The workspace's intensity window: fitted once, on the first run's training images
+    (``data.intensity``), and kept, so every champion, challenger and the holdout see the
+    same scaling."""
+    path = workspace / "intensity.json"
+    if path.is_file():
+        return IntensityWindow.from_dict(json.loads(path.read_text()))
+    window = IntensityWindow.fit(
+        [Path(p) for p in training], data_cfg["intensity"], data_cfg["intensity_percentiles"]
+    )
+    atomic_write_json(path, window.to_dict())
+    log.info("intensity window: %s", window.describe())
+    return window

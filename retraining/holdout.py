@@ -1,0 +1,96 @@
+"""The fixed holdout on which champion and challenger are compared.
+
+Chosen once, on the first run (a seeded share of its normal images), extended only by new
+confirmed defects, and never trained on. Its normal images also get injected-defect copies with
+a fixed seed, so every run scores on the same samples.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from artifacts.io import atomic_write_json
+from data.datasets import ImageFiles
+from data.images import IntensityWindow, to_tensor
+
+# What a holdout can score by (``retrain.metric``).
+METRICS = ("composite", "image_auroc", "pixel_auroc", "aupro")
+
+
+class HoldoutSet(Dataset):
+    """Fixed holdout samples held in memory: real files and injected-defect copies."""
+
+    def __init__(self, samples: list[dict[str, Any]], has_masks: bool) -> None:
+        self.samples, self.has_masks = samples, has_masks
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.samples[index]
+
+
+def choose_holdout(
+    workspace: Path, normals: list[str], defects: list[str], opts: Mapping[str, Any]
+) -> dict:
+    """The fixed holdout: chosen on the first run, extended only by new confirmed defects."""
+    path = workspace / "holdout.json"
+    if path.is_file():
+        holdout = json.loads(path.read_text())
+    else:
+        if len(normals) < 4:
+            raise ValueError(
+                f"the first run needs at least 4 normal images, found {len(normals)} in "
+                f"retrain.normal_dirs: {', '.join(map(str, opts['normal_dirs']))}"
+            )
+        order = np.random.default_rng(0).permutation(len(normals))
+        count = max(2, int(round(len(normals) * opts["holdout_fraction"])))
+        holdout = {"normal": sorted(normals[i] for i in order[:count]), "defects": []}
+    holdout["defects"] = sorted(set(holdout["defects"]) | set(defects))
+    atomic_write_json(path, holdout)
+    return holdout
+
+
+def holdout_dataset(holdout: dict, opts: Mapping[str, Any], window: IntensityWindow) -> HoldoutSet:
+    """The holdout at its images' own size, as predict sees them."""
+    from data.validation import injected_validation_samples
+
+    normal = ImageFiles([Path(p) for p in holdout["normal"]], None, window)
+    defect_paths = [Path(p) for p in holdout["defects"]]
+    defects = ImageFiles(defect_paths, None, window, [p.parent.name for p in defect_paths])
+    samples = [normal[i] for i in range(len(normal))] + [defects[i] for i in range(len(defects))]
+    injected = injected_validation_samples(
+        (s["image"] for s in samples[: len(normal)]), opts["holdout_injections"], seed=12345
+    )
+    for k, sample in enumerate(s for s in injected if s["label"]):
+        samples.append(
+            {
+                "image": to_tensor(sample["image"]),
+                "label": 1,
+                "defect_type": sample["defects"][0]["type"],
+                "path": f"injected-{k}",
+                "mask": torch.from_numpy(sample["mask"]).float()[None],
+                "instances": torch.from_numpy(sample["instances"].astype(np.int64))[None],
+                "defects": sample["defects"],
+                "level": sample["level"],
+            }
+        )
+    # Confirmed defects come without masks: pixel metrics only where every defect has one.
+    return HoldoutSet(samples, has_masks=not holdout["defects"])
+
+
+def holdout_score(hybrid, holdout: HoldoutSet, metric: str) -> tuple[float, dict[str, float]]:
+    """``hybrid``'s ``metric`` on the holdout, and all its figures there."""
+    from evaluation import evaluate_hybrid
+    from metrics.composite import composite
+
+    metrics = evaluate_hybrid(hybrid, holdout)["metrics"]["hybrid"]
+    value = composite(metrics) if metric == "composite" else metrics.get(metric, float("nan"))
+    return float(value), metrics
