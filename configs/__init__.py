@@ -5,7 +5,8 @@ member (its constructor options with the defaults of its signature, overridden b
 ``members/<name>.yaml``), plus the pipeline's own file (``benchmark.yaml``, ...). That tree is
 also the schema: a user's ``--config FILE`` (any subset of the same layout, e.g. one of
 ``datasets/*.yaml``) and ``--set section.key=value`` overrides may only name keys it has, with
-values of the same type. Errors name the key and suggest the closest valid one.
+values of the same type. Errors name the key and suggest the closest valid one; a key that
+moved (``MOVED_KEYS``) is an error that names its new place.
 
 A default says a key's type; where it cannot say it all (a null default, an empty list, a
 string that takes one of a few values), ``key_table`` declares the type and the choices. Names
@@ -52,6 +53,24 @@ PIXEL_THRESHOLDS = ("region", "f1", "quantile")  # grading.graders.THRESHOLD_MET
 # experiments.selection.CRITERIA, retraining.holdout.METRICS
 CRITERIA = ("composite", "image_auroc", "pixel_auroc", "aupro")
 LABELED_DEFECTS = ("auto", "cross_validate", "never")  # read by pipelines.ensemble only
+
+# Keys that moved (the hybrid's options became one section that ensemble and retrain share): a
+# file or override naming the old place is told the new one.
+MOVED_KEYS = {
+    **{
+        f"ensemble.{key}": f"hybrid.{key}"
+        for key in (
+            "combiner",
+            "normalizer",
+            "learner",
+            "pixel_threshold",
+            "grader",
+            "type_confidence",
+            "describer_backbone",
+        )
+    },
+    "retrain.combiner": "hybrid.combiner",
+}
 
 
 @dataclass(frozen=True)
@@ -128,6 +147,12 @@ def _key_table(members: tuple[str, ...]) -> Mapping[str, Key]:
         "synthetic.level_weights": Key(list[float], null=True),  # null: uniform
         "tiling.reduction": Key(choices=REDUCTIONS),
         "tiling.pad_mode": Key(str, PAD_MODES, null=True),
+        "hybrid.combiner": Key(choices=COMBINERS),
+        "hybrid.normalizer": Key(choices=NORMALIZERS),
+        "hybrid.learner": Key(choices=LEARNERS),
+        "hybrid.pixel_threshold": Key(choices=PIXEL_THRESHOLDS),
+        "hybrid.grader": Key(choices=GRADERS),
+        "hybrid.describer_backbone": name,  # null: off
         "grading.operating_point": Key(choices=OPERATING_POINTS),
         "trainer.max_steps": Key(int, null=True),
         "trainer.gradient_clip_val": number,
@@ -157,13 +182,7 @@ def _key_table(members: tuple[str, ...]) -> Mapping[str, Key]:
         "ensemble.category": name,
         "ensemble.members": Key(list[str], members),
         "ensemble.criterion": Key(choices=CRITERIA),
-        "ensemble.combiner": Key(choices=COMBINERS),
-        "ensemble.normalizer": Key(choices=NORMALIZERS),
-        "ensemble.learner": Key(choices=LEARNERS),
-        "ensemble.pixel_threshold": Key(choices=PIXEL_THRESHOLDS),
-        "ensemble.grader": Key(choices=GRADERS),
         "ensemble.labeled_defects": Key(choices=LABELED_DEFECTS),
-        "ensemble.describer_backbone": name,  # null: off
         "ensemble.name": name,
         "predict.hybrid": name,
         "predict.out": name,
@@ -173,7 +192,6 @@ def _key_table(members: tuple[str, ...]) -> Mapping[str, Key]:
         "retrain.members": Key(list[str], members),
         "retrain.image_size": Key(int | list),
         "retrain.metric": Key(choices=CRITERIA),
-        "retrain.combiner": Key(choices=COMBINERS),
         "tiling_benchmark.member": Key(choices=members),
     }
     return types.MappingProxyType(table)  # cached: read-only
@@ -462,13 +480,14 @@ def _merge(
     root = schema if root is None else root
     prefix = f"{path}." if path else ""
     for key, value in update.items():
+        where = prefix + str(key)
+        if where in MOVED_KEYS:
+            raise ConfigError(f"{source}: {where!r} has moved: it is {MOVED_KEYS[where]!r} now")
         if key not in schema:
             raise ConfigError(
-                f"{source}: unknown key {prefix + str(key)!r}"
-                + _suggest(str(key), prefix, schema, root)
+                f"{source}: unknown key {where!r}" + _suggest(str(key), prefix, schema, root)
             )
         default = schema[key]
-        where = prefix + str(key)
         key_text = text.get(key) if isinstance(text, Mapping) else None
         if isinstance(default, dict):
             if not isinstance(value, Mapping):

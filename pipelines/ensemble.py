@@ -38,9 +38,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def overrides_from_flags(args: argparse.Namespace) -> list[Flag]:
     """The shorthand flags as overrides (applied after --set, so they win); names stay text."""
     flags = []
-    for key, flag in (("from_run", "--from"), ("top_k", "--top-k"), ("combiner", "--combiner")):
-        if getattr(args, key) is not None:
-            flags.append(Flag(f"ensemble.{key}", getattr(args, key), flag))
+    for attr, key, flag in (
+        ("from_run", "ensemble.from_run", "--from"),
+        ("top_k", "ensemble.top_k", "--top-k"),
+        ("combiner", "hybrid.combiner", "--combiner"),
+    ):
+        if getattr(args, attr) is not None:
+            flags.append(Flag(key, getattr(args, attr), flag))
     if args.members:
         flags.append(Flag("ensemble.members", split_names(args.members), "--members"))
     if args.name:
@@ -59,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         shared_work_cost,
     )
     from experiments.selection import select_members
+    from fusion.build import build_hybrid
     from fusion.hybrid import Hybrid
     from members.base import load_member
     from reporting.hybrid_report import write_hybrid_report
@@ -79,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         opts["criterion"],
     )
     names = [job["member"] for job in selection.jobs]
-    out_dir = run_dir / (opts["name"] or f"hybrid-{opts['combiner']}-top{len(names)}")
+    out_dir = run_dir / (opts["name"] or f"hybrid-{cfg['hybrid']['combiner']}-top{len(names)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(out_dir / "log.txt")
     write_config(cfg, out_dir / "config.yaml")
@@ -109,20 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     members = {name: load_member(path) for name, path in selection.weights(run_dir).items()}
 
     def make_hybrid() -> Hybrid:
-        return Hybrid(
+        return build_hybrid(
             members,
             selection.image_size,
             selection.tiling,
-            combiner=opts["combiner"],
-            normalizer=opts["normalizer"],
-            learner=opts["learner"],
-            grader=opts["grader"],
-            type_confidence=opts["type_confidence"],
-            operating_point=cfg["grading"]["operating_point"],
-            false_alarm_rate=cfg["grading"]["false_alarm_rate"],
-            pixel_threshold=opts["pixel_threshold"],
+            hybrid_cfg=cfg["hybrid"],
+            grading_cfg=cfg["grading"],
             pixel_pitch_mm=source.pixel_pitch_mm,
-            describer_backbone=opts["describer_backbone"],
             intensity=val_set.intensity.to_dict(),
             seed=cfg["seed"],
         )
@@ -191,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             for j in selection.jobs
         ],
-        "fusion": {k: opts[k] for k in ("combiner", "normalizer", "learner")},
+        "fusion": {k: cfg["hybrid"][k] for k in ("combiner", "normalizer", "learner")},
         # Where every figure comes from: members calibrate on the `calibration` half of the
         # held-out share, are chosen and fused on the `val` half, and are scored on test.
         "splits": {

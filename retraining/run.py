@@ -70,7 +70,7 @@ def train_challenger(
     """Members fitted on ``files`` (minus a validation share), then fusion and grading (on the
     validation share at its own size, as predict sees images)."""
     from data.validation import injected_validation_samples
-    from fusion.hybrid import Hybrid
+    from fusion.build import build_hybrid
     from members.build import build_member, build_trainer, member_options, trainer_options
 
     opts = cfg["retrain"]
@@ -110,14 +110,13 @@ def train_challenger(
         pixel_pitch_mm=cfg["data"]["pixel_pitch_mm"],
         seed=cfg["seed"],
     )
-    return Hybrid(
+    return build_hybrid(
         members,
         opts["image_size"],
-        combiner=opts["combiner"],
+        hybrid_cfg=cfg["hybrid"],
+        grading_cfg=cfg["grading"],
         pixel_pitch_mm=cfg["data"]["pixel_pitch_mm"],
         intensity=window.to_dict(),
-        operating_point=cfg["grading"]["operating_point"],
-        false_alarm_rate=cfg["grading"]["false_alarm_rate"],
         seed=cfg["seed"],
     ).fit(samples)
 

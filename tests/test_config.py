@@ -236,16 +236,16 @@ def _choice_cases() -> list[tuple[str, str, str, str, tuple[str, ...]]]:
         ("benchmark", "benchmark.members", "[patchcore, foo]", members),
         ("benchmark", "members.autoencoder.variant", "resnet", AUTOENCODER_VARIANTS),
         ("benchmark", "members.padim.score_aggregation", "median", SCORE_AGGREGATIONS),
-        ("ensemble", "ensemble.combiner", "vote", COMBINERS),
-        ("ensemble", "ensemble.normalizer", "robust", tuple(NORMALIZERS)),
-        ("ensemble", "ensemble.learner", "svm", LEARNERS),
-        ("ensemble", "ensemble.grader", "learned", GRADERS),
-        ("ensemble", "ensemble.pixel_threshold", "otsu", THRESHOLD_METHODS),
+        ("ensemble", "hybrid.combiner", "vote", COMBINERS),
+        ("ensemble", "hybrid.normalizer", "robust", tuple(NORMALIZERS)),
+        ("ensemble", "hybrid.learner", "svm", LEARNERS),
+        ("ensemble", "hybrid.grader", "learned", GRADERS),
+        ("ensemble", "hybrid.pixel_threshold", "otsu", THRESHOLD_METHODS),
         ("ensemble", "ensemble.criterion", "speed", CRITERIA),
         ("ensemble", "ensemble.labeled_defects", "always", configs.LABELED_DEFECTS),
         ("ensemble", "ensemble.members", "[foo]", members),
         ("retrain", "retrain.metric", "speed", METRICS),
-        ("retrain", "retrain.combiner", "vote", COMBINERS),
+        ("retrain", "hybrid.combiner", "vote", COMBINERS),
         ("retrain", "retrain.members", "[foo]", members),
         ("tiling_benchmark", "tiling_benchmark.member", "foo", members),
     ]
@@ -289,6 +289,24 @@ def test_choice_errors_name_the_key_the_value_and_the_choices(pipeline, key, val
 def test_numbers_reject_what_is_not_a_number(pipeline, override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(pipeline, overrides=[override])
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "old", "new"),
+    [
+        ("ensemble", "ensemble.combiner", "hybrid.combiner"),
+        ("ensemble", "ensemble.describer_backbone", "hybrid.describer_backbone"),
+        ("retrain", "retrain.combiner", "hybrid.combiner"),
+    ],
+)
+def test_a_moved_key_names_its_new_place(tmp_path, pipeline, old, new):
+    section, key = old.split(".")
+    path = tmp_path / "old.yaml"
+    path.write_text(f"{section}:\n  {key}: rank\n")
+    for where in ({"config_files": [path]}, {"overrides": [f"{old}=rank"]}):
+        with pytest.raises(ConfigError) as info:
+            load_config(pipeline, **where)
+        assert f"{old!r} has moved: it is {new!r} now" in str(info.value)
 
 
 def test_every_key_has_a_type():

@@ -154,3 +154,40 @@ def test_the_intensity_window_is_fitted_once_per_workspace(tmp_path):
     add_normals(tmp_path / "later", 0, 2)
     later = [str(p) for p in sorted((tmp_path / "later").glob("*.png"))]
     assert workspace_intensity(tmp_path / "ws", later, data_cfg) == window
+
+
+def test_retrain_builds_its_hybrid_with_every_option_of_the_hybrid_section():
+    """ensemble and retrain build the hybrid alike: every key of ``hybrid`` (here all set away
+    from their defaults) and the operating point of ``grading`` reach the ``Hybrid``."""
+    from configs import load_config
+    from fusion.build import build_hybrid
+    from members.build import build_member, member_options
+
+    chosen = {
+        "combiner": "max",
+        "normalizer": "zscore",
+        "learner": "boosting",
+        "pixel_threshold": "quantile",
+        "grader": "rules",
+        "type_confidence": 0.7,
+        "describer_backbone": None,
+    }
+    defaults = load_config("retrain")["hybrid"]
+    assert set(defaults) == set(chosen)
+    assert all(defaults[k] != v for k, v in chosen.items())
+    overrides = [f"hybrid.{k}={'null' if v is None else v}" for k, v in chosen.items()]
+    overrides += ["grading.operating_point=f1", "grading.false_alarm_rate=0.05"]
+    cfg = load_config("retrain", overrides=overrides)
+    members = {"padim": build_member("padim", member_options(cfg["members"], "padim"))}
+    hybrid = build_hybrid(
+        members,
+        cfg["retrain"]["image_size"],
+        hybrid_cfg=cfg["hybrid"],
+        grading_cfg=cfg["grading"],
+        pixel_pitch_mm=0.05,
+        intensity=None,
+        seed=3,
+    )
+    assert {k: hybrid.options[k] for k in chosen} == chosen
+    assert (hybrid.options["operating_point"], hybrid.options["false_alarm_rate"]) == ("f1", 0.05)
+    assert (hybrid.options["pixel_pitch_mm"], hybrid.options["seed"]) == (0.05, 3)
