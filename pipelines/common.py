@@ -10,7 +10,16 @@ from pathlib import Path
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Packages whose exceptions read as plain messages: their type names add nothing for the user.
-OWN_ERRORS = {"configs", "data", "experiments", "members", "pipelines", "prediction", "tiling"}
+OWN_ERRORS = {
+    "configs",
+    "data",
+    "experiments",
+    "members",
+    "pipelines",
+    "prediction",
+    "retraining",
+    "tiling",
+}
 
 
 # The exit status of a run that did part of its work: some inputs skipped, some jobs failed.
