@@ -125,8 +125,8 @@ def evaluate_hybrid(
     """
     from tqdm.auto import tqdm
 
-    from fusion.hybrid import match_regions
     from grading.evaluation import grading_figures, grading_scores
+    from grading.matching import match_regions
 
     detectors = ["hybrid", *hybrid.names]
     image_metrics = {d: {n: get_metric(n) for n in IMAGE_METRICS} for d in detectors}

@@ -214,9 +214,8 @@ def _choice_cases() -> list[tuple[str, str, str, str, tuple[str, ...]]]:
     """(pipeline, key, bad value, choices) from the libraries' own lists where they have one."""
     from data.datasets import available_datasets
     from fusion.combiners import COMBINERS, LEARNERS
-    from fusion.hybrid import GRADERS, OPERATING_POINTS
     from fusion.normalizers import NORMALIZERS
-    from grading.graders import THRESHOLD_METHODS
+    from grading.graders import GRADERS, OPERATING_POINTS, THRESHOLD_METHODS
     from members.autoencoder import AUTOENCODER_VARIANTS
     from members.base import SCORE_AGGREGATIONS
     from members.trainer import PRECISIONS
@@ -317,9 +316,8 @@ def test_every_key_has_a_type():
 def test_config_choices_equal_the_libraries():
     """configs writes these lists out (their modules are above it or pull in scikit-learn)."""
     from fusion.combiners import COMBINERS, LEARNERS
-    from fusion.hybrid import GRADERS, OPERATING_POINTS
     from fusion.normalizers import NORMALIZERS
-    from grading.graders import THRESHOLD_METHODS
+    from grading.graders import GRADERS, OPERATING_POINTS, THRESHOLD_METHODS
     from pipelines.retraining import METRICS
     from pipelines.selection import CRITERIA
 
