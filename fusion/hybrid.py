@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from sklearn.base import clone
 
-from data.images import size_pair
+from data.images import size_pair, to_tensor
 from fusion.combiners import ScoreFusion
 from fusion.persistence import FITTED_STATE, load_hybrid, save_hybrid
 from grading.describer import RegionDescriber
@@ -49,23 +49,6 @@ from grading.regions import Region, find_regions
 from members.base import Member
 from members.member_set import MemberSet
 from metrics.severity import DEFECT_TYPES
-
-
-def image_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """``[3, H, W]`` float tensor from an array ``[H, W]`` or ``[H, W, C]`` (as images are read)
-    or a tensor ``[C, H, W]`` (as datasets give them). The layout follows the type, not the
-    shape, so a one- or three-row colour image keeps its rows."""
-    if isinstance(image, torch.Tensor):
-        tensor = image.detach().float().cpu()
-    else:
-        tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
-        if tensor.ndim == 3:
-            tensor = tensor[..., :3].permute(2, 0, 1)
-    if tensor.ndim == 2:
-        tensor = tensor[None]
-    if tensor.ndim != 3 or tensor.shape[0] not in (1, 3):
-        raise ValueError(f"expected an image [H, W] or [H, W, 3], got shape {tuple(tensor.shape)}")
-    return tensor.expand(3, -1, -1).contiguous() if tensor.shape[0] == 1 else tensor
 
 
 class Hybrid:
@@ -207,7 +190,7 @@ class Hybrid:
         rng = np.random.default_rng(opts["seed"])
         cache = []
         for sample in tqdm(list(samples), desc="validation", disable=not progress):
-            image = image_tensor(sample["image"])
+            image = to_tensor(sample["image"])
             scores, maps = sample.get("member_outputs") or self.member_outputs(image)
             mask = sample.get("mask")
             mask = np.zeros(maps.shape[1:], bool) if mask is None else np.asarray(mask, bool)
@@ -354,7 +337,7 @@ class Hybrid:
     ) -> list[tuple[Region, Mapping[str, Any]]]:
         """The grading stage on its own: type and level of each true defect's region
         (``fused``: the image's fused map, if already computed)."""
-        tensor = image_tensor(image)
+        tensor = to_tensor(image)
         if fused is None:
             fused = self.fuse_map(self.member_outputs(tensor)[1])
         pairs = truth_regions(
@@ -371,7 +354,7 @@ class Hybrid:
         """``{"score", "label", "level", "regions": [Region], "anomaly_map": [H, W],
         "member_scores": {name: raw score}, "member_maps": [M, H, W]}`` for one image
         (``member_outputs``: this image's ``member_outputs``, if already computed)."""
-        tensor = image_tensor(image)
+        tensor = to_tensor(image)
         scores, maps = member_outputs or self.member_outputs(tensor)
         score = float(self.image_fusion_.transform(scores[None])[0])
         fused = self.fuse_map(maps)
