@@ -47,8 +47,8 @@ class ConfigError(ValueError):
 COMBINERS = ("auto", "mean", "max", "rank", "weighted", "learned")  # fusion.combiners
 NORMALIZERS = ("minmax", "zscore", "rank")  # fusion.normalizers
 LEARNERS = ("logistic", "boosting")  # fusion.combiners
-GRADERS = ("auto", "rules", "ordinal")  # fusion.hybrid
-OPERATING_POINTS = ("false_alarm", "f1")  # fusion.hybrid
+GRADERS = ("auto", "rules", "ordinal")  # grading.graders
+OPERATING_POINTS = ("false_alarm", "f1")  # grading.graders
 PIXEL_THRESHOLDS = ("region", "f1", "quantile")  # grading.graders.THRESHOLD_METHODS
 # experiments.selection.CRITERIA, retraining.holdout.METRICS
 CRITERIA = ("composite", "image_auroc", "pixel_auroc", "aupro")

@@ -152,12 +152,24 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     return array > 0
 
 
-def to_tensor(image: np.ndarray, channels: int = 3) -> torch.Tensor:
-    """``[H, W]`` or ``[H, W, 3]`` float array to a ``[channels, H, W]`` tensor (1 or 3)."""
+def to_tensor(image: np.ndarray | torch.Tensor, channels: int = 3) -> torch.Tensor:
+    """A float32 ``[channels, H, W]`` tensor (1 or 3 channels) of an image: an array ``[H, W]``
+    or ``[H, W, C]`` (as images are read; channels past the third are dropped) or a tensor
+    ``[C, H, W]`` or ``[H, W]`` (as datasets give them; detached, on the CPU). The layout
+    follows the type, not the shape, so a one- or three-row colour image keeps its rows. One
+    channel is repeated to three, three become one by Rec. 709 luma."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
-    tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
+    if isinstance(image, torch.Tensor):
+        tensor = image.detach().float().cpu()
+    else:
+        tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+        if tensor.ndim == 3:
+            tensor = tensor[..., :3].permute(2, 0, 1)
+    if tensor.ndim == 2:
+        tensor = tensor[None]
+    if tensor.ndim != 3 or tensor.shape[0] not in (1, 3):
+        raise ValueError(f"expected an image [H, W] or [H, W, 3], got shape {tuple(tensor.shape)}")
     if tensor.shape[0] == channels:
         return tensor
     if channels == 3:
@@ -165,6 +177,23 @@ def to_tensor(image: np.ndarray, channels: int = 3) -> torch.Tensor:
     # Rec. 709 luma for grayscale from color.
     weights = torch.tensor([0.2126, 0.7152, 0.0722]).view(3, 1, 1)
     return (tensor * weights).sum(0, keepdim=True)
+
+
+def to_array(image: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A float32 ``[H, W, C]`` array (``[H, W]`` for one channel) of an image, tensor or array,
+    ``[C, H, W]`` (C 1 or 3: as datasets give them), ``[H, W, C]`` or ``[H, W]``. Integer
+    arrays (8- or 16-bit camera images) are scaled to [0, 1]. It may share memory with the
+    input."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().float().cpu().numpy()
+    array = np.asarray(image)
+    scale = integer_scale(array.dtype)
+    array = array.astype(np.float32, copy=False)
+    if scale != 1.0:
+        array = array / scale
+    if array.ndim == 3 and array.shape[0] in (1, 3):
+        array = array.transpose(1, 2, 0)
+    return array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray, bits: int = 8) -> Path:

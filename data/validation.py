@@ -13,17 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from data.images import to_array, to_tensor
 from data.synthetic import inject_defects
 from metrics.severity import DEFECT_TYPES
-
-
-def as_hwc(image: torch.Tensor | np.ndarray) -> np.ndarray:
-    """A ``[C, H, W]`` tensor as a float32 ``[H, W, C]`` (``[H, W]`` for one channel) array."""
-    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    array = array.astype(np.float32)
-    if array.ndim == 3 and array.shape[0] in (1, 3):
-        array = array.transpose(1, 2, 0)
-    return array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array
 
 
 def injected_validation_samples(
@@ -39,7 +31,7 @@ def injected_validation_samples(
     rng = np.random.default_rng(seed)
     samples = []
     for k, image in enumerate(normal_images):
-        array = as_hwc(image)
+        array = to_array(image)
         samples.append({"image": array, "mask": None, "label": 0, "defects": []})
         for j in range(injections_per_image):
             count = int(rng.integers(1, max_defects + 1))
@@ -61,8 +53,6 @@ def as_dataset_sample(sample: dict[str, Any], index: int, channels: int = 3) -> 
     """An injected validation sample in a dataset's sample layout (``image [C, H, W]``,
     ``mask [1, H, W]``, ``label``, ``defect_type``, ``path``), so anything that evaluates a
     dataset evaluates it too. ``path`` names it ``val-injected/<index>``."""
-    from data.images import to_tensor
-
     image = to_tensor(np.asarray(sample["image"], dtype=np.float32), channels)
     mask = sample.get("mask")
     mask = np.zeros(image.shape[-2:], bool) if mask is None else np.asarray(mask) > 0
@@ -87,7 +77,7 @@ def labeled_defect_sample(sample: dict[str, Any]) -> dict[str, Any]:
     from scipy import ndimage
 
     mask = np.asarray(sample["mask"]).reshape(np.asarray(sample["mask"]).shape[-2:]) > 0
-    out = {"image": as_hwc(sample["image"]), "mask": mask, "label": int(sample["label"])}
+    out = {"image": to_array(sample["image"]), "mask": mask, "label": int(sample["label"])}
     if "instances" in sample and sample.get("defects"):
         instances = np.asarray(sample["instances"]).reshape(mask.shape)
         defects = [dict(d, source="labeled") for d in sample["defects"]]

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.images import size_pair
+from data.images import size_pair, to_tensor
 from data.validation import labeled_defect_sample
 from metrics import get_metric
 
@@ -125,8 +125,8 @@ def evaluate_hybrid(
     """
     from tqdm.auto import tqdm
 
-    from fusion.hybrid import match_regions
     from grading.evaluation import grading_figures, grading_scores
+    from grading.matching import match_regions
 
     detectors = ["hybrid", *hybrid.names]
     image_metrics = {d: {n: get_metric(n) for n in IMAGE_METRICS} for d in detectors}
@@ -274,18 +274,16 @@ def cross_validate_hybrid(
     from sklearn.model_selection import StratifiedKFold
     from tqdm.auto import tqdm
 
-    from fusion.hybrid import image_tensor
-
     probe = make_hybrid()
     started = time.perf_counter()
     outputs, labeled = [], []
     for index in tqdm(range(len(dataset)), desc="test members", disable=not progress):
         sample = dataset[index]
-        outputs.append(probe.member_outputs(image_tensor(sample["image"])))
+        outputs.append(probe.member_outputs(to_tensor(sample["image"])))
         labeled.append({**labeled_defect_sample(sample), "member_outputs": outputs[-1]})
     member_seconds = time.perf_counter() - started
     validation = [
-        {**s, "member_outputs": probe.member_outputs(image_tensor(s["image"]))} for s in validation
+        {**s, "member_outputs": probe.member_outputs(to_tensor(s["image"]))} for s in validation
     ]
     labels = np.array([s["label"] for s in labeled])
     k = min(folds, int(labels.sum()), int((labels == 0).sum()))

@@ -2,10 +2,11 @@
 
 ``Hybrid.fit`` takes labeled validation samples (held-out normal images and defects the
 synthetic injector put into copies of them, or real labeled defects) and fits, in order: the
-image- and pixel-level ``ScoreFusion``, the image threshold (``operating_point``: at most
-``false_alarm_rate`` of the normal validation images flagged, or F1-optimal), the pixel
-threshold (``ThresholdCalibrator``), and, from the validation regions matched to their truth,
-the ``TypeClassifier`` and the grader (``OrdinalGrader`` when labeled levels exist and it beats
+image- and pixel-level ``ScoreFusion``, the image threshold (``grading.graders.image_threshold``:
+at most ``false_alarm_rate`` of the normal validation images flagged, or F1-optimal), the pixel
+threshold (``ThresholdCalibrator``), and, from the validation regions matched to their truth
+(``grading.matching``), the ``TypeClassifier`` on ``grading.describer`` descriptors and the
+grader (``grading.graders.fit_grader``: ``OrdinalGrader`` when labeled levels exist and it beats
 the rules in cross-validation, ``RuleGrader`` otherwise).
 
 ``Hybrid.predict(image)`` takes one image of any size (float ``[H, W]`` or ``[H, W, C]`` in
@@ -15,12 +16,11 @@ image's resolution, and regions are found and measured on the original image.
 
 A saved hybrid (``save``/``load``) is a folder: ``hybrid.json``, ``members/<name>/``,
 ``fusion.joblib``, ``grading.joblib`` and a SHA-256 manifest of all of them, checked before
-anything is unpickled.
+anything is unpickled (``fusion.persistence``).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,108 +30,25 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 from sklearn.base import clone
-from sklearn.model_selection import StratifiedGroupKFold
 
-from artifacts.io import (
-    ArtifactError,
-    atomic_folder,
-    atomic_joblib_dump,
-    atomic_write_json,
-    load_joblib_verified,
-    verify_manifest,
-)
-from data.images import size_pair
+from data.images import size_pair, to_tensor
 from fusion.combiners import ScoreFusion
+from fusion.persistence import FITTED_STATE, load_hybrid, save_hybrid
+from grading.describer import RegionDescriber
 from grading.graders import (
+    GRADERS,
+    OPERATING_POINTS,
     UNKNOWN,
-    OrdinalGrader,
-    RuleGrader,
     ThresholdCalibrator,
     TypeClassifier,
+    fit_grader,
+    image_threshold,
 )
-from grading.regions import Region, find_regions, luminance, measure_region
-from members.backbones import load_backbone
-from members.base import Member, load_member
+from grading.matching import match_regions, truth_regions
+from grading.regions import Region, find_regions
+from members.base import Member
 from members.member_set import MemberSet
-from metrics.detection import ImageF1MaxMetric
 from metrics.severity import DEFECT_TYPES
-
-FORMAT_VERSION = 1
-HYBRID_FILE = "hybrid.json"
-FUSION_FILE = "fusion.joblib"
-GRADING_FILE = "grading.joblib"
-OPERATING_POINTS = ("false_alarm", "f1")
-GRADERS = ("auto", "rules", "ordinal")
-
-
-def image_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """``[3, H, W]`` float tensor from an array ``[H, W]`` or ``[H, W, C]`` (as images are read)
-    or a tensor ``[C, H, W]`` (as datasets give them). The layout follows the type, not the
-    shape, so a one- or three-row colour image keeps its rows."""
-    if isinstance(image, torch.Tensor):
-        tensor = image.detach().float().cpu()
-    else:
-        tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
-        if tensor.ndim == 3:
-            tensor = tensor[..., :3].permute(2, 0, 1)
-    if tensor.ndim == 2:
-        tensor = tensor[None]
-    if tensor.ndim != 3 or tensor.shape[0] not in (1, 3):
-        raise ValueError(f"expected an image [H, W] or [H, W, 3], got shape {tuple(tensor.shape)}")
-    return tensor.expand(3, -1, -1).contiguous() if tensor.shape[0] == 1 else tensor
-
-
-class RegionDescriber:
-    """Descriptors for the type classifier: a region's measurements and shape, plus the pooled
-    features of a frozen pretrained backbone on the region's crop (its texture)."""
-
-    MEASUREMENTS = (
-        "log_area",
-        "log_detection_area",
-        "contrast_pct",
-        "log_abs_contrast",
-        "peak_pct",
-        "log_semu",
-        "aspect",
-        "fill",
-        "elongation",
-        "span",
-        "thickness",
-    )
-
-    def __init__(
-        self,
-        backbone: str | None = "efficientnet_lite0",
-        layers: tuple[int, ...] = (1, 2),
-        weights_dir: str = "backbones",
-        crop_size: int = 64,
-    ) -> None:
-        self.crop_size = crop_size
-        self.extractor = (
-            load_backbone(backbone, layers, True, weights_dir) if backbone is not None else None
-        )
-
-    def __call__(self, image: torch.Tensor, regions: Sequence[Region]) -> np.ndarray:
-        rows = np.asarray(
-            [[r.features[k] for k in self.MEASUREMENTS] for r in regions], dtype=np.float64
-        )
-        if self.extractor is None:
-            return rows
-        crops = []
-        height, width = image.shape[-2:]
-        for r in regions:
-            x0, y0, x1, y1 = r.bbox
-            margin = max(8, (x1 - x0) // 4, (y1 - y0) // 4)
-            crop = image[
-                :,
-                max(0, y0 - margin) : min(height, y1 + margin),
-                max(0, x0 - margin) : min(width, x1 + margin),
-            ]
-            crops.append(F.interpolate(crop[None], size=(self.crop_size,) * 2, mode="bilinear"))
-        with torch.no_grad():
-            maps = self.extractor(torch.cat(crops))
-        pooled = torch.cat([m.float().mean(dim=(2, 3)) for m in maps], dim=1).numpy()
-        return np.concatenate([rows, pooled], axis=1)
 
 
 class Hybrid:
@@ -273,7 +190,7 @@ class Hybrid:
         rng = np.random.default_rng(opts["seed"])
         cache = []
         for sample in tqdm(list(samples), desc="validation", disable=not progress):
-            image = image_tensor(sample["image"])
+            image = to_tensor(sample["image"])
             scores, maps = sample.get("member_outputs") or self.member_outputs(image)
             mask = sample.get("mask")
             mask = np.zeros(maps.shape[1:], bool) if mask is None else np.asarray(mask, bool)
@@ -332,7 +249,7 @@ class Hybrid:
                 continue
             instances, defects = sample["instances"], sample["defects"]
             pairs = match_regions(self.regions(image, fused), instances, defects)
-            pairs += self.truth_regions(image, fused, instances, defects)
+            pairs += truth_regions(image.numpy(), fused, instances, defects, opts["pixel_pitch_mm"])
             pairs = [(region, truth) for region, truth in pairs if truth is not None]
             if not pairs:
                 continue
@@ -356,7 +273,15 @@ class Hybrid:
             self.type_classifier_ = TypeClassifier(opts["type_confidence"], seed=opts["seed"]).fit(
                 X, types
             )
-        self.grader_, self.grader_report_ = self._fit_grader(graded, levels, defect_ids)
+        self.grader_, self.grader_report_ = fit_grader(
+            graded,
+            levels,
+            defect_ids,
+            grader=opts["grader"],
+            semu_edges=opts["semu_edges"],
+            rules=opts["level_rules"],
+            seed=opts["seed"],
+        )
         self.validation_ = {
             "images": len(cache),
             "defective_images": int(labels.sum()),
@@ -393,44 +318,6 @@ class Hybrid:
             "cv_auroc": {named(k): v for k, v in fusion.candidate_auroc_.items()},
         }
 
-    def _fit_grader(self, regions: list[Region], levels: list[int], defects: list[int]):
-        opts = self.options
-        rules = RuleGrader(opts["semu_edges"], opts["level_rules"]).fit()
-        report: dict[str, Any] = {"chosen": "rules", "regions": len(regions)}
-        if opts["grader"] == "rules" or len(regions) < 10 or len(set(levels)) < 2:
-            if opts["grader"] == "ordinal":
-                raise ValueError(
-                    f"grader=ordinal needs labeled levels: {len(regions)} matched regions with "
-                    f"{len(set(levels))} distinct levels (at least 10 and 2)"
-                )
-            return rules, report
-        y = np.asarray(levels)
-        rule_accuracy = float((rules.predict(regions) == y).mean())
-        # Cross-validated accuracy of the learned grader against the rules' (which learn
-        # nothing): it replaces them only where it is better on defects it was not fitted on.
-        # A defect's two views (detected and true region) stay in one fold, or the learner
-        # would be scored on the twin of a region it learned.
-        groups = np.asarray(defects)
-        smallest = min(len(np.unique(groups[y == level])) for level in np.unique(y))
-        ordinal_accuracy = float("nan")
-        if smallest >= 2:
-            splitter = StratifiedGroupKFold(
-                min(5, smallest), shuffle=True, random_state=opts["seed"]
-            )
-            cv_predictions = np.zeros(len(y), dtype=int)
-            for train, test in splitter.split(np.zeros(len(y)), y, groups):
-                model = OrdinalGrader((), opts["semu_edges"], opts["level_rules"]).fit(
-                    [regions[i] for i in train], y[train]
-                )
-                cv_predictions[test] = model.predict([regions[i] for i in test])
-            ordinal_accuracy = float((cv_predictions == y).mean())
-        report.update(rules_accuracy=rule_accuracy, ordinal_cv_accuracy=ordinal_accuracy)
-        if opts["grader"] == "ordinal" or ordinal_accuracy > rule_accuracy:
-            report["chosen"] = "ordinal"
-            ordinal = OrdinalGrader((), opts["semu_edges"], opts["level_rules"])
-            return ordinal.fit(regions, y), report
-        return rules, report
-
     # --- inference --------------------------------------------------------------------------
 
     def regions(self, image: torch.Tensor, fused: np.ndarray) -> list[Region]:
@@ -441,26 +328,6 @@ class Hybrid:
             self.options["pixel_pitch_mm"],
         )
 
-    def truth_regions(
-        self,
-        image: torch.Tensor,
-        fused: np.ndarray,
-        instances: np.ndarray,
-        defects: Sequence[Mapping[str, Any]],
-    ) -> list[tuple[Region, Mapping[str, Any]]]:
-        """Each true defect measured as a region: its mask, grown by two pixels as a detection
-        would be, measured on the image like any detected region."""
-        lum = luminance(image.numpy())
-        instances = np.asarray(instances).reshape(fused.shape)
-        out = []
-        for defect in defects:
-            mask = instances == int(defect["id"])
-            if mask.any():
-                detection = ndimage.binary_dilation(mask, iterations=2)
-                region = measure_region(lum, detection, fused, self.options["pixel_pitch_mm"])
-                out.append((region, defect))
-        return out
-
     def grade_truth(
         self,
         image: np.ndarray | torch.Tensor,
@@ -470,10 +337,12 @@ class Hybrid:
     ) -> list[tuple[Region, Mapping[str, Any]]]:
         """The grading stage on its own: type and level of each true defect's region
         (``fused``: the image's fused map, if already computed)."""
-        tensor = image_tensor(image)
+        tensor = to_tensor(image)
         if fused is None:
             fused = self.fuse_map(self.member_outputs(tensor)[1])
-        pairs = self.truth_regions(tensor, fused, instances, defects)
+        pairs = truth_regions(
+            tensor.numpy(), fused, instances, defects, self.options["pixel_pitch_mm"]
+        )
         self.classify(tensor, [region for region, _ in pairs])
         return pairs
 
@@ -485,7 +354,7 @@ class Hybrid:
         """``{"score", "label", "level", "regions": [Region], "anomaly_map": [H, W],
         "member_scores": {name: raw score}, "member_maps": [M, H, W]}`` for one image
         (``member_outputs``: this image's ``member_outputs``, if already computed)."""
-        tensor = image_tensor(image)
+        tensor = to_tensor(image)
         scores, maps = member_outputs or self.member_outputs(tensor)
         score = float(self.image_fusion_.transform(scores[None])[0])
         fused = self.fuse_map(maps)
@@ -535,101 +404,17 @@ class Hybrid:
     # --- persistence ------------------------------------------------------------------------
 
     def save(self, folder: str | Path) -> Path:
-        from artifacts.io import write_manifest
-
+        """Save to a hybrid folder (``fusion.persistence``)."""
         if not hasattr(self, "grader_"):
             raise RuntimeError("the hybrid is not fitted; call fit() first")
-        folder = Path(folder)
-        with atomic_folder(folder) as tmp:
-            for name in self.names:
-                self.member_set.members[name].save(tmp / "members" / name)
-            atomic_joblib_dump(
-                {k: getattr(self, f"{k}_") for k in ("image_fusion", "pixel_fusion")},
-                tmp / FUSION_FILE,
-            )
-            atomic_joblib_dump(
-                {k: getattr(self, f"{k}_") for k in ("calibrator", "type_classifier", "grader")},
-                tmp / GRADING_FILE,
-            )
-            atomic_write_json(
-                tmp / HYBRID_FILE,
-                {
-                    "format_version": FORMAT_VERSION,
-                    "members": self.names,
-                    "options": self.options,
-                    "image_threshold": self.image_threshold_,
-                    "validation": self.validation_,
-                    "grader_report": self.grader_report_,
-                },
-            )
-            write_manifest(tmp)
-        return folder
+        fitted = {name: getattr(self, f"{name}_") for name in FITTED_STATE}
+        return save_hybrid(folder, self.member_set.members, self.options, fitted)
 
     @classmethod
     def load(cls, folder: str | Path) -> Hybrid:
         """Load a saved hybrid; every file is checked against the manifest first."""
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise ArtifactError(f"{folder}: no such hybrid folder")
-        verify_manifest(folder)
-        try:
-            meta = json.loads((folder / HYBRID_FILE).read_text())
-            names, options = meta["members"], meta["options"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise ArtifactError(
-                f"{folder / HYBRID_FILE}: not a hybrid description ({exc})"
-            ) from exc
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ArtifactError(f"{folder}: hybrid format {meta.get('format_version')} unsupported")
-        members = {name: load_member(folder / "members" / name) for name in names}
+        members, options, fitted = load_hybrid(folder)
         hybrid = cls(members, **options)
-        fitted = {
-            **load_joblib_verified(folder / FUSION_FILE, folder),
-            **load_joblib_verified(folder / GRADING_FILE, folder),
-            **{k: meta[k] for k in ("image_threshold", "validation", "grader_report")},
-        }
         for name, value in fitted.items():
             setattr(hybrid, f"{name}_", value)
         return hybrid
-
-
-def image_threshold(
-    fused_scores: np.ndarray,
-    labels: np.ndarray,
-    operating_point: str = "false_alarm",
-    false_alarm_rate: float = 0.01,
-) -> float:
-    """The image threshold (a score at or above it is defective).
-
-    ``false_alarm``: the lowest threshold that flags at most ``false_alarm_rate`` of the normal
-    scores (with 15 normal images and a 1 % budget, none: just above the highest). ``f1``: the
-    F1-optimal threshold where both classes are present (it trades false alarms for recall at
-    the validation data's defect share), else the false-alarm rule."""
-    if operating_point == "f1" and len(np.unique(labels)) == 2:
-        metric = ImageF1MaxMetric()
-        metric.update(fused_scores, labels)
-        return float(metric.compute()["threshold"])
-    normal = np.sort(np.asarray(fused_scores, np.float64)[np.asarray(labels) == 0])[::-1]
-    if normal.size == 0:
-        raise ValueError("the false-alarm operating point needs normal validation images")
-    allowed = int(np.floor(false_alarm_rate * normal.size + 1e-9))  # normals it may flag
-    if allowed >= normal.size:
-        return float(normal[-1])
-    return float(np.nextafter(normal[allowed], np.inf))
-
-
-def match_regions(
-    regions: Sequence[Region], instances: np.ndarray | None, defects: Sequence[Mapping[str, Any]]
-) -> list[tuple[Region, Mapping[str, Any] | None]]:
-    """Each region with the truth defect it overlaps most (None: a false detection)."""
-    by_id = {int(d["id"]): d for d in defects}
-    out = []
-    for region in regions:
-        truth = None
-        if instances is not None:
-            ids = np.asarray(instances).reshape(region.mask.shape)[region.mask]
-            ids = ids[ids > 0]
-            if ids.size:
-                truth = by_id.get(int(np.bincount(ids).argmax()))
-        out.append((region, truth))
-    return out

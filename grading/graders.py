@@ -1,5 +1,7 @@
 """Severity levels, defect types and thresholds for measured regions (scikit-learn estimators).
 
+- ``image_threshold``: the image threshold of fused image scores, by the operating point: at
+  most a false-alarm rate of the normal images flagged, or F1-optimal.
 - ``ThresholdCalibrator``: the pixel threshold of the fused map, on labeled validation maps
   (injected or real defects): F1-optimal over defects found and regions raised (``region``),
   F1-optimal over pixels (``f1``), or a high quantile of normal pixels.
@@ -9,6 +11,8 @@
   ``P(level > k)`` for k = 1..4 (Frank & Hall 2001) on the region measurements, the type and the
   rule level, so at worst it learns to repeat the rules; the level is ``1 + sum_k P(level > k)``
   rounded, which keeps predictions ordered.
+- ``fit_grader``: the rules, or the ordinal grader where it beats them in grouped
+  cross-validation.
 - ``TypeClassifier``: a random forest on region descriptors (measurements, shape, pooled
   backbone features of the region's crop); below ``confidence_threshold`` it answers
   ``unknown``.
@@ -17,23 +21,52 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
 from grading.regions import Region
-from metrics.detection import PixelF1MaxMetric
+from metrics.detection import ImageF1MaxMetric, PixelF1MaxMetric
 from metrics.severity import SEMU_LEVEL_EDGES, defect_level
 
 UNKNOWN = "unknown"
 LEVELS = (1, 2, 3, 4, 5)
 THRESHOLD_METHODS = ("region", "f1", "quantile")
+OPERATING_POINTS = ("false_alarm", "f1")
+GRADERS = ("auto", "rules", "ordinal")
+
+
+def image_threshold(
+    fused_scores: np.ndarray,
+    labels: np.ndarray,
+    operating_point: str = "false_alarm",
+    false_alarm_rate: float = 0.01,
+) -> float:
+    """The image threshold (a score at or above it is defective).
+
+    ``false_alarm``: the lowest threshold that flags at most ``false_alarm_rate`` of the normal
+    scores (with 15 normal images and a 1 % budget, none: just above the highest). ``f1``: the
+    F1-optimal threshold where both classes are present (it trades false alarms for recall at
+    the validation data's defect share), else the false-alarm rule."""
+    if operating_point == "f1" and len(np.unique(labels)) == 2:
+        metric = ImageF1MaxMetric()
+        metric.update(fused_scores, labels)
+        return float(metric.compute()["threshold"])
+    normal = np.sort(np.asarray(fused_scores, np.float64)[np.asarray(labels) == 0])[::-1]
+    if normal.size == 0:
+        raise ValueError("the false-alarm operating point needs normal validation images")
+    allowed = int(np.floor(false_alarm_rate * normal.size + 1e-9))  # normals it may flag
+    if allowed >= normal.size:
+        return float(normal[-1])
+    return float(np.nextafter(normal[allowed], np.inf))
 
 
 class ThresholdCalibrator(BaseEstimator):
@@ -202,6 +235,54 @@ class OrdinalGrader(BaseEstimator):
         for model in self.models_:
             above += model if isinstance(model, float) else model.predict_proba(X)[:, 1]
         return np.clip(np.rint(1 + above), 1, 5).astype(int)
+
+
+def fit_grader(
+    regions: Sequence[Region],
+    levels: Sequence[int],
+    defects: Sequence[int],
+    grader: str = "auto",
+    semu_edges: Sequence[float] = SEMU_LEVEL_EDGES,
+    rules: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+    seed: int = 0,
+) -> tuple[RuleGrader | OrdinalGrader, dict[str, Any]]:
+    """The fitted grader and the report of the choice (``chosen``, ``regions``, and where both
+    were compared ``rules_accuracy`` and ``ordinal_cv_accuracy``).
+
+    ``regions`` with their true ``levels``; ``defects``: the truth defect each region stands
+    for (its regions stay in one fold). ``grader``: ``rules``, ``ordinal``, or ``auto`` (the
+    ordinal grader where its cross-validated accuracy beats the rules'; the rules with fewer
+    than 10 regions or 2 levels)."""
+    fitted_rules = RuleGrader(semu_edges, rules).fit()
+    report: dict[str, Any] = {"chosen": "rules", "regions": len(regions)}
+    if grader == "rules" or len(regions) < 10 or len(set(levels)) < 2:
+        if grader == "ordinal":
+            raise ValueError(
+                f"grader=ordinal needs labeled levels: {len(regions)} matched regions with "
+                f"{len(set(levels))} distinct levels (at least 10 and 2)"
+            )
+        return fitted_rules, report
+    y = np.asarray(levels)
+    rule_accuracy = float((fitted_rules.predict(regions) == y).mean())
+    # Cross-validated accuracy of the learned grader against the rules' (which learn
+    # nothing): it replaces them only where it is better on defects it was not fitted on.
+    # A defect's two views (detected and true region) stay in one fold, or the learner
+    # would be scored on the twin of a region it learned.
+    groups = np.asarray(defects)
+    smallest = min(len(np.unique(groups[y == level])) for level in np.unique(y))
+    ordinal_accuracy = float("nan")
+    if smallest >= 2:
+        splitter = StratifiedGroupKFold(min(5, smallest), shuffle=True, random_state=seed)
+        cv_predictions = np.zeros(len(y), dtype=int)
+        for train, test in splitter.split(np.zeros(len(y)), y, groups):
+            model = OrdinalGrader((), semu_edges, rules).fit([regions[i] for i in train], y[train])
+            cv_predictions[test] = model.predict([regions[i] for i in test])
+        ordinal_accuracy = float((cv_predictions == y).mean())
+    report.update(rules_accuracy=rule_accuracy, ordinal_cv_accuracy=ordinal_accuracy)
+    if grader == "ordinal" or ordinal_accuracy > rule_accuracy:
+        report["chosen"] = "ordinal"
+        return OrdinalGrader((), semu_edges, rules).fit(regions, y), report
+    return fitted_rules, report
 
 
 class TypeClassifier(ClassifierMixin, BaseEstimator):

@@ -230,7 +230,7 @@ class ReconstructionMember(Member):
         self.lr = lr
         self.weight_decay = weight_decay
         self.lr_schedule = lr_schedule
-        # The trainer's epochs, set by ``fit``: the horizon of the cosine schedule.
+        # The trainer's epochs, set by ``on_fit_start``: the horizon of the cosine schedule.
         self.planned_epochs: int | None = None
         self.register_buffer("image_mean", torch.zeros(1, 3, 1, 1))
         self.register_buffer("image_std", torch.ones(1, 3, 1, 1))
@@ -290,21 +290,10 @@ class ReconstructionMember(Member):
             )
         return (anomaly_map - self.map_mean) / self.map_std
 
-    def fit(
-        self,
-        train_loader: Iterable,
-        val_loader: Iterable | None = None,
-        trainer: FabricTrainer | None = None,
-    ) -> list[dict[str, Any]]:
-        """Image statistics of ``train_loader``, training, then the map statistics on
-        ``val_loader`` (in ``on_fit_end``) or, without one, on ``train_loader``."""
-        trainer = trainer or FabricTrainer()
+    def on_fit_start(self, trainer: FabricTrainer, train_loader: Iterable) -> None:
+        """The image statistics of ``train_loader``, and the trainer's epochs for the schedule."""
         self.planned_epochs = trainer.max_epochs
         self.measure_image_statistics(trainer, train_loader)
-        history = super().fit(train_loader, val_loader, trainer)
-        if val_loader is None and self.standardize_map:
-            self.measure_map_statistics(trainer, train_loader)
-        return history
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW; with ``lr_schedule="cosine"`` the rate decays per epoch to near zero at the
@@ -316,9 +305,13 @@ class ReconstructionMember(Member):
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.planned_epochs)
         return {"optimizer": optimizer, "scheduler": scheduler, "interval": "epoch"}
 
-    def on_fit_end(self, trainer: FabricTrainer, val_loader: Iterable | None) -> None:
-        if val_loader is not None and self.standardize_map:
-            self.measure_map_statistics(trainer, val_loader)
+    def on_fit_end(
+        self, trainer: FabricTrainer, train_loader: Iterable, val_loader: Iterable | None
+    ) -> None:
+        """The map statistics on ``val_loader``, or on ``train_loader`` without one."""
+        if self.standardize_map:
+            loader = val_loader if val_loader is not None else train_loader
+            self.measure_map_statistics(trainer, loader)
 
     def measure_image_statistics(self, trainer: FabricTrainer, loader: Iterable) -> None:
         """Per-channel mean and standard deviation of the images of ``loader``."""

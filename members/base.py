@@ -243,27 +243,36 @@ class Member(nn.Module):
         train_loader: Iterable,
         val_loader: Iterable | None = None,
         trainer: FabricTrainer | None = None,
-    ) -> list[dict[str, Any]]:
-        """Learn "normal" from ``train_loader`` (defect-free images). Returns the history rows."""
+    ) -> Member:
+        """Learn "normal" from ``train_loader`` (defect-free images); ``val_loader``: held-out
+        normal images the member may calibrate on (``on_fit_end``). Returns the member; the
+        trainer's history rows are in ``history_`` (empty for feature members)."""
         from members.trainer import FabricTrainer
 
         trainer = trainer or FabricTrainer()
+        self.on_fit_start(trainer, train_loader)
         if self.trainable:
-            history = trainer.fit(self, train_loader, val_loader)
+            self.history_ = trainer.fit(self, train_loader, val_loader)
         else:
             self.fit_features(trainer, train_loader)
-            history = []
-        self.on_fit_end(trainer, val_loader)
+            self.history_ = []
+        self.on_fit_end(trainer, train_loader, val_loader)
         self.fitted.fill_(True)
         self.eval()  # a fitted member answers like a loaded one
-        return history
+        return self
 
     def fit_features(self, trainer: FabricTrainer, train_loader: Iterable) -> None:
         """Feature members: collect what they need from the training images."""
         raise NotImplementedError(f"{type(self).__name__} must implement fit_features")
 
-    def on_fit_end(self, trainer: FabricTrainer, val_loader: Iterable | None) -> None:
-        """Hook after fitting, e.g. map-normalization statistics from validation images."""
+    def on_fit_start(self, trainer: FabricTrainer, train_loader: Iterable) -> None:
+        """Hook before training (or feature collection), e.g. image statistics or a teacher."""
+
+    def on_fit_end(
+        self, trainer: FabricTrainer, train_loader: Iterable, val_loader: Iterable | None
+    ) -> None:
+        """Hook after training (or feature collection), e.g. map-normalization statistics from
+        ``val_loader``, or from ``train_loader`` without one."""
 
     # Trainable members override these three.
     def configure_optimizers(self) -> dict[str, Any]:

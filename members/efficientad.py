@@ -27,14 +27,15 @@ there is none, and kept as buffers so a saved member restores them.
 Teacher weights: ``weights_dir/teacher_<model_size>.pth`` (a ``state_dict``, e.g.
 ``teacher_small.pth``) or anomalib's ``pretrained_teacher_<model_size>.pth``, loaded with
 ``weights_only=True``; parameter names may differ from ours as long as the tensors match in
-order and shape. Without such a file the teacher is distilled in ``fit`` before the student
-trains: ``distill_steps`` Adam steps on the training images regressing a fixed target made from
-the frozen ``backbone``'s ``layers`` (each 3 x 3 average-pooled, resized to the PDN's output,
-concatenated, standardized per channel over the training images and mapped to 384 channels by a
-seeded random orthogonal projection). The paper distills on ImageNet from a WideResNet-101 for
-60 000 steps; this in-domain distillation is a stand-in, ``fit_stats["distill_seconds"]``
-records its cost, and a distilled teacher saved as ``teacher_<model_size>.pth`` is reused by
-later fits. ``distill_steps = 0`` keeps a random teacher.
+order and shape. Without such a file the teacher is distilled (``on_fit_start``) before the
+student trains: ``distill_steps`` Adam steps on the training images regressing a fixed target
+made from the frozen ``backbone``'s ``layers`` (each 3 x 3 average-pooled, resized to the PDN's
+output, concatenated, standardized per channel over the training images and mapped to 384
+channels by a seeded random orthogonal projection). The paper distills on ImageNet from a
+WideResNet-101 for 60 000 steps; this in-domain distillation is a stand-in,
+``fit_stats["distill_seconds"]`` records its cost, and a distilled teacher saved as
+``teacher_<model_size>.pth`` is reused by later fits. ``distill_steps = 0`` keeps a random
+teacher.
 
 What short CPU trainings give (2 cores, batch 8, synthetic panels): a distillation step takes
 about 1 s at ``input_size`` 128 and 4 s at 256 (twice that on shared cores), and 40 steps lower
@@ -259,6 +260,7 @@ class EfficientAD(Member):
         self.register_buffer("map_quantiles", torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
         self.fit_stats: dict[str, Any] = {}
         self._penalty_paths: list[Path] = []
+        self._train_started = 0.0  # set by on_fit_start: fit_stats["train_seconds"] from it
 
     # --- the networks ----------------------------------------------------------------------
 
@@ -334,18 +336,9 @@ class EfficientAD(Member):
             )
         self.teacher.load_state_dict(dict(zip(own, state.values())), strict=True)
 
-    def fit(
-        self,
-        train_loader: Iterable,
-        val_loader: Iterable | None = None,
-        trainer: FabricTrainer | None = None,
-    ) -> list[dict[str, Any]]:
-        """Teacher (loaded or distilled) and its channel statistics, then ``Member.fit`` for
-        student and autoencoder; the map quantiles come from ``val_loader`` in ``on_fit_end``,
-        or from the training images here when there is no ``val_loader``."""
-        from members.trainer import FabricTrainer
-
-        trainer = trainer or FabricTrainer()
+    def on_fit_start(self, trainer: FabricTrainer, train_loader: Iterable) -> None:
+        """Before student and autoencoder train: the teacher (resumed, loaded or distilled)
+        and its channel statistics, and the penalty images."""
         trainer.launch()
         self.to(trainer.fabric.device)
         self.fit_stats = {}
@@ -370,17 +363,12 @@ class EfficientAD(Member):
             warnings.warn(
                 "efficientad: penalty_dir is None, so the student's penalty on out-of-domain "
                 "images (ImageNet in the paper) is off",
-                stacklevel=2,
+                stacklevel=3,  # the caller of Member.fit
             )
             self._penalty_paths = []
         else:
             self._penalty_paths = folder_images(self.penalty_dir)
-        started = time.perf_counter()
-        history = super().fit(train_loader, val_loader, trainer)
-        if val_loader is None:
-            self.normalize_maps(trainer, train_loader)
-        self.fit_stats["train_seconds"] = time.perf_counter() - started
-        return history
+        self._train_started = time.perf_counter()
 
     def _backbone_target(
         self, backbone: nn.Module, images: torch.Tensor, size: int
@@ -455,9 +443,12 @@ class EfficientAD(Member):
         self.teacher_mean.copy_(mean.view_as(self.teacher_mean))
         self.teacher_std.copy_(std.view_as(self.teacher_std))
 
-    def on_fit_end(self, trainer: FabricTrainer, val_loader: Iterable | None) -> None:
-        if val_loader is not None:
-            self.normalize_maps(trainer, val_loader)
+    def on_fit_end(
+        self, trainer: FabricTrainer, train_loader: Iterable, val_loader: Iterable | None
+    ) -> None:
+        """The map quantiles on ``val_loader``, or on ``train_loader`` without one."""
+        self.normalize_maps(trainer, val_loader if val_loader is not None else train_loader)
+        self.fit_stats["train_seconds"] = time.perf_counter() - self._train_started
 
     def normalize_maps(self, trainer: FabricTrainer, loader: Iterable) -> None:
         """Store the ``quantile_a`` and ``quantile_b`` quantiles of both raw maps on ``loader``."""

@@ -128,17 +128,11 @@ class STFPM(Member):
         combined = combined.prod(0) if self.map_combination == "product" else combined.sum(0)
         return gaussian_blur(combined, self.map_sigma)
 
-    def fit(
-        self,
-        train_loader: Iterable,
-        val_loader: Iterable | None = None,
-        trainer: FabricTrainer | None = None,
-    ) -> list[dict[str, Any]]:
-        """Train the student (``Member.fit``), then re-estimate its batch-norm statistics."""
-        trainer = trainer or FabricTrainer()
-        history = super().fit(train_loader, val_loader, trainer)
+    def on_fit_end(
+        self, trainer: FabricTrainer, train_loader: Iterable, val_loader: Iterable | None
+    ) -> None:
+        """After training, re-estimate the student's batch-norm statistics."""
         self.recalibrate_batch_norm(trainer, train_loader)
-        return history
 
     def recalibrate_batch_norm(self, trainer: FabricTrainer, train_loader: Iterable) -> None:
         """Set the student's batch-norm running mean and variance to the sample-weighted average

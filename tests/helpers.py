@@ -22,8 +22,10 @@ def panel_loader(data_dir: Path, split: str, size: int = 128, batch_size: int = 
 
 
 def fit_member(member: Member, data_dir: Path, **trainer_options) -> list[dict]:
+    """Fit ``member`` on the panels' training split; its history rows."""
     trainer_options.setdefault("progress", False)
-    return member.fit(panel_loader(data_dir, "train"), None, FabricTrainer(**trainer_options))
+    trainer = FabricTrainer(**trainer_options)
+    return member.fit(panel_loader(data_dir, "train"), None, trainer).history_
 
 
 def separation(member: Member, data_dir: Path) -> tuple[float, float]:

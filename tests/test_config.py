@@ -215,9 +215,8 @@ def _choice_cases() -> list[tuple[str, str, str, str, tuple[str, ...]]]:
     from data.datasets import available_datasets
     from experiments.selection import CRITERIA
     from fusion.combiners import COMBINERS, LEARNERS
-    from fusion.hybrid import GRADERS, OPERATING_POINTS
     from fusion.normalizers import NORMALIZERS
-    from grading.graders import THRESHOLD_METHODS
+    from grading.graders import GRADERS, OPERATING_POINTS, THRESHOLD_METHODS
     from members.autoencoder import AUTOENCODER_VARIANTS
     from members.base import SCORE_AGGREGATIONS
     from members.trainer import PRECISIONS
@@ -336,9 +335,8 @@ def test_config_choices_equal_the_libraries():
     """configs writes these lists out (their modules are above it or pull in scikit-learn)."""
     from experiments.selection import CRITERIA
     from fusion.combiners import COMBINERS, LEARNERS
-    from fusion.hybrid import GRADERS, OPERATING_POINTS
     from fusion.normalizers import NORMALIZERS
-    from grading.graders import THRESHOLD_METHODS
+    from grading.graders import GRADERS, OPERATING_POINTS, THRESHOLD_METHODS
     from retraining.holdout import METRICS
 
     assert set(configs.COMBINERS) == set(COMBINERS)

@@ -128,7 +128,7 @@ def test_fusion_errors_name_the_problem():
 
 
 def test_false_alarm_operating_point_keeps_its_budget():
-    from fusion.hybrid import image_threshold
+    from grading.graders import image_threshold
 
     rng = np.random.default_rng(0)
     normal, defective = rng.normal(0, 1, 400), rng.normal(2, 1, 400)

@@ -290,3 +290,26 @@ def test_reconstruct_images_is_closer_for_a_normal_panel_than_for_a_corrupted_on
     assert member.reconstructs and psnr["normal"] > psnr["corrupted"] + 10, psnr
     # Members that do not reconstruct their input say so; the benchmark skips them.
     assert not member_class("padim").reconstructs
+
+
+def test_fit_returns_the_member_with_the_statistics_its_hooks_measured():
+    """``fit`` returns the member (its history in ``history_``); ``on_fit_start`` measured the
+    image statistics on the training images, ``on_fit_end`` the map statistics on the
+    validation images, or on the training images without them."""
+    options = {"base_width": 4, "depth": 3, "latent_channels": 4}
+    train = DataLoader(_panels(0, 8), batch_size=4, collate_fn=collate_samples)
+    val = DataLoader(_panels(8, 4), batch_size=4, collate_fn=collate_samples)
+    images = torch.cat([batch["image"] for batch in train])
+    for val_loader, measured_on, other in ((None, train, val), (val, val, train)):
+        member = create_member("autoencoder", **options)
+        assert member.fit(train, val_loader, FabricTrainer(max_steps=2, progress=False)) is member
+        assert len([row for row in member.history_ if row["scope"] == "step"]) == 2
+        assert not member.training
+        assert torch.allclose(member.image_mean.flatten(), images.mean().expand(3), atol=1e-5)
+        with torch.no_grad():
+            raw = {
+                loader: torch.cat([member.raw_map(batch["image"]) for batch in loader])
+                for loader in (measured_on, other)
+            }
+        assert torch.allclose(member.map_mean, raw[measured_on].mean(0, keepdim=True), atol=1e-5)
+        assert not torch.allclose(member.map_mean, raw[other].mean(0, keepdim=True), atol=1e-5)

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from artifacts.io import atomic_write_bytes
-from data.images import integer_scale
+from data.images import to_array
 
 # A perceptually ordered blue-to-red colormap (anchor colours of "turbo"), interpolated.
 _ANCHORS = np.array(
@@ -34,21 +34,6 @@ def colormap(values: np.ndarray) -> np.ndarray:
     low = np.floor(positions).astype(int).clip(0, len(_ANCHORS) - 2)
     frac = (positions - low)[..., None]
     return _ANCHORS[low] * (1 - frac) + _ANCHORS[low + 1] * frac
-
-
-def _to_hw(array: Any) -> np.ndarray:
-    if hasattr(array, "detach"):
-        array = array.detach().float().cpu().numpy()
-    array = np.asarray(array)
-    scale = integer_scale(array.dtype)  # camera images: 8 or 16 bit to [0, 1]
-    array = array.astype(np.float32, copy=False)
-    if scale != 1.0:
-        array = array / scale
-    if array.ndim == 3 and array.shape[0] in (1, 3):
-        array = np.moveaxis(array, 0, -1)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    return array
 
 
 def _resize(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -74,7 +59,7 @@ def save_heatmap_overlay(
     Images larger than ``max_preview_side`` are written as a downsampled preview (save the map
     itself with ``save_anomaly_map``). The colour scale runs from ``vmin`` to ``vmax`` (the
     map's own range by default)."""
-    picture, heat = _to_hw(image), _to_hw(anomaly_map)
+    picture, heat = to_array(image), to_array(anomaly_map)
     if heat.ndim != 2:
         raise ValueError(f"anomaly_map must be one channel, got shape {heat.shape}")
     if picture.shape[:2] != heat.shape:
@@ -98,7 +83,7 @@ def save_anomaly_map(anomaly_map: Any, path: str | os.PathLike) -> Path:
     """Write the full-resolution map: ``.npy`` keeps float32 exactly; ``.png`` writes 16 bits
     scaled to the map's range (the range goes into the PNG's text chunk ``range``)."""
     path = Path(path)
-    heat = _to_hw(anomaly_map)
+    heat = to_array(anomaly_map)
     buffer = io.BytesIO()
     if path.suffix == ".npy":
         np.save(buffer, heat.astype(np.float32))
