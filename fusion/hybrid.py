@@ -162,7 +162,8 @@ class Hybrid:
         batch = image[None]
         if size is not None and (height, width) != size:
             batch = F.interpolate(batch, size=size, mode="bilinear", antialias=True)
-        scores, maps = self.member_set(batch)
+        scores, maps = self.member_set(batch.to(self.member_set.device))
+        scores, maps = scores.cpu(), maps.float().cpu()
         if maps.shape[-2:] != (height, width):
             maps = F.interpolate(maps, size=(height, width), mode="bilinear")
         return scores[0].double().numpy(), maps[0].double().numpy()
@@ -411,9 +412,10 @@ class Hybrid:
         return save_hybrid(folder, self.member_set.members, self.options, fitted)
 
     @classmethod
-    def load(cls, folder: str | Path) -> Hybrid:
-        """Load a saved hybrid; every file is checked against the manifest first."""
-        members, options, fitted = load_hybrid(folder)
+    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> Hybrid:
+        """Load a saved hybrid, its members on ``device`` (fusion and grading run on the CPU);
+        every file is checked against the manifest first."""
+        members, options, fitted = load_hybrid(folder, device)
         hybrid = cls(members, **options)
         for name, value in fitted.items():
             setattr(hybrid, f"{name}_", value)

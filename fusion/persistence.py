@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from artifacts.io import (
     ArtifactError,
     atomic_folder,
@@ -65,9 +67,11 @@ def save_hybrid(
     return folder
 
 
-def load_hybrid(folder: str | Path) -> tuple[dict[str, Member], dict[str, Any], dict[str, Any]]:
-    """A saved hybrid's members by name, constructor options and fitted state (as
-    ``save_hybrid`` takes them); every file is checked against the manifest first."""
+def load_hybrid(
+    folder: str | Path, device: str | torch.device = "cpu"
+) -> tuple[dict[str, Member], dict[str, Any], dict[str, Any]]:
+    """A saved hybrid's members by name (on ``device``), constructor options and fitted state
+    (as ``save_hybrid`` takes them); every file is checked against the manifest first."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ArtifactError(f"{folder}: no such hybrid folder")
@@ -79,7 +83,7 @@ def load_hybrid(folder: str | Path) -> tuple[dict[str, Member], dict[str, Any], 
         raise ArtifactError(f"{folder / HYBRID_FILE}: not a hybrid description ({exc})") from exc
     if meta.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{folder}: hybrid format {meta.get('format_version')} unsupported")
-    members = {name: load_member(folder / "members" / name) for name in names}
+    members = {name: load_member(folder / "members" / name, device) for name in names}
     fitted = {
         **load_joblib_verified(folder / FUSION_FILE, folder),
         **load_joblib_verified(folder / GRADING_FILE, folder),

@@ -342,6 +342,7 @@ def load_member(folder: str | Path, map_location: str | torch.device = "cpu") ->
         raise ArtifactError(
             f"{folder / WEIGHTS_FILE} does not fit a {name!r} member: {exc}"
         ) from exc
+    member.to(map_location)
     member.eval()
     return member
 

@@ -7,6 +7,7 @@ and FastFlow on efficientnet_lite0 runs efficientnet_lite0 once per batch, not t
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 
 import torch
@@ -45,6 +46,13 @@ class MemberSet(nn.Module):
         self.group_keys = [key for key, group in groups.items() if len(group) > 1]
         self.extractors = nn.ModuleList(_shared_extractor(groups[k]) for k in self.group_keys)
         self.eval()
+
+    @property
+    def device(self) -> torch.device:
+        """Where the members' weights are (the CPU for members without any)."""
+        for tensor in itertools.chain(self.parameters(), self.buffers()):
+            return tensor.device
+        return torch.device("cpu")
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+from configs import Flag
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Packages whose exceptions read as plain messages: their type names add nothing for the user.
@@ -80,3 +83,16 @@ def setup_logging(log_file: str | os.PathLike | None = None, verbose: bool = Fal
         root.addHandler(file_handler)
     for noisy in ("lightning_fabric", "lightning.fabric", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device``: where the members run (``device.accelerator``); fusion and grading stay on
+    the CPU."""
+    parser.add_argument(
+        "--device",
+        help="cpu | cuda | gpu | mps | auto (device.accelerator; absent: the CPU, with a warning)",
+    )
+
+
+def device_flags(args: argparse.Namespace) -> list[Flag]:
+    return [Flag("device.accelerator", args.device, "--device")] if args.device else []

@@ -19,7 +19,13 @@ from pathlib import Path
 
 from artifacts.io import atomic_write_csv, atomic_write_json
 from configs import Flag, add_config_arguments, load_config, split_names, write_config
-from pipelines.common import PipelineError, main_guard, setup_logging
+from pipelines.common import (
+    PipelineError,
+    add_device_argument,
+    device_flags,
+    main_guard,
+    setup_logging,
+)
 
 log = logging.getLogger("pipelines.ensemble")
 
@@ -27,6 +33,7 @@ log = logging.getLogger("pipelines.ensemble")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipelines.ensemble", description=__doc__)
     add_config_arguments(parser)
+    add_device_argument(parser)
     parser.add_argument("--from", dest="from_run", help="the benchmark run folder")
     parser.add_argument("--top-k", type=int, help="number of best members to combine")
     parser.add_argument("--members", help="comma-separated members instead of the top k")
@@ -49,7 +56,7 @@ def overrides_from_flags(args: argparse.Namespace) -> list[Flag]:
         flags.append(Flag("ensemble.members", split_names(args.members), "--members"))
     if args.name:
         flags.append(Flag("ensemble.name", args.name, "--name"))
-    return flags
+    return flags + device_flags(args)
 
 
 @main_guard
@@ -66,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from fusion.build import build_hybrid
     from fusion.hybrid import Hybrid
     from members.base import load_member
+    from members.device import resolve_device
     from reporting.hybrid_report import write_hybrid_report
 
     args = parse_args(argv)
@@ -111,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         len(val_set),
         len(samples) - len(val_set),
     )
-    members = {name: load_member(path) for name, path in selection.weights(run_dir).items()}
+    device = resolve_device(cfg["device"]["accelerator"])
+    members = {name: load_member(path, device) for name, path in selection.weights(run_dir).items()}
 
     def make_hybrid() -> Hybrid:
         return build_hybrid(

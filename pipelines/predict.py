@@ -24,7 +24,14 @@ import time
 from pathlib import Path
 
 from configs import ConfigError, Flag, add_config_arguments, load_config
-from pipelines.common import PARTIAL_FAILURE, PipelineError, main_guard, setup_logging
+from pipelines.common import (
+    PARTIAL_FAILURE,
+    PipelineError,
+    add_device_argument,
+    device_flags,
+    main_guard,
+    setup_logging,
+)
 
 log = logging.getLogger("pipelines.predict")
 
@@ -32,6 +39,7 @@ log = logging.getLogger("pipelines.predict")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipelines.predict", description=__doc__)
     add_config_arguments(parser)
+    add_device_argument(parser)
     parser.add_argument("--hybrid", help="the hybrid folder")
     parser.add_argument("--out", help="output folder")
     parser.add_argument("paths", nargs="+", help="image files and folders")
@@ -41,7 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def overrides_from_flags(args: argparse.Namespace) -> list[Flag]:
     """--hybrid and --out as overrides (applied after --set, so they win); paths stay text."""
     flags = [Flag("predict.hybrid", args.hybrid, "--hybrid")] if args.hybrid else []
-    return flags + ([Flag("predict.out", args.out, "--out")] if args.out else [])
+    flags += [Flag("predict.out", args.out, "--out")] if args.out else []
+    return flags + device_flags(args)
 
 
 @main_guard
@@ -49,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from artifacts.lock import LockHeld, RunLock
     from data.images import IntensityWindow
     from fusion.hybrid import Hybrid
+    from members.device import resolve_device
     from prediction.inputs import expand_inputs
     from prediction.results import (
         STREAM_NAME,
@@ -80,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     except LockHeld as exc:
         raise PipelineError(f"{exc}: wait for it, or choose another --out") from None
     try:
-        hybrid = Hybrid.load(opts["hybrid"])
+        hybrid = Hybrid.load(opts["hybrid"], resolve_device(cfg["device"]["accelerator"]))
         ref = hybrid_id(opts["hybrid"])
         done = finished(read_stream(out / STREAM_NAME), ref)
         # The intensity window the members were trained with (fitted on their training images),

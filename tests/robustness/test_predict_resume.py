@@ -151,3 +151,16 @@ def test_a_line_cut_short_by_a_kill_is_dropped(tmp_path):
     path.write_text('{"path": "a"}\nnot json\n{"path": "b"}\n')
     with pytest.raises(ResultsError, match=f"{path}, line 2"):
         read_stream(path)
+
+
+def test_predict_on_a_device_that_is_absent_runs_on_the_cpu_and_says_so(
+    tiny_run, panels, tmp_path, monkeypatch, capsys
+):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "out"
+    argv = ["--hybrid", tiny_run["hybrid"], "--out", out, "--device", "cuda", panels[0]]
+    assert call(predict.main, argv, capsys)[0] == 0
+    assert "no CUDA device is available" in (out / "log.txt").read_text()
+    assert json.loads((out / "predictions.json").read_text())["images"][0]["status"] == "ok"
