@@ -140,8 +140,13 @@ class Hybrid:
 
     # --- members ----------------------------------------------------------------------------
 
-    def member_outputs(self, image: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Member scores ``[M]`` and maps ``[M, H, W]`` at the image's resolution."""
+    def member_outputs(
+        self, image: torch.Tensor, at_image_size: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Member scores ``[M]`` and maps ``[M, H, W]`` at the image's resolution; with
+        ``at_image_size=False`` the maps of a resizing hybrid stay at the members' resolution
+        (``fuse_map`` brings them to the image's band by band: a panel's full-size member maps
+        would be gigabytes)."""
         height, width = image.shape[-2:]
         tiling = self.options["tiling"]
         if tiling:
@@ -164,20 +169,35 @@ class Hybrid:
             batch = F.interpolate(batch, size=size, mode="bilinear", antialias=True)
         scores, maps = self.member_set(batch.to(self.member_set.device))
         scores, maps = scores.cpu(), maps.float().cpu()
-        if maps.shape[-2:] != (height, width):
+        if at_image_size and maps.shape[-2:] != (height, width):
             maps = F.interpolate(maps, size=(height, width), mode="bilinear")
         return scores[0].double().numpy(), maps[0].double().numpy()
 
     # --- fusion -----------------------------------------------------------------------------
 
-    def fuse_map(self, maps: np.ndarray, rows_per_chunk: int = 256) -> np.ndarray:
-        """Fused ``[H, W]`` map of member maps ``[M, H, W]``, in row chunks (bounded memory)."""
+    def fuse_map(
+        self,
+        maps: np.ndarray,
+        shape: tuple[int, int] | None = None,
+        rows_per_chunk: int = 256,
+    ) -> np.ndarray:
+        """Fused ``[H, W]`` map of member maps ``[M, h, w]``, in row chunks (bounded memory).
+        Maps of another size than ``shape`` (default: their own) are resized bilinearly chunk by
+        chunk, as ``F.interpolate(..., mode="bilinear")`` resizes them whole (to float32
+        rounding)."""
         fusion: ScoreFusion = self.pixel_fusion_
-        m, height, width = maps.shape
+        m = maps.shape[0]
+        height, width = shape or maps.shape[-2:]
+        resize = (height, width) != tuple(maps.shape[-2:])
+        if resize:
+            rows = _bilinear_taps(maps.shape[-2], height)
+            cols = _bilinear_taps(maps.shape[-1], width)
+            maps = maps.astype(np.float32)
         out = np.empty((height, width), np.float32)
         for start in range(0, height, rows_per_chunk):
-            block = maps[:, start : start + rows_per_chunk].reshape(m, -1).T
-            out[start : start + rows_per_chunk] = fusion.transform(block).reshape(-1, width)
+            stop = min(start + rows_per_chunk, height)
+            block = _resize_rows(maps, rows, cols, start, stop) if resize else maps[:, start:stop]
+            out[start:stop] = fusion.transform(block.reshape(m, -1).T).reshape(-1, width)
         return out
 
     def fit(self, samples: Iterable[Mapping[str, Any]], progress: bool = False) -> Hybrid:
@@ -351,14 +371,17 @@ class Hybrid:
         self,
         image: np.ndarray | torch.Tensor,
         member_outputs: tuple[np.ndarray, np.ndarray] | None = None,
+        member_maps: bool = True,
     ) -> dict[str, Any]:
         """``{"score", "label", "level", "regions": [Region], "anomaly_map": [H, W],
         "member_scores": {name: raw score}, "member_maps": [M, H, W]}`` for one image
-        (``member_outputs``: this image's ``member_outputs``, if already computed)."""
+        (``member_outputs``: this image's ``member_outputs``, if already computed).
+        ``member_maps=False`` keeps the member maps at the members' resolution and leaves them
+        out (``None``): what predict does, so that a full panel's memory stays bounded."""
         tensor = to_tensor(image)
-        scores, maps = member_outputs or self.member_outputs(tensor)
+        scores, maps = member_outputs or self.member_outputs(tensor, at_image_size=member_maps)
         score = float(self.image_fusion_.transform(scores[None])[0])
-        fused = self.fuse_map(maps)
+        fused = self.fuse_map(maps, tuple(tensor.shape[-2:]))
         label = int(score >= self.image_threshold_)
         regions = self.regions(tensor, fused) if label else []
         if label and not regions:
@@ -371,7 +394,7 @@ class Hybrid:
             "regions": regions,
             "anomaly_map": fused,
             "member_scores": dict(zip(self.names, map(float, scores))),
-            "member_maps": maps,
+            "member_maps": maps if member_maps else None,
         }
 
     def _strongest_region(self, image: torch.Tensor, fused: np.ndarray) -> list[Region]:
@@ -420,3 +443,23 @@ class Hybrid:
         for name, value in fitted.items():
             setattr(hybrid, f"{name}_", value)
         return hybrid
+
+
+def _bilinear_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each output index: the two input indices and the second one's weight of a bilinear
+    resize with half-pixel centres (``align_corners=False``), in float32 as torch computes it."""
+    scale = np.float32(size_in / size_out)
+    source = np.maximum(scale * (np.arange(size_out, dtype=np.float32) + 0.5) - 0.5, 0)
+    first = np.minimum(source.astype(np.int64), size_in - 1)
+    second = np.minimum(first + 1, size_in - 1)
+    return first, second, (source - first).astype(np.float32)
+
+
+def _resize_rows(maps: np.ndarray, rows: tuple, cols: tuple, start: int, stop: int) -> np.ndarray:
+    """Output rows ``start:stop`` of ``maps [M, h, w]`` resized to ``(len(rows[0]),
+    len(cols[0]))``: columns first, then rows, as torch's bilinear kernel weighs them."""
+    r0, r1, rw = (a[start:stop] for a in rows)
+    c0, c1, cw = cols
+    top = maps[:, r0][..., c0] * (1 - cw) + maps[:, r0][..., c1] * cw
+    bottom = maps[:, r1][..., c0] * (1 - cw) + maps[:, r1][..., c1] * cw
+    return top * (1 - rw)[:, None] + bottom * rw[:, None]

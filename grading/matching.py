@@ -25,7 +25,9 @@ def match_regions(
     for region in regions:
         truth = None
         if instances is not None:
-            ids = np.asarray(instances).reshape(region.mask.shape)[region.mask]
+            x0, y0, x1, y1 = region.bbox
+            instances = np.asarray(instances)
+            ids = instances.reshape(instances.shape[-2:])[y0:y1, x0:x1][region.mask]
             ids = ids[ids > 0]
             if ids.size:
                 truth = by_id.get(int(np.bincount(ids).argmax()))

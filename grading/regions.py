@@ -43,7 +43,7 @@ class Region:
     score: float
     mean_score: float
     features: dict[str, float] = field(default_factory=dict)
-    mask: np.ndarray | None = field(default=None, repr=False)
+    mask: np.ndarray | None = field(default=None, repr=False)  # its pixels within ``bbox``
     type: str | None = None
     type_confidence: float | None = None
     level: int | None = None
@@ -54,8 +54,9 @@ class Region:
 
 
 def luminance(image: np.ndarray) -> np.ndarray:
-    """``[H, W]`` float64 luminance of an ``[H, W]``, ``[H, W, C]`` or ``[C, H, W]`` image."""
-    image = np.asarray(image, dtype=np.float64)
+    """``[H, W]`` float32 luminance of an ``[H, W]``, ``[H, W, C]`` or ``[C, H, W]`` image
+    (float32, not 64: a full panel is 65 megapixels; measurements upcast their window)."""
+    image = np.asarray(image, dtype=np.float32)
     if image.ndim == 3:
         channel_axis = 0 if image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3) else -1
         image = image.mean(axis=channel_axis)
@@ -162,16 +163,21 @@ def measure_region(
     fused_map: np.ndarray,
     pixel_pitch_mm: float,
     noise_k: float = 6.0,
+    origin: tuple[int, int] = (0, 0),
 ) -> Region:
-    """Measure one detected region (``detection``: boolean ``[H, W]``) on luminance ``lum``."""
+    """Measure one detected region on luminance ``lum``: ``detection`` is a boolean mask, the
+    image's size or a crop of it whose top-left pixel is at ``origin`` (row, column)."""
     ys, xs = np.nonzero(detection)
+    ys, xs = ys + origin[0], xs + origin[1]
     bbox = (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1)
     # The background scale follows the region's short side: a band is referenced to the pixels
     # beside it, not to the far ends of the panel.
     short_side = min(bbox[2] - bbox[0], bbox[3] - bbox[1])
     sigma = max(4.0, float(short_side))
     window = _window(bbox, int(3 * sigma) + 2, lum.shape)
-    local, region = lum[window], detection[window]
+    local = lum[window].astype(np.float64)
+    region = np.zeros(local.shape, bool)
+    region[ys - window[0].start, xs - window[1].start] = True
     grown = ndimage.binary_dilation(region, iterations=max(2, short_side // 4))
     background = local_background(local, (~grown).astype(np.float64), sigma)
     deviation = local / np.maximum(background, 1e-6) - 1.0
@@ -196,17 +202,18 @@ def measure_region(
         extent = np.isin(labels, keep[keep > 0])
     if not extent.any():
         extent = region
-    full = np.zeros(lum.shape, bool)
-    full[window] = extent
-    area_px = int(full.sum())
+    area_px = int(extent.sum())
     area_mm2 = area_px * pixel_pitch_mm**2
     contrast = 100.0 * float(deviation[extent].mean())
-    ys, xs = np.nonzero(full)
-    scores = fused_map[detection]
+    scores = fused_map[window][region].astype(np.float64)
+    detection_area = len(ys)
+    ys, xs = np.nonzero(extent)
+    inside = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
+    ys, xs = ys + window[0].start, xs + window[1].start
     region_semu = float(semu(contrast, area_mm2))
     features = {
         "log_area": math.log1p(area_px),
-        "log_detection_area": math.log1p(int(detection.sum())),
+        "log_detection_area": math.log1p(detection_area),
         "contrast_pct": contrast,
         "abs_contrast": abs(contrast),
         "log_abs_contrast": math.log(abs(contrast) + 1e-3),
@@ -214,7 +221,7 @@ def measure_region(
         "log_semu": math.log(region_semu + 1e-4),
         "score": float(scores.max()),
         "mean_score": float(scores.mean()),
-        **_shape_features(full, lum.shape),
+        **_shape_features(extent, lum.shape),
     }
     return Region(
         bbox=[int(xs.min()), int(ys.min()), int(xs.max() + 1), int(ys.max() + 1)],
@@ -225,7 +232,7 @@ def measure_region(
         score=float(scores.max()),
         mean_score=float(scores.mean()),
         features=features,
-        mask=full,
+        mask=extent[inside],
     )
 
 
@@ -239,7 +246,9 @@ def find_regions(
 ) -> list[Region]:
     """Measured regions of ``fused_map`` (``[H, W]``) at or above ``threshold``, strongest first
     (at most ``max_regions``)."""
-    fused_map = np.asarray(fused_map, dtype=np.float64)
+    fused_map = np.asarray(fused_map)
+    if not np.issubdtype(fused_map.dtype, np.floating):
+        fused_map = fused_map.astype(np.float32)
     if fused_map.ndim > 2 and all(side == 1 for side in fused_map.shape[:-2]):
         fused_map = fused_map.reshape(fused_map.shape[-2:])  # not squeeze: a 1 px side stays
     image = np.asarray(image)
@@ -252,6 +261,17 @@ def find_regions(
     if count == 0:
         return []
     peaks = ndimage.maximum(fused_map, labels, index=np.arange(1, count + 1))
-    sizes = ndimage.sum_labels(np.ones_like(fused_map), labels, index=np.arange(1, count + 1))
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
     order = [i for i in np.argsort(-peaks) if sizes[i] >= min_area_px][:max_regions]
-    return [measure_region(lum, labels == i + 1, fused_map, pixel_pitch_mm) for i in order]
+    boxes = ndimage.find_objects(labels)
+    regions = []
+    for i in order:
+        # Each detection as a crop around it, not a full-size mask (a panel is 65 megapixels).
+        rows, cols = boxes[i]
+        detection = labels[rows, cols] == i + 1
+        regions.append(
+            measure_region(
+                lum, detection, fused_map, pixel_pitch_mm, origin=(rows.start, cols.start)
+            )
+        )
+    return regions

@@ -119,7 +119,7 @@ def predict_files(
             image = item.image
             try:
                 quality = panel_quality(image)  # the panel as read, before the members' window
-                result = hybrid.predict(prepare(image))
+                result = hybrid.predict(prepare(image), member_maps=False)
             except (ValueError, RuntimeError) as exc:
                 entry.update(status="skipped", error=str(exc))
             else:

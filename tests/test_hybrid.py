@@ -173,6 +173,25 @@ def test_images_of_other_sizes_are_resized_for_the_members(run):
     assert cost["members_together_ms"] > 0 and cost["members_sum_ms"] > 0
 
 
+def test_a_large_panel_is_fused_band_by_band_as_from_full_size_member_maps(run):
+    """Predict keeps member maps at the members' resolution and resizes them band by band while
+    fusing (a full panel's full-size member maps would be gigabytes): the same answer as fusing
+    full-size maps, to float32 rounding."""
+    hybrid = Hybrid.load(run["out"] / "hybrid")
+    cache = next((run["root"] / "cache").iterdir()) / "panel" / "test"
+    path = sorted(p for p in cache.rglob("*.png") if "good" not in p.parts)[0]
+    small = np.asarray(Image.open(path), dtype=np.float32) / 65535.0
+    image = np.kron(small, np.ones((3, 3), np.float32))[:500, :700]  # 3x the members' input
+    full = hybrid.predict(image)
+    banded = hybrid.predict(image, member_maps=False)
+    assert full["member_maps"].shape[-2:] == image.shape and banded["member_maps"] is None
+    difference = np.abs(banded["anomaly_map"] - full["anomaly_map"])
+    assert difference.mean() < 1e-5 and difference.max() < 1e-2
+    assert banded["score"] == full["score"] and banded["level"] == full["level"]
+    assert [r.bbox for r in banded["regions"]] == [r.bbox for r in full["regions"]]
+    assert full["regions"], "the panel's defect is found"
+
+
 def test_a_tampered_hybrid_folder_is_refused(run, tmp_path):
     original = run["out"] / "hybrid"
     first, second = Hybrid.load(original), Hybrid.load(original)

@@ -74,3 +74,27 @@ def test_a_dark_pixel_in_a_wide_detection_is_measured_as_one_pixel():
     region = measure_region(image, detection, detection.astype(float), pixel_pitch_mm=0.1)
     assert region.area_px == 1, region.area_px
     assert abs(region.contrast_pct - -15.0) < 1.5, region.contrast_pct
+
+
+def test_a_detection_given_as_a_crop_measures_as_the_full_mask():
+    """find_regions hands each detection over as a crop at its origin (a panel's full-size mask
+    per region would be 65 MB); the measurement is the same, and the region's mask is its own
+    pixels within its bbox."""
+    panel = smooth_panel()
+    rows, cols = np.mgrid[: panel.shape[0], : panel.shape[1]]
+    disk = (rows - 300) ** 2 + (cols - 240) ** 2 <= 40**2
+    image = panel * np.where(disk, 0.95, 1.0)
+    detection = ndimage.binary_erosion(disk, iterations=5)
+    whole = measure_region(image, detection, disk.astype(float), pixel_pitch_mm=0.1)
+    (box,) = ndimage.find_objects(detection.astype(int))
+    crop = measure_region(
+        image,
+        detection[box],
+        disk.astype(float),
+        pixel_pitch_mm=0.1,
+        origin=(box[0].start, box[1].start),
+    )
+    assert crop.to_dict() == whole.to_dict() and crop.features == whole.features
+    x0, y0, x1, y1 = whole.bbox
+    assert whole.mask.shape == (y1 - y0, x1 - x0) and whole.mask.sum() == whole.area_px
+    assert np.array_equal(whole.mask, crop.mask)

@@ -69,13 +69,18 @@ def save_heatmap_overlay(
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
     picture, heat = _resize(picture, size), _resize(heat, size)
     if picture.ndim == 2:
-        picture = np.repeat(picture[..., None], 3, axis=-1)
+        picture = picture[..., None]  # grey: the same value in each colour channel
     low = float(np.min(heat)) if vmin is None else vmin
     high = float(np.max(heat)) if vmax is None else vmax
-    normalized = (heat - low) / max(high - low, 1e-12)
-    blended = (1 - alpha) * np.clip(picture, 0, 1) + alpha * colormap(normalized)
+    rgb = np.empty((*size, 3), np.uint8)
+    # Blended in bands of rows: a full panel's float RGB would be gigabytes.
+    for start in range(0, size[0], 256):
+        rows = slice(start, start + 256)
+        normalized = (heat[rows] - low) / max(high - low, 1e-12)
+        blended = (1 - alpha) * np.clip(picture[rows], 0, 1) + alpha * colormap(normalized)
+        rgb[rows] = np.round(blended * 255).astype(np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(np.round(blended * 255).astype(np.uint8)).save(buffer, format="PNG")
+    Image.fromarray(rgb).save(buffer, format="PNG")
     return atomic_write_bytes(path, buffer.getvalue())
 
 
