@@ -166,8 +166,11 @@ class Hybrid:
         size = size_pair(self.options["image_size"])
         batch = image[None]
         if size is not None and (height, width) != size:
-            batch = F.interpolate(batch, size=size, mode="bilinear", antialias=True)
-        scores, maps = self.member_set(batch.to(self.member_set.device))
+            # A grey image seen as three channels (stride 0) is resized once.
+            source = batch[:, :1] if image.stride(0) == 0 else batch
+            resized = F.interpolate(source, size=size, mode="bilinear", antialias=True)
+            batch = resized.expand(-1, batch.shape[1], -1, -1)
+        scores, maps = self.member_set(batch.contiguous().to(self.member_set.device))
         scores, maps = scores.cpu(), maps.float().cpu()
         if at_image_size and maps.shape[-2:] != (height, width):
             maps = F.interpolate(maps, size=(height, width), mode="bilinear")
@@ -358,7 +361,7 @@ class Hybrid:
     ) -> list[tuple[Region, Mapping[str, Any]]]:
         """The grading stage on its own: type and level of each true defect's region
         (``fused``: the image's fused map, if already computed)."""
-        tensor = to_tensor(image)
+        tensor = _image_tensor(image)
         if fused is None:
             fused = self.fuse_map(self.member_outputs(tensor)[1])
         pairs = truth_regions(
@@ -378,7 +381,7 @@ class Hybrid:
         (``member_outputs``: this image's ``member_outputs``, if already computed).
         ``member_maps=False`` keeps the member maps at the members' resolution and leaves them
         out (``None``): what predict does, so that a full panel's memory stays bounded."""
-        tensor = to_tensor(image)
+        tensor = _image_tensor(image)
         scores, maps = member_outputs or self.member_outputs(tensor, at_image_size=member_maps)
         score = float(self.image_fusion_.transform(scores[None])[0])
         fused = self.fuse_map(maps, tuple(tensor.shape[-2:]))
@@ -463,3 +466,10 @@ def _resize_rows(maps: np.ndarray, rows: tuple, cols: tuple, start: int, stop: i
     top = maps[:, r0][..., c0] * (1 - cw) + maps[:, r0][..., c1] * cw
     bottom = maps[:, r1][..., c0] * (1 - cw) + maps[:, r1][..., c1] * cw
     return top * (1 - rw)[:, None] + bottom * rw[:, None]
+
+
+def _image_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """``[3, H, W]`` float32 of an image; a grey one's three channels are its one channel seen
+    three times, not three copies (a panel is 65 megapixels)."""
+    grey = image.ndim == 2 or (isinstance(image, torch.Tensor) and image.shape[0] == 1)
+    return to_tensor(image, channels=1).expand(3, -1, -1) if grey else to_tensor(image)

@@ -53,12 +53,18 @@ class Region:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in out.items()}
 
 
+# A region whose measuring window holds more pixels than this is measured on a coarser grid.
+MEASURE_PIXELS = 1 << 22
+
+
 def luminance(image: np.ndarray) -> np.ndarray:
     """``[H, W]`` float32 luminance of an ``[H, W]``, ``[H, W, C]`` or ``[C, H, W]`` image
     (float32, not 64: a full panel is 65 megapixels; measurements upcast their window)."""
     image = np.asarray(image, dtype=np.float32)
     if image.ndim == 3:
         channel_axis = 0 if image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3) else -1
+        if image.strides[channel_axis] == 0:  # a grey image seen as three channels: a view
+            return np.moveaxis(image, channel_axis, 0)[0]
         image = image.mean(axis=channel_axis)
     if image.ndim != 2:
         raise ValueError(f"expected an image [H, W] or with channels, got shape {image.shape}")
@@ -166,18 +172,27 @@ def measure_region(
     origin: tuple[int, int] = (0, 0),
 ) -> Region:
     """Measure one detected region on luminance ``lum``: ``detection`` is a boolean mask, the
-    image's size or a crop of it whose top-left pixel is at ``origin`` (row, column)."""
-    ys, xs = np.nonzero(detection)
-    ys, xs = ys + origin[0], xs + origin[1]
-    bbox = (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1)
+    image's size or a crop of it whose top-left pixel is at ``origin`` (row, column). A region
+    whose measuring window exceeds ``MEASURE_PIXELS`` is measured on a coarser grid."""
+    rows, cols = np.flatnonzero(detection.any(axis=1)), np.flatnonzero(detection.any(axis=0))
+    detection = detection[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    top, left = origin[0] + rows[0], origin[1] + cols[0]
+    bbox = (top, left, top + detection.shape[0], left + detection.shape[1])
     # The background scale follows the region's short side: a band is referenced to the pixels
     # beside it, not to the far ends of the panel.
     short_side = min(bbox[2] - bbox[0], bbox[3] - bbox[1])
     sigma = max(4.0, float(short_side))
     window = _window(bbox, int(3 * sigma) + 2, lum.shape)
+    window_shape = (window[0].stop - window[0].start, window[1].stop - window[1].start)
+    region = np.zeros(window_shape, bool)
+    region[
+        top - window[0].start : bbox[2] - window[0].start,
+        left - window[1].start : bbox[3] - window[1].start,
+    ] = detection
+    if region.size > MEASURE_PIXELS:
+        return _measure_coarsely(lum, region, window, fused_map, pixel_pitch_mm, noise_k)
+    detection_area = int(np.count_nonzero(detection))
     local = lum[window].astype(np.float64)
-    region = np.zeros(local.shape, bool)
-    region[ys - window[0].start, xs - window[1].start] = True
     grown = ndimage.binary_dilation(region, iterations=max(2, short_side // 4))
     background = local_background(local, (~grown).astype(np.float64), sigma)
     deviation = local / np.maximum(background, 1e-6) - 1.0
@@ -206,7 +221,6 @@ def measure_region(
     area_mm2 = area_px * pixel_pitch_mm**2
     contrast = 100.0 * float(deviation[extent].mean())
     scores = fused_map[window][region].astype(np.float64)
-    detection_area = len(ys)
     ys, xs = np.nonzero(extent)
     inside = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
     ys, xs = ys + window[0].start, xs + window[1].start
@@ -236,6 +250,79 @@ def measure_region(
     )
 
 
+def _coarse(values: np.ndarray, step: int, reduce: str) -> np.ndarray:
+    """``values [H, W]`` reduced over ``step x step`` blocks (``"mean"`` or ``"any"``; edge
+    blocks over the pixels they hold), a band of rows at a time (bounded memory)."""
+    height, width = values.shape
+    starts = np.arange(0, width, step)
+    widths = np.diff(np.append(starts, width))
+    out = np.empty((-(-height // step), len(starts)), np.float64 if reduce == "mean" else bool)
+    for row, start in enumerate(range(0, height, step)):
+        band = values[start : start + step]
+        if reduce == "mean":
+            sums = np.add.reduceat(band.sum(axis=0, dtype=np.float64), starts)
+            out[row] = sums / (widths * band.shape[0])
+        else:
+            out[row] = np.logical_or.reduceat(band.any(axis=0), starts)
+    return out
+
+
+def _measure_coarsely(
+    lum: np.ndarray,
+    region: np.ndarray,
+    window: tuple[slice, slice],
+    fused_map: np.ndarray,
+    pixel_pitch_mm: float,
+    noise_k: float,
+) -> Region:
+    """A region too large to measure pixel by pixel (one spanning a panel: its float64 window
+    would be gigabytes), measured on blocks of ``step x step`` pixels with the pitch scaled
+    to match; its scores are read at full resolution."""
+    step = math.ceil(math.sqrt(region.size / MEASURE_PIXELS))
+    coarse = measure_region(
+        _coarse(lum[window], step, "mean"),
+        _coarse(region, step, "any"),
+        _coarse(fused_map[window], step, "mean"),
+        pixel_pitch_mm * step,
+        noise_k,
+    )
+    x0, y0, x1, y1 = coarse.bbox
+    top, left = window[0].start + y0 * step, window[1].start + x0 * step
+    bottom, right = (
+        min(window[0].stop, window[0].start + y1 * step),
+        min(window[1].stop, window[1].start + x1 * step),
+    )
+    mask = np.repeat(np.repeat(coarse.mask, step, axis=0), step, axis=1)
+    mask = mask[: bottom - top, : right - left]
+    area_px = int(np.count_nonzero(mask))
+    area_mm2 = area_px * pixel_pitch_mm**2
+    local_map = fused_map[window]
+    count = int(np.count_nonzero(region))
+    score = float(np.max(local_map, where=region, initial=-np.inf))
+    mean_score = float(np.sum(local_map, where=region, dtype=np.float64) / count)
+    region_semu = float(semu(coarse.contrast_pct, area_mm2))
+    features = {
+        **coarse.features,
+        "log_area": math.log1p(area_px),
+        "log_detection_area": math.log1p(count),
+        "log_semu": math.log(region_semu + 1e-4),
+        "score": score,
+        "mean_score": mean_score,
+        **_shape_features(coarse.mask, (-(-lum.shape[0] // step), -(-lum.shape[1] // step))),
+    }
+    return Region(
+        bbox=[int(left), int(top), int(right), int(bottom)],
+        area_px=area_px,
+        area_mm2=area_mm2,
+        contrast_pct=coarse.contrast_pct,
+        semu=region_semu,
+        score=score,
+        mean_score=mean_score,
+        features=features,
+        mask=mask,
+    )
+
+
 def find_regions(
     image: np.ndarray,
     fused_map: np.ndarray,
@@ -260,8 +347,17 @@ def find_regions(
     labels, count = ndimage.label(fused_map >= threshold)
     if count == 0:
         return []
-    peaks = ndimage.maximum(fused_map, labels, index=np.arange(1, count + 1))
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    # Peak and size of each component from its pixels, a band of rows at a time
+    # (ndimage.maximum sorts the whole map: seconds and gigabytes on a panel).
+    peaks = np.full(count + 1, -np.inf)
+    sizes = np.zeros(count + 1, np.int64)
+    for start in range(0, labels.shape[0], 256):
+        band = labels[start : start + 256]
+        where = np.flatnonzero(band)
+        ids = band.ravel()[where]
+        np.maximum.at(peaks, ids, fused_map[start : start + 256].ravel()[where])
+        sizes += np.bincount(ids, minlength=count + 1)
+    peaks, sizes = peaks[1:], sizes[1:]
     order = [i for i in np.argsort(-peaks) if sizes[i] >= min_area_px][:max_regions]
     boxes = ndimage.find_objects(labels)
     regions = []

@@ -98,3 +98,26 @@ def test_a_detection_given_as_a_crop_measures_as_the_full_mask():
     x0, y0, x1, y1 = whole.bbox
     assert whole.mask.shape == (y1 - y0, x1 - x0) and whole.mask.sum() == whole.area_px
     assert np.array_equal(whole.mask, crop.mask)
+
+
+def test_a_region_too_large_for_one_window_is_measured_on_a_coarser_grid(monkeypatch):
+    """A detection spanning a panel is measured on blocks (its float64 window would be
+    gigabytes): area and contrast as measured pixel by pixel, within a few percent."""
+    import grading.regions
+
+    panel = smooth_panel(600, 600)
+    rows, cols = np.mgrid[:600, :600]
+    disk = (rows - 300) ** 2 + (cols - 300) ** 2 <= 120**2
+    image = panel * np.where(disk, 0.95, 1.0)
+    detection = ndimage.binary_erosion(disk, iterations=10)
+    fused = disk.astype(np.float32) + 0.01
+    fine = measure_region(image, detection, fused, pixel_pitch_mm=0.1)
+    monkeypatch.setattr(grading.regions, "MEASURE_PIXELS", 200 * 200)
+    coarse = measure_region(image, detection, fused, pixel_pitch_mm=0.1)
+    assert abs(coarse.contrast_pct - fine.contrast_pct) < 0.2, (coarse.contrast_pct, fine)
+    assert abs(coarse.area_px / fine.area_px - 1) < 0.05, (coarse.area_px, fine.area_px)
+    assert abs(coarse.area_mm2 / fine.area_mm2 - 1) < 0.05
+    assert coarse.score == fine.score and abs(coarse.mean_score - fine.mean_score) < 1e-6
+    x0, y0, x1, y1 = coarse.bbox
+    assert coarse.mask.shape == (y1 - y0, x1 - x0) and coarse.mask.sum() == coarse.area_px
+    assert np.allclose(coarse.bbox, fine.bbox, atol=8)

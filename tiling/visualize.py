@@ -80,7 +80,8 @@ def save_heatmap_overlay(
         blended = (1 - alpha) * np.clip(picture[rows], 0, 1) + alpha * colormap(normalized)
         rgb[rows] = np.round(blended * 255).astype(np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG")
+    # Fast compression: a full panel's overlay at the default level takes tens of seconds.
+    Image.fromarray(rgb).save(buffer, format="PNG", compress_level=1)
     return atomic_write_bytes(path, buffer.getvalue())
 
 
