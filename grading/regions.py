@@ -294,12 +294,25 @@ def _measure_coarsely(
     )
     mask = np.repeat(np.repeat(coarse.mask, step, axis=0), step, axis=1)
     mask = mask[: bottom - top, : right - left]
-    area_px = int(np.count_nonzero(mask))
-    area_mm2 = area_px * pixel_pitch_mm**2
     local_map = fused_map[window]
     count = int(np.count_nonzero(region))
     score = float(np.max(local_map, where=region, initial=-np.inf))
     mean_score = float(np.sum(local_map, where=region, dtype=np.float64) / count)
+    # What the blocks found, if small (a particle on a panel-wide detection), is measured again
+    # pixel by pixel: its blocks, grown by one block, are the detection.
+    grown = ndimage.binary_dilation(np.pad(mask, step), iterations=step)
+    corner = (max(0, step - top), max(0, step - left))  # where the padding leaves the image
+    grown = grown[corner[0] : lum.shape[0] - top + step, corner[1] : lum.shape[1] - left + step]
+    if (grown.shape[0] + 6 * max(grown.shape)) ** 2 <= MEASURE_PIXELS:
+        origin = (top - step + corner[0], left - step + corner[1])
+        fine = measure_region(lum, grown, fused_map, pixel_pitch_mm, noise_k, origin=origin)
+        fine.score, fine.mean_score = score, mean_score
+        fine.features.update(
+            score=score, mean_score=mean_score, log_detection_area=math.log1p(count)
+        )
+        return fine
+    area_px = int(np.count_nonzero(mask))
+    area_mm2 = area_px * pixel_pitch_mm**2
     region_semu = float(semu(coarse.contrast_pct, area_mm2))
     features = {
         **coarse.features,

@@ -1,6 +1,7 @@
 """Region measurement: the background under a region, and the area and contrast measured."""
 
 import numpy as np
+import pytest
 from scipy import ndimage
 
 from grading.regions import _masked_blur, local_background, measure_region
@@ -121,3 +122,20 @@ def test_a_region_too_large_for_one_window_is_measured_on_a_coarser_grid(monkeyp
     x0, y0, x1, y1 = coarse.bbox
     assert coarse.mask.shape == (y1 - y0, x1 - x0) and coarse.mask.sum() == coarse.area_px
     assert np.allclose(coarse.bbox, fine.bbox, atol=8)
+
+
+def test_a_small_defect_in_a_panel_wide_detection_is_measured_pixel_by_pixel(monkeypatch):
+    """A map above threshold everywhere (a panel unlike the training ones) is one detection the
+    panel's size; the blocks find the particle in it, which is then measured at full resolution:
+    its area and contrast as if it had been detected alone."""
+    import grading.regions
+
+    monkeypatch.setattr(grading.regions, "MEASURE_PIXELS", 150 * 150)
+    panel = smooth_panel(600, 600)
+    image = panel.copy()
+    image[300:306, 200:206] *= 0.6  # a 6 x 6 px particle, 40 % dark
+    everything = np.ones(panel.shape, bool)
+    region = measure_region(image, everything, np.ones(panel.shape, np.float32), 0.1)
+    assert region.area_px == 36 and region.bbox == [200, 300, 206, 306], region
+    assert abs(region.contrast_pct - -40.0) < 1.0, region.contrast_pct
+    assert region.features["log_detection_area"] == pytest.approx(np.log1p(600 * 600))
