@@ -82,12 +82,12 @@ def test_ctrl_c_keeps_what_is_done_and_says_how_to_resume(
     original = Hybrid.predict
     seen = []
 
-    def predict_and_interrupt(self, image):
+    def predict_and_interrupt(self, image, *args, **kwargs):
         seen.append(1)
         if len(seen) == 2:
             for _ in range(signals):
                 os.kill(os.getpid(), signal.SIGINT)
-        return original(self, image)
+        return original(self, image, *args, **kwargs)
 
     monkeypatch.setattr(Hybrid, "predict", predict_and_interrupt)
     out = tmp_path / "out"
