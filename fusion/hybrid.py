@@ -147,7 +147,6 @@ class Hybrid:
         ``at_image_size=False`` the maps of a resizing hybrid stay at the members' resolution
         (``fuse_map`` brings them to the image's band by band: a panel's full-size member maps
         would be gigabytes)."""
-        height, width = image.shape[-2:]
         tiling = self.options["tiling"]
         if tiling:
             from tiling import infer_tiled
@@ -163,18 +162,44 @@ class Hybrid:
                 pad_mode=tiling.get("pad_mode"),
             )
             return np.atleast_1d(out["pred_score"]).astype(np.float64), out["anomaly_map"]
+        return self.member_outputs_batch([image], at_image_size)[0]
+
+    def member_outputs_batch(
+        self, images: Sequence[np.ndarray | torch.Tensor], at_image_size: bool = True
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``member_outputs`` of several images, those of one member input size in one batch
+        through the members (a shared backbone once per batch). Tiled hybrids run image by
+        image (each image's tiles are their batches)."""
+        if self.options["tiling"]:
+            return [self.member_outputs(_image_tensor(image), at_image_size) for image in images]
+        tensors = [_image_tensor(image) for image in images]
+        inputs = [self._member_input(tensor) for tensor in tensors]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for k, batch in enumerate(inputs):
+            groups.setdefault(tuple(batch.shape), []).append(k)
+        outputs: list = [None] * len(images)
+        for indices in groups.values():
+            batch = torch.cat([inputs[k] for k in indices]).to(self.member_set.device)
+            scores, maps = self.member_set(batch)
+            scores, maps = scores.cpu(), maps.float().cpu()
+            for row, k in enumerate(indices):
+                height, width = tensors[k].shape[-2:]
+                image_maps = maps[row : row + 1]
+                if at_image_size and image_maps.shape[-2:] != (height, width):
+                    image_maps = F.interpolate(image_maps, size=(height, width), mode="bilinear")
+                outputs[k] = (scores[row].double().numpy(), image_maps[0].double().numpy())
+        return outputs
+
+    def _member_input(self, image: torch.Tensor) -> torch.Tensor:
+        """``[1, C, h, w]``: the image at the members' input size (its own where none is set)."""
         size = size_pair(self.options["image_size"])
         batch = image[None]
-        if size is not None and (height, width) != size:
+        if size is not None and tuple(image.shape[-2:]) != size:
             # A grey image seen as three channels (stride 0) is resized once.
             source = batch[:, :1] if image.stride(0) == 0 else batch
             resized = F.interpolate(source, size=size, mode="bilinear", antialias=True)
             batch = resized.expand(-1, batch.shape[1], -1, -1)
-        scores, maps = self.member_set(batch.contiguous().to(self.member_set.device))
-        scores, maps = scores.cpu(), maps.float().cpu()
-        if at_image_size and maps.shape[-2:] != (height, width):
-            maps = F.interpolate(maps, size=(height, width), mode="bilinear")
-        return scores[0].double().numpy(), maps[0].double().numpy()
+        return batch.contiguous()
 
     # --- fusion -----------------------------------------------------------------------------
 

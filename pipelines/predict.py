@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             "predict.overlay_max_side must be a positive number or null, "
             f"got {opts['overlay_max_side']}"
         )
+    for key in ("batch_size", "batch_megapixels"):
+        if opts[key] <= 0:
+            raise ConfigError(f"predict.{key} must be positive, got {opts[key]}")
     if opts["read_ahead"] < 0:
         raise ConfigError(f"predict.read_ahead must be 0 or more, got {opts['read_ahead']}")
     if not opts["hybrid"]:
@@ -116,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                     save_maps=opts["save_maps"],
                     stop=stop,
                     read_ahead_images=opts["read_ahead"],
+                    batch_size=opts["batch_size"],
+                    batch_megapixels=opts["batch_megapixels"],
                 )
             except KeyboardInterrupt:  # the second Ctrl-C: the current image is dropped
                 counts, interrupted = None, True

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from artifacts.io import MANIFEST_NAME, fault_point, sha256_file
-from prediction.inputs import Skipped, read_ahead
+from prediction.inputs import InputImage, Skipped, read_ahead
 from prediction.results import ResultStream
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,8 @@ def predict_files(
     stop: StopRequest | None = None,
     progress: bool = True,
     read_ahead_images: int = 2,
+    batch_size: int = 4,
+    batch_megapixels: float = 16.0,
 ) -> PredictionCounts:
     """Predict ``files`` with ``hybrid`` and append each result to ``stream`` (``missing``: the
     paths given that were not image files, recorded as skipped).
@@ -84,6 +86,8 @@ def predict_files(
     ``done`` maps path -> SHA-256 of images finished by this hybrid (``hybrid_ref``) before:
     those are skipped. ``prepare`` turns the image as read into the members' input (the hybrid's
     intensity window). ``read_ahead_images``: how many files are read and decoded ahead.
+    Images go through the members ``batch_size`` at a time (fewer once a batch holds
+    ``batch_megapixels``); fusion, grading and files follow image by image.
     """
     from tqdm.auto import tqdm
 
@@ -104,6 +108,68 @@ def predict_files(
                 "error": entry.reason,
             }
         )
+
+    def record(item: InputImage, entry: dict[str, Any]) -> None:
+        if entry["status"] == "ok":
+            counts.predicted += 1
+            counts.defective += int(entry["label"])
+        else:
+            log.warning("skipped %s: %s", item.path, entry["error"])
+            counts.skipped += 1
+            counts.skipped_paths.append((str(item.path), entry["error"]))
+        stream.append(entry)
+        fault_point("predict_image_done")
+
+    def predict_batch(batch: list[InputImage]) -> None:
+        """The batch's member pass at once, then each image's fusion, grading and files; a
+        stop request ends it after the image in hand."""
+        prepared = {
+            k: prepare(item.image) for k, item in enumerate(batch) if item.image is not None
+        }
+        outputs = _member_outputs(hybrid, prepared)
+        for k, item in enumerate(batch):
+            entry: dict[str, Any] = {
+                "path": str(item.path),
+                "hybrid_id": hybrid_ref,
+                "sha256": item.sha256,
+            }
+            if item.skipped is not None:
+                entry.update(status="skipped", error=item.skipped)
+            elif isinstance(outputs[k], Exception):
+                entry.update(status="skipped", error=str(outputs[k]))
+            else:
+                try:
+                    quality = panel_quality(item.image)  # as read, before the members' window
+                    result = hybrid.predict(prepared[k], outputs[k], member_maps=False)
+                except (ValueError, RuntimeError) as exc:
+                    entry.update(status="skipped", error=str(exc))
+                else:
+                    entry.update(_result_entry(item.image, result, quality))
+                    entry.update(write_files(item, result))
+            record(item, entry)
+            if stop is not None and stop.requested:
+                return
+
+    def write_files(item: InputImage, result: Mapping[str, Any]) -> dict[str, str]:
+        files: dict[str, str] = {}
+        stem = f"{item.path.stem}-{item.sha256[:10]}"
+        fused = result["anomaly_map"]
+        if overlays:
+            files["overlay"] = str(
+                save_heatmap_overlay(
+                    item.image,
+                    fused,
+                    out / "overlays" / f"{stem}.png",
+                    max_preview_side=overlay_max_side or max(fused.shape),
+                    vmin=0.0,
+                    vmax=max(2 * threshold, float(fused.max())),
+                )
+            )
+        if save_maps:
+            files["map"] = str(save_anomaly_map(fused, out / "maps" / f"{stem}.npy"))
+        return files
+
+    batch: list[InputImage] = []
     inputs = read_ahead(files, done, read_ahead_images)
     for item in tqdm(inputs, total=len(files), desc="predict", unit="image", disable=not progress):
         if stop is not None and stop.requested:
@@ -111,45 +177,31 @@ def predict_files(
         if item.already_done:
             counts.already_done += 1
             continue
-        path = item.path
-        entry: dict[str, Any] = {"path": str(path), "hybrid_id": hybrid_ref, "sha256": item.sha256}
-        if item.skipped is not None:
-            entry.update(status="skipped", error=item.skipped)
-        else:
-            image = item.image
-            try:
-                quality = panel_quality(image)  # the panel as read, before the members' window
-                result = hybrid.predict(prepare(image), member_maps=False)
-            except (ValueError, RuntimeError) as exc:
-                entry.update(status="skipped", error=str(exc))
-            else:
-                entry.update(_result_entry(image, result, quality))
-                stem = f"{path.stem}-{item.sha256[:10]}"
-                if overlays:
-                    fused = result["anomaly_map"]
-                    entry["overlay"] = str(
-                        save_heatmap_overlay(
-                            image,
-                            fused,
-                            out / "overlays" / f"{stem}.png",
-                            max_preview_side=overlay_max_side or max(fused.shape),
-                            vmin=0.0,
-                            vmax=max(2 * threshold, float(fused.max())),
-                        )
-                    )
-                if save_maps:
-                    map_path = out / "maps" / f"{stem}.npy"
-                    entry["map"] = str(save_anomaly_map(result["anomaly_map"], map_path))
-        if entry["status"] == "ok":
-            counts.predicted += 1
-            counts.defective += int(entry["label"])
-        else:
-            log.warning("skipped %s: %s", path, entry["error"])
-            counts.skipped += 1
-            counts.skipped_paths.append((str(path), entry["error"]))
-        stream.append(entry)
-        fault_point("predict_image_done")
+        batch.append(item)
+        pixels = sum(i.image.shape[0] * i.image.shape[1] for i in batch if i.image is not None)
+        # A batch ends at batch_size images or batch_megapixels (a few panels fill it).
+        if len(batch) == batch_size or pixels >= batch_megapixels * 1e6:
+            predict_batch(batch)
+            batch = []
+    if batch and not (stop is not None and stop.requested):
+        predict_batch(batch)
     return counts
+
+
+def _member_outputs(hybrid: Any, images: Mapping[int, Any]) -> dict[int, Any]:
+    """Each image's member outputs, in one batched pass; where that fails, image by image, so
+    that one bad image is skipped with its own error and the others go on."""
+    try:
+        outputs = hybrid.member_outputs_batch(list(images.values()), at_image_size=False)
+        return dict(zip(images, outputs))
+    except (ValueError, RuntimeError):
+        found: dict[int, Any] = {}
+        for k, image in images.items():
+            try:
+                found[k] = hybrid.member_outputs_batch([image], at_image_size=False)[0]
+            except (ValueError, RuntimeError) as exc:
+                found[k] = exc
+        return found
 
 
 def _result_entry(image: Any, result: Mapping[str, Any], quality: Mapping[str, Any]) -> dict:

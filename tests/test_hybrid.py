@@ -192,6 +192,24 @@ def test_a_large_panel_is_fused_band_by_band_as_from_full_size_member_maps(run):
     assert full["regions"], "the panel's defect is found"
 
 
+def test_images_batched_through_the_members_get_the_maps_they_get_alone(run):
+    hybrid = Hybrid.load(run["out"] / "hybrid")
+    cache = next((run["root"] / "cache").iterdir()) / "panel" / "test"
+    images = [
+        np.asarray(Image.open(p), dtype=np.float32) / 65535.0
+        for p in sorted(cache.rglob("*.png"))[:3]
+    ]
+    images.append(np.kron(images[0], np.ones((2, 2), np.float32)))  # another size, its own group
+    together = hybrid.member_outputs_batch(images)
+    for image, (scores, maps) in zip(images, together):
+        alone_scores, alone_maps = hybrid.member_outputs(
+            torch.from_numpy(image)[None].expand(3, -1, -1)
+        )
+        np.testing.assert_allclose(scores, alone_scores, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(maps, alone_maps, rtol=1e-4, atol=1e-5)
+        assert maps.shape[-2:] == image.shape
+
+
 def test_a_tampered_hybrid_folder_is_refused(run, tmp_path):
     original = run["out"] / "hybrid"
     first, second = Hybrid.load(original), Hybrid.load(original)

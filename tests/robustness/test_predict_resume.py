@@ -164,3 +164,19 @@ def test_predict_on_a_device_that_is_absent_runs_on_the_cpu_and_says_so(
     assert call(predict.main, argv, capsys)[0] == 0
     assert "no CUDA device is available" in (out / "log.txt").read_text()
     assert json.loads((out / "predictions.json").read_text())["images"][0]["status"] == "ok"
+
+
+def test_batches_through_the_members_give_the_results_of_one_image_at_a_time(
+    tiny_run, panels, tmp_path, capsys
+):
+    results = {}
+    for size in (1, 4):
+        out = tmp_path / f"batch{size}"
+        argv = ["--hybrid", tiny_run["hybrid"], "--out", out, *panels]
+        argv += ["--set", f"predict.batch_size={size}"]
+        assert call(predict.main, argv, capsys)[0] == 0
+        results[size] = json.loads((out / "predictions.json").read_text())["images"]
+    for one, batched in zip(results[1], results[4]):
+        assert one["path"] == batched["path"] and one["level"] == batched["level"]
+        assert batched["score"] == pytest.approx(one["score"], rel=1e-5, abs=1e-6)
+        assert [r["bbox"] for r in batched["regions"]] == [r["bbox"] for r in one["regions"]]
