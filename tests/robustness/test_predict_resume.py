@@ -183,3 +183,15 @@ def test_batches_through_the_members_give_the_results_of_one_image_at_a_time(
         # turns into up to ~5e-4 of fused score.
         assert batched["score"] == pytest.approx(one["score"], abs=2e-3)
         assert [r["bbox"] for r in batched["regions"]] == [r["bbox"] for r in one["regions"]]
+
+
+def test_the_throughput_measurement_reports_each_figure_per_batch_size(tiny_run, panels):
+    from data.images import read_image
+    from prediction.throughput import measure_throughput
+
+    hybrid = Hybrid.load(tiny_run["hybrid"])
+    figures = measure_throughput(hybrid, [read_image(p) for p in panels[:3]], (1, 2))
+    shared = len(hybrid.member_set.extractors) > 0
+    expected = {"member_pass", "hybrid"} | ({"backbone_ceiling"} if shared else set())
+    assert set(figures) == {f"{name}_batch{b}" for name in expected for b in (1, 2)}
+    assert all(rate > 0 for rate in figures.values())

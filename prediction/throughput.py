@@ -1,0 +1,90 @@
+"""How fast a hybrid predicts, beside its ceiling: images/s of the members' shared backbone
+forward alone, of the members' pass, and of the whole hybrid (members, fusion, regions,
+grading; no files written), on the same images, one image at a time and in batches.
+
+    python -m prediction.throughput --hybrid DIR FOLDER [--batch-sizes 1,4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _images_per_second(run: Callable[[Sequence[Any]], None], images: Sequence[Any]) -> float:
+    run(images[:2])  # warm-up: first calls allocate
+    best = 0.0
+    for _ in range(2):
+        started = time.perf_counter()
+        run(images)
+        best = max(best, len(images) / (time.perf_counter() - started))
+    return best
+
+
+def measure_throughput(
+    hybrid: Any, images: Sequence[np.ndarray], batch_sizes: Sequence[int] = (1, 4)
+) -> dict[str, float]:
+    """``{"<what>_batch<b>": images/s}``, best of two passes each: the ceiling (the shared
+    backbones' forward on the members' inputs; only where members share a backbone), the
+    members' pass and the whole hybrid."""
+    from fusion.hybrid import _image_tensor
+
+    member_set = hybrid.member_set
+
+    def batches(items: Sequence[Any], size: int):
+        return (items[k : k + size] for k in range(0, len(items), size))
+
+    figures: dict[str, float] = {}
+    for size in batch_sizes:
+
+        def ceiling(items: Sequence[Any], size: int = size) -> None:
+            with torch.no_grad():
+                for chunk in batches(items, size):
+                    x = torch.cat([hybrid._member_input(_image_tensor(i)) for i in chunk])
+                    for extractor in member_set.extractors:
+                        extractor(x.to(member_set.device))
+
+        def members(items: Sequence[Any], size: int = size) -> None:
+            for chunk in batches(items, size):
+                hybrid.member_outputs_batch(chunk, at_image_size=False)
+
+        def whole(items: Sequence[Any], size: int = size) -> None:
+            for chunk in batches(items, size):
+                outputs = hybrid.member_outputs_batch(chunk, at_image_size=False)
+                for image, output in zip(chunk, outputs):
+                    hybrid.predict(image, output, member_maps=False)
+
+        if len(member_set.extractors):
+            figures[f"backbone_ceiling_batch{size}"] = _images_per_second(ceiling, images)
+        figures[f"member_pass_batch{size}"] = _images_per_second(members, images)
+        figures[f"hybrid_batch{size}"] = _images_per_second(whole, images)
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fusion.hybrid import Hybrid
+    from prediction.inputs import expand_inputs, read_input
+
+    parser = argparse.ArgumentParser(prog="python -m prediction.throughput", description=__doc__)
+    parser.add_argument("--hybrid", required=True)
+    parser.add_argument("--batch-sizes", default="1,4")
+    parser.add_argument("paths", nargs="+")
+    args = parser.parse_args(argv)
+    files, _ = expand_inputs(args.paths)
+    images = [image for image in map(read_input, files) if isinstance(image, np.ndarray)]
+    hybrid = Hybrid.load(Path(args.hybrid))
+    sizes = [int(s) for s in args.batch_sizes.split(",")]
+    figures = measure_throughput(hybrid, images, sizes)
+    print(json.dumps({"images": len(images), **{k: round(v, 2) for k, v in figures.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
