@@ -63,12 +63,8 @@ def overrides_from_flags(args: argparse.Namespace) -> list[Flag]:
 def main(argv: list[str] | None = None) -> int:
     from data.sources import make_dataset
     from data.validation import injected_validation_samples
-    from evaluation import (
-        cross_validate_hybrid,
-        evaluate_hybrid,
-        evaluate_on_unseen_panels,
-        shared_work_cost,
-    )
+    from evaluation import evaluate_on_unseen_panels, shared_work_cost
+    from evaluation.protocol import fit_and_evaluate_hybrid
     from experiments.selection import select_members
     from fusion.build import build_hybrid
     from fusion.hybrid import Hybrid
@@ -134,39 +130,15 @@ def main(argv: list[str] | None = None) -> int:
             seed=cfg["seed"],
         )
 
-    defective = sum(entry.label for entry in test_set.entries)
-    if opts["labeled_defects"] == "cross_validate" or (
-        opts["labeled_defects"] == "auto" and min(defective, len(test_set) - defective) >= 2
-    ):
-        log.info("labeled test defects: %d-fold cross-validation", opts["folds"])
-        evaluation, hybrid = cross_validate_hybrid(
-            make_hybrid, samples, test_set, opts["folds"], cfg["seed"], progress=True
-        )
-        fitted_on = (
-            f"val ({len(val_set)} held-out normal images, {len(samples) - len(val_set)} injected "
-            f"copies) and the test split's labeled defects of the other folds"
-        )
-        scored_on = f"test, out of fold ({evaluation['cross_validation']['folds']} folds)"
-        note = (
-            f"fusion, thresholds, grader and type classifier are fitted on held-out normal "
-            f"images, injected synthetic defects and the test split's labeled defects; every "
-            f"test image is scored by a hybrid fitted without its fold "
-            f"({evaluation['cross_validation']['folds']}-fold cross-validation), and the saved "
-            f"hybrid is fitted on all of them"
-        )
-    else:
-        hybrid = make_hybrid().fit(samples, progress=True)
-        evaluation = evaluate_hybrid(hybrid, test_set, progress=True)
-        fitted_on = (
-            f"val ({len(val_set)} held-out normal images, {len(samples) - len(val_set)} injected "
-            "copies)"
-        )
-        scored_on = "test"
-        note = (
-            "fusion, thresholds, grader and type classifier are fitted on held-out normal "
-            "images and injected synthetic defects only; the test split is used for "
-            "evaluation alone"
-        )
+    hybrid, evaluation, provenance = fit_and_evaluate_hybrid(
+        make_hybrid,
+        samples,
+        len(val_set),
+        test_set,
+        opts["labeled_defects"],
+        opts["folds"],
+        cfg["seed"],
+    )
     hybrid.save(out_dir / "hybrid")
     log.info("hybrid written to %s", out_dir / "hybrid")
     unseen = evaluate_on_unseen_panels(
@@ -204,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         "splits": {
             "member_calibration": "calibration",
             "selection": "val",
-            "fusion_and_grading_fit": fitted_on,
-            "metrics": scored_on,
-            "grading": scored_on,
+            "fusion_and_grading_fit": provenance["fitted_on"],
+            "metrics": provenance["scored_on"],
+            "grading": provenance["scored_on"],
         },
         "validation": hybrid.validation_,
         "grader": hybrid.grader_report_,
@@ -217,12 +189,12 @@ def main(argv: list[str] | None = None) -> int:
             "operating_point": cfg["grading"]["operating_point"],
             "false_alarm_rate_budget": cfg["grading"]["false_alarm_rate"],
             **evaluation["operating_point"],
-            "split": scored_on,
+            "split": provenance["scored_on"],
         },
         "cost": cost,
         "cross_validation": evaluation.get("cross_validation"),
         "unseen_panels": unseen,
-        "notes": [note],
+        "notes": [provenance["note"]],
     }
     atomic_write_json(out_dir / "results.json", results)
     atomic_write_csv(out_dir / "scores.csv", evaluation["records"])

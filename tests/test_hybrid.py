@@ -275,3 +275,16 @@ def test_real_labeled_defects_train_the_hybrid_under_cross_validation(tmp_path):
     assert grading["n"] >= 12 and grading["n_with_level"] == 0
     assert grading["type_macro_f1"] >= 0.7, grading  # out of fold; chance is about 0.5
     assert results["metrics"]["hybrid"]["image_auroc"] >= 0.8
+
+
+def test_an_ensemble_fitted_on_injected_defects_only_scores_the_whole_test_split(run):
+    """``ensemble.labeled_defects=never``: the hybrid never sees a test image before scoring
+    it, and results.json says so."""
+    args = ["--from", str(run["run"]), "--top-k", "2", "--name", "never"]
+    sets = ["--set", "ensemble.labeled_defects=never", "--set", "ensemble.unseen_panels=0"]
+    assert ensemble.main([*args, *sets]) == 0
+    results = json.loads((run["run"] / "never" / "results.json").read_text())
+    assert results["splits"]["metrics"] == "test" and results["cross_validation"] is None
+    assert "injected" in results["splits"]["fusion_and_grading_fit"]
+    assert "evaluation alone" in results["notes"][0]
+    assert results["metrics"]["hybrid"]["image_auroc"] > 0.8

@@ -1,0 +1,68 @@
+"""The ensemble's evaluation protocol: how the hybrid is fitted and scored so that no test image
+is scored by a hybrid fitted on it, and where each figure comes from."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from evaluation.scoring import cross_validate_hybrid, evaluate_hybrid
+
+log = logging.getLogger(__name__)
+
+
+def fit_and_evaluate_hybrid(
+    make_hybrid: Callable[[], Any],
+    samples: Sequence[dict[str, Any]],
+    n_val_images: int,
+    test_set: Any,
+    labeled_defects: str,
+    folds: int,
+    seed: int,
+) -> tuple[Any, dict[str, Any], dict[str, str]]:
+    """The saved hybrid, its evaluation on ``test_set`` and the provenance of the figures
+    (``fitted_on``, ``scored_on``, ``note``).
+
+    ``samples``: the held-out normal images (the first ``n_val_images``) and their injected
+    copies. The test split's labeled defects also train fusion, thresholds and the type
+    classifier under k-fold cross-validation where ``labeled_defects`` is ``cross_validate``,
+    or ``auto`` with at least two defective and two normal test images; otherwise the hybrid is
+    fitted on ``samples`` alone and the test split only scores it.
+    """
+    defective = sum(entry.label for entry in test_set.entries)
+    injected = f"{len(samples) - n_val_images} injected copies"
+    if labeled_defects == "cross_validate" or (
+        labeled_defects == "auto" and min(defective, len(test_set) - defective) >= 2
+    ):
+        log.info("labeled test defects: %d-fold cross-validation", folds)
+        evaluation, hybrid = cross_validate_hybrid(
+            make_hybrid, samples, test_set, folds, seed, progress=True
+        )
+        done = evaluation["cross_validation"]["folds"]
+        return (
+            hybrid,
+            evaluation,
+            {
+                "fitted_on": f"val ({n_val_images} held-out normal images, {injected}) and the "
+                "test split's labeled defects of the other folds",
+                "scored_on": f"test, out of fold ({done} folds)",
+                "note": "fusion, thresholds, grader and type classifier are fitted on held-out "
+                "normal images, injected synthetic defects and the test split's labeled "
+                "defects; every test image is scored by a hybrid fitted without its fold "
+                f"({done}-fold cross-validation), and the saved hybrid is fitted on all of them",
+            },
+        )
+    hybrid = make_hybrid().fit(samples, progress=True)
+    evaluation = evaluate_hybrid(hybrid, test_set, progress=True)
+    return (
+        hybrid,
+        evaluation,
+        {
+            "fitted_on": f"val ({n_val_images} held-out normal images, {injected})",
+            "scored_on": "test",
+            "note": "fusion, thresholds, grader and type classifier are fitted on held-out normal "
+            "images and injected synthetic defects only; the test split is used for evaluation "
+            "alone",
+        },
+    )
