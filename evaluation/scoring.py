@@ -318,12 +318,11 @@ def shared_work_cost(hybrid, images: list[torch.Tensor]) -> dict[str, float]:
     per batch; with tiling, every tile batch goes through all members) against the sum of each
     member run on its own, on the same images."""
     from members.member_set import MemberSet
-    from tiling import infer_tiled
+    from tiling import infer_tiled, infer_tiled_options
 
     tiling, size = hybrid.options["tiling"], size_pair(hybrid.options["image_size"])
     if tiling:
-        options = {k: tiling[k] for k in ("tile_size", "stride", "batch_size", "reduction")}
-        options["pad_mode"] = tiling.get("pad_mode")
+        options = infer_tiled_options(tiling)
 
         def run(member_set: MemberSet, count: int) -> None:
             for image in images[:count]:

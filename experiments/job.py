@@ -27,20 +27,14 @@ log = logging.getLogger(__name__)
 
 def tiled_predictor(member, tiling: Mapping[str, Any]):
     """A predict function running ``member`` tile by tile over full-resolution images."""
-    from tiling import infer_tiled
+    from tiling import infer_tiled, infer_tiled_options
+
+    options = infer_tiled_options(tiling)
 
     def predict(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         scores, maps = [], []
         for image in batch["image"]:
-            out = infer_tiled(
-                member,
-                image,
-                tile_size=tiling["tile_size"],
-                stride=tiling["stride"],
-                batch_size=tiling["batch_size"],
-                reduction=tiling["reduction"],
-                pad_mode=tiling["pad_mode"],
-            )
+            out = infer_tiled(member, image, **options)
             maps.append(torch.as_tensor(out["anomaly_map"]).reshape(1, *image.shape[-2:]))
             scores.append(float(out["pred_score"]))
         return torch.tensor(scores), torch.stack(maps)

@@ -139,6 +139,7 @@ def measure_panel(
     stride: int,
     batch_size: int,
     reduction: str,
+    pad_mode: str | None = None,
 ) -> dict[str, Any]:
     """Run a saved member tile by tile over ``panel_dir``'s image (memory-mapped) and measure
     wall time, seconds per megapixel and peak RSS against ``estimate_memory``'s prediction."""
@@ -155,7 +156,7 @@ def measure_panel(
     estimate = estimate_memory(member, (1, height, width), tile_size, stride, batch_size)
     rss_before = current_rss_bytes()
     start = time.perf_counter()
-    out = infer_tiled(member, image, tile_size, stride, batch_size, reduction)
+    out = infer_tiled(member, image, tile_size, stride, batch_size, reduction, pad_mode=pad_mode)
     seconds = time.perf_counter() - start
     peak = peak_rss_bytes()
     mask = np.load(panel_dir / "mask.npy", mmap_mode="r")
@@ -164,7 +165,7 @@ def measure_panel(
         "height": height,
         "width": width,
         "megapixels": round(megapixels, 2),
-        "tiles": len(TileGrid(height, width, tile_size, stride)),
+        "tiles": len(TileGrid(height, width, tile_size, stride, pad_mode)),
         "seconds": round(seconds, 1),
         "s_per_mp": round(seconds / megapixels, 2),
         "rss_before_mb": round(rss_before / 2**20),

@@ -149,18 +149,10 @@ class Hybrid:
         would be gigabytes)."""
         tiling = self.options["tiling"]
         if tiling:
-            from tiling import infer_tiled
+            from tiling import infer_tiled, infer_tiled_options
 
             # Every member sees each tile batch; shared backbones run once per batch.
-            out = infer_tiled(
-                self.member_set,
-                image,
-                tile_size=tiling["tile_size"],
-                stride=tiling["stride"],
-                batch_size=tiling["batch_size"],
-                reduction=tiling["reduction"],
-                pad_mode=tiling.get("pad_mode"),
-            )
+            out = infer_tiled(self.member_set, image, **infer_tiled_options(tiling))
             return np.atleast_1d(out["pred_score"]).astype(np.float64), out["anomaly_map"]
         return self.member_outputs_batch([image], at_image_size)[0]
 

@@ -31,6 +31,7 @@ from experiments.tiling_measurements import (
     write_panel,
 )
 from pipelines.common import main_guard, setup_logging
+from tiling import infer_tiled_options
 
 log = logging.getLogger("pipelines.tiling_benchmark")
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log.info("fitting %s on %d-px tiles", bench["member"], tiling["tile_size"])
     member_dir = fit_member_on_tiles(cfg, run_dir / "member")
-    options = {k: tiling[k] for k in ("tile_size", "stride", "batch_size", "reduction")}
+    options = infer_tiled_options(tiling)
     rows = []
     for height, width in bench["sizes"]:
         panel_dir = run_dir / "panels" / f"{height}x{width}"

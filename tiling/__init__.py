@@ -3,7 +3,7 @@ data and heatmap overlays at original resolution."""
 
 from tiling.dataset import TiledDataset, evaluate_tiled
 from tiling.grid import REDUCTIONS, MapAccumulator, TileGrid, tile, untile, window
-from tiling.inference import estimate_memory, infer_tiled
+from tiling.inference import estimate_memory, infer_tiled, infer_tiled_options
 from tiling.visualize import colormap, save_anomaly_map, save_heatmap_overlay
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "estimate_memory",
     "evaluate_tiled",
     "infer_tiled",
+    "infer_tiled_options",
     "save_anomaly_map",
     "save_heatmap_overlay",
     "tile",

@@ -19,7 +19,7 @@ mode per channel, a sequence, and gets one score per channel.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -178,6 +178,14 @@ def infer_tiled(
     image_scores = _image_scores(member, merged, modes, tile_scores)
     score = float(image_scores) if image_scores.numel() == 1 else image_scores.numpy()
     return {"anomaly_map": merged, "pred_score": score}
+
+
+def infer_tiled_options(section: Mapping[str, Any]) -> dict[str, Any]:
+    """``infer_tiled``'s keywords (``tile_size``, ``stride``, ``batch_size``, ``reduction``,
+    ``pad_mode``) from a ``tiling`` configuration section; a section without ``pad_mode`` pads
+    nothing."""
+    options = {k: section[k] for k in ("tile_size", "stride", "batch_size", "reduction")}
+    return {**options, "pad_mode": section.get("pad_mode")}
 
 
 def estimate_memory(
