@@ -23,8 +23,10 @@ from artifacts.io import atomic_write_csv
 from metrics.composite import composite
 from reporting.columns import (
     COST_COLUMNS,
+    JOB_COLUMNS,
     METRIC_COLUMNS,
     RECONSTRUCTION_COLUMNS,
+    VARIANT_COLUMNS,
     finite,
     variant_name,
 )
@@ -103,23 +105,7 @@ def leaderboard(results: Iterable[dict[str, Any]]) -> dict[str, Any]:
 
 def write_leaderboard_csv(board: dict[str, Any], path: Path) -> Path:
     """The leaderboard's job rows as CSV, best variant first (missing figures empty)."""
-    columns = [
-        "overall_rank",
-        "variant",
-        "dataset",
-        "category",
-        "status",
-        "composite",
-        "val_composite",
-        *METRIC_COLUMNS,
-        *COST_COLUMNS,
-        *RECONSTRUCTION_COLUMNS,
-        "member",
-        "backbone",
-        "image_size",
-        "tiling",
-        "error",
-    ]
+    columns = [*JOB_COLUMNS, *VARIANT_COLUMNS, "error"]
     rows = [{k: _csv_value(row.get(k)) for k in columns} for row in board["rows"]]
     return atomic_write_csv(path, rows, columns)
 

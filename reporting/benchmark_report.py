@@ -11,7 +11,7 @@ from typing import Any
 
 from artifacts.io import atomic_write_text
 from reporting.charts import bar_chart, histogram, line_chart, pr_points, roc_points
-from reporting.columns import COST_COLUMNS, METRIC_COLUMNS, RECONSTRUCTION_COLUMNS, variant_name
+from reporting.columns import JOB_COLUMNS, variant_name
 from reporting.page import html_page, html_table, html_value
 
 
@@ -52,27 +52,12 @@ def write_html_report(
         sections.append(html_table(table, ["rank", "variant", "score"]))
     sections.append("<h2>All jobs</h2>")
     sections.append(
-        "<p>psnr_db, ssim, lpips: reconstruction members only, input against reconstruction on "
-        "the test split (PSNR in dB; LPIPS empty where its backbone file is absent).</p>"
+        "<p>val_composite: the composite on the validation split, on which the ensemble "
+        "chooses members. psnr_db, ssim, lpips: reconstruction members only, input against "
+        "reconstruction on the test split (PSNR in dB; LPIPS empty where its backbone file is "
+        "absent).</p>"
     )
-    sections.append(
-        html_table(
-            board["rows"],
-            [
-                "overall_rank",
-                "variant",
-                "dataset",
-                "category",
-                "status",
-                "composite",
-                *METRIC_COLUMNS,
-                *COST_COLUMNS,
-                *RECONSTRUCTION_COLUMNS,
-                "error",
-            ],
-            "jobs",
-        )
-    )
+    sections.append(html_table(board["rows"], [*JOB_COLUMNS, "error"], "jobs"))
 
     ok = [r for r in results if r.get("status") == "ok"]
     for dataset_category in sorted({(r["dataset"], r["category"]) for r in ok}):

@@ -19,6 +19,22 @@ COST_COLUMNS = (
 )
 # Reconstruction members' figures on the test split (``reconstruction_quality`` of a job).
 RECONSTRUCTION_COLUMNS = ("psnr_db", "ssim", "lpips")
+# A job's row in leaderboard.csv and in the report's job table: the test composite beside the
+# validation one (the ensemble chooses members on it), then its figures.
+JOB_COLUMNS = (
+    "overall_rank",
+    "variant",
+    "dataset",
+    "category",
+    "status",
+    "composite",
+    "val_composite",
+    *METRIC_COLUMNS,
+    *COST_COLUMNS,
+    *RECONSTRUCTION_COLUMNS,
+)
+# The parts of a variant's name, in columns of their own in leaderboard.csv (to filter on).
+VARIANT_COLUMNS = ("member", "backbone", "image_size", "tiling")
 
 
 def finite(value: Any) -> bool:
