@@ -79,15 +79,23 @@ def _window(bbox: tuple[int, int, int, int], margin: int, shape: tuple[int, int]
     )
 
 
-def _block_means(values: np.ndarray, step: int) -> np.ndarray:
-    """Means over ``step x step`` blocks (edge blocks over the pixels they hold)."""
+def _coarse(values: np.ndarray, step: int, reduce: str) -> np.ndarray:
+    """``values [H, W]`` reduced over ``step x step`` blocks (``"mean"`` or ``"any"``; edge
+    blocks over the pixels they hold), a band of rows at a time (bounded memory)."""
+    if step == 1:  # small regions' backgrounds: no blocks to reduce, and no loop over rows
+        return values.astype(np.float64 if reduce == "mean" else bool)
     height, width = values.shape
-    rows, cols = -(-height // step), -(-width // step)
-    padded = np.zeros((rows * step, cols * step))
-    counts = np.zeros_like(padded)
-    padded[:height, :width], counts[:height, :width] = values, 1.0
-    sums = padded.reshape(rows, step, cols, step).sum(axis=(1, 3))
-    return sums / counts.reshape(rows, step, cols, step).sum(axis=(1, 3))
+    starts = np.arange(0, width, step)
+    widths = np.diff(np.append(starts, width))
+    out = np.empty((-(-height // step), len(starts)), np.float64 if reduce == "mean" else bool)
+    for row, start in enumerate(range(0, height, step)):
+        band = values[start : start + step]
+        if reduce == "mean":
+            sums = np.add.reduceat(band.sum(axis=0, dtype=np.float64), starts)
+            out[row] = sums / (widths * band.shape[0])
+        else:
+            out[row] = np.logical_or.reduceat(band.any(axis=0), starts)
+    return out
 
 
 def _masked_blur(values: np.ndarray, weights: np.ndarray, sigma: float) -> np.ndarray:
@@ -97,8 +105,8 @@ def _masked_blur(values: np.ndarray, weights: np.ndarray, sigma: float) -> np.nd
     step = max(1, int(sigma // 8))
     shape = values.shape
     if step > 1:
-        values = _block_means(values, step)
-        weights = _block_means(weights, step)
+        values = _coarse(values, step, "mean")
+        weights = _coarse(weights, step, "mean")
         sigma = sigma / step
     numerator = ndimage.gaussian_filter(values * weights, sigma, mode="nearest")
     denominator = ndimage.gaussian_filter(weights, sigma, mode="nearest")
@@ -116,7 +124,7 @@ def _quadratic_trend(values: np.ndarray, weights: np.ndarray, sigma: float) -> n
     """The least-squares quadratic surface through ``values`` where ``weights`` is 1, over the
     whole array (fitted on ``sigma // 8`` blocks, like ``_masked_blur``)."""
     step = max(1, int(sigma // 8))
-    coarse_values, coarse_weights = _block_means(values, step), _block_means(weights, step)
+    coarse_values, coarse_weights = _coarse(values, step, "mean"), _coarse(weights, step, "mean")
     height, width = values.shape
     scale = max(height, width) / 2.0
 
@@ -248,23 +256,6 @@ def measure_region(
         features=features,
         mask=extent[inside],
     )
-
-
-def _coarse(values: np.ndarray, step: int, reduce: str) -> np.ndarray:
-    """``values [H, W]`` reduced over ``step x step`` blocks (``"mean"`` or ``"any"``; edge
-    blocks over the pixels they hold), a band of rows at a time (bounded memory)."""
-    height, width = values.shape
-    starts = np.arange(0, width, step)
-    widths = np.diff(np.append(starts, width))
-    out = np.empty((-(-height // step), len(starts)), np.float64 if reduce == "mean" else bool)
-    for row, start in enumerate(range(0, height, step)):
-        band = values[start : start + step]
-        if reduce == "mean":
-            sums = np.add.reduceat(band.sum(axis=0, dtype=np.float64), starts)
-            out[row] = sums / (widths * band.shape[0])
-        else:
-            out[row] = np.logical_or.reduceat(band.any(axis=0), starts)
-    return out
 
 
 def _measure_coarsely(
