@@ -20,6 +20,7 @@ def fit_and_evaluate_hybrid(
     labeled_defects: str,
     folds: int,
     seed: int,
+    batch_size: int = 4,
 ) -> tuple[Any, dict[str, Any], dict[str, str]]:
     """The saved hybrid, its evaluation on ``test_set`` and the provenance of the figures
     (``fitted_on``, ``scored_on``, ``note``).
@@ -28,7 +29,8 @@ def fit_and_evaluate_hybrid(
     copies. The test split's labeled defects also train fusion, thresholds and the type
     classifier under k-fold cross-validation where ``labeled_defects`` is ``cross_validate``,
     or ``auto`` with at least two defective and two normal test images; otherwise the hybrid is
-    fitted on ``samples`` alone and the test split only scores it.
+    fitted on ``samples`` alone and the test split only scores it. ``batch_size``: images per
+    batch through the members.
     """
     defective = sum(entry.label for entry in test_set.entries)
     injected = f"{len(samples) - n_val_images} injected copies"
@@ -37,7 +39,7 @@ def fit_and_evaluate_hybrid(
     ):
         log.info("labeled test defects: %d-fold cross-validation", folds)
         evaluation, hybrid = cross_validate_hybrid(
-            make_hybrid, samples, test_set, folds, seed, progress=True
+            make_hybrid, samples, test_set, folds, seed, progress=True, batch_size=batch_size
         )
         done = evaluation["cross_validation"]["folds"]
         return (

@@ -260,6 +260,7 @@ def cross_validate_hybrid(
     folds: int = 5,
     seed: int = 0,
     progress: bool = False,
+    batch_size: int = 4,
 ) -> tuple[dict[str, Any], Any]:
     """Fit on the dataset's own labeled defects without ever scoring an image with a hybrid
     that saw it.
@@ -268,6 +269,7 @@ def cross_validate_hybrid(
     hybrid fitted on ``validation`` (held-out normals and injected defects) plus the other
     folds' images (real defects with their masks and type names); the metrics pool these
     out-of-fold answers. Member outputs are computed once per image and reused by every fold.
+    ``batch_size``: images per batch through the members.
     Returns ``(evaluation, hybrid)``: ``evaluate_hybrid``'s result with a ``cross_validation``
     entry, and the hybrid to keep, fitted on ``validation`` and the whole split.
     """
@@ -276,15 +278,16 @@ def cross_validate_hybrid(
 
     probe = make_hybrid()
     started = time.perf_counter()
-    outputs, labeled = [], []
-    for index in tqdm(range(len(dataset)), desc="test members", disable=not progress):
-        sample = dataset[index]
-        outputs.append(probe.member_outputs(to_tensor(sample["image"])))
-        labeled.append({**labeled_defect_sample(sample), "member_outputs": outputs[-1]})
+    samples = [labeled_defect_sample(dataset[index]) for index in range(len(dataset))]
+    outputs = probe.member_outputs_many(
+        (to_tensor(s["image"]) for s in samples), batch_size, progress, "test members"
+    )
+    labeled = [{**s, "member_outputs": out} for s, out in zip(samples, outputs)]
     member_seconds = time.perf_counter() - started
-    validation = [
-        {**s, "member_outputs": probe.member_outputs(to_tensor(s["image"]))} for s in validation
-    ]
+    validation_outputs = probe.member_outputs_many(
+        (to_tensor(s["image"]) for s in validation), batch_size, progress, "validation members"
+    )
+    validation = [{**s, "member_outputs": out} for s, out in zip(validation, validation_outputs)]
     labels = np.array([s["label"] for s in labeled])
     k = min(folds, int(labels.sum()), int((labels == 0).sum()))
     if k < 2:

@@ -182,6 +182,26 @@ class Hybrid:
                 outputs[k] = (scores[row].double().numpy(), image_maps[0].double().numpy())
         return outputs
 
+    def member_outputs_many(
+        self,
+        images: Iterable[np.ndarray | torch.Tensor],
+        batch_size: int = 4,
+        progress: bool = False,
+        desc: str = "members",
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``member_outputs`` of many images (at their own size), ``batch_size`` at a time
+        through ``member_outputs_batch``, with a progress bar when ``progress``."""
+        from tqdm.auto import tqdm
+
+        images = list(images)
+        outputs: list[tuple[np.ndarray, np.ndarray]] = []
+        with tqdm(total=len(images), desc=desc, disable=not progress) as bar:
+            for start in range(0, len(images), max(1, batch_size)):
+                chunk = images[start : start + max(1, batch_size)]
+                outputs += self.member_outputs_batch(chunk)
+                bar.update(len(chunk))
+        return outputs
+
     def _member_input(self, image: torch.Tensor) -> torch.Tensor:
         """``[1, C, h, w]``: the image at the members' input size (its own where none is set)."""
         size = size_pair(self.options["image_size"])
@@ -225,14 +245,22 @@ class Hybrid:
         ``[H, W, C]`` float array or ``[C, H, W]`` tensor), ``mask`` ``[H, W]`` (or None for a
         normal image), ``label``, and for defective images ``instances`` (``[H, W]`` ids) and
         ``defects`` (truth dicts with ``id``, ``type``, ``level``)."""
-        from tqdm.auto import tqdm
 
         opts = self.options
         rng = np.random.default_rng(opts["seed"])
+        samples = list(samples)
+        missing = [s for s in samples if s.get("member_outputs") is None]
+        computed = iter(
+            self.member_outputs_many(
+                (to_tensor(s["image"]) for s in missing), progress=progress, desc="validation"
+            )
+        )
         cache = []
-        for sample in tqdm(list(samples), desc="validation", disable=not progress):
+        for sample in samples:
             image = to_tensor(sample["image"])
-            scores, maps = sample.get("member_outputs") or self.member_outputs(image)
+            scores, maps = (
+                next(computed) if sample.get("member_outputs") is None else sample["member_outputs"]
+            )
             mask = sample.get("mask")
             mask = np.zeros(maps.shape[1:], bool) if mask is None else np.asarray(mask, bool)
             cache.append((sample, image, scores, maps, mask.reshape(maps.shape[1:])))

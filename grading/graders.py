@@ -113,12 +113,11 @@ class ThresholdCalibrator(BaseEstimator):
     def _region_threshold(
         self, maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]
     ) -> tuple[float, float]:
-        images = []
-        peaks = []
+        images, peaks = [], []
         for anomaly_map, mask in zip(maps, masks):
             anomaly_map = np.asarray(anomaly_map, dtype=np.float64)
             defects, count = ndimage.label(np.asarray(mask, bool).reshape(anomaly_map.shape))
-            images.append((anomaly_map, defects, count))
+            images.append((anomaly_map, defects))
             if count:
                 peaks.append(ndimage.maximum(anomaly_map, defects, np.arange(1, count + 1)))
             else:
@@ -126,23 +125,35 @@ class ThresholdCalibrator(BaseEstimator):
         values = np.unique(np.concatenate([np.atleast_1d(p) for p in peaks]))
         if len(values) > self.candidates:
             values = np.unique(np.quantile(values, np.linspace(0, 1, self.candidates)))
+        # A defect is found at a threshold when its peak reaches it.
+        defect_peaks = np.concatenate(
+            [np.atleast_1d(p) for p, (_, defects) in zip(peaks, images) if defects.any()]
+        )
+        found = (defect_peaks[None, :] >= values[:, None]).sum(axis=1)
+        raised = np.zeros(len(values), np.int64)
+        true_regions = np.zeros(len(values), np.int64)
+        for anomaly_map, defects in images:
+            # Each pixel's candidate level (``>= k`` is ``>= values[k - 1]``), labelled level by
+            # level on the box that holds the level's pixels: the labelling is the cost.
+            level = np.searchsorted(values, anomaly_map, side="right").astype(np.uint8)
+            row_max, col_max = level.max(axis=1), level.max(axis=0)
+            rows, cols = np.nonzero(defects)
+            for k in range(1, int(row_max.max()) + 1):
+                r, c = np.flatnonzero(row_max >= k), np.flatnonzero(col_max >= k)
+                regions, raised_here = ndimage.label(level[r[0] : r[-1] + 1, c[0] : c[-1] + 1] >= k)
+                raised[k - 1] += raised_here
+                inside = (rows >= r[0]) & (rows <= r[-1]) & (cols >= c[0]) & (cols <= c[-1])
+                touched = regions[rows[inside] - r[0], cols[inside] - c[0]]
+                true_regions[k - 1] += len(np.unique(touched[touched > 0]))
         best = (-1.0, float(values[-1]))
-        for threshold in values:
-            found = present = true_regions = raised = 0
-            for anomaly_map, defects, count in images:
-                regions, n_regions = ndimage.label(anomaly_map >= threshold)
-                raised += n_regions
-                present += count
-                if not n_regions or not count:
-                    continue
-                touched = (regions > 0) & (defects > 0)
-                found += len(np.unique(defects[touched]))
-                true_regions += len(np.unique(regions[touched]))
-            precision = true_regions / raised if raised else 0.0
-            recall = found / present if present else 0.0
+        for threshold, found_here, raised_here, true_here in zip(
+            values, found, raised, true_regions
+        ):
+            precision = true_here / raised_here if raised_here else 0.0
+            recall = found_here / len(defect_peaks) if len(defect_peaks) else 0.0
             f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
             if f1 > best[0]:
-                best = (f1, float(threshold))
+                best = (float(f1), float(threshold))
         return best[1], best[0]
 
 

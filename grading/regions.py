@@ -359,7 +359,13 @@ def find_regions(
         band = labels[start : start + 256]
         where = np.flatnonzero(band)
         ids = band.ravel()[where]
-        np.maximum.at(peaks, ids, fused_map[start : start + 256].ravel()[where])
+        # Maxima per id from the ids sorted (np.maximum.at is several times slower).
+        order = np.argsort(ids, kind="stable")
+        ids, scores = ids[order], fused_map[start : start + 256].ravel()[where][order]
+        firsts = np.flatnonzero(np.diff(ids, prepend=-1))
+        if firsts.size:
+            present = ids[firsts]
+            peaks[present] = np.maximum(peaks[present], np.maximum.reduceat(scores, firsts))
         sizes += np.bincount(ids, minlength=count + 1)
     peaks, sizes = peaks[1:], sizes[1:]
     order = [i for i in np.argsort(-peaks) if sizes[i] >= min_area_px][:max_regions]

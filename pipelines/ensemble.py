@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         opts["labeled_defects"],
         opts["folds"],
         cfg["seed"],
+        opts["batch_size"],
     )
     hybrid.save(out_dir / "hybrid")
     log.info("hybrid written to %s", out_dir / "hybrid")
