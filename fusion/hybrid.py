@@ -143,10 +143,10 @@ class Hybrid:
     def member_outputs(
         self, image: torch.Tensor, at_image_size: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Member scores ``[M]`` and maps ``[M, H, W]`` at the image's resolution; with
-        ``at_image_size=False`` the maps of a resizing hybrid stay at the members' resolution
-        (``fuse_map`` brings them to the image's band by band: a panel's full-size member maps
-        would be gigabytes)."""
+        """Member scores ``[M]`` (float64) and maps ``[M, H, W]`` (float32) at the image's
+        resolution; with ``at_image_size=False`` the maps of a resizing hybrid stay at the
+        members' resolution (``fuse_map`` brings them to the image's band by band: a panel's
+        full-size member maps would be gigabytes)."""
         tiling = self.options["tiling"]
         if tiling:
             from tiling import infer_tiled, infer_tiled_options
@@ -179,7 +179,9 @@ class Hybrid:
                 image_maps = maps[row : row + 1]
                 if at_image_size and image_maps.shape[-2:] != (height, width):
                     image_maps = F.interpolate(image_maps, size=(height, width), mode="bilinear")
-                outputs[k] = (scores[row].double().numpy(), image_maps[0].double().numpy())
+                # float32 as the members computed them: a float64 copy of every map doubles what an
+                # ensemble holds in memory and adds no precision.
+                outputs[k] = (scores[row].double().numpy(), image_maps[0].numpy())
         return outputs
 
     def member_outputs_many(
