@@ -85,6 +85,19 @@ def setup_logging(log_file: str | os.PathLike | None = None, verbose: bool = Fal
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def setup_rank_logging(log_file: str | os.PathLike) -> bool:
+    """Logging for a command that may run as one of several DDP ranks: rank 0 (or a process on
+    its own) as ``setup_logging(log_file)``; another rank logs warnings to stderr only and
+    leaves the file to rank 0. Returns whether this process is rank 0."""
+    from members.trainer import launched_as_rank_zero
+
+    zero = launched_as_rank_zero()
+    setup_logging(log_file if zero else None)
+    if not zero:
+        logging.getLogger().setLevel(logging.WARNING)
+    return zero
+
+
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     """``--device``: where the members run (``device.accelerator``); fusion and grading stay on
     the CPU."""
