@@ -116,8 +116,8 @@ def predict_on_ray(
     CPUs hold at ``ray.cpus_per_job`` each, at most one per chunk) and merge their streams into
     ``out/predictions.jsonl``; ``missing`` is recorded in ``stream`` (that file's) here. Returns
     the counts over every chunk. ``options``: the predict section; ``done`` as for
-    ``predict_files``. A stop request lets the chunks in hand finish
-    and sends no more; a second Ctrl-C ends the actors at once (what they streamed is kept)."""
+    ``predict_files``. A stop request lets the chunks in hand finish and sends no more; a
+    second Ctrl-C ends the actors at once (what they streamed is kept)."""
     import ray
     from tqdm.auto import tqdm
 
@@ -165,7 +165,7 @@ def predict_on_ray(
             ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
             for ref in ready:
                 actor, images = running.pop(ref)
-                _add(counts, _result(ray, ref))
+                _add(counts, _chunk_counts(ref))
                 idle.append(actor)
                 bar.update(images)
     finally:
@@ -177,8 +177,10 @@ def predict_on_ray(
     return counts
 
 
-def _result(ray: Any, ref: Any) -> PredictionCounts:
+def _chunk_counts(ref: Any) -> PredictionCounts:
     """A chunk's counts; an actor that could not predict is an error in one line."""
+    import ray
+
     try:
         return ray.get(ref)
     except ray.exceptions.RayError as exc:
