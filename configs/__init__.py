@@ -53,6 +53,8 @@ PIXEL_THRESHOLDS = ("region", "f1", "quantile")  # grading.graders.THRESHOLD_MET
 # experiments.selection.CRITERIA, retraining.holdout.METRICS
 CRITERIA = ("composite", "image_auroc", "pixel_auroc", "aupro")
 LABELED_DEFECTS = ("auto", "cross_validate", "never")  # read by pipelines.ensemble only
+# Where benchmark jobs and predict's images run: this machine, or a Ray cluster (the ray section).
+EXECUTORS = ("local", "ray")
 
 # Keys that moved (the hybrid's options became one section that ensemble and retrain share): a
 # file or override naming the old place is told the new one.
@@ -144,6 +146,11 @@ def _key_table(members: tuple[str, ...]) -> Mapping[str, Key]:
         "data.data_dir": name,
         "data.categories": names,
         "data.image_size": Key(int | list, null=True),  # a side or [height, width]; null: native
+        "ray.address": name,  # null or "local": a local instance for the run
+        "ray.num_cpus": Key(int, null=True),
+        "ray.cpus_per_job": Key(float),
+        "ray.gpus_per_job": Key(float),
+        "ray.actors": Key(int, null=True),
         "synthetic.level_weights": Key(list[float], null=True),  # null: uniform
         "tiling.reduction": Key(choices=REDUCTIONS),
         "tiling.pad_mode": Key(str, PAD_MODES, null=True),
@@ -177,6 +184,7 @@ def _key_table(members: tuple[str, ...]) -> Mapping[str, Key]:
         "benchmark.run_name": name,
         "benchmark.init_from": name,
         "benchmark.job_timeout_s": number,
+        "benchmark.executor": Key(choices=EXECUTORS),
         "ensemble.from_run": name,
         "ensemble.dataset": name,
         "ensemble.category": name,
@@ -187,6 +195,7 @@ def _key_table(members: tuple[str, ...]) -> Mapping[str, Key]:
         "predict.hybrid": name,
         "predict.out": name,
         "predict.overlay_max_side": Key(int, null=True),
+        "predict.executor": Key(choices=EXECUTORS),
         "retrain.normal_dirs": names,
         "retrain.defect_dirs": names,
         "retrain.members": Key(list[str], members),
@@ -562,11 +571,26 @@ def check_values(cfg: Mapping[str, Any]) -> None:
         intensity_settings(cfg["data"]["intensity"], cfg["data"]["intensity_percentiles"])
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    _check_ray(cfg)
     if "ensemble" in cfg:
         _positive(cfg, "ensemble.folds")
         _positive(cfg, "ensemble.top_k")
     if "benchmark" in cfg:
         _positive(cfg, "benchmark.validation_injections")
+
+
+def _check_ray(cfg: Mapping[str, Any]) -> None:
+    for key in ("cpus_per_job", "chunk_images"):
+        _positive(cfg, f"ray.{key}")
+    for key in ("num_cpus", "actors"):
+        _positive(cfg, f"ray.{key}", allow_none=True)
+    ray = cfg["ray"]
+    for key in ("gpus_per_job", "max_retries"):
+        if ray[key] < 0:
+            raise ConfigError(f"ray.{key} must be 0 or more, got {ray[key]}")
+    for name, value in ray["env_vars"].items():
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"ray.env_vars.{name} must be text or a number, got {value!r}")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

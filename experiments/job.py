@@ -2,7 +2,9 @@
 measure its cost, save examples, and write ``results.json`` last (see ``experiments.job_folder``).
 
 It runs in a process of its own (``experiments.runner`` starts one per job), so a crash or a
-kill costs only that job, and its peak memory is its own.
+kill costs only that job, and its peak memory is its own. Under DDP (``device.strategy: ddp``
+with several devices or nodes) every rank runs it: the ranks fit the member together, and rank 0
+alone writes the job's folder (config, weights, evaluation, results).
 """
 
 from __future__ import annotations
@@ -150,16 +152,21 @@ def _reconstruction_quality(
     return {"split": "test", "unit": "tile" if tiling["enabled"] else "image", **quality}
 
 
-def run_job(job_dir: Path) -> dict[str, Any]:
-    """Fit and evaluate the job described by ``job_dir/job.json``; write ``results.json``."""
+def run_job(job_dir: Path) -> dict[str, Any] | None:
+    """Fit and evaluate the job described by ``job_dir/job.json``; write ``results.json`` and
+    return the results (None on a DDP rank other than 0, which only helps to fit)."""
     from lightning_fabric.utilities.seed import seed_everything
 
     from evaluation import evaluate
     from members.build import build_member, build_trainer
 
     spec = json.loads((job_dir / JOB_FILE).read_text())
-    atomic_write_json(job_dir / "config.json", spec)
     seed_everything(spec["seed"], verbose=False)
+    trainer = build_trainer(spec["device"], spec["trainer"], seed=spec["seed"], out_dir=job_dir)
+    trainer.launch()  # under DDP the other ranks start here, each running this job
+    writer = trainer.is_global_zero
+    if writer:
+        atomic_write_json(job_dir / "config.json", spec)
     source = DataSource(**{**spec["source"], "data_dir": Path(spec["source"]["data_dir"])})
     category, seed = spec["category"], spec["seed"]
     tiling = spec["tiling"]
@@ -200,17 +207,19 @@ def run_job(job_dir: Path) -> dict[str, Any]:
     )
 
     member = build_member(spec["member"], spec["member_config"], spec.get("init_from"))
-    trainer = build_trainer(spec["device"], spec["trainer"], seed=spec["seed"], out_dir=job_dir)
     log.info(
-        "fitting %s on %s/%s (%d training images)",
+        "fitting %s on %s/%s (%d training images, %d process(es))",
         spec["member"],
         source.name,
         category,
         len(train_set),
+        trainer.fabric.world_size,
     )
     started = time.perf_counter()
     member.fit(train_loader, calibration_loader, trainer=trainer)
     fit_seconds = time.perf_counter() - started
+    if not writer:
+        return None  # rank 0 alone saves, evaluates and writes the results
     peak_fit = peak_rss_mb()
     member.save(job_dir / "weights")
     member.eval()

@@ -1,29 +1,31 @@
 """Calling a function in a fresh Python interpreter, so that a crash, a kill or its peak memory
-stays its own: the benchmark runs each job this way, the tiling benchmark each panel size."""
+stays its own: the benchmark runs each job this way, the tiling benchmark each panel size.
+
+The interpreter runs ``python -m experiments.process CALL``: a command Fabric can start again
+for the other ranks of a DDP job (``python -c`` cannot be), and one that dies with the process
+that started it (on Linux), so a lost runner or Ray worker leaves no job behind writing into a
+folder that a retry works in.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
 
-# Run by the new interpreter: import the function by name, call it, print its JSON result last.
-CHILD = (
-    "import importlib, json, sys; a = json.loads(sys.argv[1]); "
-    "f = getattr(importlib.import_module(a['module']), a['name']); "
-    "print(json.dumps(f(*a['args'], **a['kwargs'])))"
-)
-
 
 class FreshProcessError(RuntimeError):
     """A call in a fresh interpreter that raised, crashed, was killed or timed out; ``reason``
-    says why in one line."""
+    says why in one line; ``signal``: the signal that killed it from outside (not a timeout's)."""
 
-    def __init__(self, call: str, reason: str) -> None:
+    def __init__(self, call: str, reason: str, signal: int | None = None) -> None:
         super().__init__(f"{call} failed: {reason}")
         self.reason = reason
+        self.signal = signal
 
 
 def call_in_fresh_process(
@@ -44,7 +46,7 @@ def call_in_fresh_process(
     )
     try:
         done = subprocess.run(
-            [sys.executable, "-c", CHILD, payload],
+            [sys.executable, "-m", "experiments.process", payload],
             capture_output=True,
             text=True,
             timeout=timeout_s,
@@ -52,9 +54,26 @@ def call_in_fresh_process(
     except subprocess.TimeoutExpired:
         raise FreshProcessError(call, f"timed out after {timeout_s} s") from None
     if done.returncode < 0:
-        raise FreshProcessError(call, f"killed by signal {-done.returncode}")
+        raise FreshProcessError(call, f"killed by signal {-done.returncode}", -done.returncode)
     if done.returncode != 0:
         lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
         reason = lines[-1].removeprefix("error: ") if lines else f"exit status {done.returncode}"
         raise FreshProcessError(call, reason)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when the one that started it ends."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    # Import the function by name, call it, print its JSON result last.
+    _die_with_parent()
+    call = json.loads(sys.argv[1])
+    function = getattr(importlib.import_module(call["module"]), call["name"])
+    print(json.dumps(function(*call["args"], **call["kwargs"])))

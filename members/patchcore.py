@@ -145,23 +145,31 @@ class PatchCore(Member):
         return (patches @ self.projection).permute(0, 3, 1, 2)
 
     def fit_features(self, trainer, train_loader) -> None:
+        """The memory bank: every rank's patch features gathered on rank 0, which picks the
+        coreset once, then shared with every rank (under DDP the others wait for it)."""
         started = time.perf_counter()
-        features = trainer.gather(
+        features = trainer.gather_to_zero(
             lambda batch: self.patch_features(batch["image"]).permute(0, 2, 3, 1).flatten(1, 2),
             train_loader,
         )
-        features = features.reshape(-1, features.shape[-1])
+        bank = None
+        if features is not None:
+            bank = self._coreset(features.reshape(-1, features.shape[-1]), started)
+        self.memory_bank = trainer.broadcast_tensor(bank)
+
+    def _coreset(self, features: torch.Tensor, started: float) -> torch.Tensor:
+        """The coreset of ``features`` (its figures in ``fit_stats``)."""
         collected = time.perf_counter()
         # Exact greedy runs where the features are (the GPU, when there is one); the chunked
         # approximation is the CPU option.
         source = features if self.coreset_method == "greedy" else features.cpu()
         ratio, chunk_size, dim = self.coreset_ratio, self.coreset_chunk_size, self.projection_dim
         index = coreset_indices(source, ratio, self.coreset_method, dim, chunk_size, self.seed)
-        self.memory_bank = features[index.to(features.device)].contiguous()
+        bank = features[index.to(features.device)].contiguous()
         picked = time.perf_counter()
         self.fit_stats = {
             "patches": float(features.shape[0]),
-            "memory_bank": float(self.memory_bank.shape[0]),
+            "memory_bank": float(bank.shape[0]),
             "feature_seconds": collected - started,
             "coreset_seconds": picked - collected,
         }
@@ -170,6 +178,7 @@ class PatchCore(Member):
                 coverage_comparison(source, ratio, dim, chunk_size, self.coverage_sample, self.seed)
             )
             self.fit_stats["coverage_seconds"] = time.perf_counter() - picked
+        return bank
 
     def _score_patches(
         self,

@@ -8,6 +8,8 @@ bar on rank 0, a checkpoint every N optimizer steps and an exact ``resume``.
 ``FabricTrainer.gather`` runs a feature pass for feature members: every rank takes the samples
 ``rank, rank + world, ...`` of the dataset, and the outputs come back concatenated in dataset
 order on every rank, so a memory bank built on two processes equals the one built on one.
+``gather_to_zero`` brings them to rank 0 alone, for work done once there (PatchCore's coreset),
+whose result ``broadcast_tensor`` shares with the other ranks.
 
 Exact resume: the sample order of epoch ``e`` is drawn from ``seed + e`` (not from a global
 random state), checkpoints are taken after optimizer steps only, and they carry the model,
@@ -79,6 +81,17 @@ class ShardedEpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return max(0, len(self._shard()) - self.start)
+
+
+def launched_as_rank_zero() -> bool:
+    """Whether this process is rank 0 of a distributed run, or a process on its own, by what
+    launchers put in its environment: ``RANK`` (torchrun), ``SLURM_PROCID``, or ``NODE_RANK``
+    and ``LOCAL_RANK`` (set by Fabric for the processes it starts). Known before Fabric
+    launches: the process that will start the other ranks has none of them."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name):
+            return int(os.environ[name]) == 0
+    return all(int(os.environ.get(name) or 0) == 0 for name in ("NODE_RANK", "LOCAL_RANK"))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -203,13 +216,11 @@ class FabricTrainer:
         # resume restored it.
         return rebuilt, sampler
 
-    def gather(
+    def _feature_pass(
         self, fn: Callable[[dict[str, Any]], torch.Tensor], loader: DataLoader
     ) -> torch.Tensor:
-        """``fn(batch) -> [b, ...]`` over every sample once, sharded over ranks; returns the
-        outputs of the whole dataset concatenated in dataset order, on every rank."""
+        """This rank's outputs of ``fn`` over its shard of ``loader``'s dataset."""
         self.launch()
-        size = len(loader.dataset)
         shard_loader, _ = self._loader(loader, shuffle=False, pad=False)
         outputs = []
         with torch.no_grad(), self.fabric.autocast():
@@ -219,19 +230,65 @@ class FabricTrainer:
                 outputs.append(fn(self.fabric.to_device(batch)).float())
         if not outputs:
             raise ValueError("the feature pass got no samples: the dataset is empty")
-        local = torch.cat(outputs)
-        world = self.fabric.world_size
-        if world == 1:
-            return local
-        per_rank = math.ceil(size / world)
+        return torch.cat(outputs)
+
+    def _padded(self, local: torch.Tensor, size: int) -> torch.Tensor:
+        """``local`` padded to the longest shard's length: collectives need equal shapes."""
+        per_rank = math.ceil(size / self.fabric.world_size)
         padded = torch.zeros((per_rank, *local.shape[1:]), dtype=local.dtype, device=local.device)
         padded[: local.shape[0]] = local
-        gathered = self.fabric.all_gather(padded)  # [world, per_rank, ...]
-        result = torch.empty((size, *local.shape[1:]), dtype=local.dtype, device=local.device)
+        return padded
+
+    @staticmethod
+    def _in_dataset_order(shards: list[torch.Tensor], size: int) -> torch.Tensor:
+        """The padded shards of every rank (rank ``r`` holds samples ``r, r + world, ...``)
+        put back into dataset order."""
+        world, first = len(shards), shards[0]
+        result = torch.empty((size, *first.shape[1:]), dtype=first.dtype, device=first.device)
         for rank in range(world):
-            count = len(range(rank, size, world))
-            result[rank::world] = gathered[rank, :count]
+            result[rank::world] = shards[rank][: len(range(rank, size, world))]
         return result
+
+    def gather(
+        self, fn: Callable[[dict[str, Any]], torch.Tensor], loader: DataLoader
+    ) -> torch.Tensor:
+        """``fn(batch) -> [b, ...]`` over every sample once, sharded over ranks; returns the
+        outputs of the whole dataset concatenated in dataset order, on every rank."""
+        local = self._feature_pass(fn, loader)
+        if self.fabric.world_size == 1:
+            return local
+        size = len(loader.dataset)
+        gathered = self.fabric.all_gather(self._padded(local, size))  # [world, per_rank, ...]
+        return self._in_dataset_order(list(gathered), size)
+
+    def gather_to_zero(
+        self, fn: Callable[[dict[str, Any]], torch.Tensor], loader: DataLoader
+    ) -> torch.Tensor | None:
+        """As ``gather``, but the whole dataset's outputs come back on rank 0 only (None on
+        the others): work done once, on rank 0, needs no copy of them on every rank."""
+        local = self._feature_pass(fn, loader)
+        if self.fabric.world_size == 1:
+            return local
+        size = len(loader.dataset)
+        padded = self._padded(local, size)
+        zero = self.is_global_zero
+        shards = [torch.empty_like(padded) for _ in range(self.fabric.world_size)] if zero else None
+        torch.distributed.gather(padded, shards, dst=0)
+        return self._in_dataset_order(shards, size) if zero else None
+
+    def broadcast_tensor(self, tensor: torch.Tensor | None) -> torch.Tensor:
+        """Rank 0's ``tensor`` on every rank, on this rank's device (the others pass None)."""
+        if self.fabric.world_size == 1:
+            return tensor
+        zero = self.is_global_zero
+        shape, dtype = self.fabric.broadcast((tuple(tensor.shape), tensor.dtype) if zero else None)
+        device = self.fabric.device
+        if zero:
+            buffer = tensor.to(device).contiguous()
+        else:
+            buffer = torch.empty(shape, dtype=dtype, device=device)
+        torch.distributed.broadcast(buffer, src=0)
+        return buffer
 
     def accumulate(
         self, fn: Callable[[dict[str, Any]], dict[str, torch.Tensor]], loader: DataLoader

@@ -8,7 +8,8 @@ benchmarked without editing files:
         --members patchcore,padim --set data.image_size=224
 
 Re-running the same command resumes: finished jobs are skipped, interrupted or failed ones are
-run again. The run folder holds config.yaml, jobs/<job>/ (config, weights, log, history.csv,
+run again. ``--set benchmark.executor=ray`` runs the jobs as tasks on a Ray cluster (the ``ray``
+section). The run folder holds config.yaml, jobs/<job>/ (config, weights, log, history.csv,
 results.json), leaderboard.csv, results.json and report.html.
 """
 
@@ -26,7 +27,13 @@ from experiments.job_folder import read_scores
 from experiments.ranking import format_table, leaderboard, write_leaderboard_csv
 from experiments.runner import run_jobs
 from pipelines import jobs as job_entry_point
-from pipelines.common import PARTIAL_FAILURE, PipelineError, main_guard, setup_logging
+from pipelines.common import (
+    PARTIAL_FAILURE,
+    PipelineError,
+    main_guard,
+    ray_session,
+    setup_logging,
+)
 from reporting.benchmark_report import write_html_report
 
 log = logging.getLogger("pipelines.benchmark")
@@ -91,7 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(run_dir / "log.txt")
     write_config(cfg, run_dir / "config.yaml")
     log.info("run folder: %s (%d jobs)", run_dir, len(jobs))
-    results = run_jobs(jobs, run_dir, job_entry_point.main, cfg["benchmark"]["job_timeout_s"])
+    timeout_s = cfg["benchmark"]["job_timeout_s"]
+    if cfg["benchmark"]["executor"] == "ray":
+        from experiments.ray_runner import run_jobs_on_ray
+
+        with ray_session(cfg["ray"]):
+            results = run_jobs_on_ray(jobs, run_dir, job_entry_point.main, cfg["ray"], timeout_s)
+    else:
+        results = run_jobs(jobs, run_dir, job_entry_point.main, timeout_s)
     board = leaderboard(results)
     write_leaderboard_csv(board, run_dir / "leaderboard.csv")
     atomic_write_json(run_dir / "results.json", {"jobs": results, "overall": board["overall"]})

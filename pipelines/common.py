@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from configs import Flag
 
@@ -85,6 +87,19 @@ def setup_logging(log_file: str | os.PathLike | None = None, verbose: bool = Fal
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def setup_rank_logging(log_file: str | os.PathLike) -> bool:
+    """Logging for a command that may run as one of several DDP ranks: rank 0 (or a process on
+    its own) as ``setup_logging(log_file)``; another rank logs warnings to stderr only and
+    leaves the file to rank 0. Returns whether this process is rank 0."""
+    from members.trainer import launched_as_rank_zero
+
+    zero = launched_as_rank_zero()
+    setup_logging(log_file if zero else None)
+    if not zero:
+        logging.getLogger().setLevel(logging.WARNING)
+    return zero
+
+
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     """``--device``: where the members run (``device.accelerator``); fusion and grading stay on
     the CPU."""
@@ -96,3 +111,31 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
 
 def device_flags(args: argparse.Namespace) -> list[Flag]:
     return [Flag("device.accelerator", args.device, "--device")] if args.device else []
+
+
+@contextlib.contextmanager
+def ray_session(ray_cfg: Mapping[str, Any]) -> Iterator[None]:
+    """Connected to Ray for the run: the cluster at ``ray.address``, or (null or ``local``) a
+    local instance of ``ray.num_cpus`` CPUs started for the run and stopped after it. A
+    connection made before (``ray.init`` in the calling program) is used as it is."""
+    try:
+        import ray
+    except ImportError:
+        raise PipelineError(
+            'the ray executor needs Ray: pip install -e ".[cluster]" (or ray>=2.9)'
+        ) from None
+    if ray.is_initialized():
+        yield
+        return
+    address = ray_cfg["address"]
+    if address in (None, "local"):
+        ray.init(address="local", num_cpus=ray_cfg["num_cpus"], include_dashboard=False)
+    else:
+        try:
+            ray.init(address=address)
+        except ConnectionError as exc:
+            raise PipelineError(f"ray.address {address!r}: no Ray cluster there ({exc})") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()

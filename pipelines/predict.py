@@ -12,8 +12,10 @@ skipped, the others are still processed.
 
 Re-running the same command with the same ``--out`` resumes: images done before (same path and
 SHA-256, same hybrid) are skipped. Ctrl-C finishes the current image and stops (a second Ctrl-C
-stops at once); everything done is kept. Exit status: 0 every image predicted, 3 some skipped,
-1 none predicted or a failure, 2 bad configuration, 130 interrupted.
+stops at once); everything done is kept. ``--executor ray`` shards the images over Ray actors
+that each hold the hybrid (the ``ray`` section); a run resumes under either executor. Exit
+status: 0 every image predicted, 3 some skipped, 1 none predicted or a failure, 2 bad
+configuration, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pipelines.common import (
     add_device_argument,
     device_flags,
     main_guard,
+    ray_session,
     setup_logging,
 )
 
@@ -42,6 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_device_argument(parser)
     parser.add_argument("--hybrid", help="the hybrid folder")
     parser.add_argument("--out", help="output folder")
+    parser.add_argument("--executor", help="local (this process) or ray (predict.executor)")
     parser.add_argument("paths", nargs="+", help="image files and folders")
     return parser.parse_args(argv)
 
@@ -50,13 +54,13 @@ def overrides_from_flags(args: argparse.Namespace) -> list[Flag]:
     """--hybrid and --out as overrides (applied after --set, so they win); paths stay text."""
     flags = [Flag("predict.hybrid", args.hybrid, "--hybrid")] if args.hybrid else []
     flags += [Flag("predict.out", args.out, "--out")] if args.out else []
+    flags += [Flag("predict.executor", args.executor, "--executor")] if args.executor else []
     return flags + device_flags(args)
 
 
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     from artifacts.lock import LockHeld, RunLock
-    from data.images import IntensityWindow
     from fusion.hybrid import Hybrid
     from members.device import resolve_device
     from prediction.inputs import expand_inputs
@@ -65,10 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         ResultStream,
         finished,
         latest_per_image,
+        merge_shards,
         read_stream,
         write_reports,
     )
-    from prediction.run import StopRequest, hybrid_id, predict_files
+    from prediction.run import StopRequest, hybrid_id, hybrid_window, predict_files
 
     args = parse_args(argv)
     cfg = load_config("predict", args.config, [*args.overrides, *overrides_from_flags(args)])
@@ -95,33 +100,49 @@ def main(argv: list[str] | None = None) -> int:
     try:
         hybrid = Hybrid.load(opts["hybrid"], resolve_device(cfg["device"]["accelerator"]))
         ref = hybrid_id(opts["hybrid"])
+        merge_shards(out)  # what a killed Ray run's actors streamed, whichever executor resumes
         done = finished(read_stream(out / STREAM_NAME), ref)
-        # The intensity window the members were trained with (fitted on their training images),
-        # never one fitted on the images predicted. Hybrids saved without one: integers / max.
-        saved_window = hybrid.options.get("intensity")
-        window = IntensityWindow.from_dict(saved_window) if saved_window else IntensityWindow()
+        window = hybrid_window(hybrid)
         log.info("intensity window: %s", window.describe())
         files, missing = expand_inputs(args.paths)
         interrupted = False
         with ResultStream(out / STREAM_NAME) as stream, StopRequest() as stop:
             try:
-                counts = predict_files(
-                    hybrid,
-                    files,
-                    missing,
-                    out,
-                    stream,
-                    hybrid_ref=ref,
-                    done=done,
-                    prepare=window,
-                    overlays=opts["overlays"],
-                    overlay_max_side=opts["overlay_max_side"],
-                    save_maps=opts["save_maps"],
-                    stop=stop,
-                    read_ahead_images=opts["read_ahead"],
-                    batch_size=opts["batch_size"],
-                    batch_megapixels=opts["batch_megapixels"],
-                )
+                if opts["executor"] == "ray":
+                    from prediction.ray_executor import predict_on_ray
+
+                    with ray_session(cfg["ray"]):
+                        counts = predict_on_ray(
+                            opts["hybrid"],
+                            files,
+                            missing,
+                            out,
+                            stream,
+                            hybrid_ref=ref,
+                            done=done,
+                            accelerator=cfg["device"]["accelerator"],
+                            options=opts,
+                            ray_cfg=cfg["ray"],
+                            stop=stop,
+                        )
+                else:
+                    counts = predict_files(
+                        hybrid,
+                        files,
+                        missing,
+                        out,
+                        stream,
+                        hybrid_ref=ref,
+                        done=done,
+                        prepare=window,
+                        overlays=opts["overlays"],
+                        overlay_max_side=opts["overlay_max_side"],
+                        save_maps=opts["save_maps"],
+                        stop=stop,
+                        read_ahead_images=opts["read_ahead"],
+                        batch_size=opts["batch_size"],
+                        batch_megapixels=opts["batch_megapixels"],
+                    )
             except KeyboardInterrupt:  # the second Ctrl-C: the current image is dropped
                 counts, interrupted = None, True
             interrupted = interrupted or stop.requested

@@ -5,6 +5,8 @@
 
 Safe to start from cron or a systemd timer: a second run while one is working stops with a
 clear message; a run killed at any point leaves the champion (``<workspace>/current``) intact.
+With ``device.strategy=ddp`` and several devices, Fabric starts the other ranks (or start them
+with ``torchrun``); they train with rank 0, which alone takes the lock and writes.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from artifacts.lock import LockHeld
 from configs import ConfigError, add_config_arguments, load_config
-from pipelines.common import PipelineError, describe_error, main_guard, setup_logging
+from pipelines.common import PipelineError, describe_error, main_guard, setup_rank_logging
 
 log = logging.getLogger("pipelines.retrain")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -62,10 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     interval = parse_interval(args.every) if args.every else None
     workspace = Path(cfg["retrain"]["workspace"])
     workspace.mkdir(parents=True, exist_ok=True)
-    setup_logging(workspace / "log.txt")
+    setup_rank_logging(workspace / "log.txt")
     while True:
         try:
-            print(report(run_once(cfg)), flush=True)
+            entry = run_once(cfg)
+            if entry is not None:
+                print(report(entry), flush=True)
         except LockHeld as exc:
             if interval is None:
                 raise PipelineError(str(exc)) from exc

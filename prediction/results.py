@@ -2,7 +2,10 @@
 soon as the image is done, so a killed run keeps every finished image and a re-run resumes.
 
 ``predictions.jsonl`` is the record; ``predictions.json``, ``predictions.csv`` and
-``regions.csv`` are rebuilt from it (atomically) at the end of each run.
+``regions.csv`` are rebuilt from it (atomically) at the end of each run. Workers that predict
+in parallel (``prediction.ray_executor``) each stream into their own file under ``shards/``;
+``merge_shards`` moves those entries into the record, at the end of such a run and at the start
+of any run (so a run killed before its merge resumes under either executor).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from artifacts.io import atomic_write_csv, atomic_write_json
 log = logging.getLogger(__name__)
 
 STREAM_NAME = "predictions.jsonl"
+SHARD_DIR = "shards"  # one stream per parallel worker, merged into STREAM_NAME
 IMAGE_COLUMNS = (
     "path",
     "status",
@@ -93,6 +97,28 @@ class ResultStream:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def merge_shards(out: str | os.PathLike) -> int:
+    """Append the entries of every stream under ``out/shards/`` to ``out/predictions.jsonl``
+    (synced), then delete those streams; returns how many entries moved. A kill between the
+    two leaves entries in both places: ``latest_per_image`` keeps one per image."""
+    out = Path(out)
+    shards = sorted((out / SHARD_DIR).glob("*.jsonl"))
+    if not shards:
+        return 0
+    read_stream(out / STREAM_NAME)  # drops a line a kill cut short, which this would extend
+    moved = 0
+    with open(out / STREAM_NAME, "a", encoding="utf-8") as fh:
+        for shard in shards:
+            for entry in read_stream(shard):
+                fh.write(json.dumps(entry, default=_json_default) + "\n")
+                moved += 1
+        fh.flush()
+        os.fsync(fh.fileno())
+    for shard in shards:
+        shard.unlink()
+    return moved
 
 
 def _json_default(obj: Any) -> Any:

@@ -61,6 +61,36 @@ class PredictionCounts:
     skipped_paths: list[tuple[str, str]] = field(default_factory=list)
 
 
+def hybrid_window(hybrid: Any) -> Any:
+    """The intensity window the hybrid's members were trained with (fitted on their training
+    images), never one fitted on the images predicted. Hybrids saved without one: integers /
+    their type's maximum."""
+    from data.images import IntensityWindow
+
+    saved = hybrid.options.get("intensity")
+    return IntensityWindow.from_dict(saved) if saved else IntensityWindow()
+
+
+def record_missing(
+    missing: Sequence[Skipped], stream: ResultStream, hybrid_ref: str
+) -> PredictionCounts:
+    """The paths given that were not image files, each recorded in ``stream`` as skipped."""
+    counts = PredictionCounts()
+    for entry in missing:
+        log.warning("skipped %s: %s", entry.path, entry.reason)
+        counts.skipped += 1
+        counts.skipped_paths.append((entry.path, entry.reason))
+        stream.append(
+            {
+                "path": entry.path,
+                "hybrid_id": hybrid_ref,
+                "status": "skipped",
+                "error": entry.reason,
+            }
+        )
+    return counts
+
+
 def predict_files(
     hybrid: Any,
     files: Sequence[Path],
@@ -95,19 +125,7 @@ def predict_files(
     from tiling import save_anomaly_map, save_heatmap_overlay
 
     threshold = hybrid.calibrator_.threshold_
-    counts = PredictionCounts()
-    for entry in missing:
-        log.warning("skipped %s: %s", entry.path, entry.reason)
-        counts.skipped += 1
-        counts.skipped_paths.append((entry.path, entry.reason))
-        stream.append(
-            {
-                "path": entry.path,
-                "hybrid_id": hybrid_ref,
-                "status": "skipped",
-                "error": entry.reason,
-            }
-        )
+    counts = record_missing(missing, stream, hybrid_ref)
 
     def record(item: InputImage, entry: dict[str, Any]) -> None:
         if entry["status"] == "ok":

@@ -17,6 +17,11 @@ is its command line).
    there is no champion or the challenger is not worse by more than ``margin``.
 6. Write the manifest (the data is consumed) and append the run to ``history.jsonl``.
 
+Under DDP (``device.strategy: ddp`` with several devices or nodes) the other ranks start before
+step 1 and take no lock: rank 0 alone does steps 1-3, tells them what to train on (or that
+nothing is trained this time), the ranks train the members together (step 4), and rank 0
+alone does the rest.
+
 Killing the process at any point leaves ``current`` on a complete champion (or absent before the
 first promotion), and the next run redoes or resumes what was left. ``OLED_AD_KILL_AT=<step>``
 makes the process kill itself at a named step: the crash tests use it.
@@ -60,26 +65,29 @@ def _normal_files(manifest: Mapping[str, str], normal_dirs: list[str]) -> list[s
     return sorted(p for p in manifest if any(r in Path(p).resolve().parents for r in roots))
 
 
-def train_challenger(
-    cfg: Mapping[str, Any],
-    files: list[str],
-    work: Path,
-    champion: Path | None,
-    window: IntensityWindow,
-):
-    """Members fitted on ``files`` (minus a validation share), then fusion and grading (on the
-    validation share at its own size, as predict sees images)."""
-    from data.validation import injected_validation_samples
-    from fusion.build import build_hybrid
-    from members.build import build_member, build_trainer, member_options, trainer_options
-
-    opts = cfg["retrain"]
+def split_files(cfg: Mapping[str, Any], files: list[str]) -> tuple[list[Path], list[Path]]:
+    """``files`` cut (seeded) into the members' training images and the validation share."""
     order = np.random.default_rng(cfg["seed"]).permutation(len(files))
-    n_val = max(1, int(round(len(files) * opts["val_fraction"])))
+    n_val = max(1, int(round(len(files) * cfg["retrain"]["val_fraction"])))
     val_files = [Path(files[i]) for i in sorted(order[:n_val])]
     train_files = [Path(files[i]) for i in sorted(order[n_val:])]
     if len(train_files) < 2:
         raise ValueError(f"too few normal images to train on: {len(train_files)}")
+    return train_files, val_files
+
+
+def fit_members(
+    cfg: Mapping[str, Any],
+    train_files: list[Path],
+    work: Path,
+    champion: Path | None,
+    window: IntensityWindow,
+) -> dict[str, Any]:
+    """The challenger's members fitted on ``train_files`` (checkpoints under ``work``; warm
+    started from the champion's with ``retrain.warm_start``). Under DDP every rank calls it."""
+    from members.build import build_member, build_trainer, member_options, trainer_options
+
+    opts = cfg["retrain"]
     train_set = ImageFiles(train_files, opts["image_size"], window)
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=cfg["data"]["batch_size"], shuffle=True, collate_fn=collate_samples
@@ -102,6 +110,24 @@ def train_challenger(
         log.info("training %s on %d images", name, len(train_set))
         member.fit(loader, None, trainer)
         members[name] = member
+    return members
+
+
+def train_challenger(
+    cfg: Mapping[str, Any],
+    files: list[str],
+    work: Path,
+    champion: Path | None,
+    window: IntensityWindow,
+):
+    """Members fitted on ``files`` (minus a validation share), then fusion and grading (on the
+    validation share at its own size, as predict sees images)."""
+    from data.validation import injected_validation_samples
+    from fusion.build import build_hybrid
+
+    opts = cfg["retrain"]
+    train_files, val_files = split_files(cfg, files)
+    members = fit_members(cfg, train_files, work, champion, window)
     fault_point("after_training")
     val_set = ImageFiles(val_files, None, window)
     samples = injected_validation_samples(
@@ -121,9 +147,10 @@ def train_challenger(
     ).fit(samples)
 
 
-def run_once(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """One retraining run (see the module docstring); returns its history entry."""
-    from fusion.hybrid import Hybrid
+def run_once(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+    """One retraining run (see the module docstring); returns its history entry (None on a
+    DDP rank other than 0)."""
+    from members.build import build_trainer
 
     opts = cfg["retrain"]
     if opts["metric"] not in METRICS:
@@ -133,6 +160,36 @@ def run_once(cfg: Mapping[str, Any]) -> dict[str, Any]:
     for folder in [*opts["normal_dirs"], *opts["defect_dirs"]]:
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"data folder does not exist: {folder}")
+    # Under DDP the other ranks start here, each running this command, before any lock.
+    ranks = build_trainer(cfg["device"], {}, seed=cfg["seed"], progress=False)
+    ranks.launch()
+    if not ranks.is_global_zero:
+        plan = ranks.fabric.broadcast(None)
+        if plan is not None:  # rank 0 trains a challenger: fit its members together
+            window = IntensityWindow.from_dict(plan["window"])
+            champion = Path(plan["champion"]) if plan["champion"] else None
+            train_files, _ = split_files(cfg, plan["files"])
+            fit_members(cfg, train_files, Path(plan["work"]), champion, window)
+        return None
+    told = []
+
+    def tell_ranks(plan: dict[str, Any] | None) -> None:
+        """What the other ranks train on (None: nothing this time), sent once."""
+        ranks.fabric.broadcast(plan)
+        told.append(plan)
+
+    try:
+        return _run_on_rank_zero(cfg, tell_ranks)
+    finally:
+        if not told:  # stopped before training (nothing new, the lock held, an error)
+            tell_ranks(None)
+
+
+def _run_on_rank_zero(cfg: Mapping[str, Any], tell_ranks: Any) -> dict[str, Any]:
+    """The run's steps on rank 0 (or a single process); ``tell_ranks(plan)`` before training."""
+    from fusion.hybrid import Hybrid
+
+    opts = cfg["retrain"]
     workspace = Path(opts["workspace"])
     workspace.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -165,6 +222,14 @@ def run_once(cfg: Mapping[str, Any]) -> dict[str, Any]:
         ).hexdigest()[:12]
         work = workspace / "work" / data_key
         window = workspace_intensity(workspace, training, cfg["data"])
+        tell_ranks(
+            {
+                "files": training,
+                "work": str(work),
+                "champion": str(champion) if champion is not None else None,
+                "window": window.to_dict(),
+            }
+        )
         challenger = train_challenger(cfg, training, work, champion, window)
         hybrid_dir = workspace / "hybrids" / f"{time.strftime('%Y%m%d-%H%M%S')}-{data_key}"
         challenger.save(hybrid_dir)

@@ -247,6 +247,8 @@ def _choice_cases() -> list[tuple[str, str, str, str, tuple[str, ...]]]:
         ("retrain", "hybrid.combiner", "vote", COMBINERS),
         ("retrain", "retrain.members", "[foo]", members),
         ("tiling_benchmark", "tiling_benchmark.member", "foo", members),
+        ("benchmark", "benchmark.executor", "dask", configs.EXECUTORS),
+        ("predict", "predict.executor", "dask", configs.EXECUTORS),
     ]
 
 
@@ -283,6 +285,11 @@ def test_choice_errors_name_the_key_the_value_and_the_choices(pipeline, key, val
         ("benchmark", "seed=null", "seed must be int (like the default 0), got null"),
         ("predict", "predict.overlay_max_side=big", "predict.overlay_max_side must be int"),
         ("retrain", "retrain.image_size=null", "retrain.image_size must be int or list"),
+        ("benchmark", "ray.cpus_per_job=0", "ray.cpus_per_job must be a positive number, got 0"),
+        ("benchmark", "ray.gpus_per_job=-1", "ray.gpus_per_job must be 0 or more, got -1"),
+        ("predict", "ray.actors=0", "ray.actors must be a positive number, got 0"),
+        ("predict", "ray.num_cpus=many", "ray.num_cpus must be int or null"),
+        ("predict", "ray.env_vars={A: [1]}", "ray.env_vars.A must be text or a number, got [1]"),
     ],
 )
 def test_numbers_reject_what_is_not_a_number(pipeline, override, message):

@@ -66,8 +66,8 @@ DDP_SCRIPT = textwrap.dedent(
         state[name] = {
             k: v.cpu() for k, v in member.state_dict().items() if "feature_extractor" not in k
         }
-    if trainer.fabric.global_rank == 0:
-        torch.save(state, out)
+        state[name + "_ran_coreset"] = "coreset_seconds" in getattr(member, "fit_stats", {})
+    torch.save(state, f"{out}.{trainer.fabric.global_rank}")
     """
 )
 
@@ -76,7 +76,13 @@ DDP_SCRIPT = textwrap.dedent(
 def test_ddp_on_two_processes_builds_the_same_bank_and_statistics(panels_dir, tmp_path):
     out = tmp_path / "ddp_state.pt"
     run_script(DDP_SCRIPT, tmp_path, panels_dir, out)
-    ddp_state = torch.load(out, weights_only=True)
+    ddp_state = torch.load(f"{out}.0", weights_only=True)
+    other_rank = torch.load(f"{out}.1", weights_only=True)
+    # Rank 0 alone picks PatchCore's coreset; every rank ends with the same fitted state.
+    assert ddp_state["patchcore_ran_coreset"] and not other_rank["patchcore_ran_coreset"]
+    for name in ("patchcore", "padim"):
+        for key, value in ddp_state[name].items():
+            assert torch.equal(other_rank[name][key], value), (name, key)
     for name in ("patchcore", "padim"):
         options = {"coreset_ratio": 1.0} if name == "patchcore" else {}
         member = create_member(name, **options)
