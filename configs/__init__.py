@@ -155,6 +155,7 @@ def _key_table(members: tuple[str, ...]) -> Mapping[str, Key]:
         "tiling.reduction": Key(choices=REDUCTIONS),
         "tiling.pad_mode": Key(str, PAD_MODES, null=True),
         "hybrid.combiner": Key(choices=COMBINERS),
+        "hybrid.pixel_combiner": Key(str, COMBINERS, null=True),  # null: as hybrid.combiner
         "hybrid.normalizer": Key(choices=NORMALIZERS),
         "hybrid.learner": Key(choices=LEARNERS),
         "hybrid.pixel_threshold": Key(choices=PIXEL_THRESHOLDS),

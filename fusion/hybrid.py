@@ -65,6 +65,8 @@ class Hybrid:
             to it), or None with tiling.
         tiling: the tiling section (``enabled``, ``tile_size``, ``stride``, ...) or None.
         combiner, normalizer, learner: image- and pixel-level ``ScoreFusion`` options.
+        pixel_combiner: the pixel maps' combiner (None: ``combiner``), e.g. ``auto`` for
+            pixels, where there is plenty to choose on, beside ``rank`` for the few images.
         grader: ``auto``, ``rules`` or ``ordinal``.
         level_rules, semu_edges: the rule grader's configuration.
         type_confidence: below this the type is ``unknown``.
@@ -83,6 +85,7 @@ class Hybrid:
         image_size: int | Sequence[int] | None,
         tiling: Mapping[str, Any] | None = None,
         combiner: str = "rank",
+        pixel_combiner: str | None = None,
         normalizer: str = "rank",
         learner: str = "logistic",
         grader: str = "auto",
@@ -114,6 +117,7 @@ class Hybrid:
             "image_size": image_size,
             "tiling": dict(tiling) if tiling and tiling.get("enabled") else None,
             "combiner": combiner,
+            "pixel_combiner": pixel_combiner,
             "normalizer": normalizer,
             "learner": learner,
             "grader": grader,
@@ -294,7 +298,8 @@ class Hybrid:
                 pixel_labels.append(np.full(len(take), value))
                 pixel_images.append(np.full(len(take), index_of_image))
         pixel_images = np.concatenate(pixel_images)
-        self.pixel_fusion_ = clone(fusion).fit(
+        pixel_fusion = clone(fusion).set_params(combiner=opts["pixel_combiner"] or opts["combiner"])
+        self.pixel_fusion_ = pixel_fusion.fit(
             np.concatenate(pixel_rows),
             np.concatenate(pixel_labels),
             pixel_images,

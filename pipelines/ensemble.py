@@ -37,7 +37,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--from", dest="from_run", help="the benchmark run folder")
     parser.add_argument("--top-k", type=int, help="number of best members to combine")
     parser.add_argument("--members", help="comma-separated members instead of the top k")
-    parser.add_argument("--combiner", help="auto | mean | max | rank | weighted | learned")
+    parser.add_argument(
+        "--combiner", help="image scores: auto | mean | max | rank | weighted | learned"
+    )
+    parser.add_argument("--pixel-combiner", help="pixel maps: the same choices")
     parser.add_argument("--name", help="output folder name under the run")
     return parser.parse_args(argv)
 
@@ -49,6 +52,7 @@ def overrides_from_flags(args: argparse.Namespace) -> list[Flag]:
         ("from_run", "ensemble.from_run", "--from"),
         ("top_k", "ensemble.top_k", "--top-k"),
         ("combiner", "hybrid.combiner", "--combiner"),
+        ("pixel_combiner", "hybrid.pixel_combiner", "--pixel-combiner"),
     ):
         if getattr(args, attr) is not None:
             flags.append(Flag(key, getattr(args, attr), flag))
@@ -171,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
             }
             for j in selection.jobs
         ],
-        "fusion": {k: cfg["hybrid"][k] for k in ("combiner", "normalizer", "learner")},
+        "fusion": {
+            k: cfg["hybrid"][k] for k in ("combiner", "pixel_combiner", "normalizer", "learner")
+        },
         # Where every figure comes from: members calibrate on the `calibration` half of the
         # held-out share, are chosen and fused on the `val` half, and are scored on test.
         "splits": {
