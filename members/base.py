@@ -25,7 +25,7 @@ import functools
 import inspect
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -231,6 +231,30 @@ class Member(nn.Module):
             return self(images, features)
         finally:
             self.train(was_training)
+
+    # --- export (``deploy``) ----------------------------------------------------------------
+
+    def export_refusal(self) -> str | None:
+        """Why this member's inference cannot run as an exported graph, or None when it can."""
+        return None
+
+    def graph_outputs(
+        self, images: torch.Tensor, features: dict[int, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """What an exported graph of the member computes from ``images`` (and shared
+        ``features``): by default the whole answer, ``(anomaly_map, pred_score)``. A member whose
+        inference has a part that stays outside the graph (PatchCore's nearest-neighbour search)
+        returns what that part starts from, and finishes in ``finish_graph_outputs``."""
+        out = self(images, features)
+        return out["anomaly_map"], out["pred_score"]
+
+    def finish_graph_outputs(
+        self, outputs: Sequence[torch.Tensor], size: tuple[int, int]
+    ) -> dict[str, torch.Tensor]:
+        """The member's answer from ``graph_outputs``' values (computed by an exported graph)
+        for images of ``size``: by default those values are the answer."""
+        anomaly_map, pred_score = outputs
+        return {"pred_score": pred_score, "anomaly_map": anomaly_map}
 
     def _check_fitted(self) -> None:
         if not bool(self.fitted):
