@@ -14,6 +14,9 @@ Re-running the same command with the same ``--out`` resumes: images done before 
 SHA-256, same hybrid) are skipped. Ctrl-C finishes the current image and stops (a second Ctrl-C
 stops at once); everything done is kept. Exit status: 0 every image predicted, 3 some skipped,
 1 none predicted or a failure, 2 bad configuration, 130 interrupted.
+
+``--runtime onnx`` runs the members' exported graphs (``python -m pipelines.export``) under ONNX
+Runtime on the CPU; fusion and grading are unchanged.
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_device_argument(parser)
     parser.add_argument("--hybrid", help="the hybrid folder")
     parser.add_argument("--out", help="output folder")
+    parser.add_argument(
+        "--runtime",
+        help="torch | onnx: the members' exported graphs under ONNX Runtime (predict.runtime)",
+    )
     parser.add_argument("paths", nargs="+", help="image files and folders")
     return parser.parse_args(argv)
 
@@ -50,6 +57,7 @@ def overrides_from_flags(args: argparse.Namespace) -> list[Flag]:
     """--hybrid and --out as overrides (applied after --set, so they win); paths stay text."""
     flags = [Flag("predict.hybrid", args.hybrid, "--hybrid")] if args.hybrid else []
     flags += [Flag("predict.out", args.out, "--out")] if args.out else []
+    flags += [Flag("predict.runtime", args.runtime, "--runtime")] if args.runtime else []
     return flags + device_flags(args)
 
 
@@ -57,7 +65,8 @@ def overrides_from_flags(args: argparse.Namespace) -> list[Flag]:
 def main(argv: list[str] | None = None) -> int:
     from artifacts.lock import LockHeld, RunLock
     from data.images import IntensityWindow
-    from fusion.hybrid import Hybrid
+    from deploy.runtime import load_hybrid
+    from fusion.persistence import hybrid_id
     from members.device import resolve_device
     from prediction.inputs import expand_inputs
     from prediction.results import (
@@ -68,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         read_stream,
         write_reports,
     )
-    from prediction.run import StopRequest, hybrid_id, predict_files
+    from prediction.run import StopRequest, predict_files
 
     args = parse_args(argv)
     cfg = load_config("predict", args.config, [*args.overrides, *overrides_from_flags(args)])
@@ -93,7 +102,19 @@ def main(argv: list[str] | None = None) -> int:
     except LockHeld as exc:
         raise PipelineError(f"{exc}: wait for it, or choose another --out") from None
     try:
-        hybrid = Hybrid.load(opts["hybrid"], resolve_device(cfg["device"]["accelerator"]))
+        accelerator = cfg["device"]["accelerator"]
+        if opts["runtime"] == "torch":
+            device = resolve_device(accelerator)
+        else:
+            device = "cpu"
+            if accelerator != "cpu":
+                log.warning(
+                    "predict.runtime %s runs the members on the CPU (ONNX Runtime's "
+                    "CPUExecutionProvider); device.accelerator %s is not used",
+                    opts["runtime"],
+                    accelerator,
+                )
+        hybrid = load_hybrid(opts["hybrid"], opts["runtime"], device)
         ref = hybrid_id(opts["hybrid"])
         done = finished(read_stream(out / STREAM_NAME), ref)
         # The intensity window the members were trained with (fitted on their training images),
