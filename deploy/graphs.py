@@ -7,6 +7,9 @@ inside.
 Every graph takes ``images`` ``[B, 3, h, w]`` in [0, 1] at the members' input size; only the
 batch axis is free. A graph that does not use an input (a head whose backbone is shared) does
 not declare it, so a runtime feeds each graph only the inputs it declares.
+
+Also here, what exporting and running share: where an export lives (``export_dir``), its
+description file, the members' refusals, the error and the optional imports.
 """
 
 from __future__ import annotations

@@ -66,8 +66,11 @@ class OnnxMemberSet(MemberSet):
         super().__init__(dict(members), share_backbones=False)
         ort = require("onnxruntime", "predict.runtime onnx")
         options = ort.SessionOptions()
-        # As many threads as PyTorch uses, so both runtimes get the same share of the machine.
+        # As many threads as PyTorch uses, so both runtimes get the same share of the machine;
+        # not spinning once a graph is done: the threads of the next graph and PyTorch's (the
+        # search, fusion) need the cores (spinning halved the member pass on 2 cores).
         options.intra_op_num_threads = torch.get_num_threads()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # errors only: its notes on unused initializers are noise
         self.input_size = tuple(description["input_size"])
         self.backbones: dict[str, tuple[_Graph, list[str]]] = {}

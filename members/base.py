@@ -15,6 +15,11 @@ Members that reconstruct their input (``reconstructs = True``: autoencoder, VAE,
 implement ``reconstruct_images``, which the benchmark's image-quality figures compare with the
 input.
 
+For export (``deploy``), a member's inference splits into what an exported graph computes,
+``graph_outputs`` (by default all of it), and what stays outside, ``finish_graph_outputs`` (by
+default nothing: PatchCore keeps its nearest-neighbour search there); ``export_refusal`` says
+why a member cannot be exported, if it cannot.
+
 Members record their constructor arguments (``hparams``) so a fitted member saves to a folder
 (``member.json`` + ``weights.pt`` + a SHA-256 manifest) and loads back with ``load_member``.
 """

@@ -28,6 +28,10 @@ graph).
 - Anomaly map: the patch distances upsampled to the input and smoothed with a Gaussian of
   sigma ``blur_sigma``. The blur is for the map only: a one-patch defect keeps its full score.
 
+Exported (``deploy``), the graph stops at the patch features; the search, the reweighting, the
+upsampling and the blur run in PyTorch on the graph's output (``finish_graph_outputs``), the same
+code as ``forward`` runs.
+
 With a ``score_aggregation`` other than ``max``, the image score is that aggregation of the map,
 as for other members. Tiled inference (``tiling.inference``) takes the largest per-tile image
 score of a PatchCore (``score_from_tiles = "max"``), since its score is not a function of its map.
