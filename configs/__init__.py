@@ -31,7 +31,7 @@ from typing import Any, get_args, get_origin
 import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent
-PIPELINES = ("benchmark", "ensemble", "predict", "retrain", "tiling_benchmark")
+PIPELINES = ("benchmark", "ensemble", "predict", "retrain", "tiling_benchmark", "export")
 MEMBER_TRAINER_KEY = "trainer"
 # Image sizes: one side (square) or [height, width] (their values are checked by check_values).
 IMAGE_SIZE_KEYS = ("data.image_size", "retrain.image_size")
@@ -55,6 +55,8 @@ CRITERIA = ("composite", "image_auroc", "pixel_auroc", "aupro")
 LABELED_DEFECTS = ("auto", "cross_validate", "never")  # read by pipelines.ensemble only
 # Where benchmark jobs and predict's images run: this machine, or a Ray cluster (the ray section).
 EXECUTORS = ("local", "ray")
+EXPORT_FORMATS = ("onnx", "openvino")  # deploy.export.FORMATS
+RUNTIMES = ("torch", "onnx")  # deploy.runtime.RUNTIMES
 
 # Keys that moved (the hybrid's options became one section that ensemble and retrain share): a
 # file or override naming the old place is told the new one.
@@ -197,6 +199,9 @@ def _key_table(members: tuple[str, ...]) -> Mapping[str, Key]:
         "predict.out": name,
         "predict.overlay_max_side": Key(int, null=True),
         "predict.executor": Key(choices=EXECUTORS),
+        "predict.runtime": Key(choices=RUNTIMES),
+        "export.hybrid": name,
+        "export.format": Key(choices=EXPORT_FORMATS),
         "retrain.normal_dirs": names,
         "retrain.defect_dirs": names,
         "retrain.members": Key(list[str], members),

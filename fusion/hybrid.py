@@ -166,10 +166,10 @@ class Hybrid:
         """``member_outputs`` of several images, those of one member input size in one batch
         through the members (a shared backbone once per batch). Tiled hybrids run image by
         image (each image's tiles are their batches)."""
-        if self.options["tiling"]:
-            return [self.member_outputs(_image_tensor(image), at_image_size) for image in images]
         tensors = [_image_tensor(image) for image in images]
-        inputs = [self._member_input(tensor) for tensor in tensors]
+        if self.options["tiling"]:
+            return [self.member_outputs(tensor, at_image_size) for tensor in tensors]
+        inputs = self.member_inputs(tensors)
         groups: dict[tuple[int, ...], list[int]] = {}
         for k, batch in enumerate(inputs):
             groups.setdefault(tuple(batch.shape), []).append(k)
@@ -208,16 +208,31 @@ class Hybrid:
                 bar.update(len(chunk))
         return outputs
 
-    def _member_input(self, image: torch.Tensor) -> torch.Tensor:
-        """``[1, C, h, w]``: the image at the members' input size (its own where none is set)."""
+    def member_inputs(self, images: Sequence[np.ndarray | torch.Tensor]) -> list[torch.Tensor]:
+        """Each image as the members take it: ``[1, 3, h, w]`` float32 at the members' input
+        size (its own where none is set). Images: ``[H, W]`` or ``[H, W, C]`` arrays or
+        ``[C, H, W]`` tensors; a grey one is resized once and seen as three channels."""
         size = size_pair(self.options["image_size"])
-        batch = image[None]
-        if size is not None and tuple(image.shape[-2:]) != size:
-            # A grey image seen as three channels (stride 0) is resized once.
-            source = batch[:, :1] if image.stride(0) == 0 else batch
-            resized = F.interpolate(source, size=size, mode="bilinear", antialias=True)
-            batch = resized.expand(-1, batch.shape[1], -1, -1)
-        return batch.contiguous()
+        inputs = []
+        for image in images:
+            batch = _image_tensor(image)[None]
+            if size is not None and tuple(batch.shape[-2:]) != size:
+                source = batch[:, :1] if batch.stride(1) == 0 else batch
+                resized = F.interpolate(source, size=size, mode="bilinear", antialias=True)
+                batch = resized.expand(-1, 3, -1, -1)
+            inputs.append(batch.contiguous())
+        return inputs
+
+    def run_members_with(self, member_set: MemberSet) -> Hybrid:
+        """Run the members through ``member_set`` from now on (``deploy``'s ONNX Runtime set, for
+        one): the same members in the same order; fusion and grading are unchanged."""
+        if list(member_set.names) != self.names:
+            raise ValueError(
+                f"the member set runs {list(member_set.names)}; this hybrid's members are "
+                f"{self.names}"
+            )
+        self.member_set = member_set
+        return self
 
     # --- fusion -----------------------------------------------------------------------------
 

@@ -16,11 +16,13 @@ from typing import Any
 import torch
 
 from artifacts.io import (
+    MANIFEST_NAME,
     ArtifactError,
     atomic_folder,
     atomic_joblib_dump,
     atomic_write_json,
     load_joblib_verified,
+    sha256_file,
     verify_manifest,
     write_manifest,
 )
@@ -35,6 +37,11 @@ FUSION_STATE = ("image_fusion", "pixel_fusion")
 GRADING_STATE = ("calibrator", "type_classifier", "grader")
 DESCRIBED_STATE = ("image_threshold", "validation", "grader_report")
 FITTED_STATE = FUSION_STATE + GRADING_STATE + DESCRIBED_STATE
+
+
+def hybrid_id(folder: str | Path) -> str:
+    """What identifies a saved hybrid: the SHA-256 of its manifest (which lists every file's)."""
+    return sha256_file(Path(folder) / MANIFEST_NAME)
 
 
 def save_hybrid(

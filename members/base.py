@@ -15,6 +15,11 @@ Members that reconstruct their input (``reconstructs = True``: autoencoder, VAE,
 implement ``reconstruct_images``, which the benchmark's image-quality figures compare with the
 input.
 
+For export (``deploy``), a member's inference splits into what an exported graph computes,
+``graph_outputs`` (by default all of it), and what stays outside, ``finish_graph_outputs`` (by
+default nothing: PatchCore keeps its nearest-neighbour search there); ``export_refusal`` says
+why a member cannot be exported, if it cannot.
+
 Members record their constructor arguments (``hparams``) so a fitted member saves to a folder
 (``member.json`` + ``weights.pt`` + a SHA-256 manifest) and loads back with ``load_member``.
 """
@@ -25,7 +30,7 @@ import functools
 import inspect
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -231,6 +236,30 @@ class Member(nn.Module):
             return self(images, features)
         finally:
             self.train(was_training)
+
+    # --- export (``deploy``) ----------------------------------------------------------------
+
+    def export_refusal(self) -> str | None:
+        """Why this member's inference cannot run as an exported graph, or None when it can."""
+        return None
+
+    def graph_outputs(
+        self, images: torch.Tensor, features: dict[int, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """What an exported graph of the member computes from ``images`` (and shared
+        ``features``): by default the whole answer, ``(anomaly_map, pred_score)``. A member whose
+        inference has a part that stays outside the graph (PatchCore's nearest-neighbour search)
+        returns what that part starts from, and finishes in ``finish_graph_outputs``."""
+        out = self(images, features)
+        return out["anomaly_map"], out["pred_score"]
+
+    def finish_graph_outputs(
+        self, outputs: Sequence[torch.Tensor], size: tuple[int, int]
+    ) -> dict[str, torch.Tensor]:
+        """The member's answer from ``graph_outputs``' values (computed by an exported graph)
+        for images of ``size``: by default those values are the answer."""
+        anomaly_map, pred_score = outputs
+        return {"pred_score": pred_score, "anomaly_map": anomaly_map}
 
     def _check_fitted(self) -> None:
         if not bool(self.fitted):

@@ -56,16 +56,19 @@ class MemberSet(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        answers = self.member_answers(images)
+        scores = torch.stack([answer["pred_score"] for answer in answers], dim=1)
+        return scores, torch.stack([answer["anomaly_map"][:, 0] for answer in answers], dim=1)
+
+    def member_answers(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Each member's answer to ``images``, in order; a shared backbone runs once."""
         shared: dict[tuple, dict[int, torch.Tensor]] = {}
         for key, extractor in zip(self.group_keys, self.extractors):
             shared[key] = dict(zip(extractor.layers, extractor(images)))
-        maps, scores = [], []
-        for name in self.names:
-            member = self.members[name]
-            out = member.predict(images, shared.get(self.backbone_keys[name]))
-            maps.append(out["anomaly_map"][:, 0])
-            scores.append(out["pred_score"])
-        return torch.stack(scores, dim=1), torch.stack(maps, dim=1)
+        return [
+            self.members[name].predict(images, shared.get(self.backbone_keys[name]))
+            for name in self.names
+        ]
 
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """The member protocol's answer, one channel per member: ``anomaly_map [B, M, H, W]``,

@@ -95,7 +95,10 @@ class PaDiM(Member):
     def compute_anomaly_map(
         self, images: torch.Tensor, features: dict[int, torch.Tensor] | None = None
     ) -> torch.Tensor:
-        if tuple(images.shape[-2:]) != tuple(self.input_size.tolist()):
+        # An export traces one fixed size (checked by deploy against the hybrid's input size);
+        # the buffer is a graph input there, so the comparison cannot run inside the trace.
+        exporting = torch.compiler.is_exporting()
+        if not exporting and tuple(images.shape[-2:]) != tuple(self.input_size.tolist()):
             raise ValueError(
                 f"PaDiM was fitted on {tuple(self.input_size.tolist())} images and keeps "
                 f"statistics per position; got {tuple(images.shape[-2:])} "

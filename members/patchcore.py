@@ -28,6 +28,10 @@ graph).
 - Anomaly map: the patch distances upsampled to the input and smoothed with a Gaussian of
   sigma ``blur_sigma``. The blur is for the map only: a one-patch defect keeps its full score.
 
+Exported (``deploy``), the graph stops at the patch features; the search, the reweighting, the
+upsampling and the blur run in PyTorch on the graph's output (``finish_graph_outputs``), the same
+code as ``forward`` runs.
+
 With a ``score_aggregation`` other than ``max``, the image score is that aggregation of the map,
 as for other members. Tiled inference (``tiling.inference``) takes the largest per-tile image
 score of a PatchCore (``score_from_tiles = "max"``), since its score is not a function of its map.
@@ -36,6 +40,7 @@ score of a PatchCore (``score_from_tiles = "max"``), since its score is not a fu
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -181,13 +186,10 @@ class PatchCore(Member):
         return bank
 
     def _score_patches(
-        self,
-        images: torch.Tensor,
-        features: dict[int, torch.Tensor] | None,
-        image_scores: bool,
+        self, embedding: torch.Tensor, image_scores: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Raw patch distances ``[B, 1, h, w]`` and, if asked, the paper's image scores ``[B]``."""
-        embedding = self.patch_features(images, features)
+        """Raw patch distances ``[B, 1, h, w]`` of patch features ``[B, D, h, w]`` and, if asked,
+        the paper's image scores ``[B]``."""
         b, d, h, w = embedding.shape
         bank = self.memory_bank
         queries = embedding.permute(0, 2, 3, 1).reshape(-1, d)
@@ -212,15 +214,32 @@ class PatchCore(Member):
     def compute_anomaly_map(
         self, images: torch.Tensor, features: dict[int, torch.Tensor] | None = None
     ) -> torch.Tensor:
-        patch_scores, _ = self._score_patches(images, features, image_scores=False)
+        patch_scores, _ = self._score_patches(self.patch_features(images, features), False)
         return self._map(patch_scores, tuple(images.shape[-2:]))
 
     def forward(
         self, images: torch.Tensor, features: dict[int, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
+        return self._answer(self.patch_features(images, features), tuple(images.shape[-2:]))
+
+    def _answer(self, embedding: torch.Tensor, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Score and map of images of ``size`` from their patch features."""
         paper_score = self.score_aggregation == "max"
-        patch_scores, scores = self._score_patches(images, features, image_scores=paper_score)
-        anomaly_map = self._map(patch_scores, tuple(images.shape[-2:]))
+        patch_scores, scores = self._score_patches(embedding, image_scores=paper_score)
+        anomaly_map = self._map(patch_scores, size)
         if scores is None:
             scores = self.compute_anomaly_score(anomaly_map)
         return {"pred_score": scores, "anomaly_map": anomaly_map}
+
+    # The exported graph stops at the patch features: the search runs here, on the member's own
+    # bank and index (exact or HNSW), and so do the reweighting, upsampling and blur.
+    def graph_outputs(
+        self, images: torch.Tensor, features: dict[int, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        return (self.patch_features(images, features),)
+
+    def finish_graph_outputs(
+        self, outputs: Sequence[torch.Tensor], size: tuple[int, int]
+    ) -> dict[str, torch.Tensor]:
+        (embedding,) = outputs
+        return self._answer(embedding.to(self.memory_bank.device), size)

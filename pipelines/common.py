@@ -18,6 +18,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 OWN_ERRORS = {
     "configs",
     "data",
+    "deploy",
     "experiments",
     "members",
     "pipelines",

@@ -16,6 +16,9 @@ stops at once); everything done is kept. ``--executor ray`` shards the images ov
 that each hold the hybrid (the ``ray`` section); a run resumes under either executor. Exit
 status: 0 every image predicted, 3 some skipped, 1 none predicted or a failure, 2 bad
 configuration, 130 interrupted.
+
+``--runtime onnx`` runs the members' exported graphs (``python -m pipelines.export``) under ONNX
+Runtime on the CPU; fusion and grading are unchanged.
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hybrid", help="the hybrid folder")
     parser.add_argument("--out", help="output folder")
     parser.add_argument("--executor", help="local (this process) or ray (predict.executor)")
+    parser.add_argument(
+        "--runtime",
+        help="torch | onnx: the members' exported graphs under ONNX Runtime (predict.runtime)",
+    )
     parser.add_argument("paths", nargs="+", help="image files and folders")
     return parser.parse_args(argv)
 
@@ -55,13 +62,15 @@ def overrides_from_flags(args: argparse.Namespace) -> list[Flag]:
     flags = [Flag("predict.hybrid", args.hybrid, "--hybrid")] if args.hybrid else []
     flags += [Flag("predict.out", args.out, "--out")] if args.out else []
     flags += [Flag("predict.executor", args.executor, "--executor")] if args.executor else []
+    flags += [Flag("predict.runtime", args.runtime, "--runtime")] if args.runtime else []
     return flags + device_flags(args)
 
 
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     from artifacts.lock import LockHeld, RunLock
-    from fusion.hybrid import Hybrid
+    from deploy.runtime import load_hybrid
+    from fusion.persistence import hybrid_id
     from members.device import resolve_device
     from prediction.inputs import expand_inputs
     from prediction.results import (
@@ -73,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         read_stream,
         write_reports,
     )
-    from prediction.run import StopRequest, hybrid_id, hybrid_window, predict_files
+    from prediction.run import StopRequest, hybrid_window, predict_files
 
     args = parse_args(argv)
     cfg = load_config("predict", args.config, [*args.overrides, *overrides_from_flags(args)])
@@ -88,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"predict.{key} must be positive, got {opts[key]}")
     if opts["read_ahead"] < 0:
         raise ConfigError(f"predict.read_ahead must be 0 or more, got {opts['read_ahead']}")
+    if opts["executor"] == "ray" and opts["runtime"] != "torch":
+        raise ConfigError(
+            f"predict.runtime {opts['runtime']} runs in this process only: the Ray actors run "
+            "the members with PyTorch (use predict.executor local, or predict.runtime torch)"
+        )
     if not opts["hybrid"]:
         raise PipelineError("no hybrid given: pass --hybrid DIR (or predict.hybrid)")
     out = Path(opts["out"] or f"predictions-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -98,7 +112,19 @@ def main(argv: list[str] | None = None) -> int:
     except LockHeld as exc:
         raise PipelineError(f"{exc}: wait for it, or choose another --out") from None
     try:
-        hybrid = Hybrid.load(opts["hybrid"], resolve_device(cfg["device"]["accelerator"]))
+        accelerator = cfg["device"]["accelerator"]
+        if opts["runtime"] == "torch":
+            device = resolve_device(accelerator)
+        else:
+            device = "cpu"
+            if accelerator != "cpu":
+                log.warning(
+                    "predict.runtime %s runs the members on the CPU (ONNX Runtime's "
+                    "CPUExecutionProvider); device.accelerator %s is not used",
+                    opts["runtime"],
+                    accelerator,
+                )
+        hybrid = load_hybrid(opts["hybrid"], opts["runtime"], device)
         ref = hybrid_id(opts["hybrid"])
         merge_shards(out)  # what a killed Ray run's actors streamed, whichever executor resumes
         done = finished(read_stream(out / STREAM_NAME), ref)

@@ -16,16 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from artifacts.io import MANIFEST_NAME, fault_point, sha256_file
+from artifacts.io import fault_point
 from prediction.inputs import InputImage, Skipped, read_ahead
 from prediction.results import ResultStream
 
 log = logging.getLogger(__name__)
-
-
-def hybrid_id(folder: str | Path) -> str:
-    """What identifies a saved hybrid: the SHA-256 of its manifest (which lists every file's)."""
-    return sha256_file(Path(folder) / MANIFEST_NAME)
 
 
 class StopRequest:

@@ -2,7 +2,10 @@
 forward alone, of the members' pass, and of the whole hybrid (members, fusion, regions,
 grading; no files written), on the same images, one image at a time and in batches.
 
-    python -m prediction.throughput --hybrid DIR FOLDER [--batch-sizes 1,4]
+    python -m prediction.throughput --hybrid DIR FOLDER [--batch-sizes 1,4] [--runtime onnx]
+
+With ``--runtime onnx`` the members run as their exported graphs under ONNX Runtime (the
+ceiling, a PyTorch backbone pass, is then left out).
 """
 
 from __future__ import annotations
@@ -34,8 +37,6 @@ def measure_throughput(
     """``{"<what>_batch<b>": images/s}``, best of two passes each: the ceiling (the shared
     backbones' forward on the members' inputs; only where members share a backbone), the
     members' pass and the whole hybrid."""
-    from fusion.hybrid import _image_tensor
-
     member_set = hybrid.member_set
 
     def batches(items: Sequence[Any], size: int):
@@ -47,7 +48,7 @@ def measure_throughput(
         def ceiling(items: Sequence[Any], size: int = size) -> None:
             with torch.no_grad():
                 for chunk in batches(items, size):
-                    x = torch.cat([hybrid._member_input(_image_tensor(i)) for i in chunk])
+                    x = torch.cat(hybrid.member_inputs(chunk))
                     for extractor in member_set.extractors:
                         extractor(x.to(member_set.device))
 
@@ -69,20 +70,22 @@ def measure_throughput(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fusion.hybrid import Hybrid
+    from deploy.runtime import RUNTIMES, load_hybrid
     from prediction.inputs import expand_inputs, read_input
 
     parser = argparse.ArgumentParser(prog="python -m prediction.throughput", description=__doc__)
     parser.add_argument("--hybrid", required=True)
     parser.add_argument("--batch-sizes", default="1,4")
+    parser.add_argument("--runtime", default="torch", choices=RUNTIMES)
     parser.add_argument("paths", nargs="+")
     args = parser.parse_args(argv)
     files, _ = expand_inputs(args.paths)
     images = [image for image in map(read_input, files) if isinstance(image, np.ndarray)]
-    hybrid = Hybrid.load(Path(args.hybrid))
+    hybrid = load_hybrid(Path(args.hybrid), args.runtime)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     figures = measure_throughput(hybrid, images, sizes)
-    print(json.dumps({"images": len(images), **{k: round(v, 2) for k, v in figures.items()}}))
+    rounded = {k: round(v, 2) for k, v in figures.items()}
+    print(json.dumps({"images": len(images), "runtime": args.runtime, **rounded}))
     return 0
 
 

@@ -249,6 +249,8 @@ def _choice_cases() -> list[tuple[str, str, str, str, tuple[str, ...]]]:
         ("tiling_benchmark", "tiling_benchmark.member", "foo", members),
         ("benchmark", "benchmark.executor", "dask", configs.EXECUTORS),
         ("predict", "predict.executor", "dask", configs.EXECUTORS),
+        ("predict", "predict.runtime", "tensorrt", configs.RUNTIMES),
+        ("export", "export.format", "tflite", configs.EXPORT_FORMATS),
     ]
 
 
@@ -340,6 +342,8 @@ def test_every_key_has_a_type():
 
 def test_config_choices_equal_the_libraries():
     """configs writes these lists out (their modules are above it or pull in scikit-learn)."""
+    from deploy.export import FORMATS
+    from deploy.runtime import RUNTIMES
     from experiments.selection import CRITERIA
     from fusion.combiners import COMBINERS, LEARNERS
     from fusion.normalizers import NORMALIZERS
@@ -353,6 +357,8 @@ def test_config_choices_equal_the_libraries():
     assert set(configs.OPERATING_POINTS) == set(OPERATING_POINTS)
     assert set(configs.PIXEL_THRESHOLDS) == set(THRESHOLD_METHODS)
     assert set(configs.CRITERIA) == set(CRITERIA) == set(METRICS)
+    assert set(configs.EXPORT_FORMATS) == set(FORMATS)
+    assert set(configs.RUNTIMES) == set(RUNTIMES)
 
 
 def test_accelerator_choices_are_what_fabric_takes():

@@ -4,11 +4,12 @@ Floors, lowest first: ``artifacts`` (atomic writes, manifests, guarded loading: 
 saves and loads through it), ``metrics`` (figures), ``data`` (images, datasets, the generator,
 artifact files), ``members`` and ``tiling`` (detectors and how they run over large images),
 ``grading`` (regions, levels, types), ``fusion`` (the hybrid), ``evaluation`` (scoring
-detectors on labeled splits) and ``prediction`` (applying a hybrid to many images, results
-streamed), ``reporting`` (HTML reports and charts) and ``retraining`` (the scheduled
-retraining: workspace, holdout, one run), ``configs``, ``experiments`` (the benchmark's job
-grid, its runner and ranking), ``pipelines`` (the entry points). Imports inside functions count
-too: hiding one there does not change which floor depends on which.
+detectors on labeled splits), ``deploy`` (members exported as graphs, run under ONNX Runtime)
+and ``prediction`` (applying a hybrid to many images, results streamed), ``reporting`` (HTML
+reports and charts) and ``retraining`` (the scheduled retraining: workspace, holdout, one run),
+``configs``, ``experiments`` (the benchmark's job grid, its runner and ranking), ``pipelines``
+(the entry points). Imports inside functions count too: hiding one there does not change which
+floor depends on which.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ FLOORS = {
     "grading": 3,
     "fusion": 4,
     "evaluation": 5,
+    "deploy": 5,
     "prediction": 5,
     "reporting": 6,
     "retraining": 6,

@@ -37,6 +37,7 @@ PACKAGES = (
     "experiments",
     "prediction",
     "retraining",
+    "deploy",
 )
 
 

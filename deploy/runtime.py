@@ -1,0 +1,155 @@
+"""A saved hybrid run with its members' exported graphs: ONNX Runtime in place of PyTorch.
+
+``load_hybrid(folder, "onnx")`` loads the hybrid as ``Hybrid.load`` does (its members on the
+CPU), checks its ONNX export (files against their manifest, exported from this very hybrid) and
+runs its members through an ``OnnxMemberSet``: each shared backbone's graph once per batch, then
+each member's head graph under ONNX Runtime (CPUExecutionProvider), then what a member keeps
+outside its graph (``Member.finish_graph_outputs``: PatchCore's nearest-neighbour search on its
+own memory bank, the reweighting, upsampling and blur) with PyTorch. Fusion, regions and
+grading are the hybrid's own, unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from artifacts.io import verify_manifest
+from deploy.graphs import (
+    EXPORT_FILE,
+    FORMAT_VERSION,
+    IMAGES,
+    ExportError,
+    export_dir,
+    export_refusals,
+    refusal_text,
+    require,
+)
+from fusion.hybrid import Hybrid
+from fusion.persistence import hybrid_id
+from members.base import Member
+from members.member_set import MemberSet
+
+RUNTIMES = ("torch", "onnx")
+
+
+class _Graph:
+    """One ONNX Runtime session, fed only the inputs its graph declares."""
+
+    def __init__(self, ort: Any, path: Path, options: Any) -> None:
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, {name: feeds[name] for name in self.inputs})
+
+
+class OnnxMemberSet(MemberSet):
+    """A ``MemberSet`` whose members run as their exported ONNX graphs under ONNX Runtime.
+
+    Args:
+        members: the fitted members by name, in order (what stays outside the graphs runs
+            with them, on the CPU).
+        folder: the export folder, holding the graphs ``description`` names.
+        description: the export's ``export.json`` (``deploy.export``).
+    """
+
+    def __init__(
+        self, members: Mapping[str, Member], folder: Path, description: Mapping[str, Any]
+    ) -> None:
+        # The backbones are shared inside the graphs: the torch members need no extractors.
+        super().__init__(dict(members), share_backbones=False)
+        ort = require("onnxruntime", "predict.runtime onnx")
+        options = ort.SessionOptions()
+        # As many threads as PyTorch uses, so both runtimes get the same share of the machine;
+        # not spinning once a graph is done: the threads of the next graph and PyTorch's (the
+        # search, fusion) need the cores (spinning halved the member pass on 2 cores).
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3  # errors only: its notes on unused initializers are noise
+        self.input_size = tuple(description["input_size"])
+        self.backbones: dict[str, tuple[_Graph, list[str]]] = {}
+        self.heads: dict[str, tuple[_Graph, str | None]] = {}
+        for graph in description["graphs"]:
+            session = _Graph(ort, Path(folder) / graph["file"], options)
+            if graph["kind"] == "backbone":
+                self.backbones[Path(graph["file"]).stem] = (session, graph["outputs"])
+            else:
+                self.heads[graph["member"]] = (session, graph["backbone"])
+        if set(self.heads) != set(self.names):
+            raise ExportError(
+                f"{folder}: the export holds graphs of {sorted(self.heads)}; the hybrid's "
+                f"members are {self.names}"
+            )
+
+    def member_answers(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        if tuple(images.shape[-2:]) != self.input_size:
+            raise ValueError(
+                f"the exported graphs take images of {self.input_size[0]} x "
+                f"{self.input_size[1]} (the members' input size), got {tuple(images.shape[-2:])}"
+            )
+        pixels = images.detach().float().cpu().contiguous().numpy()
+        shared = {
+            name: dict(zip(outputs, session.run({IMAGES: pixels})))
+            for name, (session, outputs) in self.backbones.items()
+        }
+        size = self.input_size
+        answers = []
+        for name in self.names:
+            session, backbone = self.heads[name]
+            outputs = session.run({IMAGES: pixels, **shared.get(backbone, {})})
+            tensors = [torch.from_numpy(output) for output in outputs]
+            answers.append(self.members[name].finish_graph_outputs(tensors, size))
+        return answers
+
+
+def read_export(folder: str | Path, format: str, hybrid: Hybrid) -> dict[str, Any]:
+    """The description of the ``format`` export of the hybrid saved in ``folder`` (loaded as
+    ``hybrid``), after its files verified and its identity matched the hybrid's; an
+    ``ExportError`` that says what to do when it is missing, stale or another hybrid's."""
+    folder = Path(folder)
+    target = export_dir(folder, format)
+    command = f"python -m pipelines.export --hybrid {folder} --format {format}"
+    if not (target / EXPORT_FILE).is_file():
+        refusals = export_refusals(hybrid.member_set)
+        if refusals:
+            raise ExportError(f"{folder} has no {format} export: {refusal_text(refusals)}")
+        raise ExportError(f"{folder} has no {format} export in {target}; write it with: {command}")
+    verify_manifest(target)
+    try:
+        description = json.loads((target / EXPORT_FILE).read_text())
+        exported_from = description["hybrid_id"]
+        version = description["format_version"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ExportError(f"{target / EXPORT_FILE}: not an export description ({exc})") from exc
+    if version != FORMAT_VERSION:
+        raise ExportError(f"{target}: export format {version} unsupported; export again: {command}")
+    current = hybrid_id(folder)
+    if exported_from != current:
+        raise ExportError(
+            f"{target} was exported from another hybrid (identity {exported_from[:12]}…; this "
+            f"one is {current[:12]}…): the hybrid changed since; export it again: {command}"
+        )
+    return description
+
+
+def load_hybrid(
+    folder: str | Path, runtime: str = "torch", device: str | torch.device = "cpu"
+) -> Hybrid:
+    """The hybrid saved in ``folder`` with its members run by ``runtime``: ``torch`` on
+    ``device``, or ``onnx``: its ONNX export under ONNX Runtime on the CPU (see the module
+    docstring), refused with the reason when the export is missing, changed or another
+    hybrid's."""
+    if runtime not in RUNTIMES:
+        raise ExportError(f"unknown runtime {runtime!r}; choose one of {RUNTIMES}")
+    if runtime == "torch":
+        return Hybrid.load(folder, device)
+    hybrid = Hybrid.load(folder, "cpu")
+    description = read_export(folder, "onnx", hybrid)
+    graphs = OnnxMemberSet(hybrid.member_set.members, export_dir(folder, "onnx"), description)
+    return hybrid.run_members_with(graphs)
