@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         read_stream,
         write_reports,
     )
-    from prediction.run import StopRequest, hybrid_window, predict_files
+    from prediction.run import StopRequest, hybrid_window, predict_files, predict_options
 
     args = parse_args(argv)
     cfg = load_config("predict", args.config, [*args.overrides, *overrides_from_flags(args)])
@@ -161,13 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                         hybrid_ref=ref,
                         done=done,
                         prepare=window,
-                        overlays=opts["overlays"],
-                        overlay_max_side=opts["overlay_max_side"],
-                        save_maps=opts["save_maps"],
                         stop=stop,
-                        read_ahead_images=opts["read_ahead"],
-                        batch_size=opts["batch_size"],
-                        batch_megapixels=opts["batch_megapixels"],
+                        **predict_options(opts),
                     )
             except KeyboardInterrupt:  # the second Ctrl-C: the current image is dropped
                 counts, interrupted = None, True

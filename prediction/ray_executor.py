@@ -28,6 +28,7 @@ from prediction.run import (
     StopRequest,
     hybrid_window,
     predict_files,
+    predict_options,
     record_missing,
 )
 
@@ -77,7 +78,6 @@ class PredictActor:
 
     def predict(self, files: list[str], done: dict[str, str]) -> PredictionCounts:
         """Predict ``files`` (``done``: path -> SHA-256 of those finished before)."""
-        opts = self.options
         return predict_files(
             self.hybrid,
             [Path(f) for f in files],
@@ -87,13 +87,8 @@ class PredictActor:
             hybrid_ref=self.hybrid_ref,
             done={**done, **self.streamed},
             prepare=self.window,
-            overlays=opts["overlays"],
-            overlay_max_side=opts["overlay_max_side"],
-            save_maps=opts["save_maps"],
             progress=False,
-            read_ahead_images=opts["read_ahead"],
-            batch_size=opts["batch_size"],
-            batch_megapixels=opts["batch_megapixels"],
+            **predict_options(self.options),
         )
 
 

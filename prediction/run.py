@@ -86,6 +86,19 @@ def record_missing(
     return counts
 
 
+def predict_options(section: Mapping[str, Any]) -> dict[str, Any]:
+    """``predict_files``' keywords from the ``predict`` configuration section (overlays, maps,
+    read-ahead, batching), one place for every executor."""
+    return {
+        "overlays": section["overlays"],
+        "overlay_max_side": section["overlay_max_side"],
+        "save_maps": section["save_maps"],
+        "read_ahead_images": section["read_ahead"],
+        "batch_size": section["batch_size"],
+        "batch_megapixels": section["batch_megapixels"],
+    }
+
+
 def predict_files(
     hybrid: Any,
     files: Sequence[Path],

@@ -165,6 +165,7 @@ def test_retrain_builds_its_hybrid_with_every_option_of_the_hybrid_section():
 
     chosen = {
         "combiner": "max",
+        "pixel_combiner": "auto",
         "normalizer": "zscore",
         "learner": "boosting",
         "pixel_threshold": "quantile",
