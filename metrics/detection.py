@@ -2,8 +2,13 @@
 
 Image-level metrics keep every score (there is one per image). Pixel-level metrics must not keep
 full-resolution maps, so they keep pixel scores exactly while there are at most ``max_exact``
-of them and then switch to a shared histogram of ``bins`` bins over the range seen so far,
-widened by half its span on each side (later values outside it count in the edge bins).
+of them and then switch to a shared histogram of about ``bins`` bins. Most bin edges are
+quantiles of the scores seen so far, so each bin holds about as many of them whatever the maps'
+scale: a strictly increasing rescaling of the maps (a rank normalizer, a log) leaves which
+scores share a bin, and so the metrics, unchanged, and a heavy-tailed map is resolved where its
+scores are, not spread over a few bins of a range stretched by its outliers. A twentieth of the
+edges on each side extend evenly over half the range seen, for later values outside it (values
+beyond those count in the edge bins).
 
 Error bound in binned mode: a pair of (normal, defect) pixels whose scores fall in the same bin
 is counted as a tie (1/2). The AUROC error is therefore at most half the fraction of such
@@ -145,20 +150,26 @@ class PixelScores:
             self._switch_to_bins()
 
     def _switch_to_bins(self) -> None:
-        everything = [v for part in self.exact.values() for v in part]
-        low = min(float(v.min()) for v in everything)
-        high = max(float(v.max()) for v in everything)
+        everything = np.concatenate([v for part in self.exact.values() for v in part])
+        low, high = float(everything.min()), float(everything.max())
         span = max(high - low, 1e-12)
-        self.edges = np.linspace(low - span / 2, high + span / 2, self.bins + 1)
-        self.counts = {0: np.zeros(self.bins, np.int64), 1: np.zeros(self.bins, np.int64)}
+        tail = max(self.bins // 20, 1)
+        seen = np.quantile(everything, np.linspace(0.0, 1.0, max(self.bins - 2 * tail, 1) + 1))
+        del everything
+        below = np.linspace(low - span / 2, low, tail + 1)[:-1]
+        above = np.linspace(high, high + span / 2, tail + 1)[1:]
+        self.edges = np.unique(np.concatenate([below, seen, above]))
+        count = len(self.edges) - 1
+        self.counts = {0: np.zeros(count, np.int64), 1: np.zeros(count, np.int64)}
         for label, parts in self.exact.items():
             for values in parts:
                 self._bin(values, label)
         self.exact = {0: [], 1: []}
 
     def _bin(self, values: np.ndarray, label: int) -> None:
-        index = np.clip(np.searchsorted(self.edges, values, side="right") - 1, 0, self.bins - 1)
-        self.counts[label] += np.bincount(index, minlength=self.bins)
+        count = len(self.edges) - 1
+        index = np.clip(np.searchsorted(self.edges, values, side="right") - 1, 0, count - 1)
+        self.counts[label] += np.bincount(index, minlength=count)
 
     def arrays(self, label: int) -> np.ndarray:
         parts = self.exact[label]

@@ -64,6 +64,26 @@ def test_binned_streaming_stays_within_its_stated_bound():
     assert abs(binned.compute() - exact) <= binned.error_bound
 
 
+def test_binned_metrics_do_not_depend_on_the_maps_scale():
+    """A strictly increasing rescaling (here exp, which stretches the top like a kNN distance's
+    outliers) leaves the binned pixel metrics as they are and near the exact ones; bins evenly
+    spread over the stretched range would put most normal pixels in a few bins."""
+    maps, masks = random_maps(seed=2, size=64)
+    maps[:, :, 0, 0] += 40.0  # a few far outliers, as anomaly maps have
+    exact = {}
+    for name in ("pixel_auroc", "aupro"):
+        metric = get_metric(name)
+        metric.update(maps, masks)
+        exact[name] = metric.compute()
+    for rescale in (lambda m: m, np.exp):
+        for name in ("pixel_auroc", "aupro"):
+            binned = get_metric(name, max_exact=2000, bins=2000)
+            for i in range(len(maps)):
+                binned.update(rescale(maps[i : i + 1]), masks[i : i + 1])
+            assert binned.scores.binned
+            assert binned.compute() == pytest.approx(exact[name], abs=2e-3), (name, rescale)
+
+
 def test_aupro_hand_made_cases():
     masks = np.zeros((1, 1, 10, 10), np.float32)
     masks[0, 0, 1:3, 1:3] = 1  # region A: 4 pixels
