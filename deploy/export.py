@@ -94,32 +94,39 @@ def export_hybrid(
     size = member_input_size(hybrid.options)
     specs = graph_specs(hybrid.member_set)
     target = export_dir(folder, format)
-    with atomic_folder(target) as tmp:
-        examples: dict[str, dict[str, torch.Tensor]] = {}
-        for spec in specs:
-            _export_graph(spec, tmp / f"{spec.name}.onnx", size, opset, examples)
-        description = {
-            "format_version": FORMAT_VERSION,
-            "format": format,
-            "hybrid_id": hybrid_id(folder),
-            "members": hybrid.names,
-            "input_size": list(size),
-            "input": f"{IMAGES}: float32 [batch, 3, {size[0]}, {size[1]}], values in [0, 1]",
-            "opset": opset,
-            "exporter": "torch.onnx.export(dynamo=True)",
-            "versions": {
-                "torch": torch.__version__,
-                "onnx": onnx.__version__,
-                "onnxruntime": ort.__version__,
-            },
-            "graphs": [_describe(spec, f"{spec.name}.onnx") for spec in specs],
-            "tolerance": TOLERANCE,
-        }
-        description["parity"] = check_parity(hybrid.member_set, tmp, description)
-        if openvino is not None:
-            description = _to_openvino(openvino, tmp, description)
-        atomic_write_json(tmp / EXPORT_FILE, description)
-        write_manifest(tmp)
+    made_parent = not target.parent.exists()
+    try:
+        with atomic_folder(target) as tmp:
+            examples: dict[str, dict[str, torch.Tensor]] = {}
+            for spec in specs:
+                _export_graph(spec, tmp / f"{spec.name}.onnx", size, opset, examples)
+            description = {
+                "format_version": FORMAT_VERSION,
+                "format": format,
+                "hybrid_id": hybrid_id(folder),
+                "members": hybrid.names,
+                "input_size": list(size),
+                "input": f"{IMAGES}: float32 [batch, 3, {size[0]}, {size[1]}], values in [0, 1]",
+                "opset": opset,
+                "exporter": "torch.onnx.export(dynamo=True)",
+                "versions": {
+                    "torch": torch.__version__,
+                    "onnx": onnx.__version__,
+                    "onnxruntime": ort.__version__,
+                },
+                "graphs": [_describe(spec, f"{spec.name}.onnx") for spec in specs],
+                "tolerance": TOLERANCE,
+            }
+            description["parity"] = check_parity(hybrid.member_set, tmp, description)
+            if openvino is not None:
+                description = _to_openvino(openvino, tmp, description)
+            atomic_write_json(tmp / EXPORT_FILE, description)
+            write_manifest(tmp)
+    except BaseException:
+        # A failed first export leaves no empty ``export/`` behind in the hybrid's folder.
+        if made_parent and target.parent.is_dir() and not any(target.parent.iterdir()):
+            target.parent.rmdir()
+        raise
     return target, description
 
 

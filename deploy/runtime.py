@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from artifacts.io import verify_manifest
+from artifacts.io import MANIFEST_NAME, sha256_file, verify_manifest
 from deploy.graphs import (
     EXPORT_FILE,
     FORMAT_VERSION,
@@ -153,3 +153,13 @@ def load_hybrid(
     description = read_export(folder, "onnx", hybrid)
     graphs = OnnxMemberSet(hybrid.member_set.members, export_dir(folder, "onnx"), description)
     return hybrid.run_members_with(graphs)
+
+
+def results_id(folder: str | Path, runtime: str = "torch") -> str:
+    """What a prediction's results record as the model that made them: the hybrid's identity,
+    and for ``onnx`` also its export's (the graphs' manifest), so results of the two runtimes
+    (equal only within the export's tolerance) never mix in one output folder."""
+    if runtime == "torch":
+        return hybrid_id(folder)
+    graphs = sha256_file(export_dir(folder, runtime) / MANIFEST_NAME)
+    return f"{hybrid_id(folder)}+{runtime}:{graphs}"

@@ -69,8 +69,7 @@ def overrides_from_flags(args: argparse.Namespace) -> list[Flag]:
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     from artifacts.lock import LockHeld, RunLock
-    from deploy.runtime import load_hybrid
-    from fusion.persistence import hybrid_id
+    from deploy.runtime import load_hybrid, results_id
     from members.device import resolve_device
     from prediction.inputs import expand_inputs
     from prediction.results import (
@@ -125,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                     accelerator,
                 )
         hybrid = load_hybrid(opts["hybrid"], opts["runtime"], device)
-        ref = hybrid_id(opts["hybrid"])
+        ref = results_id(opts["hybrid"], opts["runtime"])
         merge_shards(out)  # what a killed Ray run's actors streamed, whichever executor resumes
         done = finished(read_stream(out / STREAM_NAME), ref)
         window = hybrid_window(hybrid)

@@ -130,14 +130,15 @@ def _json_default(obj: Any) -> Any:
 
 
 def finished(entries: Iterable[Mapping[str, Any]], hybrid_id: str) -> dict[str, str]:
-    """path -> SHA-256 of the images already done by the hybrid ``hybrid_id``. Results of another
-    hybrid in the same folder are an error: mixing them would make one report of two models."""
+    """path -> SHA-256 of the images already done by the hybrid ``hybrid_id`` (with its runtime:
+    ``deploy.runtime.results_id``). Results of another hybrid or runtime in the same folder are
+    an error: mixing them would make one report of two models."""
     done: dict[str, str] = {}
     for entry in entries:
         if entry.get("hybrid_id") != hybrid_id:
             raise ResultsError(
-                f"the output folder holds results of another hybrid ({entry.get('hybrid_id')!r}, "
-                f"this one is {hybrid_id!r}): choose a new --out"
+                "the output folder holds results of another hybrid or runtime "
+                f"({entry.get('hybrid_id')!r}, this one is {hybrid_id!r}): choose a new --out"
             )
         if entry.get("sha256"):
             done[entry["path"]] = entry["sha256"]

@@ -109,7 +109,9 @@ def test_exported_members_match_pytorch_on_kolektorsdd(fitted, kolektorsdd_dir):
     _assert_members_agree(load_hybrid(folder, "onnx"), load_hybrid(folder, "torch"), images)
 
 
-def test_predict_with_onnx_runtime_gives_the_torch_scores_and_labels(fitted, panels_dir, tmp_path):
+def test_predict_with_onnx_runtime_gives_the_torch_scores_and_labels(
+    fitted, panels_dir, tmp_path, capsys
+):
     test = panels_dir / "panel" / "test"
     inputs = tmp_path / "inputs"
     inputs.mkdir()
@@ -129,6 +131,10 @@ def test_predict_with_onnx_runtime_gives_the_torch_scores_and_labels(fitted, pan
         found = results["onnx"][name]
         assert found["score"] == pytest.approx(expected["score"], abs=1e-3), name
         assert (found["label"], found["level"]) == (expected["label"], expected["level"]), name
+    # The two runtimes agree only within the export's tolerance: their results never mix.
+    argv = ["--hybrid", str(fitted["folder"]), str(inputs), "--out", str(tmp_path / "torch")]
+    assert predict.main([*argv, "--runtime", "onnx"]) == 1
+    assert "results of another hybrid or runtime" in capsys.readouterr().err
 
 
 def test_onnx_runtime_on_ray_actors_is_refused_with_what_to_do(fitted, tmp_path, capsys):
@@ -185,7 +191,7 @@ def test_a_graph_that_computes_something_else_is_refused(
     monkeypatch.setattr(member_class("fastflow"), "graph_outputs", graph_outputs)
     with pytest.raises(ExportError, match=message):
         export_hybrid(folder)
-    assert not export_dir(folder, "onnx").exists()
+    assert not export_dir(folder, "onnx").parent.exists()  # no empty export/ left behind
 
 
 def test_a_member_that_cannot_be_exported_is_refused_with_the_reason(

@@ -140,7 +140,8 @@ def test_results_of_another_hybrid_are_refused(tiny_run, panels, tmp_path, capsy
     )
     argv = ["--hybrid", tiny_run["hybrid"], "--out", out, panels[0]]
     code, _, err = call(predict.main, argv, capsys)
-    assert code == 1 and "results of another hybrid" in err and "choose a new --out" in err
+    assert code == 1 and "results of another hybrid or runtime" in err
+    assert "choose a new --out" in err
 
 
 def test_a_line_cut_short_by_a_kill_is_dropped(tmp_path):
