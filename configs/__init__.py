@@ -194,6 +194,7 @@ def _key_table(members: tuple[str, ...]) -> Mapping[str, Key]:
         "ensemble.members": Key(list[str], members),
         "ensemble.criterion": Key(choices=CRITERIA),
         "ensemble.labeled_defects": Key(choices=LABELED_DEFECTS),
+        "ensemble.fit_workers": Key(int, null=True),  # null: one per CPU
         "ensemble.name": name,
         "predict.hybrid": name,
         "predict.out": name,
@@ -581,6 +582,7 @@ def check_values(cfg: Mapping[str, Any]) -> None:
     if "ensemble" in cfg:
         _positive(cfg, "ensemble.folds")
         _positive(cfg, "ensemble.top_k")
+        _positive(cfg, "ensemble.fit_workers", allow_none=True)
     if "benchmark" in cfg:
         _positive(cfg, "benchmark.validation_injections")
 

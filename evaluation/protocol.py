@@ -21,6 +21,7 @@ def fit_and_evaluate_hybrid(
     folds: int,
     seed: int,
     batch_size: int = 4,
+    fit_workers: int | None = 1,
 ) -> tuple[Any, dict[str, Any], dict[str, str]]:
     """The saved hybrid, its evaluation on ``test_set`` and the provenance of the figures
     (``fitted_on``, ``scored_on``, ``note``).
@@ -30,7 +31,8 @@ def fit_and_evaluate_hybrid(
     classifier under k-fold cross-validation where ``labeled_defects`` is ``cross_validate``,
     or ``auto`` with at least two defective and two normal test images; otherwise the hybrid is
     fitted on ``samples`` alone and the test split only scores it. ``batch_size``: images per
-    batch through the members.
+    batch through the members; ``fit_workers``: processes fitting the folds' hybrids side by
+    side (None: one per CPU).
     """
     defective = sum(entry.label for entry in test_set.entries)
     injected = f"{len(samples) - n_val_images} injected copies"
@@ -39,7 +41,14 @@ def fit_and_evaluate_hybrid(
     ):
         log.info("labeled test defects: %d-fold cross-validation", folds)
         evaluation, hybrid = cross_validate_hybrid(
-            make_hybrid, samples, test_set, folds, seed, progress=True, batch_size=batch_size
+            make_hybrid,
+            samples,
+            test_set,
+            folds,
+            seed,
+            progress=True,
+            batch_size=batch_size,
+            fit_workers=fit_workers,
         )
         done = evaluation["cross_validation"]["folds"]
         return (

@@ -261,6 +261,7 @@ def cross_validate_hybrid(
     seed: int = 0,
     progress: bool = False,
     batch_size: int = 4,
+    fit_workers: int | None = 1,
 ) -> tuple[dict[str, Any], Any]:
     """Fit on the dataset's own labeled defects without ever scoring an image with a hybrid
     that saw it.
@@ -269,12 +270,14 @@ def cross_validate_hybrid(
     hybrid fitted on ``validation`` (held-out normals and injected defects) plus the other
     folds' images (real defects with their masks and type names); the metrics pool these
     out-of-fold answers. Member outputs are computed once per image and reused by every fold.
-    ``batch_size``: images per batch through the members.
+    ``batch_size``: images per batch through the members. ``fit_workers``: processes fitting
+    the folds' hybrids and the final one side by side (``fusion.fitting.fit_hybrids``).
     Returns ``(evaluation, hybrid)``: ``evaluate_hybrid``'s result with a ``cross_validation``
     entry, and the hybrid to keep, fitted on ``validation`` and the whole split.
     """
     from sklearn.model_selection import StratifiedKFold
-    from tqdm.auto import tqdm
+
+    from fusion.fitting import fit_hybrids
 
     probe = make_hybrid()
     started = time.perf_counter()
@@ -299,10 +302,13 @@ def cross_validate_hybrid(
     splitter = StratifiedKFold(k, shuffle=True, random_state=seed)
     for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
         fold_of[held_out] = fold
-    hybrids = []
-    for fold in tqdm(range(k), desc="folds", disable=not progress):
-        others = [s for s, f in zip(labeled, fold_of) if f != fold]
-        hybrids.append(make_hybrid().fit(validation + others))
+    # The k folds' hybrids, then the one to keep, fitted on everything.
+    sample_sets = [
+        validation + [s for s, f in zip(labeled, fold_of) if f != fold] for fold in range(k)
+    ]
+    *hybrids, final = fit_hybrids(
+        make_hybrid, [*sample_sets, validation + labeled], fit_workers, progress, "fits"
+    )
     evaluation = evaluate_hybrid(
         hybrids[0], dataset, progress, outputs, lambda index: hybrids[fold_of[index]]
     )
@@ -313,7 +319,7 @@ def cross_validate_hybrid(
         "normal_images": int((labels == 0).sum()),
         "types": sorted({d["type"] for s in labeled for d in s["defects"]}),
     }
-    return evaluation, make_hybrid().fit(validation + labeled)
+    return evaluation, final
 
 
 def shared_work_cost(hybrid, images: list[torch.Tensor]) -> dict[str, float]:

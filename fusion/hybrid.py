@@ -497,22 +497,29 @@ class Hybrid:
 
     # --- persistence ------------------------------------------------------------------------
 
-    def save(self, folder: str | Path) -> Path:
-        """Save to a hybrid folder (``fusion.persistence``)."""
+    def fitted_state(self) -> dict[str, Any]:
+        """What ``fit`` learned, by name without the trailing underscore (``FITTED_STATE``):
+        fusion and grading only, never the members."""
         if not hasattr(self, "grader_"):
             raise RuntimeError("the hybrid is not fitted; call fit() first")
-        fitted = {name: getattr(self, f"{name}_") for name in FITTED_STATE}
-        return save_hybrid(folder, self.member_set.members, self.options, fitted)
+        return {name: getattr(self, f"{name}_") for name in FITTED_STATE}
+
+    def set_fitted_state(self, fitted: Mapping[str, Any]) -> Hybrid:
+        """Take the fitted state ``fitted_state`` gave (of a hybrid of the same members)."""
+        for name, value in fitted.items():
+            setattr(self, f"{name}_", value)
+        return self
+
+    def save(self, folder: str | Path) -> Path:
+        """Save to a hybrid folder (``fusion.persistence``)."""
+        return save_hybrid(folder, self.member_set.members, self.options, self.fitted_state())
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> Hybrid:
         """Load a saved hybrid, its members on ``device`` (fusion and grading run on the CPU);
         every file is checked against the manifest first."""
         members, options, fitted = load_hybrid(folder, device)
-        hybrid = cls(members, **options)
-        for name, value in fitted.items():
-            setattr(hybrid, f"{name}_", value)
-        return hybrid
+        return cls(members, **options).set_fitted_state(fitted)
 
 
 def _bilinear_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         opts["folds"],
         cfg["seed"],
         opts["batch_size"],
+        opts["fit_workers"],
     )
     hybrid.save(out_dir / "hybrid")
     log.info("hybrid written to %s", out_dir / "hybrid")

@@ -264,7 +264,8 @@ def test_real_labeled_defects_train_the_hybrid_under_cross_validation(tmp_path):
         == 0
     )
     run_dir = tmp_path / "reports" / "bench"
-    assert ensemble.main(["--from", str(run_dir), "--top-k", "1", "--name", "cv"]) == 0
+    workers = ["--set", "ensemble.fit_workers=2"]
+    assert ensemble.main(["--from", str(run_dir), "--top-k", "1", "--name", "cv", *workers]) == 0
     results = json.loads((run_dir / "cv" / "results.json").read_text())
     assert results["cross_validation"]["folds"] == 5
     assert results["cross_validation"]["types"] == ["dust", "line"]
@@ -275,6 +276,17 @@ def test_real_labeled_defects_train_the_hybrid_under_cross_validation(tmp_path):
     assert grading["n"] >= 12 and grading["n_with_level"] == 0
     assert grading["type_macro_f1"] >= 0.7, grading  # out of fold; chance is about 0.5
     assert results["metrics"]["hybrid"]["image_auroc"] >= 0.8
+    # The six fits (five folds, the final one) ran side by side in two worker processes; one
+    # after another in this process they give the same answers, image by image.
+    in_process = ["--set", "ensemble.fit_workers=1", "--set", "ensemble.unseen_panels=0"]
+    assert (
+        ensemble.main(["--from", str(run_dir), "--top-k", "1", "--name", "cv1", *in_process]) == 0
+    )
+    parallel = (run_dir / "cv" / "scores.csv").read_text()
+    assert parallel == (run_dir / "cv1" / "scores.csv").read_text()
+    one_by_one = Hybrid.load(run_dir / "cv1" / "hybrid")
+    assert one_by_one.image_threshold_ == hybrid.image_threshold_
+    assert one_by_one.calibrator_.threshold_ == hybrid.calibrator_.threshold_
 
 
 def test_an_ensemble_fitted_on_injected_defects_only_scores_the_whole_test_split(run):

@@ -1,0 +1,90 @@
+"""Fitting several hybrids of the same members at once (cross-validation folds and the final fit).
+
+A hybrid's fit (fusion, the region threshold, regions, grading) is mostly single-threaded NumPy
+and SciPy work on every fitting image's full-resolution maps, so the fits of an ensemble's folds
+run side by side in forked worker processes, one CPU each. Forking shares the parent's member
+outputs (the largest data) without copying or pickling them; each worker sends back only the
+fitted state (``Hybrid.fitted_state``), which the parent sets on a hybrid of its own. The seeds
+are the hybrid's own, so the result is the same as fitting one after another.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
+
+from fusion.hybrid import Hybrid
+
+log = logging.getLogger(__name__)
+
+# What a forked worker reads: set by the parent just before forking, so that neither the
+# factory (a closure) nor the samples (gigabytes of maps) are pickled.
+_JOB: dict[str, Any] = {}
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity where the platform tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def fit_workers(requested: int | None, fits: int) -> int:
+    """Worker processes for ``fits`` fits: ``requested``, or None for one per available CPU;
+    never more than the fits, and 1 where processes cannot be forked."""
+    if requested is not None and requested < 1:
+        raise ValueError(f"fit workers must be 1 or more (or None: one per CPU), got {requested}")
+    workers = min(requested or available_cpus(), fits)
+    if workers > 1 and "fork" not in multiprocessing.get_all_start_methods():
+        log.info("this platform cannot fork: fitting %d hybrids one after another", fits)
+        return 1
+    return max(workers, 1)
+
+
+def _fit_in_worker(index: int) -> dict[str, Any]:
+    # One thread per worker: the workers share the CPUs, and OpenMP thread pools inherited
+    # through fork must not be entered again in the child.
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        return _JOB["make_hybrid"]().fit(_JOB["sample_sets"][index]).fitted_state()
+
+
+def fit_hybrids(
+    make_hybrid: Callable[[], Hybrid],
+    sample_sets: Sequence[Sequence[dict[str, Any]]],
+    workers: int | None = None,
+    progress: bool = False,
+    desc: str = "fits",
+) -> list[Hybrid]:
+    """One hybrid from ``make_hybrid()`` fitted on each of ``sample_sets``, in order.
+
+    ``workers``: processes fitting at once (None: one per available CPU; 1: in this process).
+    Each worker holds one fit's working set (the fused maps of its fitting images)."""
+    workers = fit_workers(workers, len(sample_sets))
+    bar = tqdm(total=len(sample_sets), desc=desc, disable=not progress)
+    if workers == 1:
+        fitted = []
+        for samples in sample_sets:
+            fitted.append(make_hybrid().fit(samples))
+            bar.update()
+        bar.close()
+        return fitted
+    _JOB.update(make_hybrid=make_hybrid, sample_sets=sample_sets)
+    try:
+        context = multiprocessing.get_context("fork")
+        with context.Pool(workers, maxtasksperchild=1) as pool:
+            states = []
+            for state in pool.imap(_fit_in_worker, range(len(sample_sets))):
+                states.append(state)
+                bar.update()
+    finally:
+        _JOB.clear()
+        bar.close()
+    return [make_hybrid().set_fitted_state(state) for state in states]
