@@ -487,7 +487,7 @@ class Hybrid:
         if regions and classifier is not None:
             X = self.describer(image, regions)
             proba = classifier.predict_proba(X)
-            names = classifier.predict(X)
+            names = classifier.names_from_proba(proba)
             for region, name, p in zip(regions, names, proba.max(axis=1)):
                 region.type, region.type_confidence = str(name), float(p)
         for region in regions:

@@ -210,6 +210,31 @@ def test_images_batched_through_the_members_get_the_maps_they_get_alone(run):
         assert maps.shape[-2:] == image.shape
 
 
+def test_the_type_classifier_gives_its_forests_probabilities(run):
+    """Grading a panel's regions calls the forest tree by tree (its own call dispatches every
+    tree through joblib): the probabilities and names are the forest's own, on the
+    descriptors of regions the hybrid finds on defective test panels."""
+    hybrid = Hybrid.load(run["out"] / "hybrid")
+    classifier = hybrid.type_classifier_
+    cache = next((run["root"] / "cache").iterdir()) / "panel" / "test"
+    rows = []
+    for path in sorted(p for p in cache.rglob("*.png") if "good" not in p.parts):
+        image = torch.from_numpy(np.asarray(Image.open(path), np.float32) / 65535.0)
+        image = image[None].expand(3, -1, -1)
+        regions = hybrid.predict(image)["regions"]
+        if regions:
+            rows.append(hybrid.describer(image, regions))
+    X = np.concatenate(rows)
+    assert len(X) >= 10
+    proba = classifier.predict_proba(X)
+    np.testing.assert_array_equal(proba, classifier.model_.predict_proba(X))
+    assert len(np.unique(proba.argmax(axis=1))) >= 2  # not one type for everything
+    names = classifier.predict(X)
+    expected = classifier.model_.classes_[proba.argmax(axis=1)].astype(object)
+    expected[proba.max(axis=1) < classifier.confidence_threshold] = "unknown"
+    assert list(names) == list(expected)
+
+
 def test_a_tampered_hybrid_folder_is_refused(run, tmp_path):
     original = run["out"] / "hybrid"
     first, second = Hybrid.load(original), Hybrid.load(original)
