@@ -343,16 +343,15 @@ class PanelGenerator:
             return line if rng.random() < 0.5 else line.T.copy()
         area = rng.uniform(low, high + 1)
         if defect_type == "scratch":
-            # A quadratic Bezier curve: its pixel count grows with its span, so the span is
-            # scaled once from a first rendering to land near the drawn area.
+            # A quadratic Bezier curve: its pixel count grows with its span (about 1.2 px per
+            # px of span, twice that when thick), so a first rendering rescales the span.
             points = rng.uniform(0, 1, (3, 2))
             thick = bool(rng.random() < 0.5)
-            span = area / (2.4 if thick else 1.2)
-            for _ in range(2):
-                span = float(np.clip(span, 4, side - 2))
-                out = self._scratch(points, span, thick)
-                span *= area / out.sum()
-            return out
+            span = float(np.clip(area / (2.4 if thick else 1.2), 4, side - 2))
+            first = self._scratch(points, span, thick)
+            return self._scratch(
+                points, float(np.clip(span * area / first.sum(), 4, side - 2)), thick
+            )
         # particle: a disc with a wobbly edge, its radius from the drawn area
         radius = float(np.clip(np.sqrt(area / np.pi), 0.6, side / 4))
         r = int(radius) + 2
