@@ -522,6 +522,23 @@ def _merge(
             tree[key] = _check_type(value, default, where, source, key_text)
 
 
+def _check_panel_variation(synthetic: Mapping[str, Any]) -> None:
+    """The synthetic panels' spread between panels, in the ranges the generator takes."""
+    checks = (
+        ("gain_pct", 0 <= synthetic["gain_pct"] < 100, "in [0, 100)"),
+        ("panel_variation", 0 <= synthetic["panel_variation"] <= 1, "in [0, 1]"),
+        ("background_mura", synthetic["background_mura"] >= 0, "0 or more"),
+        (
+            "background_mura_semu",
+            0 < synthetic["background_mura_semu"] < 1,
+            "in (0, 1): within spec, below the just-noticeable difference",
+        ),
+    )
+    for key, ok, text in checks:
+        if not ok:
+            raise ConfigError(f"synthetic.{key} must be {text}, got {synthetic[key]}")
+
+
 def _positive(cfg: Mapping[str, Any], path: str, allow_none: bool = False) -> None:
     node: Any = cfg
     for part in path.split("."):
@@ -561,6 +578,7 @@ def check_values(cfg: Mapping[str, Any]) -> None:
     if "synthetic" in cfg:
         for path in ("synthetic.n_train", "synthetic.n_test", "synthetic.size"):
             _positive(cfg, path)
+        _check_panel_variation(cfg["synthetic"])
     if cfg["tiling"]["stride"] > cfg["tiling"]["tile_size"]:
         raise ConfigError(
             f"tiling.stride ({cfg['tiling']['stride']}) is larger than tiling.tile_size "

@@ -65,6 +65,10 @@ def resolve_source(
             defect_fraction=synthetic_cfg["defect_fraction"],
             pixel_pitch_mm=data_cfg["pixel_pitch_mm"],
             level_weights=synthetic_cfg["level_weights"],
+            gain_pct=synthetic_cfg["gain_pct"],
+            panel_variation=synthetic_cfg["panel_variation"],
+            background_mura=synthetic_cfg["background_mura"],
+            background_mura_semu=synthetic_cfg["background_mura_semu"],
         )
         reader = "mvtec"
     else:

@@ -1,9 +1,14 @@
 """Synthetic OLED panels with graded, typed ground truth.
 
 A lit panel is a luminance image: a gray level, a smooth low-frequency non-uniformity of a few
-percent, vignetting, an optional sub-pixel grid, then shot and read noise. Defects of the eight
-default types are multiplicative luminance changes ``I * (1 + a * p)`` with a profile ``p`` in
-[0, 1] and an amplitude ``a``:
+percent, vignetting, an optional sub-pixel grid, then shot and read noise. Panels of a line are
+not alike (all off by default): each panel's luminance is off by up to ``gain_pct`` percent; its
+non-uniformity, vignetting and noise amplitudes are the configured ones times a factor in
+``[1 - panel_variation, 1 + panel_variation]``; and it carries up to ``background_mura`` faint
+mura blemishes within spec (spot, line or area mura below ``background_mura_semu`` SEMU each,
+unlabeled: part of the background). These draws have a random stream of their own, so they do
+not change which defects a panel gets. Defects of the eight default types are multiplicative
+luminance changes ``I * (1 + a * p)`` with a profile ``p`` in [0, 1] and an amplitude ``a``:
 
 - ``spot_mura`` soft round blob; ``line_mura`` soft band; ``area_mura`` large irregular cloud;
 - ``dark_pixel`` / ``bright_pixel`` 1-30 px clusters; ``line_defect`` full or partial row or
@@ -16,7 +21,11 @@ that defect (so ``contrast_pct = 100 * a * mean(p over mask)``), ``area_px``, ``
 ``pixel_pitch_mm``), ``semu`` and ``level`` (SEMU bins for mura, size and contrast rules for the
 others; ``metrics.severity``). Target levels are drawn with ``level_weights`` (uniform by default;
 a production line's mix is mostly faint, near the just-noticeable difference), and size and
-contrast are then chosen to land in that level, so every level occurs for every type.
+contrast are then chosen to land in that level, so every level occurs for every type and the
+drawn mix is the mix the defects get: a mura's SEMU is drawn across its level's band (level 1:
+0.35 to 1 SEMU); a pixel, line, scratch or particle defect gets an area bin and a contrast bin of
+its rule whose rounded-up mean is the level, and an area and a contrast drawn across those bins
+(so a level-1 line is short and faint, a level-1 dark pixel one pixel at low contrast).
 
 ``inject_defects`` puts the same defects into any real defect-free image (contrast relative to
 the local luminance), which gives labeled validation data where real defects are scarce.
@@ -57,6 +66,10 @@ from metrics.severity import (
 SHARP_TYPES = ("dark_pixel", "bright_pixel", "line_defect", "scratch", "particle")
 # SEMU ranges to draw from for each mura level (edges from SEMU_LEVEL_EDGES by default).
 _LOWEST_SEMU, _HIGHEST_SEMU_FACTOR = 0.35, 1.6
+# Area (px) of a sharp defect: the bins of its level rule, from a quarter of the first edge to
+# twice the last; and what each type can be (a cluster of 1-30 px, a line at least 16 px long).
+_LOWEST_AREA_FACTOR, _HIGHEST_AREA_FACTOR = 0.25, 2.0
+_MAX_CLUSTER_PX, _MIN_LINE_PX = 30, 16
 
 
 @dataclass
@@ -74,6 +87,13 @@ class Defect:
 def _rng(seed: int, *keys: int | str) -> np.random.Generator:
     digest = hashlib.sha256(json.dumps([seed, *keys]).encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def _fade(n: int, share: float = 0.2) -> np.ndarray:
+    """1 inside, falling smoothly (smoothstep) to 0 over the outer ``share`` of ``n`` at both
+    ends."""
+    ramp = np.clip((np.minimum(np.arange(n), np.arange(n)[::-1]) + 0.5) / (share * n), 0, 1)
+    return ramp * ramp * (3 - 2 * ramp)
 
 
 def _panel_size(size: int | Sequence[int]) -> tuple[int, int]:
@@ -106,6 +126,10 @@ class PanelGenerator:
         semu_edges: Sequence[float] = SEMU_LEVEL_EDGES,
         level_rules: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
         level_weights: Sequence[float] | None = None,
+        gain_pct: float = 0.0,
+        panel_variation: float = 0.0,
+        background_mura: int = 0,
+        background_mura_semu: float = 0.25,
         seed: int = 0,
     ) -> None:
         unknown = sorted(set(defect_types) - set(DEFECT_TYPES))
@@ -125,6 +149,17 @@ class PanelGenerator:
                     f"sum, got {list(level_weights)}"
                 )
             level_weights = (weights / weights.sum()).tolist()
+        if not 0 <= gain_pct < 100:
+            raise ValueError(f"gain_pct must be in [0, 100), got {gain_pct}")
+        if not 0 <= panel_variation <= 1:
+            raise ValueError(f"panel_variation must be in [0, 1], got {panel_variation}")
+        if background_mura < 0:
+            raise ValueError(f"background_mura must be >= 0, got {background_mura}")
+        if not 0 < background_mura_semu < 1:
+            raise ValueError(
+                f"background_mura_semu must be in (0, 1): within spec, below the just-noticeable "
+                f"difference, got {background_mura_semu}"
+            )
         self.size = _panel_size(size)
         self.gray_level = gray_level
         self.nonuniformity_pct = nonuniformity_pct
@@ -140,12 +175,36 @@ class PanelGenerator:
         self.semu_edges = tuple(semu_edges)
         self.level_rules = dict(DEFAULT_LEVEL_RULES if level_rules is None else level_rules)
         self.level_weights = level_weights
+        self.gain_pct = gain_pct
+        self.panel_variation = panel_variation
+        self.background_mura = background_mura
+        self.background_mura_semu = background_mura_semu
         self.seed = seed
 
     # --- background ----------------------------------------------------------------------
 
-    def background(self, rng: np.random.Generator) -> np.ndarray:
-        """The defect-free panel before noise, float32 ``[H, W]``."""
+    def panel_settings(self, rng: np.random.Generator) -> dict[str, float]:
+        """One panel's own look: luminance ``gain``, ``nonuniformity_pct``, ``vignetting_pct``
+        and ``noise_scale``, drawn within ``gain_pct`` and ``panel_variation`` of the nominal."""
+
+        def spread() -> float:
+            return 1 + self.panel_variation * float(rng.uniform(-1, 1))
+
+        return {
+            "gain": 1 + self.gain_pct / 100 * float(rng.uniform(-1, 1)),
+            "nonuniformity_pct": self.nonuniformity_pct * spread(),
+            "vignetting_pct": self.vignetting_pct * spread(),
+            "noise_scale": spread(),
+        }
+
+    def background(
+        self, rng: np.random.Generator, settings: Mapping[str, float] | None = None
+    ) -> np.ndarray:
+        """The defect-free panel before noise and background mura, float32 ``[H, W]``, with
+        ``settings`` from ``panel_settings`` (None: the nominal ones)."""
+        settings = settings or {}
+        nonuniformity = settings.get("nonuniformity_pct", self.nonuniformity_pct)
+        vignetting = settings.get("vignetting_pct", self.vignetting_pct)
         height, width = self.size
         coarse = ndimage.gaussian_filter(rng.normal(size=(8, 8)), 1.2)
         coarse = coarse / max(np.abs(coarse).max(), 1e-12)
@@ -154,18 +213,37 @@ class PanelGenerator:
         ys = np.linspace(-1, 1, height, dtype=np.float32)[:, None]
         xs = np.linspace(-1, 1, width, dtype=np.float32)[None, :]
         center = rng.uniform(-0.2, 0.2, 2)
-        vignette = (
-            1 - self.vignetting_pct / 100 * ((ys - center[0]) ** 2 + (xs - center[1]) ** 2) / 2
-        )
-        panel = self.gray_level * (1 + self.nonuniformity_pct / 100 * field_) * vignette
+        vignette = 1 - vignetting / 100 * ((ys - center[0]) ** 2 + (xs - center[1]) ** 2) / 2
+        gray = self.gray_level * settings.get("gain", 1.0)
+        panel = gray * (1 + nonuniformity / 100 * field_) * vignette
         if self.subpixel_grid:
             grid = np.ones(width, np.float32)
             grid[2::3] -= self.grid_depth_pct / 100
             panel = panel * grid[None, :]
         return panel.astype(np.float32)
 
-    def add_noise(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        sigma = np.sqrt(self.shot_noise**2 * np.clip(image, 0, None) + self.read_noise**2)
+    def background_blemishes(self, rng: np.random.Generator) -> list[Defect]:
+        """Up to ``background_mura`` faint mura within spec (each below
+        ``background_mura_semu``, at free places of one another): part of a defect-free panel."""
+        occupied = np.zeros(self.size, bool)
+        blemishes = []
+        for _ in range(int(rng.integers(0, self.background_mura + 1))):
+            defect_type = str(rng.choice(MURA_TYPES))
+            profile, mask = self._fitted_profile(defect_type, 1, rng)
+            window = self._place(mask, rng, occupied)
+            if window is None:
+                continue
+            area_mm2 = float(mask.sum()) * self.pixel_pitch_mm**2
+            contrast = rng.uniform(0, self.background_mura_semu) * jnd_contrast(area_mm2)
+            amplitude = self._sign(defect_type, rng) * contrast / 100 / profile[mask].mean()
+            blemishes.append(Defect(defect_type, window, profile, float(amplitude), mask))
+        return blemishes
+
+    def add_noise(
+        self, image: np.ndarray, rng: np.random.Generator, scale: float = 1.0
+    ) -> np.ndarray:
+        """Shot and read noise, their amplitudes times ``scale``."""
+        sigma = scale * np.sqrt(self.shot_noise**2 * np.clip(image, 0, None) + self.read_noise**2)
         noisy = image + sigma * rng.standard_normal(image.shape, dtype=np.float32)
         return np.clip(noisy, 0.0, 1.0).astype(np.float32)
 
@@ -197,8 +275,21 @@ class PanelGenerator:
         low, high = contrast_edges[by_contrast - 1], contrast_edges[by_contrast]
         return float(rng.uniform(low, high * 0.999)), int(math.ceil((by_area + by_contrast) / 2))
 
+    def _area_range(
+        self, defect_type: str, level: int, rng: np.random.Generator
+    ) -> tuple[int, int]:
+        """The integer areas (px, both ends included) of one area bin of the type's rule from
+        which a contrast bin reaches ``level`` (level = ceil((area bin + contrast bin) / 2))."""
+        rule = self.level_rules.get(defect_type, DEFAULT_LEVEL_RULES[defect_type])
+        edges = rule["area_px"]  # a type without a rule (graded by SEMU) keeps the default sizes
+        edges = [_LOWEST_AREA_FACTOR * edges[0], *edges, _HIGHEST_AREA_FACTOR * edges[-1]]
+        area_bin = int(rng.integers(max(1, 2 * level - 6), min(5, 2 * level - 1) + 1))
+        low, high = edges[area_bin - 1], edges[area_bin]
+        return max(1, math.ceil(low)), max(1, math.ceil(high) - 1)
+
     def _profile(self, defect_type: str, level: int, rng: np.random.Generator) -> np.ndarray:
-        """The defect's profile in a window of its own, float32 in [0, 1]."""
+        """The defect's profile in a window of its own, float32 in [0, 1]; a type with a level
+        rule gets an area in one of the rule's area bins that can reach ``level``."""
         height, width = self.size
         side = min(height, width)
         if defect_type == "spot_mura":
@@ -225,9 +316,14 @@ class PanelGenerator:
             ellipse = ((yy - h / 2) / (h / 2)) ** 2 + ((xx - w / 2) / (w / 2)) ** 2
             envelope = np.clip(1.2 - ellipse, 0, 1)
             cloud = ndimage.gaussian_filter(envelope * (0.4 + 0.6 * noise), min(h, w) / 20)
+            # Faded out towards the window's border: a cloud has no edge to detect it by.
+            cloud = cloud * _fade(h)[:, None] * _fade(w)[None, :]
             return (cloud / cloud.max()).astype(np.float32)
+        if defect_type not in SHARP_TYPES:
+            raise ValueError(f"unknown defect type {defect_type!r}")
+        low, high = self._area_range(defect_type, level, rng)
         if defect_type in ("dark_pixel", "bright_pixel"):
-            count = int(np.clip(np.round(np.exp(rng.uniform(0, np.log(30)))), 1, 30))
+            count = int(rng.integers(min(low, _MAX_CLUSTER_PX), min(high, _MAX_CLUSTER_PX) + 1))
             cells = {(0, 0)}
             while len(cells) < count:
                 y, x = list(cells)[rng.integers(len(cells))]
@@ -238,31 +334,45 @@ class PanelGenerator:
             out[ys - ys.min(), xs - xs.min()] = 1
             return out
         if defect_type == "line_defect":
-            full = rng.random() < 0.5
-            length = side if full else int(rng.uniform(0.25, 0.7) * side)
+            # A row or column segment 1-2 px wide and 16 px to the panel's side long whose area
+            # falls in the bin (the nearest length where none does).
             width_px = int(rng.integers(1, 3))
-            line = np.ones((length, width_px), np.float32)
+            shortest = min(max(_MIN_LINE_PX, math.ceil(low / width_px)), side)
+            longest = max(min(side, high // width_px), shortest)
+            line = np.ones((int(rng.integers(shortest, longest + 1)), width_px), np.float32)
             return line if rng.random() < 0.5 else line.T.copy()
+        area = rng.uniform(low, high + 1)
         if defect_type == "scratch":
-            span = int(rng.uniform(0.15, 0.4) * side)
-            p0, p2 = rng.uniform(0, span, 2), rng.uniform(0, span, 2)
-            p1 = rng.uniform(0, span, 2)
-            t = np.linspace(0, 1, 4 * span)[:, None]
-            curve = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
-            out = np.zeros((span + 2, span + 2), np.float32)
-            iy, ix = np.round(curve[:, 0]).astype(int) + 1, np.round(curve[:, 1]).astype(int) + 1
-            out[iy, ix] = 1
-            if rng.random() < 0.5:
-                out = ndimage.binary_dilation(out > 0, np.ones((2, 2), bool)).astype(np.float32)
-            return out
-        if defect_type == "particle":
-            radius = rng.uniform(1.5, 5.5) * max(1.0, side / 256)
-            r = int(radius) + 2
-            yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-            angle = np.arctan2(yy, xx)
-            wobble = 1 + 0.2 * np.sin(3 * angle + rng.uniform(0, 2 * np.pi))
-            return (np.hypot(yy, xx) <= radius * wobble).astype(np.float32)
-        raise ValueError(f"unknown defect type {defect_type!r}")
+            # A quadratic Bezier curve: its pixel count grows with its span (about 1.2 px per
+            # px of span, twice that when thick), so a first rendering rescales the span.
+            points = rng.uniform(0, 1, (3, 2))
+            thick = bool(rng.random() < 0.5)
+            span = float(np.clip(area / (2.4 if thick else 1.2), 4, side - 2))
+            first = self._scratch(points, span, thick)
+            return self._scratch(
+                points, float(np.clip(span * area / first.sum(), 4, side - 2)), thick
+            )
+        # particle: a disc with a wobbly edge, its radius from the drawn area
+        radius = float(np.clip(np.sqrt(area / np.pi), 0.6, side / 4))
+        r = int(radius) + 2
+        yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+        angle = np.arctan2(yy, xx)
+        wobble = 1 + 0.2 * np.sin(3 * angle + rng.uniform(0, 2 * np.pi))
+        return (np.hypot(yy, xx) <= radius * wobble).astype(np.float32)
+
+    @staticmethod
+    def _scratch(points: np.ndarray, span: float, thick: bool) -> np.ndarray:
+        """A quadratic Bezier curve through control ``points`` (in [0, 1]) scaled to ``span``
+        px, one pixel wide or two (``thick``)."""
+        size = int(np.ceil(span)) + 2
+        p0, p1, p2 = points * span
+        t = np.linspace(0, 1, 4 * size)[:, None]
+        curve = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
+        out = np.zeros((size + 1, size + 1), np.float32)
+        out[np.round(curve[:, 0]).astype(int) + 1, np.round(curve[:, 1]).astype(int) + 1] = 1
+        if thick:
+            out = ndimage.binary_dilation(out > 0, np.ones((2, 2), bool)).astype(np.float32)
+        return out
 
     def _sign(self, defect_type: str, rng: np.random.Generator) -> float:
         if defect_type in ("dark_pixel", "particle"):
@@ -270,6 +380,29 @@ class PanelGenerator:
         if defect_type == "bright_pixel":
             return 1.0
         return 1.0 if rng.random() < 0.5 else -1.0
+
+    def _fitted_profile(
+        self, defect_type: str, level: int, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """A profile cut to the panel, and its mask (``p >= 0.5`` soft, ``p > 0`` sharp)."""
+        profile = self._profile(defect_type, level, rng)[: self.size[0], : self.size[1]]
+        return profile, profile >= 0.5 if defect_type not in SHARP_TYPES else profile > 0
+
+    def _place(
+        self, mask: np.ndarray, rng: np.random.Generator, occupied: np.ndarray
+    ) -> tuple[slice, slice] | None:
+        """A window for ``mask`` that does not touch ``occupied`` (then marked, with a 2 px
+        margin), or None after 30 tries."""
+        height, width = self.size
+        ph, pw = mask.shape
+        for _ in range(30):
+            y0 = int(rng.integers(0, height - ph + 1))
+            x0 = int(rng.integers(0, width - pw + 1))
+            window = (slice(y0, y0 + ph), slice(x0, x0 + pw))
+            if not (occupied[window] & mask).any():
+                occupied[window] |= ndimage.binary_dilation(mask, iterations=2)
+                return window
+        return None
 
     def make_defect(
         self,
@@ -285,20 +418,9 @@ class PanelGenerator:
             level = int(rng.integers(1, 6))
         elif level is None:
             level = int(rng.choice(np.arange(1, 6), p=self.level_weights))
-        profile = self._profile(defect_type, level, rng)
-        height, width = self.size
-        ph, pw = profile.shape
-        if ph > height or pw > width:
-            profile = profile[:height, :width]
-            ph, pw = profile.shape
-        mask = profile >= 0.5 if defect_type not in SHARP_TYPES else profile > 0
-        for _ in range(30):
-            y0 = int(rng.integers(0, height - ph + 1))
-            x0 = int(rng.integers(0, width - pw + 1))
-            window = (slice(y0, y0 + ph), slice(x0, x0 + pw))
-            if not (occupied[window] & mask).any():
-                break
-        else:
+        profile, mask = self._fitted_profile(defect_type, level, rng)
+        window = self._place(mask, rng, occupied)
+        if window is None:
             return None
         area_px = int(mask.sum())
         magnitude, level = self._contrast_for_level(defect_type, level, area_px, rng)
@@ -311,7 +433,6 @@ class PanelGenerator:
             magnitude = min(magnitude, max(100 * (0.97 / max(peak, 1e-6) - 1), 0.1))
         mean_profile = float(profile[mask].mean())
         amplitude = sign * magnitude / 100 / mean_profile
-        occupied[window] |= ndimage.binary_dilation(mask, iterations=2)
         return Defect(defect_type, window, profile, amplitude, mask, {"target_level": level})
 
     def _truth(self, defect: Defect, ident: int) -> dict[str, Any]:
@@ -367,9 +488,14 @@ class PanelGenerator:
     def generate(self, index: int, defective: bool, split: str = "test") -> dict[str, Any]:
         """One panel: ``image`` (float32 [H, W] or [H, W, 3] in [0, 1]), ``mask``, ``instances``,
         ``defects`` (truth dicts), ``label``, ``level``, ``background`` (noise-free, without
-        defects) and ``pixel_pitch_mm``."""
+        defects, with its background mura), ``background_mura`` (their truth dicts: not defects),
+        ``settings`` (``panel_settings``) and ``pixel_pitch_mm``."""
         rng = _rng(self.seed, split, index, int(defective))
-        clean = self.background(rng)
+        # The panel's own look from a stream of its own: the defects drawn do not depend on it.
+        look_rng = _rng(self.seed, split, index, int(defective), "look")
+        settings = self.panel_settings(look_rng)
+        clean = self.background(rng, settings)
+        clean, _, _, blemishes = self.apply(clean, self.background_blemishes(look_rng))
         defects: list[Defect] = []
         if defective:
             occupied = np.zeros(self.size, bool)
@@ -381,7 +507,7 @@ class PanelGenerator:
                 if defect is not None:
                     defects.append(defect)
         image, mask, instances, truth = self.apply(clean, defects)
-        image = self.add_noise(image, rng)
+        image = self.add_noise(image, rng, settings["noise_scale"])
         if self.rgb:
             tint = np.array([1.0, 0.98, 1.02], np.float32)
             image = np.clip(image[..., None] * tint, 0, 1)
@@ -393,6 +519,8 @@ class PanelGenerator:
             "label": int(bool(truth)),
             "level": max((d["level"] for d in truth), default=0),
             "background": clean,
+            "background_mura": blemishes,
+            "settings": settings,
             "pixel_pitch_mm": self.pixel_pitch_mm,
         }
 

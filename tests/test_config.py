@@ -282,6 +282,13 @@ def test_choice_errors_name_the_key_the_value_and_the_choices(pipeline, key, val
         ),
         ("benchmark", "benchmark.job_timeout_s=soon", "benchmark.job_timeout_s must be float"),
         ("benchmark", "synthetic.level_weights=[1, a]", "synthetic.level_weights[1] must be"),
+        ("benchmark", "synthetic.gain_pct=-2", "synthetic.gain_pct must be in [0, 100), got -2"),
+        (
+            "benchmark",
+            "synthetic.background_mura_semu=1.5",
+            "synthetic.background_mura_semu must be in (0, 1): within spec",
+        ),
+        ("benchmark", "synthetic.background_mura=2.5", "synthetic.background_mura must be int"),
         ("benchmark", "benchmark.tiling=[true, 3]", "benchmark.tiling[1] must be bool"),
         ("benchmark", "members.patchcore.layers=[2, x]", "members.patchcore.layers[1] must be int"),
         ("benchmark", "seed=null", "seed must be int (like the default 0), got null"),

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from configs import load_config
 from data.datasets import get_dataset
 from data.synthetic import (
+    SHARP_TYPES,
     PanelGenerator,
     PanelSet,
     ensure_synthetic_dataset,
@@ -16,7 +18,30 @@ from data.synthetic import (
     inject_defects,
     write_dataset,
 )
-from metrics.severity import DEFECT_TYPES, MURA_TYPES, jnd_contrast, level_from_semu, semu
+from metrics.severity import (
+    DEFAULT_LEVEL_RULES,
+    DEFECT_TYPES,
+    MURA_TYPES,
+    SEMU_LEVEL_EDGES,
+    jnd_contrast,
+    level_from_semu,
+    semu,
+)
+
+# The synthetic section's keys that are the generator's (the rest say how many panels, where).
+LINE_KEYS = (
+    "level_weights",
+    "gain_pct",
+    "panel_variation",
+    "background_mura",
+    "background_mura_semu",
+)
+
+
+def default_panels(size: int = 256, seed: int = 0, **overrides) -> PanelGenerator:
+    """The embedded default's generator: ``configs/defaults.yaml``'s synthetic section."""
+    synthetic = load_config("benchmark")["synthetic"]
+    return PanelGenerator(size=size, seed=seed, **{k: synthetic[k] for k in LINE_KEYS} | overrides)
 
 
 def test_semu_just_noticeable_contrast_matches_hand_values():
@@ -142,6 +167,120 @@ def test_level_weights_set_the_mix_of_levels():
         PanelGenerator(level_weights=[1, 0, 0])
 
 
+def test_each_drawn_level_is_the_defects_level_so_faint_sharp_defects_exist():
+    # Size and contrast are both chosen for the target level: a level-1 line is short and
+    # faint, a level-1 dark pixel a single pixel at low contrast (before, a line's length alone
+    # put it at level 2 or 3 whatever its contrast, and the faint mix was not the mix drawn).
+    generator = PanelGenerator(size=256, seed=0)
+    for defect_type in DEFECT_TYPES:
+        rng = np.random.default_rng(0)
+        for level in range(1, 6):
+            drawn = [
+                generator.make_defect(defect_type, rng, np.zeros((256, 256), bool), level)
+                for _ in range(40)
+            ]
+            truth = [generator.apply(np.full((256, 256), 0.4), [d])[3][0] for d in drawn]
+            hits = np.mean([t["level"] == level for t in truth])
+            assert hits >= 0.85, (defect_type, level, hits)
+            if level == 1 and defect_type in SHARP_TYPES:
+                rule = DEFAULT_LEVEL_RULES[defect_type]
+                ones = [t for t in truth if t["level"] == 1]
+                assert all(t["area_px"] < rule["area_px"][0] for t in ones), defect_type
+                assert all(abs(t["contrast_pct"]) < rule["contrast_pct"][0] for t in ones)
+
+
+def test_the_default_mix_holds_mostly_panels_whose_only_defects_are_faint():
+    generator = default_panels()
+    worst = [generator.generate_defective(i)["level"] for i in range(150)]
+    share = {level: np.mean([w == level for w in worst]) for level in range(6)}
+    # One or two defects per panel, levels 1-5 drawn 0.43, 0.26, 0.16, 0.09, 0.06: a panel's
+    # worst defect is level 1 with probability about 0.31 and level 1 or 2 about 0.58.
+    assert 0.22 <= share[1] <= 0.40, share
+    assert 0.50 <= share[1] + share[2] <= 0.67, share
+    assert share[0] == 0 and share[5] > 0, share
+
+
+def test_measured_contrast_of_drawn_defects_spans_each_level_band():
+    # Uniform levels, so that every band has as many defects; the default's look around them.
+    generator = default_panels(level_weights=None)
+    measured = defaultdict(list)
+    for i in range(200):
+        sample = generator.generate_defective(i)
+        for defect in sample["defects"]:
+            contrast = measured_contrast(sample, defect)
+            if defect["type"] in MURA_TYPES:
+                measured["mura", defect["level"]].append(semu(contrast, defect["area_mm2"]))
+            elif defect["level"] == 1 and defect["type"] in ("dark_pixel", "line_defect"):
+                measured[defect["type"], 1].append(abs(contrast))
+    bands = {("mura", 1): (0.35, SEMU_LEVEL_EDGES[0]), ("mura", 5): (5.0, 8.0)}
+    bands |= {("mura", k + 2): SEMU_LEVEL_EDGES[k : k + 2] for k in range(3)}
+    bands |= {("dark_pixel", 1): (10.0, 20.0), ("line_defect", 1): (2.5, 5.0)}
+    for key, values in measured.items():
+        low, high = bands[key]
+        width = high - low
+        assert len(values) >= 6, (key, values)
+        # Within the band (sensor noise: 10 % of its width), and across it: the lowest within
+        # its bottom quarter, the highest within its top quarter.
+        assert low - 0.1 * width <= min(values) <= low + 0.25 * width, (key, sorted(values))
+        assert high - 0.25 * width <= max(values) <= high + 0.1 * width, (key, sorted(values))
+    assert {("mura", level) for level in range(1, 6)} <= set(measured)
+
+
+def test_defect_free_panels_vary_within_the_stated_bounds():
+    line = default_panels(size=128)
+    alike = default_panels(size=128, gain_pct=0.0, background_mura=0)  # the same draws otherwise
+    gains, noise, semus = [], [], []
+    for i in range(40):
+        sample, twin = line.generate_normal(i), alike.generate_normal(i)
+        assert sample["label"] == 0 and not sample["mask"].any() and not sample["defects"]
+        # The panel's own luminance, measured against its twin without gain or background mura
+        # (their ratio is the gain times the mura, which cover a small part of the panel).
+        ratio = sample["background"] / twin["background"]
+        gains.append(float(np.median(ratio)))
+        # Its noise, measured against the nominal sensor model.
+        nominal = np.sqrt(line.shot_noise**2 * sample["background"] + line.read_noise**2)
+        noise.append(float(np.std((sample["image"] - sample["background"]) / nominal)))
+        # Each background mura, measured: its region within its box is where the change is at
+        # least half its peak; its SEMU from the change's mean there and the region's area.
+        change = ratio / gains[-1] - 1
+        assert len(sample["background_mura"]) <= line.background_mura
+        for blemish in sample["background_mura"]:
+            x0, y0, x1, y1 = blemish["bbox"]
+            box = change[y0:y1, x0:x1]
+            region = np.abs(box) >= 0.5 * np.abs(box).max()
+            area_mm2 = region.sum() * line.pixel_pitch_mm**2
+            semus.append(semu(100 * box[region].mean(), area_mm2))
+    gains, noise = np.array(gains), np.array(noise)
+    assert np.all(np.abs(gains - 1) <= line.gain_pct / 100) and np.ptp(gains) > 0.06, gains
+    spread = line.panel_variation
+    assert np.all((noise > 1 - spread - 0.05) & (noise < 1 + spread + 0.05)), noise
+    assert noise.max() / noise.min() > 1.3, noise
+    # Background mura are there (about two a panel) and within spec: each below its bound
+    # (5 % for the measurement), not all negligible.
+    assert len(semus) >= 40 and max(semus) <= 1.05 * line.background_mura_semu, semus
+    assert np.percentile(semus, 75) > 0.4 * line.background_mura_semu, semus
+
+
+def test_a_panels_look_does_not_change_its_defects():
+    still = PanelGenerator(size=128, seed=4)
+    varied = PanelGenerator(size=128, seed=4, gain_pct=5, panel_variation=0.3, background_mura=4)
+    for i in range(10):
+        a, b = still.generate_defective(i), varied.generate_defective(i)
+        key = [[(d["type"], d["bbox"], d["level"]) for d in s["defects"]] for s in (a, b)]
+        assert key[0] == key[1] and np.array_equal(a["mask"], b["mask"])
+        assert not np.allclose(a["background"], b["background"])
+
+
+@pytest.mark.parametrize("defect_type", MURA_TYPES)
+def test_soft_defects_fade_out_before_their_window_ends(defect_type):
+    # A cloud with a cut edge would be found by its edge, not its luminance.
+    generator, rng = PanelGenerator(size=256, seed=0), np.random.default_rng(0)
+    for _ in range(10):
+        profile = generator.make_defect(defect_type, rng, np.zeros((256, 256), bool)).profile
+        border = np.concatenate([profile[0], profile[-1], profile[:, 0], profile[:, -1]])
+        assert border.max() < 0.02 * profile.max(), (defect_type, border.max())
+
+
 def test_unseen_panels_come_from_the_dataset_generator_with_another_seed(tmp_path):
     root = write_dataset(
         tmp_path, n_train=2, n_test=2, size=64, seed=0, level_weights=[1, 1, 1, 0, 0]
@@ -174,6 +313,14 @@ def test_bad_parameters_are_errors():
         PanelGenerator(size=8)
     with pytest.raises(ValueError, match="pixel_pitch_mm"):
         PanelGenerator(pixel_pitch_mm=0)
+    with pytest.raises(ValueError, match="gain_pct"):
+        PanelGenerator(gain_pct=-1)
+    with pytest.raises(ValueError, match="panel_variation"):
+        PanelGenerator(panel_variation=1.5)
+    with pytest.raises(ValueError, match="background_mura must"):
+        PanelGenerator(background_mura=-1)
+    with pytest.raises(ValueError, match="background_mura_semu .*within spec"):
+        PanelGenerator(background_mura_semu=1.0)
 
 
 @pytest.mark.slow
