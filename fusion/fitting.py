@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
 import torch
@@ -66,25 +67,28 @@ def fit_hybrids(
     """One hybrid from ``make_hybrid()`` fitted on each of ``sample_sets``, in order.
 
     ``workers``: processes fitting at once (None: one per available CPU; 1: in this process).
-    Each worker holds one fit's working set (the fused maps of its fitting images)."""
+    Each worker holds one fit's working set (the fused maps of its fitting images). The
+    samples must carry their ``member_outputs``: a worker computes nothing through the
+    members and shows no progress of its own."""
     workers = fit_workers(workers, len(sample_sets))
-    bar = tqdm(total=len(sample_sets), desc=desc, disable=not progress)
     if workers == 1:
         fitted = []
-        for samples in sample_sets:
+        for samples in tqdm(sample_sets, desc=desc, disable=not progress):
             fitted.append(make_hybrid().fit(samples))
-            bar.update()
-        bar.close()
         return fitted
     _JOB.update(make_hybrid=make_hybrid, sample_sets=sample_sets)
     try:
+        # The executor forks every worker at the first submit, from this thread, before any
+        # thread of its own runs (a fork from another thread could copy a lock held there);
+        # a worker that dies (out of memory) raises BrokenProcessPool instead of hanging.
         context = multiprocessing.get_context("fork")
-        with context.Pool(workers, maxtasksperchild=1) as pool:
-            states = []
-            for state in pool.imap(_fit_in_worker, range(len(sample_sets))):
-                states.append(state)
-                bar.update()
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = [pool.submit(_fit_in_worker, index) for index in range(len(sample_sets))]
+            for _ in tqdm(
+                as_completed(futures), desc=desc, total=len(futures), disable=not progress
+            ):
+                pass
+            states = [future.result() for future in futures]
     finally:
         _JOB.clear()
-        bar.close()
     return [make_hybrid().set_fitted_state(state) for state in states]

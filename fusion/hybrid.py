@@ -275,6 +275,8 @@ class Hybrid:
             self.member_outputs_many(
                 (to_tensor(s["image"]) for s in missing), progress=progress, desc="validation"
             )
+            if missing
+            else ()
         )
         cache = []
         for sample in samples:
