@@ -166,12 +166,16 @@ def predict_files(
             else:
                 try:
                     quality = panel_quality(item.image)  # as read, before the members' window
-                    result = hybrid.predict(prepared[k], outputs[k], member_maps=False)
+                    # The fused map goes to a file in the output folder, read back in bands.
+                    result = hybrid.predict(
+                        prepared[k], outputs[k], member_maps=False, map_folder=out
+                    )
                 except (ValueError, RuntimeError) as exc:
                     entry.update(status="skipped", error=str(exc))
                 else:
-                    entry.update(_result_entry(item.image, result, quality))
-                    entry.update(write_files(item, result))
+                    with result["anomaly_map"]:
+                        entry.update(_result_entry(item.image, result, quality))
+                        entry.update(write_files(item, result))
             record(item, entry)
             if stop is not None and stop.requested:
                 return
