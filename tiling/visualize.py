@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from artifacts.io import atomic_write_bytes, atomic_write_chunks
-from data.images import to_array
+from data.images import integer_scale, to_array
 
 # Pixels per band when a map or an overlay is read or written band by band: 256 rows of a
 # 2048 px wide image, fewer of a wider one, so that a band's arithmetic takes the same memory.
@@ -153,8 +153,14 @@ def save_heatmap_overlay(
     Images larger than ``max_preview_side`` are written as a downsampled preview (save the map
     itself with ``save_anomaly_map``). The colour scale runs from ``vmin`` to ``vmax`` (the
     map's own range by default). At full size the overlay is blended and written a band of rows
-    at a time: a panel's RGB image would be hundreds of megabytes."""
-    picture = to_array(image)
+    at a time: a panel's RGB image would be hundreds of megabytes; an integer image ``[H, W]``
+    or ``[H, W, 3]`` (a panel as its file holds it) is converted a band at a time too."""
+    rows_of_integers = (
+        isinstance(image, np.ndarray)
+        and np.issubdtype(image.dtype, np.integer)
+        and (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == 3))
+    )
+    picture = image if rows_of_integers else to_array(image)
     heat = anomaly_map if isinstance(anomaly_map, MapOnDisk) else to_array(anomaly_map)
     if heat.ndim != 2:
         raise ValueError(f"anomaly_map must be one channel, got shape {heat.shape}")
@@ -164,7 +170,7 @@ def save_heatmap_overlay(
     scale = min(1.0, max_preview_side / max(height, width))
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
     if size != heat.shape:
-        picture, heat = _resize(picture, size), _resize(np.asarray(heat), size)
+        picture, heat = _resize(to_array(picture), size), _resize(np.asarray(heat), size)
     if picture.ndim == 2:
         picture = picture[..., None]  # grey: the same value in each colour channel
     low = float(heat.min()) if vmin is None else vmin
@@ -175,7 +181,10 @@ def save_heatmap_overlay(
         for start in range(0, size[0], step):
             rows = slice(start, start + step)
             normalized = (heat[rows] - low) / max(high - low, 1e-12)
-            blended = (1 - alpha) * np.clip(picture[rows], 0, 1) + alpha * colormap(normalized)
+            values = picture[rows]
+            if np.issubdtype(values.dtype, np.integer):
+                values = np.divide(values, integer_scale(values.dtype), dtype=np.float32)
+            blended = (1 - alpha) * np.clip(values, 0, 1) + alpha * colormap(normalized)
             yield np.round(blended * 255).astype(np.uint8)
 
     return atomic_write_chunks(path, _png_chunks(size, bands()))
