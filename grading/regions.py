@@ -30,6 +30,7 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from data.images import LazyImage
 from metrics.severity import semu
 from tiling.visualize import MapOnDisk, band_rows
 
@@ -60,9 +61,12 @@ class Region:
 MEASURE_PIXELS = 1 << 22
 
 
-def luminance(image: np.ndarray) -> np.ndarray:
+def luminance(image: np.ndarray | LazyImage) -> np.ndarray | LazyImage:
     """``[H, W]`` float32 luminance of an ``[H, W]``, ``[H, W, C]`` or ``[C, H, W]`` image
-    (float32, not 64: a full panel is 65 megapixels; measurements upcast their window)."""
+    (float32, not 64: a full panel is 65 megapixels; measurements upcast their window); of a
+    ``LazyImage``, a ``LazyImage`` too (converted window by window as it is measured)."""
+    if isinstance(image, LazyImage):
+        return image.luminance()
     image = np.asarray(image, dtype=np.float32)
     if image.ndim == 3:
         channel_axis = 0 if image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3) else -1
@@ -182,14 +186,15 @@ def _shape_features(mask: np.ndarray, image_shape: tuple[int, int]) -> dict[str,
 
 
 def measure_region(
-    lum: np.ndarray,
+    lum: np.ndarray | LazyImage,
     detection: np.ndarray,
     fused_map: np.ndarray | MapOnDisk,
     pixel_pitch_mm: float,
     noise_k: float = 6.0,
     origin: tuple[int, int] = (0, 0),
 ) -> Region:
-    """Measure one detected region on luminance ``lum``: ``detection`` is a boolean mask, the
+    """Measure one detected region on luminance ``lum`` (an array, or a ``LazyImage`` read on
+    windows): ``detection`` is a boolean mask, the
     image's size or a crop of it whose top-left pixel is at ``origin`` (row, column); its
     scores are read from ``fused_map`` (an array or a ``MapOnDisk``) on windows. A region
     whose measuring window exceeds ``MEASURE_PIXELS`` is measured on a coarser grid."""
@@ -273,7 +278,7 @@ def measure_region(
 
 
 def _measure_coarsely(
-    lum: np.ndarray,
+    lum: np.ndarray | LazyImage,
     region: np.ndarray,
     window: tuple[slice, slice],
     fused_map: np.ndarray | MapOnDisk,
@@ -459,7 +464,7 @@ def _detection(fused_map: Any, threshold: float, found: _Components, index: int)
 
 
 def find_regions(
-    image: np.ndarray,
+    image: np.ndarray | LazyImage,
     fused_map: np.ndarray | MapOnDisk,
     threshold: float,
     pixel_pitch_mm: float,
@@ -467,17 +472,19 @@ def find_regions(
     max_regions: int = 50,
 ) -> list[Region]:
     """Measured regions of ``fused_map`` (``[H, W]``; an array, or a ``MapOnDisk`` read a band
-    at a time) at or above ``threshold``, strongest first (at most ``max_regions``). The
-    components are found and cut out a band of rows at a time."""
+    at a time) at or above ``threshold``, strongest first (at most ``max_regions``), measured
+    on ``image`` (an array, or a ``LazyImage`` read on windows). The components are found and
+    cut out a band of rows at a time."""
     if not isinstance(fused_map, MapOnDisk):
         fused_map = np.asarray(fused_map)
         if not np.issubdtype(fused_map.dtype, np.floating):
             fused_map = fused_map.astype(np.float32)
         if fused_map.ndim > 2 and all(side == 1 for side in fused_map.shape[:-2]):
             fused_map = fused_map.reshape(fused_map.shape[-2:])  # not squeeze: 1 px sides stay
-    image = np.asarray(image)
-    if image.ndim == 3 and image.shape[1:] == fused_map.shape and image.shape[0] in (1, 3):
-        image = np.moveaxis(image, 0, -1)  # [C, H, W]; tiny images make the layout ambiguous
+    if not isinstance(image, LazyImage):
+        image = np.asarray(image)
+        if image.ndim == 3 and image.shape[1:] == fused_map.shape and image.shape[0] in (1, 3):
+            image = np.moveaxis(image, 0, -1)  # [C, H, W]; tiny images make it ambiguous
     lum = luminance(image)
     if fused_map.shape != lum.shape:
         raise ValueError(f"map {fused_map.shape} and image {lum.shape} differ in size")
