@@ -246,10 +246,10 @@ class Hybrid:
     ) -> np.ndarray | MapOnDisk:
         """Fused ``[H, W]`` map of member maps ``[M, h, w]``, in row chunks (bounded memory;
         ``rows_per_chunk`` None: ``tiling.visualize.band_rows``, as many pixels per chunk for a
-        wide panel as for a narrow image), written into ``out`` (a new array
-        by default; a ``MapOnDisk`` keeps it out of memory). Maps of another size than
-        ``shape`` (default: their own) are resized bilinearly chunk by chunk, as
-        ``F.interpolate(..., mode="bilinear")`` resizes them whole (to float32 rounding)."""
+        wide panel as for a narrow image), written into ``out`` (a new array by default; a
+        ``MapOnDisk`` keeps it out of memory). Maps of another size than ``shape`` (default:
+        their own) are resized bilinearly chunk by chunk, as ``F.interpolate(...,
+        mode="bilinear")`` resizes them whole (to float32 rounding)."""
         fusion: ScoreFusion = self.pixel_fusion_
         m = maps.shape[0]
         height, width = shape or maps.shape[-2:]

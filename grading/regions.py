@@ -89,9 +89,9 @@ def _window(bbox: tuple[int, int, int, int], margin: int, shape: tuple[int, int]
 def _coarse(
     values: Any, step: int, reduce: str, window: tuple[slice, slice] | None = None
 ) -> np.ndarray:
-    """``values[window]`` (``[H, W]``, whole by default; an array or a ``MapOnDisk``) reduced
-    over ``step x step`` blocks (``"mean"`` or ``"any"``; edge blocks over the pixels they
-    hold), read a band of rows at a time (bounded memory)."""
+    """``values[window]`` (``[H, W]``, whole by default; an array, a ``LazyImage`` or a
+    ``MapOnDisk``) reduced over ``step x step`` blocks (``"mean"`` or ``"any"``; edge blocks
+    over the pixels they hold), read a band of rows at a time (bounded memory)."""
     rows, cols = window or (slice(0, values.shape[0]), slice(0, values.shape[1]))
     if step == 1:  # small regions' backgrounds: no blocks to reduce, and no loop over rows
         return np.asarray(values[rows, cols]).astype(np.float64 if reduce == "mean" else bool)
@@ -194,10 +194,10 @@ def measure_region(
     origin: tuple[int, int] = (0, 0),
 ) -> Region:
     """Measure one detected region on luminance ``lum`` (an array, or a ``LazyImage`` read on
-    windows): ``detection`` is a boolean mask, the
-    image's size or a crop of it whose top-left pixel is at ``origin`` (row, column); its
-    scores are read from ``fused_map`` (an array or a ``MapOnDisk``) on windows. A region
-    whose measuring window exceeds ``MEASURE_PIXELS`` is measured on a coarser grid."""
+    windows): ``detection`` is a boolean mask, the image's size or a crop of it whose top-left
+    pixel is at ``origin`` (row, column); its scores are read from ``fused_map`` (an array or
+    a ``MapOnDisk``) on windows. A region whose measuring window exceeds ``MEASURE_PIXELS`` is
+    measured on a coarser grid."""
     rows, cols = np.flatnonzero(detection.any(axis=1)), np.flatnonzero(detection.any(axis=0))
     detection = detection[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     top, left = origin[0] + rows[0], origin[1] + cols[0]
