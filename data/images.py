@@ -227,7 +227,6 @@ class LazyImage:
         self.channel_mean = channel_mean and raw.ndim == 3
         self.shape = raw.shape[:2] if self.channel_mean else raw.shape
         self.ndim = len(self.shape)
-        self.dtype = np.dtype(np.float32)
 
     def __getitem__(self, key: Any) -> np.ndarray:
         values = self.convert(self.raw[key])
