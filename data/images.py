@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -57,10 +57,14 @@ def _dtype_scale(dtype: np.dtype) -> float:
     return 255.0 if np.dtype(dtype).itemsize == 1 else 65535.0
 
 
-def _from_pil(image: Image.Image, path: Path) -> np.ndarray:
+def _from_pil(image: Image.Image, path: Path, keep_integers: bool = False) -> np.ndarray:
     mode = image.mode
+    if keep_integers and mode in ("I;16", "I;16B", "I;16L", "I;16N", "L", "RGB"):
+        return np.asarray(image, dtype=np.uint8 if mode in ("L", "RGB") else np.uint16)
+    # Integers are converted and scaled in one pass (the same float32 values): a 16-bit panel's
+    # float copy is 262 MB, and a second one for the quotient would double what reading takes.
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        return np.asarray(image, dtype=np.uint16).astype(np.float32) / 65535.0
+        return np.divide(np.asarray(image, dtype=np.uint16), 65535.0, dtype=np.float32)
     if mode == "I":
         array = np.asarray(image, dtype=np.int64)
         if array.max(initial=0) > 65535:
@@ -75,7 +79,7 @@ def _from_pil(image: Image.Image, path: Path) -> np.ndarray:
     if mode == "1":
         return np.asarray(image, dtype=np.float32)
     if mode in ("L",):
-        return np.asarray(image, dtype=np.float32) / 255.0
+        return np.divide(np.asarray(image, dtype=np.uint8), 255.0, dtype=np.float32)
     if mode == "LA":
         return np.asarray(image.getchannel("L"), dtype=np.float32) / 255.0
     if mode == "P":
@@ -93,8 +97,13 @@ def integer_scale(dtype: np.dtype) -> float:
     return float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else 1.0
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Float32 in [0, 1]: ``[H, W]`` for grayscale, ``[H, W, 3]`` for color (alpha dropped)."""
+def read_image(path: str | os.PathLike, keep_integers: bool = False) -> np.ndarray:
+    """Float32 in [0, 1]: ``[H, W]`` for grayscale, ``[H, W, 3]`` for color (alpha dropped).
+
+    ``keep_integers``: 8-bit grey and RGB files and 16-bit grey ones as the file holds them
+    (uint8, uint16: a quarter or half of float32's memory); ``to_array``, an
+    ``IntensityWindow`` or a ``LazyImage`` brings them to the float32 values read without it.
+    Other files are read as float32 either way."""
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: file not found")
@@ -105,7 +114,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     try:
         with Image.open(path) as image:
             image.load()  # decode everything now: truncation must surface here
-            array = _from_pil(image, path)
+            array = _from_pil(image, path, keep_integers)
     except ImageReadError:
         raise
     except UnidentifiedImageError as exc:
@@ -116,6 +125,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         array = array[..., 0]
     if min(array.shape[:2]) < 1:
         raise ImageReadError(f"{path}: image has no pixels {array.shape}")
+    if np.issubdtype(array.dtype, np.integer):
+        return np.ascontiguousarray(array)
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
@@ -194,6 +205,40 @@ def to_array(image: np.ndarray | torch.Tensor) -> np.ndarray:
     if array.ndim == 3 and array.shape[0] in (1, 3):
         array = array.transpose(1, 2, 0)
     return array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array
+
+
+class LazyImage:
+    """An image kept as its file holds it (``read_image(..., keep_integers=True)``: a 16-bit
+    9344 x 7000 panel is 131 MB, its float32 copy 262 MB) and converted only where it is read:
+    ``image[rows, cols]`` is ``convert`` of those pixels (an elementwise map to float32 in [0, 1],
+    an ``IntensityWindow`` by default), ``np.asarray(image)`` converts it whole.
+
+    ``shape`` and indexing are an array's, ``[H, W]`` or ``[H, W, 3]``; ``luminance()`` is the
+    ``[H, W]`` channel mean of a colour image, converted in the same way."""
+
+    def __init__(
+        self,
+        raw: np.ndarray,
+        convert: Callable[[np.ndarray], np.ndarray] | None = None,
+        channel_mean: bool = False,
+    ) -> None:
+        self.raw = raw
+        self.convert = convert or IntensityWindow()
+        self.channel_mean = channel_mean and raw.ndim == 3
+        self.shape = raw.shape[:2] if self.channel_mean else raw.shape
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        values = self.convert(self.raw[key])
+        return values.mean(axis=-1) if self.channel_mean else values
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = self[...]
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+    def luminance(self) -> LazyImage:
+        """The ``[H, W]`` luminance (the channels' mean) of a colour image; itself if grey."""
+        return LazyImage(self.raw, self.convert, channel_mean=True) if self.raw.ndim == 3 else self
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray, bits: int = 8) -> Path:
@@ -412,7 +457,7 @@ class IntensityWindow:
         """``image`` (``[H, W]`` or ``[H, W, C]``) through the window, as float32 in [0, 1]."""
         array = np.asarray(image)
         if np.issubdtype(array.dtype, np.integer):
-            array = array.astype(np.float32) / _dtype_scale(array.dtype)
+            array = np.divide(array, _dtype_scale(array.dtype), dtype=np.float32)
         if self.low == 0.0 and self.high == 1.0:
             return array.astype(np.float32, copy=False)
         out = (array.astype(np.float32) - np.float32(self.low)) * np.float32(

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from sklearn.base import clone
 
-from data.images import size_pair, to_tensor
+from data.images import LazyImage, size_pair, to_tensor
 from fusion.combiners import ScoreFusion
 from fusion.persistence import FITTED_STATE, load_hybrid, save_hybrid
 from grading.describer import RegionDescriber
@@ -49,6 +49,7 @@ from grading.regions import Region, find_regions
 from members.base import Member
 from members.member_set import MemberSet
 from metrics.severity import DEFECT_TYPES
+from tiling.visualize import MapOnDisk, band_rows
 
 
 class Hybrid:
@@ -240,21 +241,27 @@ class Hybrid:
         self,
         maps: np.ndarray,
         shape: tuple[int, int] | None = None,
-        rows_per_chunk: int = 256,
-    ) -> np.ndarray:
-        """Fused ``[H, W]`` map of member maps ``[M, h, w]``, in row chunks (bounded memory).
-        Maps of another size than ``shape`` (default: their own) are resized bilinearly chunk by
-        chunk, as ``F.interpolate(..., mode="bilinear")`` resizes them whole (to float32
-        rounding)."""
+        rows_per_chunk: int | None = None,
+        out: np.ndarray | MapOnDisk | None = None,
+    ) -> np.ndarray | MapOnDisk:
+        """Fused ``[H, W]`` map of member maps ``[M, h, w]``, in row chunks (bounded memory;
+        ``rows_per_chunk`` None: ``tiling.visualize.band_rows``, as many pixels per chunk for a
+        wide panel as for a narrow image), written into ``out`` (a new array by default; a
+        ``MapOnDisk`` keeps it out of memory). Maps of another size than ``shape`` (default:
+        their own) are resized bilinearly chunk by chunk, as ``F.interpolate(...,
+        mode="bilinear")`` resizes them whole (to float32 rounding)."""
         fusion: ScoreFusion = self.pixel_fusion_
         m = maps.shape[0]
         height, width = shape or maps.shape[-2:]
+        rows_per_chunk = rows_per_chunk or band_rows(width)
         resize = (height, width) != tuple(maps.shape[-2:])
         if resize:
             rows = _bilinear_taps(maps.shape[-2], height)
             cols = _bilinear_taps(maps.shape[-1], width)
             maps = maps.astype(np.float32)
-        out = np.empty((height, width), np.float32)
+        out = np.empty((height, width), np.float32) if out is None else out
+        if tuple(out.shape) != (height, width):
+            raise ValueError(f"fuse_map: out is {tuple(out.shape)}, the map {(height, width)}")
         for start in range(0, height, rows_per_chunk):
             stop = min(start + rows_per_chunk, height)
             block = _resize_rows(maps, rows, cols, start, stop) if resize else maps[:, start:stop]
@@ -413,9 +420,11 @@ class Hybrid:
 
     # --- inference --------------------------------------------------------------------------
 
-    def regions(self, image: torch.Tensor, fused: np.ndarray) -> list[Region]:
+    def regions(
+        self, image: torch.Tensor | LazyImage, fused: np.ndarray | MapOnDisk
+    ) -> list[Region]:
         return find_regions(
-            image.numpy(),
+            _regions_image(image),
             fused,
             self.calibrator_.threshold_,
             self.options["pixel_pitch_mm"],
@@ -441,24 +450,33 @@ class Hybrid:
 
     def predict(
         self,
-        image: np.ndarray | torch.Tensor,
+        image: np.ndarray | torch.Tensor | LazyImage,
         member_outputs: tuple[np.ndarray, np.ndarray] | None = None,
         member_maps: bool = True,
+        map_folder: str | Path | None = None,
     ) -> dict[str, Any]:
         """``{"score", "label", "level", "regions": [Region], "anomaly_map": [H, W],
         "member_scores": {name: raw score}, "member_maps": [M, H, W]}`` for one image
         (``member_outputs``: this image's ``member_outputs``, if already computed).
         ``member_maps=False`` keeps the member maps at the members' resolution and leaves them
-        out (``None``): what predict does, so that a full panel's memory stays bounded."""
-        tensor = _image_tensor(image)
-        scores, maps = member_outputs or self.member_outputs(tensor, at_image_size=member_maps)
+        out (``None``): what predict does, so that a full panel's memory stays bounded; so does
+        a ``LazyImage`` (the image as its file holds it, converted window by window). With
+        ``map_folder``, the fused map is a ``MapOnDisk`` in a temporary file there, written and
+        read a band at a time (close it when done), not an array in memory."""
+        # A LazyImage stays one: regions and crops convert only the windows they read.
+        view = image if isinstance(image, LazyImage) else _image_tensor(image)
+        if member_outputs is None:
+            member_outputs = self.member_outputs(_image_tensor(view), at_image_size=member_maps)
+        scores, maps = member_outputs
         score = float(self.image_fusion_.transform(scores[None])[0])
-        fused = self.fuse_map(maps, tuple(tensor.shape[-2:]))
+        shape = tuple(view.shape[:2] if isinstance(view, LazyImage) else view.shape[-2:])
+        out = None if map_folder is None else MapOnDisk(shape, map_folder)
+        fused = self.fuse_map(maps, shape, out=out)
         label = int(score >= self.image_threshold_)
-        regions = self.regions(tensor, fused) if label else []
+        regions = self.regions(view, fused) if label else []
         if label and not regions:
-            regions = self._strongest_region(tensor, fused)
-        self.classify(tensor, regions)
+            regions = self._strongest_region(view, fused)
+        self.classify(view, regions)
         return {
             "score": score,
             "label": label,
@@ -469,21 +487,25 @@ class Hybrid:
             "member_maps": maps if member_maps else None,
         }
 
-    def _strongest_region(self, image: torch.Tensor, fused: np.ndarray) -> list[Region]:
+    def _strongest_region(
+        self, image: torch.Tensor | LazyImage, fused: np.ndarray | MapOnDisk
+    ) -> list[Region]:
         # The image is defective but no pixel reaches the threshold: report the region around
-        # the map's maximum, above halfway between the map's median and its maximum.
+        # the map's maximum, above halfway between the map's median and its maximum (a map on
+        # disk is read whole for it: the median needs every value).
+        fused = np.asarray(fused)
         level = 0.5 * (float(np.median(fused)) + float(fused.max()))
         labels, _ = ndimage.label(fused >= level)
         peak = labels[np.unravel_index(np.argmax(fused), fused.shape)]
         found = find_regions(
-            image.numpy(),
+            _regions_image(image),
             np.where(labels == peak, fused, -np.inf),
             level,
             self.options["pixel_pitch_mm"],
         )
         return found[:1]
 
-    def classify(self, image: torch.Tensor, regions: list[Region]) -> None:
+    def classify(self, image: torch.Tensor | LazyImage, regions: list[Region]) -> None:
         """Set each region's type (and confidence) and level, in place."""
         classifier: TypeClassifier | None = self.type_classifier_
         if regions and classifier is not None:
@@ -549,3 +571,8 @@ def _image_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     three times, not three copies (a panel is 65 megapixels)."""
     grey = image.ndim == 2 or (isinstance(image, torch.Tensor) and image.shape[0] == 1)
     return to_tensor(image, channels=1).expand(3, -1, -1) if grey else to_tensor(image)
+
+
+def _regions_image(image: torch.Tensor | LazyImage) -> np.ndarray | LazyImage:
+    """What ``find_regions`` measures on: a tensor's array (a view), a ``LazyImage`` as it is."""
+    return image if isinstance(image, LazyImage) else image.numpy()

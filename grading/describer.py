@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data.images import LazyImage, to_tensor
 from grading.regions import Region
 from members.backbones import load_backbone
 
@@ -42,23 +43,23 @@ class RegionDescriber:
             load_backbone(backbone, layers, True, weights_dir) if backbone is not None else None
         )
 
-    def __call__(self, image: torch.Tensor, regions: Sequence[Region]) -> np.ndarray:
-        """``[n, d]`` descriptors of ``regions`` found on ``image`` (``[3, H, W]`` tensor)."""
+    def __call__(self, image: torch.Tensor | LazyImage, regions: Sequence[Region]) -> np.ndarray:
+        """``[n, d]`` descriptors of ``regions`` found on ``image`` (``[3, H, W]`` tensor, or a
+        ``LazyImage``, of which only the crops are converted)."""
         rows = np.asarray(
             [[r.features[k] for k in self.MEASUREMENTS] for r in regions], dtype=np.float64
         )
         if self.extractor is None:
             return rows
         crops = []
-        height, width = image.shape[-2:]
+        lazy = isinstance(image, LazyImage)
+        height, width = image.shape[:2] if lazy else image.shape[-2:]
         for r in regions:
             x0, y0, x1, y1 = r.bbox
             margin = max(8, (x1 - x0) // 4, (y1 - y0) // 4)
-            crop = image[
-                :,
-                max(0, y0 - margin) : min(height, y1 + margin),
-                max(0, x0 - margin) : min(width, x1 + margin),
-            ]
+            ys = slice(max(0, y0 - margin), min(height, y1 + margin))
+            xs = slice(max(0, x0 - margin), min(width, x1 + margin))
+            crop = to_tensor(image[ys, xs]) if lazy else image[:, ys, xs]
             crops.append(F.interpolate(crop[None], size=(self.crop_size,) * 2, mode="bilinear"))
         with torch.no_grad():
             maps = self.extractor(torch.cat(crops))

@@ -27,8 +27,12 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
+from data.images import LazyImage
 from metrics.severity import semu
+from tiling.visualize import MapOnDisk, band_rows
 
 
 @dataclass
@@ -57,9 +61,12 @@ class Region:
 MEASURE_PIXELS = 1 << 22
 
 
-def luminance(image: np.ndarray) -> np.ndarray:
+def luminance(image: np.ndarray | LazyImage) -> np.ndarray | LazyImage:
     """``[H, W]`` float32 luminance of an ``[H, W]``, ``[H, W, C]`` or ``[C, H, W]`` image
-    (float32, not 64: a full panel is 65 megapixels; measurements upcast their window)."""
+    (float32, not 64: a full panel is 65 megapixels; measurements upcast their window); of a
+    ``LazyImage``, a ``LazyImage`` too (converted window by window as it is measured)."""
+    if isinstance(image, LazyImage):
+        return image.luminance()
     image = np.asarray(image, dtype=np.float32)
     if image.ndim == 3:
         channel_axis = 0 if image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3) else -1
@@ -79,17 +86,24 @@ def _window(bbox: tuple[int, int, int, int], margin: int, shape: tuple[int, int]
     )
 
 
-def _coarse(values: np.ndarray, step: int, reduce: str) -> np.ndarray:
-    """``values [H, W]`` reduced over ``step x step`` blocks (``"mean"`` or ``"any"``; edge
-    blocks over the pixels they hold), a band of rows at a time (bounded memory)."""
+def _coarse(
+    values: Any, step: int, reduce: str, window: tuple[slice, slice] | None = None
+) -> np.ndarray:
+    """``values[window]`` (``[H, W]``, whole by default; an array, a ``LazyImage`` or a
+    ``MapOnDisk``) reduced over ``step x step`` blocks (``"mean"`` or ``"any"``; edge blocks
+    over the pixels they hold), read a band of rows at a time (bounded memory)."""
+    rows, cols = window or (slice(0, values.shape[0]), slice(0, values.shape[1]))
     if step == 1:  # small regions' backgrounds: no blocks to reduce, and no loop over rows
-        return values.astype(np.float64 if reduce == "mean" else bool)
-    height, width = values.shape
+        return np.asarray(values[rows, cols]).astype(np.float64 if reduce == "mean" else bool)
+    width = cols.stop - cols.start
     starts = np.arange(0, width, step)
     widths = np.diff(np.append(starts, width))
-    out = np.empty((-(-height // step), len(starts)), np.float64 if reduce == "mean" else bool)
-    for row, start in enumerate(range(0, height, step)):
-        band = values[start : start + step]
+    out = np.empty(
+        (-(-(rows.stop - rows.start) // step), len(starts)),
+        np.float64 if reduce == "mean" else bool,
+    )
+    for row, start in enumerate(range(rows.start, rows.stop, step)):
+        band = values[start : min(start + step, rows.stop), cols]
         if reduce == "mean":
             sums = np.add.reduceat(band.sum(axis=0, dtype=np.float64), starts)
             out[row] = sums / (widths * band.shape[0])
@@ -172,16 +186,18 @@ def _shape_features(mask: np.ndarray, image_shape: tuple[int, int]) -> dict[str,
 
 
 def measure_region(
-    lum: np.ndarray,
+    lum: np.ndarray | LazyImage,
     detection: np.ndarray,
-    fused_map: np.ndarray,
+    fused_map: np.ndarray | MapOnDisk,
     pixel_pitch_mm: float,
     noise_k: float = 6.0,
     origin: tuple[int, int] = (0, 0),
 ) -> Region:
-    """Measure one detected region on luminance ``lum``: ``detection`` is a boolean mask, the
-    image's size or a crop of it whose top-left pixel is at ``origin`` (row, column). A region
-    whose measuring window exceeds ``MEASURE_PIXELS`` is measured on a coarser grid."""
+    """Measure one detected region on luminance ``lum`` (an array, or a ``LazyImage`` read on
+    windows): ``detection`` is a boolean mask, the image's size or a crop of it whose top-left
+    pixel is at ``origin`` (row, column); its scores are read from ``fused_map`` (an array or
+    a ``MapOnDisk``) on windows. A region whose measuring window exceeds ``MEASURE_PIXELS`` is
+    measured on a coarser grid."""
     rows, cols = np.flatnonzero(detection.any(axis=1)), np.flatnonzero(detection.any(axis=0))
     detection = detection[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     top, left = origin[0] + rows[0], origin[1] + cols[0]
@@ -192,11 +208,14 @@ def measure_region(
     sigma = max(4.0, float(short_side))
     window = _window(bbox, int(3 * sigma) + 2, lum.shape)
     window_shape = (window[0].stop - window[0].start, window[1].stop - window[1].start)
-    region = np.zeros(window_shape, bool)
-    region[
-        top - window[0].start : bbox[2] - window[0].start,
-        left - window[1].start : bbox[3] - window[1].start,
-    ] = detection
+    if window_shape == detection.shape:  # a detection spanning the image: no copy of it
+        region = detection
+    else:
+        region = np.zeros(window_shape, bool)
+        region[
+            top - window[0].start : bbox[2] - window[0].start,
+            left - window[1].start : bbox[3] - window[1].start,
+        ] = detection
     if region.size > MEASURE_PIXELS:
         return _measure_coarsely(lum, region, window, fused_map, pixel_pitch_mm, noise_k)
     detection_area = int(np.count_nonzero(detection))
@@ -259,10 +278,10 @@ def measure_region(
 
 
 def _measure_coarsely(
-    lum: np.ndarray,
+    lum: np.ndarray | LazyImage,
     region: np.ndarray,
     window: tuple[slice, slice],
-    fused_map: np.ndarray,
+    fused_map: np.ndarray | MapOnDisk,
     pixel_pitch_mm: float,
     noise_k: float,
 ) -> Region:
@@ -271,9 +290,9 @@ def _measure_coarsely(
     to match; its scores are read at full resolution."""
     step = math.ceil(math.sqrt(region.size / MEASURE_PIXELS))
     coarse = measure_region(
-        _coarse(lum[window], step, "mean"),
+        _coarse(lum, step, "mean", window),
         _coarse(region, step, "any"),
-        _coarse(fused_map[window], step, "mean"),
+        _coarse(fused_map, step, "mean", window),
         pixel_pitch_mm * step,
         noise_k,
     )
@@ -285,10 +304,16 @@ def _measure_coarsely(
     )
     mask = np.repeat(np.repeat(coarse.mask, step, axis=0), step, axis=1)
     mask = mask[: bottom - top, : right - left]
-    local_map = fused_map[window]
     count = int(np.count_nonzero(region))
-    score = float(np.max(local_map, where=region, initial=-np.inf))
-    mean_score = float(np.sum(local_map, where=region, dtype=np.float64) / count)
+    score, total = -np.inf, 0.0
+    rows_per_band = band_rows(region.shape[1])
+    for start in range(0, region.shape[0], rows_per_band):
+        inside = region[start : start + rows_per_band]
+        rows = slice(window[0].start + start, window[0].start + start + len(inside))
+        scores = fused_map[rows, window[1]]
+        score = max(score, float(np.max(scores, where=inside, initial=-np.inf)))
+        total += float(np.sum(scores, where=inside, dtype=np.float64))
+    mean_score = total / count
     # What the blocks found, if small (a particle on a panel-wide detection), is measured again
     # pixel by pixel: its blocks, grown by one block, are the detection.
     grown = ndimage.binary_dilation(np.pad(mask, step), iterations=step)
@@ -327,57 +352,147 @@ def _measure_coarsely(
     )
 
 
+@dataclass
+class _Components:
+    """The connected components of a map at or above a threshold, found a band of rows at a
+    time, numbered as ``ndimage.label`` numbers them on the whole map (in the raster order of
+    their first pixel): each one's ``peaks``, ``sizes`` and ``boxes`` (``[row0, col0, row1,
+    col1]``, exclusive ends); ``of_label`` gives, for each band's own labels in turn (label 1 of
+    the first band, ..., label 1 of the second band, ...), the component it belongs to, and
+    ``offsets`` where each band's labels begin in it; ``rows``: the bands' height."""
+
+    peaks: np.ndarray
+    sizes: np.ndarray
+    boxes: np.ndarray
+    of_label: np.ndarray
+    offsets: list[int]
+    rows: int
+
+
+def _band_labels(band: np.ndarray, threshold: float) -> np.ndarray:
+    """``ndimage.label`` of one band of rows (the 4-connected default, as on the whole map)."""
+    return ndimage.label(band >= threshold)[0]
+
+
+def _components(fused_map: Any, threshold: float) -> _Components:
+    """``_Components`` of ``fused_map >= threshold`` (an array or a ``MapOnDisk``). Memory is a
+    band's labels and a few numbers per component, not a label image the map's size (262 MB
+    for a panel)."""
+    height, width = fused_map.shape
+    step = band_rows(width)
+    peaks, sizes, boxes, offsets, links = [], [], [], [], []
+    total, last_row = 0, None
+    for start in range(0, height, step):
+        band = fused_map[start : start + step]
+        labels = _band_labels(band, threshold)
+        count = int(labels.max(initial=0))
+        where = np.flatnonzero(labels)
+        ids = labels.ravel()[where]
+        # Per label from its pixels sorted by label (np.maximum.at is several times slower);
+        # a stable sort keeps each label's pixels in raster order.
+        order = np.argsort(ids, kind="stable")
+        ids, where = ids[order], where[order]
+        firsts = np.flatnonzero(np.diff(ids, prepend=0))
+        scores = band.ravel()[where]
+        rows, cols = np.divmod(where, width)
+        if count:
+            peaks.append(np.maximum.reduceat(scores, firsts))
+            sizes.append(np.diff(np.append(firsts, len(ids))))
+            ends = np.append(firsts[1:], len(ids)) - 1
+            boxes.append(
+                np.stack(
+                    [
+                        start + rows[firsts],
+                        np.minimum.reduceat(cols, firsts),
+                        start + rows[ends] + 1,
+                        np.maximum.reduceat(cols, firsts) + 1,
+                    ],
+                    axis=1,
+                )
+            )
+        # Labels of this band touching those of the band above across their shared edge are
+        # one component.
+        first_row = np.where(labels[0] > 0, labels[0] + total, 0)
+        if last_row is not None:
+            touch = (last_row > 0) & (first_row > 0)
+            links.append(np.stack([last_row[touch], first_row[touch]]) - 1)
+        last_row = np.where(labels[-1] > 0, labels[-1] + total, 0)
+        offsets.append(total)
+        total += count
+    if total == 0:
+        empty = np.zeros(0, np.int64)
+        return _Components(np.zeros(0), empty, np.zeros((0, 4), np.int64), empty, offsets, step)
+    pairs = np.concatenate(links, axis=1) if links else np.zeros((2, 0), np.int64)
+    graph = coo_matrix((np.ones(pairs.shape[1]), (pairs[0], pairs[1])), shape=(total, total))
+    _, component = connected_components(graph, directed=False)
+    # Numbered by their first label, which holds their first pixel in raster order.
+    _, first_label = np.unique(component, return_index=True)
+    rank = np.empty(len(first_label), np.int64)
+    rank[np.argsort(first_label)] = np.arange(len(first_label))
+    of_label = rank[component]
+    count = len(first_label)
+    label_peaks, label_boxes = np.concatenate(peaks), np.concatenate(boxes)
+    merged_peaks = np.full(count, -np.inf)
+    np.maximum.at(merged_peaks, of_label, label_peaks)
+    merged_boxes = np.empty((count, 4), np.int64)
+    merged_boxes[:, :2] = np.iinfo(np.int64).max
+    merged_boxes[:, 2:] = -1
+    np.minimum.at(merged_boxes[:, 0], of_label, label_boxes[:, 0])
+    np.minimum.at(merged_boxes[:, 1], of_label, label_boxes[:, 1])
+    np.maximum.at(merged_boxes[:, 2], of_label, label_boxes[:, 2])
+    np.maximum.at(merged_boxes[:, 3], of_label, label_boxes[:, 3])
+    merged_sizes = np.bincount(of_label, np.concatenate(sizes), count).astype(np.int64)
+    return _Components(merged_peaks, merged_sizes, merged_boxes, of_label, offsets, step)
+
+
+def _detection(fused_map: Any, threshold: float, found: _Components, index: int) -> np.ndarray:
+    """Component ``index``'s pixels within its box (a crop, not a mask the map's size): the
+    bands it spans labelled again as when it was found, their labels read as components."""
+    row0, col0, row1, col1 = (int(v) for v in found.boxes[index])
+    detection = np.empty((row1 - row0, col1 - col0), bool)
+    for band in range(row0 // found.rows, (row1 - 1) // found.rows + 1):
+        start = band * found.rows
+        labels = _band_labels(fused_map[start : start + found.rows], threshold)
+        offset = found.offsets[band]
+        # Label 0 (background) reads as component -1.
+        lookup = np.concatenate([[-1], found.of_label[offset : offset + int(labels.max())]])
+        top, bottom = max(row0, start), min(row1, start + len(labels))
+        detection[top - row0 : bottom - row0] = (
+            lookup[labels[top - start : bottom - start, col0:col1]] == index
+        )
+    return detection
+
+
 def find_regions(
-    image: np.ndarray,
-    fused_map: np.ndarray,
+    image: np.ndarray | LazyImage,
+    fused_map: np.ndarray | MapOnDisk,
     threshold: float,
     pixel_pitch_mm: float,
     min_area_px: int = 1,
     max_regions: int = 50,
 ) -> list[Region]:
-    """Measured regions of ``fused_map`` (``[H, W]``) at or above ``threshold``, strongest first
-    (at most ``max_regions``)."""
-    fused_map = np.asarray(fused_map)
-    if not np.issubdtype(fused_map.dtype, np.floating):
-        fused_map = fused_map.astype(np.float32)
-    if fused_map.ndim > 2 and all(side == 1 for side in fused_map.shape[:-2]):
-        fused_map = fused_map.reshape(fused_map.shape[-2:])  # not squeeze: a 1 px side stays
-    image = np.asarray(image)
-    if image.ndim == 3 and image.shape[1:] == fused_map.shape and image.shape[0] in (1, 3):
-        image = np.moveaxis(image, 0, -1)  # [C, H, W]; tiny images make the layout ambiguous
+    """Measured regions of ``fused_map`` (``[H, W]``; an array, or a ``MapOnDisk`` read a band
+    at a time) at or above ``threshold``, strongest first (at most ``max_regions``), measured
+    on ``image`` (an array, or a ``LazyImage`` read on windows). The components are found and
+    cut out a band of rows at a time."""
+    if not isinstance(fused_map, MapOnDisk):
+        fused_map = np.asarray(fused_map)
+        if not np.issubdtype(fused_map.dtype, np.floating):
+            fused_map = fused_map.astype(np.float32)
+        if fused_map.ndim > 2 and all(side == 1 for side in fused_map.shape[:-2]):
+            fused_map = fused_map.reshape(fused_map.shape[-2:])  # not squeeze: 1 px sides stay
+    if not isinstance(image, LazyImage):
+        image = np.asarray(image)
+        if image.ndim == 3 and image.shape[1:] == fused_map.shape and image.shape[0] in (1, 3):
+            image = np.moveaxis(image, 0, -1)  # [C, H, W]; tiny images make it ambiguous
     lum = luminance(image)
     if fused_map.shape != lum.shape:
         raise ValueError(f"map {fused_map.shape} and image {lum.shape} differ in size")
-    labels, count = ndimage.label(fused_map >= threshold)
-    if count == 0:
-        return []
-    # Peak and size of each component from its pixels, a band of rows at a time
-    # (ndimage.maximum sorts the whole map: seconds and gigabytes on a panel).
-    peaks = np.full(count + 1, -np.inf)
-    sizes = np.zeros(count + 1, np.int64)
-    for start in range(0, labels.shape[0], 256):
-        band = labels[start : start + 256]
-        where = np.flatnonzero(band)
-        ids = band.ravel()[where]
-        # Maxima per id from the ids sorted (np.maximum.at is several times slower).
-        order = np.argsort(ids, kind="stable")
-        ids, scores = ids[order], fused_map[start : start + 256].ravel()[where][order]
-        firsts = np.flatnonzero(np.diff(ids, prepend=-1))
-        if firsts.size:
-            present = ids[firsts]
-            peaks[present] = np.maximum(peaks[present], np.maximum.reduceat(scores, firsts))
-        sizes += np.bincount(ids, minlength=count + 1)
-    peaks, sizes = peaks[1:], sizes[1:]
-    order = [i for i in np.argsort(-peaks) if sizes[i] >= min_area_px][:max_regions]
-    boxes = ndimage.find_objects(labels)
+    found = _components(fused_map, threshold)
+    order = [i for i in np.argsort(-found.peaks) if found.sizes[i] >= min_area_px][:max_regions]
     regions = []
     for i in order:
-        # Each detection as a crop around it, not a full-size mask (a panel is 65 megapixels).
-        rows, cols = boxes[i]
-        detection = labels[rows, cols] == i + 1
-        regions.append(
-            measure_region(
-                lum, detection, fused_map, pixel_pitch_mm, origin=(rows.start, cols.start)
-            )
-        )
+        origin = (int(found.boxes[i, 0]), int(found.boxes[i, 1]))
+        detection = _detection(fused_map, threshold, found, i)
+        regions.append(measure_region(lum, detection, fused_map, pixel_pitch_mm, origin=origin))
     return regions

@@ -210,7 +210,8 @@ def mura_energy(
     band: tuple[float, float] = (4.0, 32.0),
     max_pixels: int | None = MURA_MAX_PIXELS,
 ) -> float:
-    """Band-pass energy (RMS, percent of the background) of ``luminance`` ``[H, W]``: the
+    """Band-pass energy (RMS, percent of the background) of ``luminance`` ``[H, W]`` (floats,
+    or integers as an 8- or 16-bit file holds them, read as fractions of their full scale): the
     deviation from a Gaussian-smoothed background, restricted by FFT to spatial periods between
     ``band[0]`` and ``band[1]`` pixels (by default 4 to 32: above pixel noise, below the
     panel's gradual fall-off).
@@ -236,11 +237,15 @@ def mura_energy(
         )
     if factor > 1:
         rows, cols = lum.shape[0] // factor, lum.shape[1] // factor
-        # A view of whole blocks (the last < factor rows and columns are left out): no copy.
-        blocks = lum[: rows * factor, : cols * factor].reshape(rows, factor, cols, factor)
-        lum = blocks.mean(axis=(1, 3), dtype=np.float64)
+        # Block means of whole blocks (the last < factor rows and columns are left out), a row
+        # of blocks at a time: an integer panel is converted a band at a time, never whole.
+        reduced = np.empty((rows, cols))
+        for row in range(rows):
+            values = _unit(lum[row * factor : (row + 1) * factor, : cols * factor])
+            reduced[row] = values.reshape(factor, cols, factor).mean(axis=(0, 2), dtype=np.float64)
+        lum = reduced
     else:
-        lum = lum.astype(np.float64)
+        lum = _unit(lum).astype(np.float64)
     background = ndimage.gaussian_filter(lum, background_sigma / factor, mode="reflect")
     deviation = lum / np.maximum(background, 1e-6) - 1
     spectrum = np.fft.rfft2(deviation)
@@ -264,9 +269,17 @@ class MuraEnergyMetric(MeanOverImages):
             self._add([mura_energy(image, self.background_sigma, self.band)])
 
 
+def _unit(values: np.ndarray) -> np.ndarray:
+    """Integers (an 8- or 16-bit image as its file holds it) as float32 fractions of their
+    type's full scale, the values ``data.images.read_image`` gives; floats as they are."""
+    if np.issubdtype(values.dtype, np.integer):
+        return np.divide(values, np.iinfo(values.dtype).max, dtype=np.float32)
+    return values
+
+
 def panel_quality(image: np.ndarray) -> dict[str, float | None]:
     """Uniformity figures of one panel image as read, at its own resolution (``[H, W]`` or
-    ``[H, W, 3]`` in [0, 1]):
+    ``[H, W, 3]`` in [0, 1], or integers as an 8- or 16-bit file holds them):
 
     - ``mura_energy_pct``: ``mura_energy`` of its luminance (the channel mean, as the grading
       stage measures it), in percent of the background; large panels are reduced for the FFT
@@ -286,7 +299,12 @@ def panel_quality(image: np.ndarray) -> dict[str, float | None]:
         np.array_equal(image[..., 0], image[..., 1])
         and np.array_equal(image[..., 1], image[..., 2])
     )
-    luminance = image if image.ndim == 2 else image.mean(axis=2, dtype=np.float32)
+    luminance = image
+    if image.ndim == 3:  # the channel mean, converted a band of rows at a time
+        luminance = np.empty(image.shape[:2], np.float32)
+        for start in range(0, image.shape[0], 256):
+            rows = slice(start, start + 256)
+            luminance[rows] = _unit(image[rows]).mean(axis=2, dtype=np.float32)
     figures: dict[str, float | None] = {
         "mura_energy_pct": mura_energy(luminance),
         "delta_e2000_mean": None,
@@ -297,7 +315,7 @@ def panel_quality(image: np.ndarray) -> dict[str, float | None]:
     pixels = image.reshape(-1, 3)
     if len(pixels) > DELTA_E_MAX_PIXELS:
         pixels = pixels[np.random.default_rng(0).integers(0, len(pixels), DELTA_E_MAX_PIXELS)]
-    lab = srgb_to_lab(np.clip(pixels, 0.0, 1.0))
+    lab = srgb_to_lab(np.clip(_unit(pixels), 0.0, 1.0))
     difference = delta_e_2000(lab, lab.mean(axis=0))
     figures["delta_e2000_mean"] = float(difference.mean())
     figures["delta_e2000_p99"] = float(np.percentile(difference, 99))

@@ -44,9 +44,11 @@ def expand_inputs(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[
 
 
 def read_input(path: Path, min_side: int = 1) -> np.ndarray | Skipped:
-    """The file's image (float32 [H, W] or [H, W, 3] in [0, 1]) or why it was skipped."""
+    """The file's image or why it was skipped: ``[H, W]`` or ``[H, W, 3]``, 8- and 16-bit
+    files as they hold it (uint8, uint16: a 16-bit panel's float32 copy would be twice its
+    size), others float32 in [0, 1] (``data.images.read_image``, ``keep_integers``)."""
     try:
-        image = read_image(path)
+        image = read_image(path, keep_integers=True)
     except ImageReadError as exc:
         return Skipped(str(path), str(exc).removeprefix(f"{path}: "))
     if min(image.shape[:2]) < min_side:

@@ -123,12 +123,14 @@ def predict_files(
 
     ``done`` maps path -> SHA-256 of images finished by this hybrid (``hybrid_ref``) before:
     those are skipped. ``prepare`` turns the image as read into the members' input (the hybrid's
-    intensity window). ``read_ahead_images``: how many files are read and decoded ahead.
+    intensity window): elementwise, as it is applied window by window (``LazyImage``: a panel
+    stays in its file's dtype). ``read_ahead_images``: how many files are read and decoded ahead.
     Images go through the members ``batch_size`` at a time (fewer once a batch holds
     ``batch_megapixels``); fusion, grading and files follow image by image.
     """
     from tqdm.auto import tqdm
 
+    from data.images import LazyImage
     from metrics.quality import panel_quality
     from tiling import save_anomaly_map, save_heatmap_overlay
 
@@ -150,7 +152,9 @@ def predict_files(
         """The batch's member pass at once, then each image's fusion, grading and files; a
         stop request ends it after the image in hand."""
         prepared = {
-            k: prepare(item.image) for k, item in enumerate(batch) if item.image is not None
+            k: LazyImage(item.image, prepare)
+            for k, item in enumerate(batch)
+            if item.image is not None
         }
         outputs = _member_outputs(hybrid, prepared)
         for k, item in enumerate(batch):
@@ -166,12 +170,16 @@ def predict_files(
             else:
                 try:
                     quality = panel_quality(item.image)  # as read, before the members' window
-                    result = hybrid.predict(prepared[k], outputs[k], member_maps=False)
+                    # The fused map goes to a file in the output folder, read back in bands.
+                    result = hybrid.predict(
+                        prepared[k], outputs[k], member_maps=False, map_folder=out
+                    )
                 except (ValueError, RuntimeError) as exc:
                     entry.update(status="skipped", error=str(exc))
                 else:
-                    entry.update(_result_entry(item.image, result, quality))
-                    entry.update(write_files(item, result))
+                    with result["anomaly_map"]:
+                        entry.update(_result_entry(item.image, result, quality))
+                        entry.update(write_files(item, result))
             record(item, entry)
             if stop is not None and stop.requested:
                 return

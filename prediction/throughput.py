@@ -70,8 +70,10 @@ def measure_throughput(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from data.images import LazyImage
     from deploy.runtime import RUNTIMES, load_hybrid
     from prediction.inputs import expand_inputs, read_input
+    from prediction.run import hybrid_window
 
     parser = argparse.ArgumentParser(prog="python -m prediction.throughput", description=__doc__)
     parser.add_argument("--hybrid", required=True)
@@ -80,8 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", nargs="+")
     args = parser.parse_args(argv)
     files, _ = expand_inputs(args.paths)
-    images = [image for image in map(read_input, files) if isinstance(image, np.ndarray)]
     hybrid = load_hybrid(Path(args.hybrid), args.runtime)
+    # As predict holds them: in their files' dtype, through the hybrid's intensity window.
+    window = hybrid_window(hybrid)
+    images = [
+        LazyImage(image, window)
+        for image in map(read_input, files)
+        if isinstance(image, np.ndarray)
+    ]
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     figures = measure_throughput(hybrid, images, sizes)
     rounded = {k: round(v, 2) for k, v in figures.items()}

@@ -1,13 +1,26 @@
 """Predict's input side: files read ahead in threads arrive in order with the same content as
-read one by one; files done before are hashed, not decoded."""
+read one by one; files done before are hashed, not decoded. A panel predicted in its file's
+dtype, with its fused map on disk, band by band, gets the answer of the whole image in memory."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pytest
+from PIL import Image
 
 from artifacts.io import sha256_file
-from data.images import write_png
+from data.images import read_image, write_png
+from data.synthetic import PanelGenerator
+from fusion.hybrid import Hybrid
+from members import create_member
+from metrics.quality import panel_quality
 from prediction.inputs import read_ahead
+from prediction.results import STREAM_NAME, ResultStream, read_stream
+from prediction.run import hybrid_window, predict_files
+from tests.helpers import fit_member
+from tiling import save_heatmap_overlay
 
 
 def _images(folder, n):
@@ -41,3 +54,69 @@ def test_files_done_before_are_not_decoded(tmp_path):
     items = list(read_ahead(files, done, depth=2))
     assert [i.already_done for i in items] == [False, True, False, False]
     assert items[1].image is None and items[2].image is not None
+
+
+@pytest.fixture(scope="module")
+def hybrid(panels_dir) -> Hybrid:
+    """PatchCore and PaDiM fitted on the 128 px panels, fused and graded on panels of the same
+    generator (a few seconds)."""
+    members = {
+        "patchcore": create_member("patchcore", coreset_ratio=0.1),
+        "padim": create_member("padim", n_features=32),
+    }
+    for member in members.values():
+        fit_member(member, panels_dir)
+    generator = PanelGenerator(size=128, seed=3)
+    samples = [generator.generate(i, defective=i >= 6, split="val") for i in range(12)]
+    return Hybrid(members, image_size=128).fit(samples)
+
+
+def test_a_panel_predicted_band_by_band_gets_the_answer_of_the_whole_image(
+    hybrid, tmp_path, monkeypatch
+):
+    """Predict holds a 16-bit panel as its file does and converts windows of it, writes the fused
+    map to a file and reads it back in bands (here 7 rows: a full panel's would take 262 MB
+    each): the same score, label, level, regions (measured on blocks too), map and overlay as
+    the float image and its whole map in memory; no temporary map is left behind."""
+    import grading.regions
+    import tiling.visualize
+
+    # Large regions are measured on blocks, as a panel-wide one is, reading the map on windows.
+    monkeypatch.setattr(grading.regions, "MEASURE_PIXELS", 120 * 120)
+    panel = PanelGenerator(size=(600, 800), seed=7).generate_defective(5)["image"]
+    path = write_png(tmp_path / "panel.png", panel, bits=16)
+    image = read_image(path)
+    expected = hybrid.predict(image, member_maps=False)  # as predict did it before
+    assert expected["label"] == 1 and len(expected["regions"]) >= 2
+    monkeypatch.setattr(tiling.visualize, "BAND_PIXELS", 7 * 800)
+    out = tmp_path / "out"
+    with ResultStream(out / STREAM_NAME) as stream:
+        predict_files(
+            hybrid,
+            [path],
+            [],
+            out,
+            stream,
+            hybrid_ref="h",
+            done={},
+            prepare=hybrid_window(hybrid),
+            save_maps=True,
+            progress=False,
+        )
+    (entry,) = read_stream(out / STREAM_NAME)
+    assert entry["status"] == "ok", entry
+    assert (entry["score"], entry["label"], entry["level"]) == (
+        expected["score"],
+        expected["label"],
+        expected["level"],
+    )
+    regions = [json.loads(json.dumps(r.to_dict())) for r in expected["regions"]]
+    assert entry["regions"] == regions
+    assert entry["mura_energy_pct"] == panel_quality(image)["mura_energy_pct"]
+    fused = expected["anomaly_map"]
+    assert np.array_equal(np.load(entry["map"]), fused)
+    vmax = max(2 * hybrid.calibrator_.threshold_, float(fused.max()))
+    whole = save_heatmap_overlay(image, fused, tmp_path / "whole.png", 800, vmin=0.0, vmax=vmax)
+    with Image.open(entry["overlay"]) as banded, Image.open(whole) as reference:
+        assert np.array_equal(np.asarray(banded), np.asarray(reference))
+    assert sorted(p.name for p in out.iterdir()) == ["maps", "overlays", STREAM_NAME]

@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from grading.regions import _masked_blur, local_background, measure_region
+from data.images import LazyImage
+from grading.regions import (
+    _masked_blur,
+    find_regions,
+    local_background,
+    luminance,
+    measure_region,
+)
+from tiling import MapOnDisk
 
 
 def smooth_panel(height: int = 600, width: int = 480) -> np.ndarray:
@@ -139,3 +147,96 @@ def test_a_small_defect_in_a_panel_wide_detection_is_measured_pixel_by_pixel(mon
     assert region.area_px == 36 and region.bbox == [200, 300, 206, 306], region
     assert abs(region.contrast_pct - -40.0) < 1.0, region.contrast_pct
     assert region.features["log_detection_area"] == pytest.approx(np.log1p(600 * 600))
+
+
+def whole_map_regions(image: np.ndarray, fused: np.ndarray, threshold: float) -> list:
+    """find_regions as it was before it went band by band: one label image the map's size."""
+    labels, count = ndimage.label(fused >= threshold)
+    peaks = np.asarray(ndimage.maximum(fused, labels, np.arange(1, count + 1)), dtype=float)
+    boxes = ndimage.find_objects(labels)
+    lum = luminance(image)
+    return [
+        measure_region(
+            lum,
+            labels[boxes[i]] == i + 1,
+            fused,
+            0.1,
+            origin=(boxes[i][0].start, boxes[i][1].start),
+        )
+        for i in np.argsort(-peaks)[:50]
+    ]
+
+
+def assert_same_regions(found: list, expected: list) -> None:
+    assert [r.to_dict() for r in found] == [r.to_dict() for r in expected]
+    assert [r.features for r in found] == [r.features for r in expected]
+    assert all(np.array_equal(a.mask, b.mask) for a, b in zip(found, expected))
+
+
+def as_read(image: np.ndarray) -> LazyImage:
+    """``image`` as predict holds a 16-bit panel: its file's integers, converted on windows."""
+    return LazyImage(np.round(image * 65535).astype(np.uint16))
+
+
+def test_regions_found_band_by_band_are_those_of_the_whole_map(monkeypatch, tmp_path):
+    """Components are found a few rows at a time (here 7: a panel's label image would be 262
+    MB) and joined across the bands' edges: the same regions, in the same order, measured the
+    same, as with one label image, from a map in memory or on disk and an image as read."""
+    import tiling.visualize
+
+    rng = np.random.default_rng(4)
+    rows, cols = np.mgrid[:600, :800]
+    image = smooth_panel(600, 800)
+    # A U and an upside-down U (their arms meet only bands below or above where they start),
+    # a disk, and the blobs of a noisy map.
+    u = (
+        (np.abs(cols - 200) <= 30)
+        & (rows >= 100)
+        & (rows < 170)
+        & ((np.abs(cols - 200) >= 22) | (rows >= 163))
+    )
+    cap = (
+        (np.abs(cols - 500) <= 40)
+        & (rows >= 300)
+        & (rows < 380)
+        & ((np.abs(cols - 500) >= 30) | (rows < 306))
+    )
+    disk = (rows - 450) ** 2 + (cols - 650) ** 2 <= 25**2
+    defects = u | cap | disk
+    image = image * np.where(defects, 0.9, 1.0)
+    noise = ndimage.gaussian_filter(rng.standard_normal((600, 800)), 3)
+    fused = 0.2 * noise / noise.std() + np.where(defects, 1.0, 0.0)
+    # In steps, as rank fusion's maps are: components tie on their peaks, and ties keep the
+    # order ndimage.label numbers them in.
+    fused = (np.round(fused * 20) / 20).astype(np.float32)
+    expected = whole_map_regions(image, fused, 0.5)
+    assert len(expected) == 50  # the defects and the noise's strongest blobs
+    assert len({r.score for r in expected}) < 25
+    monkeypatch.setattr(tiling.visualize, "BAND_PIXELS", 7 * 800)
+    assert_same_regions(find_regions(image, fused, 0.5, 0.1), expected)
+    on_disk = MapOnDisk(fused.shape, tmp_path)
+    on_disk[:] = fused
+    assert_same_regions(
+        find_regions(as_read(image), on_disk, 0.5, 0.1),
+        whole_map_regions(np.asarray(as_read(image)), fused, 0.5),
+    )
+
+
+def test_a_panel_wide_detection_band_by_band_is_measured_as_from_the_whole_map(
+    monkeypatch, tmp_path
+):
+    """A map above threshold everywhere, read from disk a few rows at a time, on a 16-bit image
+    as read: the particle in it found and measured as from the map and image in memory."""
+    import grading.regions
+    import tiling.visualize
+
+    monkeypatch.setattr(grading.regions, "MEASURE_PIXELS", 150 * 150)
+    image = smooth_panel(600, 800)
+    image[300:306, 200:206] *= 0.6  # a 6 x 6 px particle, 40 % dark
+    fused = (1 + 0.1 * np.random.default_rng(5).random((600, 800))).astype(np.float32)
+    expected = whole_map_regions(np.asarray(as_read(image)), fused, 0.5)
+    assert len(expected) == 1 and expected[0].area_px == 36
+    monkeypatch.setattr(tiling.visualize, "BAND_PIXELS", 7 * 800)
+    on_disk = MapOnDisk(fused.shape, tmp_path)
+    on_disk[:] = fused
+    assert_same_regions(find_regions(as_read(image), on_disk, 0.5, 0.1), expected)

@@ -9,8 +9,10 @@ from PIL import Image
 from members.base import aggregate_scores
 from tiling import (
     REDUCTIONS,
+    MapOnDisk,
     TiledDataset,
     TileGrid,
+    colormap,
     estimate_memory,
     infer_tiled,
     save_anomaly_map,
@@ -184,6 +186,43 @@ def test_overlay_and_map_files(tmp_path):
     from_raw = save_heatmap_overlay(raw, heat, tmp_path / "raw.png", max_preview_side=1000)
     with Image.open(from_raw) as overlay:
         assert np.abs(np.asarray(overlay).astype(int) - pixels).max() <= 1
+
+
+def test_a_panel_overlay_and_map_written_band_by_band_are_those_of_the_whole_image(
+    kolektorsdd_dir, tmp_path, monkeypatch
+):
+    """A real 8-bit image as its file holds it and its map on disk, written a few rows at a time
+    (a panel's RGB overlay would be hundreds of megabytes): the overlay is the blend computed on
+    the whole image, the .npy map is the map, and the temporary map file leaves nothing behind."""
+    import tiling.visualize
+    from data.images import read_image
+
+    path = sorted((kolektorsdd_dir / "test" / "crack").iterdir())[0]
+    raw = read_image(path, keep_integers=True)
+    image = read_image(path)
+    assert raw.dtype == np.uint8 and np.array_equal(raw / np.float32(255), image)
+    rows, cols = np.mgrid[: image.shape[0], : image.shape[1]]
+    heat = np.exp(-((rows - 600.0) ** 2 + (cols - 250.0) ** 2) / 80.0**2).astype(np.float32)
+    monkeypatch.setattr(tiling.visualize, "BAND_PIXELS", 7 * image.shape[1])
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    with MapOnDisk(heat.shape, folder) as on_disk:
+        assert list(folder.iterdir()) == []  # an unnamed file
+        for start in range(0, heat.shape[0], 100):
+            on_disk[start : start + 100] = heat[start : start + 100]
+        assert np.array_equal(np.asarray(on_disk), heat)
+        assert np.array_equal(on_disk[5:300, 7:90], heat[5:300, 7:90])
+        assert on_disk.max() == heat.max() and on_disk.min() == heat.min()
+        written = save_heatmap_overlay(raw, on_disk, tmp_path / "o.png", 5000, vmin=0, vmax=1)
+        assert np.array_equal(np.load(save_anomaly_map(on_disk, tmp_path / "m.npy")), heat)
+    alpha = 0.45  # the blend on the whole image at once
+    blended = (1 - alpha) * np.clip(image, 0, 1)[..., None] + alpha * colormap(heat)
+    with Image.open(written) as overlay:
+        assert overlay.size == image.shape[::-1]
+        assert np.array_equal(np.asarray(overlay), np.round(blended * 255).astype(np.uint8))
+    assert list(folder.iterdir()) == []
+    with pytest.raises(TypeError, match="slices of rows"):
+        on_disk[3]
 
 
 @pytest.mark.slow

@@ -1,18 +1,33 @@
-"""Heatmap overlays at original resolution (with a downsampled preview for huge images) and
-full-resolution maps saved losslessly."""
+"""Heatmap overlays at original resolution (with a downsampled preview for huge images),
+full-resolution maps saved losslessly, and a full-resolution map kept on disk instead of in
+memory. A panel's overlay and map are written a band of rows at a time, never whole in memory."""
 
 from __future__ import annotations
 
 import io
 import os
+import struct
+import tempfile
+import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from artifacts.io import atomic_write_bytes
-from data.images import to_array
+from artifacts.io import atomic_write_bytes, atomic_write_chunks
+from data.images import integer_scale, to_array
+
+# Pixels per band when a map or an overlay is read or written band by band: 256 rows of a
+# 2048 px wide image, fewer of a wider one, so that a band's arithmetic takes the same memory.
+BAND_PIXELS = 256 * 2048
+
+
+def band_rows(width: int) -> int:
+    """Rows per band of an image ``width`` pixels wide (``BAND_PIXELS`` of them, at least 1)."""
+    return max(1, BAND_PIXELS // max(1, width))
+
 
 # A perceptually ordered blue-to-red colormap (anchor colours of "turbo"), interpolated.
 _ANCHORS = np.array(
@@ -26,6 +41,84 @@ _ANCHORS = np.array(
         [0.48, 0.02, 0.01],
     ]
 )
+
+
+class MapOnDisk:
+    """A float32 ``[H, W]`` map held in an unnamed temporary file in ``folder`` instead of in
+    memory (a 9344 x 7000 panel's fused map is 262 MB; 256 of its rows, 10 MB).
+
+    ``map[rows] = values`` writes whole rows; ``map[rows]`` and ``map[rows, cols]`` (slices)
+    read them back as an array; ``np.asarray(map)`` reads it whole. The file is gone once the
+    map is closed or collected, or the process ends (a killed run leaves nothing behind)."""
+
+    dtype = np.dtype(np.float32)
+    ndim = 2
+
+    def __init__(self, shape: tuple[int, int], folder: str | os.PathLike | None = None) -> None:
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.folder = folder
+        self._file = tempfile.TemporaryFile(dir=folder)
+        self._file.truncate(self.size * self.dtype.itemsize)
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def _rows(self, key: Any) -> tuple[slice, Any]:
+        rows, cols = key if isinstance(key, tuple) else (key, slice(None))
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError(f"a map on disk is indexed by slices of rows, got {key!r}")
+        start, stop, _ = rows.indices(self.shape[0])
+        return slice(start, max(start, stop)), cols
+
+    def __setitem__(self, key: Any, values: Any) -> None:
+        rows, cols = self._rows(key)
+        if cols != slice(None):
+            raise TypeError("a map on disk is written by whole rows")
+        shape = (rows.stop - rows.start, self.shape[1])
+        data = np.ascontiguousarray(np.broadcast_to(values, shape), dtype=self.dtype)
+        view, offset = memoryview(data).cast("B"), rows.start * self.shape[1] * 4
+        try:
+            while view:
+                written = os.pwrite(self._file.fileno(), view, offset)
+                view, offset = view[written:], offset + written
+        except OSError as exc:  # a full disk: say where
+            raise OSError(
+                exc.errno, exc.strerror, str(self.folder or tempfile.gettempdir())
+            ) from exc
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rows, cols = self._rows(key)
+        buffer = bytearray((rows.stop - rows.start) * self.shape[1] * 4)
+        if os.preadv(self._file.fileno(), [buffer], rows.start * self.shape[1] * 4) != len(buffer):
+            raise OSError(f"a map on disk in {self.folder} was cut short")
+        block = np.frombuffer(buffer, self.dtype).reshape(-1, self.shape[1])
+        return block if cols == slice(None) else block[:, cols]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype)
+
+    def bands(self) -> Iterator[np.ndarray]:
+        """The map's rows, ``band_rows`` of them at a time."""
+        rows = band_rows(self.shape[1])
+        for start in range(0, self.shape[0], rows):
+            yield self[start : start + rows]
+
+    def max(self) -> float:
+        return max(float(band.max()) for band in self.bands())
+
+    def min(self) -> float:
+        return min(float(band.min()) for band in self.bands())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> MapOnDisk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
@@ -54,12 +147,21 @@ def save_heatmap_overlay(
     vmin: float | None = None,
     vmax: float | None = None,
 ) -> Path:
-    """Write a PNG of ``image`` with ``anomaly_map`` blended over it in colour.
+    """Write a PNG of ``image`` with ``anomaly_map`` (an array or a ``MapOnDisk``) blended over
+    it in colour.
 
     Images larger than ``max_preview_side`` are written as a downsampled preview (save the map
     itself with ``save_anomaly_map``). The colour scale runs from ``vmin`` to ``vmax`` (the
-    map's own range by default)."""
-    picture, heat = to_array(image), to_array(anomaly_map)
+    map's own range by default). At full size the overlay is blended and written a band of rows
+    at a time: a panel's RGB image would be hundreds of megabytes; an integer image ``[H, W]``
+    or ``[H, W, 3]`` (a panel as its file holds it) is converted a band at a time too."""
+    rows_of_integers = (
+        isinstance(image, np.ndarray)
+        and np.issubdtype(image.dtype, np.integer)
+        and (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == 3))
+    )
+    picture = image if rows_of_integers else to_array(image)
+    heat = anomaly_map if isinstance(anomaly_map, MapOnDisk) else to_array(anomaly_map)
     if heat.ndim != 2:
         raise ValueError(f"anomaly_map must be one channel, got shape {heat.shape}")
     if picture.shape[:2] != heat.shape:
@@ -67,40 +169,80 @@ def save_heatmap_overlay(
     height, width = heat.shape
     scale = min(1.0, max_preview_side / max(height, width))
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    picture, heat = _resize(picture, size), _resize(heat, size)
+    if size != heat.shape:
+        picture, heat = _resize(to_array(picture), size), _resize(np.asarray(heat), size)
     if picture.ndim == 2:
         picture = picture[..., None]  # grey: the same value in each colour channel
-    low = float(np.min(heat)) if vmin is None else vmin
-    high = float(np.max(heat)) if vmax is None else vmax
-    rgb = np.empty((*size, 3), np.uint8)
-    # Blended in bands of rows: a full panel's float RGB would be gigabytes.
-    for start in range(0, size[0], 256):
-        rows = slice(start, start + 256)
-        normalized = (heat[rows] - low) / max(high - low, 1e-12)
-        blended = (1 - alpha) * np.clip(picture[rows], 0, 1) + alpha * colormap(normalized)
-        rgb[rows] = np.round(blended * 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    # Fast compression: a full panel's overlay at the default level takes tens of seconds.
-    Image.fromarray(rgb).save(buffer, format="PNG", compress_level=1)
-    return atomic_write_bytes(path, buffer.getvalue())
+    low = float(heat.min()) if vmin is None else vmin
+    high = float(heat.max()) if vmax is None else vmax
+
+    def bands() -> Iterator[np.ndarray]:
+        step = band_rows(size[1])
+        for start in range(0, size[0], step):
+            rows = slice(start, start + step)
+            normalized = (heat[rows] - low) / max(high - low, 1e-12)
+            values = picture[rows]
+            if np.issubdtype(values.dtype, np.integer):
+                values = np.divide(values, integer_scale(values.dtype), dtype=np.float32)
+            blended = (1 - alpha) * np.clip(values, 0, 1) + alpha * colormap(normalized)
+            yield np.round(blended * 255).astype(np.uint8)
+
+    return atomic_write_chunks(path, _png_chunks(size, bands()))
+
+
+def _png_chunks(size: tuple[int, int], bands: Iterable[np.ndarray]) -> Iterator[bytes]:
+    """An 8-bit RGB PNG of ``size = (H, W)`` from its rows, ``[n, W, 3]`` uint8 bands in order,
+    encoded as they come: each row Sub-filtered (smooth overlays compress well so), zlib at its
+    fastest level (a full panel's overlay at the default level takes tens of seconds)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    height, width = size
+    yield b"\x89PNG\r\n\x1a\n" + chunk(
+        b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    )
+    compressor = zlib.compressobj(1)
+    for band in bands:
+        flat = band.reshape(len(band), width * 3)
+        rows = np.empty((len(band), 1 + width * 3), np.uint8)
+        rows[:, 0] = 1  # the Sub filter: each byte less the same channel's byte to its left
+        rows[:, 1:4] = flat[:, :3]
+        np.subtract(flat[:, 3:], flat[:, :-3], out=rows[:, 4:])  # modulo 256, as PNG wants
+        data = compressor.compress(rows.tobytes())
+        if data:
+            yield chunk(b"IDAT", data)
+    yield chunk(b"IDAT", compressor.flush()) + chunk(b"IEND", b"")
 
 
 def save_anomaly_map(anomaly_map: Any, path: str | os.PathLike) -> Path:
-    """Write the full-resolution map: ``.npy`` keeps float32 exactly; ``.png`` writes 16 bits
-    scaled to the map's range (the range goes into the PNG's text chunk ``range``)."""
+    """Write the full-resolution map (an array or a ``MapOnDisk``): ``.npy`` keeps float32
+    exactly (written a band of rows at a time); ``.png`` writes 16 bits scaled to the map's
+    range (the range goes into the PNG's text chunk ``range``)."""
     path = Path(path)
-    heat = to_array(anomaly_map)
-    buffer = io.BytesIO()
+    heat = anomaly_map if isinstance(anomaly_map, MapOnDisk) else to_array(anomaly_map)
     if path.suffix == ".npy":
-        np.save(buffer, heat.astype(np.float32))
-    elif path.suffix == ".png":
-        from PIL import PngImagePlugin
-
-        low, high = float(heat.min()), float(heat.max())
-        scaled = np.round((heat - low) / max(high - low, 1e-12) * 65535).astype(np.uint16)
-        info = PngImagePlugin.PngInfo()
-        info.add_text("range", f"{low!r} {high!r}")
-        Image.fromarray(scaled).save(buffer, format="PNG", pnginfo=info)
-    else:
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            header, {"descr": "<f4", "fortran_order": False, "shape": tuple(heat.shape)}
+        )
+        step = band_rows(heat.shape[-1])
+        bands = (
+            np.ascontiguousarray(heat[start : start + step], dtype="<f4").tobytes()
+            for start in range(0, heat.shape[0], step)
+        )
+        return atomic_write_chunks(path, [header.getvalue(), *bands])
+    if path.suffix != ".png":
         raise ValueError(f"save_anomaly_map writes .npy or .png, not {path.suffix!r}")
+    from PIL import PngImagePlugin
+
+    heat = np.asarray(heat)
+    buffer = io.BytesIO()
+    low, high = float(heat.min()), float(heat.max())
+    scaled = np.round((heat - low) / max(high - low, 1e-12) * 65535).astype(np.uint16)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("range", f"{low!r} {high!r}")
+    Image.fromarray(scaled).save(buffer, format="PNG", pnginfo=info)
     return atomic_write_bytes(path, buffer.getvalue())
