@@ -1,8 +1,9 @@
 """Defect regions of a fused anomaly map, measured on the input image.
 
-A region is a connected component of the fused map at or above the calibrated pixel threshold.
-The map says *where*; the image says *how strong*: each region is measured on the luminance of
-the input image, against its local background.
+A detection is a connected component of the fused map at or above the calibrated pixel
+threshold. The map says *where*; the image says *what and how strong*: the separate defects
+under a detection (a coarse map's blob can cover two) are found on the luminance of the input
+image, against its local background, and each is a region, measured the same way.
 
 Measurement of one region, in a window around it:
 
@@ -59,6 +60,15 @@ class Region:
 
 # A region whose measuring window holds more pixels than this is measured on a coarser grid.
 MEASURE_PIXELS = 1 << 22
+# At most this many separate defects are measured under one detection.
+MAX_DEFECTS_PER_DETECTION = 8
+# Parts of a defect this many pixels apart or closer are one defect (a faint line breaks up
+# where the noise dips along it).
+GAP_PX = 3
+# Defects under a detection are told apart on the deviation less its local mean at this scale
+# (the defects left out of it): the background of a panel-wide detection is a smooth surface,
+# and what it leaves (a panel's background mura) would break a faint line into pieces.
+SEPARATION_SCALE_PX = 16.0
 
 
 def luminance(image: np.ndarray | LazyImage) -> np.ndarray | LazyImage:
@@ -185,6 +195,77 @@ def _shape_features(mask: np.ndarray, image_shape: tuple[int, int]) -> dict[str,
     }
 
 
+@dataclass
+class _Local:
+    """A detection in its measuring window: the detection on the window's grid, the detection
+    grown (where its extent may lie; less anything excluded), the hole left out of the
+    background (the detection grown, plus anything excluded), the deviation
+    ``L / background - 1`` and its noise (robust sigma outside the hole)."""
+
+    window: tuple[slice, slice]
+    region: np.ndarray
+    grown: np.ndarray
+    hole: np.ndarray
+    deviation: np.ndarray
+    noise: float
+    short_side: int
+
+
+def _placed(mask: np.ndarray, top: int, left: int, window: tuple[slice, slice]) -> np.ndarray:
+    """``mask`` (top-left pixel at image row ``top``, column ``left``) on ``window``'s grid,
+    cut where it leaves the window."""
+    shape = (window[0].stop - window[0].start, window[1].stop - window[1].start)
+    out = np.zeros(shape, bool)
+    r0, c0 = top - window[0].start, left - window[1].start
+    rows = slice(max(0, r0), min(shape[0], r0 + mask.shape[0]))
+    cols = slice(max(0, c0), min(shape[1], c0 + mask.shape[1]))
+    out[rows, cols] = mask[rows.start - r0 : rows.stop - r0, cols.start - c0 : cols.stop - c0]
+    return out
+
+
+def _local(
+    lum: np.ndarray | LazyImage,
+    detection: np.ndarray,
+    top: int,
+    left: int,
+    exclude: tuple[np.ndarray, tuple[int, int]] | None,
+) -> _Local:
+    """The window around a detection (cropped to its pixels, top-left at ``top``, ``left``)
+    and its deviation from the local background; ``exclude`` (a mask and its origin): pixels
+    kept out of the background as well (another defect beside this one)."""
+    bbox = (top, left, top + detection.shape[0], left + detection.shape[1])
+    # The background scale follows the region's short side: a band is referenced to the pixels
+    # beside it, not to the far ends of the panel.
+    short_side = min(detection.shape)
+    sigma = max(4.0, float(short_side))
+    window = _window(bbox, int(3 * sigma) + 2, lum.shape)
+    region = _placed(detection, top, left, window)
+    local = lum[window].astype(np.float64)
+    grown = ndimage.binary_dilation(region, iterations=max(2, short_side // 4))
+    hole = grown
+    if exclude is not None:
+        mask, (row, col) = exclude
+        excluded = _placed(mask, row, col, window)
+        grown, hole = grown & ~excluded, grown | excluded
+    background = local_background(local, (~hole).astype(np.float64), sigma)
+    deviation = local / np.maximum(background, 1e-6) - 1.0
+    outside = deviation[~hole]
+    noise = _robust_sigma(outside) if outside.size > 8 else 0.0
+    return _Local(window, region, grown, hole, deviation, noise, short_side)
+
+
+def _robust_sigma(values: np.ndarray) -> float:
+    return float(1.4826 * np.median(np.abs(values - np.median(values))))
+
+
+def _cropped(detection: np.ndarray, origin: tuple[int, int]) -> tuple[np.ndarray, int, int]:
+    """``detection`` cut to its pixels' bounding box, with that box's top-left (image rows and
+    columns)."""
+    rows, cols = np.flatnonzero(detection.any(axis=1)), np.flatnonzero(detection.any(axis=0))
+    crop = detection[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    return crop, origin[0] + int(rows[0]), origin[1] + int(cols[0])
+
+
 def measure_region(
     lum: np.ndarray | LazyImage,
     detection: np.ndarray,
@@ -192,43 +273,32 @@ def measure_region(
     pixel_pitch_mm: float,
     noise_k: float = 6.0,
     origin: tuple[int, int] = (0, 0),
+    exclude: tuple[np.ndarray, tuple[int, int]] | None = None,
 ) -> Region:
     """Measure one detected region on luminance ``lum`` (an array, or a ``LazyImage`` read on
     windows): ``detection`` is a boolean mask, the image's size or a crop of it whose top-left
     pixel is at ``origin`` (row, column); its scores are read from ``fused_map`` (an array or
-    a ``MapOnDisk``) on windows. A region whose measuring window exceeds ``MEASURE_PIXELS`` is
-    measured on a coarser grid."""
-    rows, cols = np.flatnonzero(detection.any(axis=1)), np.flatnonzero(detection.any(axis=0))
-    detection = detection[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    top, left = origin[0] + rows[0], origin[1] + cols[0]
-    bbox = (top, left, top + detection.shape[0], left + detection.shape[1])
-    # The background scale follows the region's short side: a band is referenced to the pixels
-    # beside it, not to the far ends of the panel.
-    short_side = min(bbox[2] - bbox[0], bbox[3] - bbox[1])
-    sigma = max(4.0, float(short_side))
-    window = _window(bbox, int(3 * sigma) + 2, lum.shape)
-    window_shape = (window[0].stop - window[0].start, window[1].stop - window[1].start)
-    if window_shape == detection.shape:  # a detection spanning the image: no copy of it
-        region = detection
-    else:
-        region = np.zeros(window_shape, bool)
-        region[
-            top - window[0].start : bbox[2] - window[0].start,
-            left - window[1].start : bbox[3] - window[1].start,
-        ] = detection
-    if region.size > MEASURE_PIXELS:
+    a ``MapOnDisk``) on windows. ``exclude`` (a mask and its origin): pixels of other defects,
+    left out of this one's background and extent. A region whose measuring window exceeds
+    ``MEASURE_PIXELS`` is measured on a coarser grid."""
+    detection, top, left = _cropped(detection, origin)
+    sigma = max(4.0, float(min(detection.shape)))
+    window = _window(
+        (top, left, top + detection.shape[0], left + detection.shape[1]),
+        int(3 * sigma) + 2,
+        lum.shape,
+    )
+    if (window[0].stop - window[0].start) * (window[1].stop - window[1].start) > MEASURE_PIXELS:
+        region = _placed(detection, top, left, window)
         return _measure_coarsely(lum, region, window, fused_map, pixel_pitch_mm, noise_k)
+    at = _local(lum, detection, top, left, exclude)
+    window, region, grown = at.window, at.region, at.grown
+    deviation, noise = at.deviation, at.noise
     detection_area = int(np.count_nonzero(detection))
-    local = lum[window].astype(np.float64)
-    grown = ndimage.binary_dilation(region, iterations=max(2, short_side // 4))
-    background = local_background(local, (~grown).astype(np.float64), sigma)
-    deviation = local / np.maximum(background, 1e-6) - 1.0
     # The sign of the strongest excursion under the detection (lightly smoothed against single
     # noise pixels), not of its mean: a thin defect covers little of a coarse map's blob.
     smooth = ndimage.gaussian_filter(deviation, 1.0)[region]
     sign = 1.0 if smooth.max() >= -smooth.min() else -1.0
-    outside = deviation[~grown]
-    noise = 1.4826 * np.median(np.abs(outside - np.median(outside))) if outside.size > 8 else 0.0
     raw_peak = np.max(sign * deviation[grown])
     signed = sign * (
         deviation if raw_peak > noise_k * noise else ndimage.gaussian_filter(deviation, 1.5)
@@ -275,6 +345,97 @@ def measure_region(
         features=features,
         mask=extent[inside],
     )
+
+
+def _defects_in(
+    lum: np.ndarray | LazyImage, detection: np.ndarray, top: int, left: int, noise_k: float
+) -> tuple[list[np.ndarray], tuple[int, int]]:
+    """The separate defects under one detection (crop at ``top``, ``left``), as masks on its
+    measuring window's grid (whose top-left is returned with them), strongest first: a coarse
+    map's blob can cover two defects, and a region is measured for one.
+
+    A defect is an excursion of the deviation (raw, or lightly smoothed for faint wide ones)
+    that stands ``noise_k`` sigmas out under the detection; its support, the pixels around it
+    connected to it at ``noise_k / 2`` sigmas or more of the same sign. Two peaks are separate
+    defects only where the deviation falls back to the noise between them over more than
+    ``GAP_PX`` pixels: a peak whose support touches a defect's, or nearly (a line whose contrast
+    varies along it, a faint one broken up by the noise, a dark core in a bright rim), is more
+    of that defect. All of this on the deviation less its local mean (``SEPARATION_SCALE_PX``),
+    the significant pixels left out of that mean (found twice: the second time without what
+    the first mean held of them)."""
+    at = _local(lum, detection, top, left, None)
+    outside = ~at.hole
+    corner = (at.window[0].start, at.window[1].start)
+    if np.count_nonzero(outside) <= 8:  # a panel-wide detection: no noise to measure against
+        return [], corner
+    deviation = at.deviation
+    for _ in range(2):
+        z = _significance(deviation, outside)
+        quiet = ~ndimage.binary_dilation(np.abs(z) >= 0.5 * noise_k, iterations=2)
+        local_mean = _masked_blur(at.deviation, quiet.astype(np.float64), SEPARATION_SCALE_PX)
+        deviation = at.deviation - local_mean
+    z = _significance(deviation, outside)
+    supports = {sign: ndimage.label(at.grown & (sign * z >= 0.5 * noise_k))[0] for sign in (1, -1)}
+    defects: list[np.ndarray] = []
+    claimed = ~at.region
+    while len(defects) < MAX_DEFECTS_PER_DETECTION:
+        open_z = np.where(claimed, 0.0, np.abs(z))
+        peak = np.unravel_index(np.argmax(open_z), z.shape)
+        if open_z[peak] < noise_k:
+            break
+        labels = supports[1 if z[peak] > 0 else -1]
+        support = labels == labels[peak]
+        claimed |= support
+        touching = ndimage.binary_dilation(support, iterations=GAP_PX + 1)
+        owner = next((i for i, d in enumerate(defects) if (touching & d).any()), None)
+        if owner is None:
+            defects.append(support)
+        else:
+            defects[owner] |= support
+    return defects, corner
+
+
+def _significance(deviation: np.ndarray, outside: np.ndarray) -> np.ndarray:
+    """Each pixel's deviation in sigmas of the noise ``outside``, raw or smoothed by 1.5 px
+    (for faint wide defects), whichever stands out more."""
+    smooth = ndimage.gaussian_filter(deviation, 1.5)
+    raw_z = deviation / max(_robust_sigma(deviation[outside]), 1e-12)
+    smooth_z = smooth / max(_robust_sigma(smooth[outside]), 1e-12)
+    return np.where(np.abs(raw_z) >= np.abs(smooth_z), raw_z, smooth_z)
+
+
+def measure_detection(
+    lum: np.ndarray | LazyImage,
+    detection: np.ndarray,
+    fused_map: np.ndarray | MapOnDisk,
+    pixel_pitch_mm: float,
+    noise_k: float = 6.0,
+    origin: tuple[int, int] = (0, 0),
+) -> list[Region]:
+    """The regions of one detection (arguments as ``measure_region``'s): one for each separate
+    defect under it (``_defects_in``), measured on its support grown by two pixels, as a true
+    defect's region is measured (``grading.matching.truth_regions``), with the others left out
+    of its background; where none stands out of the noise (or the detection is too large to
+    measure pixel by pixel, or spans the panel), one, measured on the whole detection."""
+    crop, top, left = _cropped(detection, origin)
+    sigma = max(4.0, float(min(crop.shape)))
+    window = _window(
+        (top, left, top + crop.shape[0], left + crop.shape[1]), int(3 * sigma) + 2, lum.shape
+    )
+    defects: list[np.ndarray] = []
+    if (window[0].stop - window[0].start) * (window[1].stop - window[1].start) <= MEASURE_PIXELS:
+        defects, origin = _defects_in(lum, crop, top, left, noise_k)
+    if not defects:
+        return [measure_region(lum, crop, fused_map, pixel_pitch_mm, noise_k, (top, left))]
+    grown = [ndimage.binary_dilation(support, iterations=2) for support in defects]
+    regions = []
+    for i, part in enumerate(grown):
+        others = [g for j, g in enumerate(grown) if j != i]
+        exclude = (np.logical_or.reduce(others), origin) if others else None
+        regions.append(
+            measure_region(lum, part, fused_map, pixel_pitch_mm, noise_k, origin, exclude=exclude)
+        )
+    return regions
 
 
 def _measure_coarsely(
@@ -494,5 +655,5 @@ def find_regions(
     for i in order:
         origin = (int(found.boxes[i, 0]), int(found.boxes[i, 1]))
         detection = _detection(fused_map, threshold, found, i)
-        regions.append(measure_region(lum, detection, fused_map, pixel_pitch_mm, origin=origin))
-    return regions
+        regions += measure_detection(lum, detection, fused_map, pixel_pitch_mm, origin=origin)
+    return regions[:max_regions]

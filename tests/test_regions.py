@@ -10,6 +10,7 @@ from grading.regions import (
     find_regions,
     local_background,
     luminance,
+    measure_detection,
     measure_region,
 )
 from tiling import MapOnDisk
@@ -85,6 +86,42 @@ def test_a_dark_pixel_in_a_wide_detection_is_measured_as_one_pixel():
     assert abs(region.contrast_pct - -15.0) < 1.5, region.contrast_pct
 
 
+def test_two_defects_under_one_coarse_detection_are_two_regions():
+    """A coarse map's blob over a dark particle and a faint bright mura beside it: one region
+    for each, measured as each would be alone (before, the blob was one region, measured on
+    the particle, and the mura was lost)."""
+    panel = smooth_panel(320, 320)
+    rows, cols = np.mgrid[:320, :320]
+    particle = (rows - 110) ** 2 + (cols - 100) ** 2 <= 3**2
+    mura = (rows - 190) ** 2 + (cols - 210) ** 2 <= 18**2
+    image = panel * np.where(particle, 0.8, 1.0) * np.where(mura, 1.04, 1.0)
+    blob = ((rows - 150) / 110.0) ** 2 + ((cols - 155) / 120.0) ** 2 <= 1.0
+    regions = find_regions(image, blob.astype(float), 0.5, 0.1)
+    assert len(regions) == 2, [(r.bbox, r.area_px, r.contrast_pct) for r in regions]
+    by_sign = {np.sign(r.contrast_pct): r for r in regions}
+    dark, bright = by_sign[-1.0], by_sign[1.0]
+    assert abs(dark.area_px / particle.sum() - 1) < 0.35, dark.area_px
+    assert abs(dark.contrast_pct - -20.0) < 3.0, dark.contrast_pct
+    assert abs(bright.area_px / mura.sum() - 1) < 0.2, bright.area_px
+    assert abs(bright.contrast_pct - 4.0) < 0.5, bright.contrast_pct
+    x0, y0, x1, y1 = bright.bbox
+    assert x0 <= 210 < x1 and y0 <= 190 < y1
+
+
+def test_a_line_fading_along_its_length_is_one_region():
+    """A line whose contrast falls from 12 % to 3 % along it has peaks of its own along it,
+    but no gap: one region, measured to its half-maximum (6 %, near column 183)."""
+    panel = smooth_panel(300, 300)
+    image = panel.copy()
+    image[150, 50:250] *= 1 - np.linspace(0.12, 0.03, 200)
+    rows, cols = np.mgrid[:300, :300]
+    blob = ((rows - 150) / 40.0) ** 2 + ((cols - 150) / 130.0) ** 2 <= 1.0
+    regions = find_regions(image, blob.astype(float), 0.5, 0.1)
+    assert len(regions) == 1, [(r.bbox, r.area_px) for r in regions]
+    x0, _, x1, _ = regions[0].bbox
+    assert x0 <= 52 and 175 <= x1 <= 240, regions[0].bbox
+
+
 def test_a_detection_given_as_a_crop_measures_as_the_full_mask():
     """find_regions hands each detection over as a crop at its origin (a panel's full-size mask
     per region would be 65 MB); the measurement is the same, and the region's mask is its own
@@ -155,16 +192,11 @@ def whole_map_regions(image: np.ndarray, fused: np.ndarray, threshold: float) ->
     peaks = np.asarray(ndimage.maximum(fused, labels, np.arange(1, count + 1)), dtype=float)
     boxes = ndimage.find_objects(labels)
     lum = luminance(image)
-    return [
-        measure_region(
-            lum,
-            labels[boxes[i]] == i + 1,
-            fused,
-            0.1,
-            origin=(boxes[i][0].start, boxes[i][1].start),
-        )
-        for i in np.argsort(-peaks)[:50]
-    ]
+    regions = []
+    for i in np.argsort(-peaks)[:50]:
+        origin = (boxes[i][0].start, boxes[i][1].start)
+        regions += measure_detection(lum, labels[boxes[i]] == i + 1, fused, 0.1, origin=origin)
+    return regions[:50]
 
 
 def assert_same_regions(found: list, expected: list) -> None:
