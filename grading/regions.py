@@ -387,11 +387,14 @@ def _defects_in(
         support = labels == labels[peak]
         claimed |= support
         touching = ndimage.binary_dilation(support, iterations=GAP_PX + 1)
-        owner = next((i for i, d in enumerate(defects) if (touching & d).any()), None)
-        if owner is None:
+        joined = [i for i, found in enumerate(defects) if (touching & found).any()]
+        if not joined:
             defects.append(support)
-        else:
-            defects[owner] |= support
+            continue
+        # More of the first defect it touches, and of any other: it may join two found apart.
+        defects[joined[0]] = np.logical_or.reduce([support, *(defects[i] for i in joined)])
+        for i in reversed(joined[1:]):
+            del defects[i]
     return defects, corner
 
 
@@ -430,7 +433,8 @@ def measure_detection(
     grown = [ndimage.binary_dilation(support, iterations=2) for support in defects]
     regions = []
     for i, part in enumerate(grown):
-        others = [g for j, g in enumerate(grown) if j != i]
+        # The others' pixels, less this one's own (grown, two may overlap at their rims).
+        others = [g & ~part for j, g in enumerate(grown) if j != i]
         exclude = (np.logical_or.reduce(others), origin) if others else None
         regions.append(
             measure_region(lum, part, fused_map, pixel_pitch_mm, noise_k, origin, exclude=exclude)
