@@ -387,14 +387,12 @@ def _defects_in(
         support = labels == labels[peak]
         claimed |= support
         touching = ndimage.binary_dilation(support, iterations=GAP_PX + 1)
-        joined = [i for i, found in enumerate(defects) if (touching & found).any()]
-        if not joined:
+        # More of the first (strongest) defect it touches, if any.
+        owner = next((i for i, found in enumerate(defects) if (touching & found).any()), None)
+        if owner is None:
             defects.append(support)
-            continue
-        # More of the first defect it touches, and of any other: it may join two found apart.
-        defects[joined[0]] = np.logical_or.reduce([support, *(defects[i] for i in joined)])
-        for i in reversed(joined[1:]):
-            del defects[i]
+        else:
+            defects[owner] |= support
     return defects, corner
 
 
