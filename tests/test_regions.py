@@ -1,5 +1,7 @@
 """Region measurement: the background under a region, and the area and contrast measured."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -120,6 +122,19 @@ def test_a_line_fading_along_its_length_is_one_region():
     assert len(regions) == 1, [(r.bbox, r.area_px) for r in regions]
     x0, _, x1, _ = regions[0].bbox
     assert x0 <= 52 and 175 <= x1 <= 240, regions[0].bbox
+
+
+def test_a_defect_inside_the_rim_of_another_is_measured_on_its_own_pixels():
+    """A small panel (from the suite's synthetic run) whose detection holds a dark particle
+    and, 20 px away, a dark pixel that the particle's support, grown as more of it was found,
+    came to surround: the pixel's region once had all its pixels left out as the particle's,
+    and measuring it failed on an empty array. It is one pixel, dark."""
+    saved = np.load(Path(__file__).parent / "data" / "two_defects_overlapping_rims.npz")
+    image, detection = saved["luminance"] / 65535.0, saved["detection"]
+    regions = measure_detection(image, detection, np.ones(image.shape), 0.1)
+    assert all(region.area_px >= 1 for region in regions)
+    pixel = [region for region in regions if region.bbox == [20, 67, 21, 68]]
+    assert len(pixel) == 1 and pixel[0].area_px == 1 and pixel[0].contrast_pct < -10, regions
 
 
 def test_a_detection_given_as_a_crop_measures_as_the_full_mask():
