@@ -36,6 +36,19 @@ class DataSource:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def synthetic_parameters(
+    data_cfg: Mapping[str, Any], synthetic_cfg: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``write_dataset``'s parameters (but the seed and category) from the ``synthetic`` and
+    ``data`` sections: what the embedded default's panels are."""
+    keys = ("n_train", "n_test", "size", "defect_fraction", "level_weights", "gain_pct")
+    keys += ("panel_variation", "background_mura", "background_mura_semu")
+    return {
+        **{key: synthetic_cfg[key] for key in keys},
+        "pixel_pitch_mm": data_cfg["pixel_pitch_mm"],
+    }
+
+
 def resolve_source(
     data_cfg: Mapping[str, Any],
     synthetic_cfg: Mapping[str, Any],
@@ -57,18 +70,9 @@ def resolve_source(
             raise ValueError(f"the synthetic dataset has one category, got {list(categories)}")
         data_dir = ensure_synthetic_dataset(
             synthetic_cfg["cache_dir"],
-            n_train=synthetic_cfg["n_train"],
-            n_test=synthetic_cfg["n_test"],
-            size=synthetic_cfg["size"],
+            **synthetic_parameters(data_cfg, synthetic_cfg),
             seed=seed,
             category=categories[0],
-            defect_fraction=synthetic_cfg["defect_fraction"],
-            pixel_pitch_mm=data_cfg["pixel_pitch_mm"],
-            level_weights=synthetic_cfg["level_weights"],
-            gain_pct=synthetic_cfg["gain_pct"],
-            panel_variation=synthetic_cfg["panel_variation"],
-            background_mura=synthetic_cfg["background_mura"],
-            background_mura_semu=synthetic_cfg["background_mura_semu"],
         )
         reader = "mvtec"
     else:

@@ -30,19 +30,18 @@ its rule whose rounded-up mean is the level, and an area and a contrast drawn ac
 ``inject_defects`` puts the same defects into any real defect-free image (contrast relative to
 the local luminance), which gives labeled validation data where real defects are scarce.
 
-``python -m data.synthetic --out DIR --n-train N --n-test M --size S --seed K`` writes the MVTec
-layout plus ``truth.jsonl`` (one line per test image with every defect's fields).
+``write_dataset`` writes panels in the MVTec layout plus ``truth.jsonl`` (one line per test
+image with every defect's fields); ``python -m pipelines.synthetic`` writes the embedded
+default's.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -752,102 +751,3 @@ def ensure_synthetic_dataset(
     if not (data_dir / category / "truth.jsonl").is_file():
         write_dataset(data_dir, **params)
     return data_dir
-
-
-def main(argv: list[str] | None = None) -> int:
-    from configs import CONFIG_DIR, read_yaml
-
-    # The embedded default's panels unless a flag says otherwise: one source for both.
-    defaults = read_yaml(CONFIG_DIR / "defaults.yaml")
-    synthetic, pitch = defaults["synthetic"], defaults["data"]["pixel_pitch_mm"]
-    parser = argparse.ArgumentParser(
-        prog="python -m data.synthetic",
-        description="Write synthetic OLED panels in MVTec layout; by default the panels of the "
-        "embedded default dataset (configs/defaults.yaml, section synthetic).",
-    )
-    parser.add_argument("--out", required=True, help="output folder (the category goes inside)")
-    parser.add_argument("--n-train", type=int, default=synthetic["n_train"])
-    parser.add_argument("--n-test", type=int, default=synthetic["n_test"])
-    parser.add_argument(
-        "--size", type=int, nargs="+", default=[synthetic["size"]], help="S, or H W"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--category", default="panel")
-    parser.add_argument("--defect-fraction", type=float, default=synthetic["defect_fraction"])
-    parser.add_argument("--pixel-pitch", type=float, default=pitch, help="mm per pixel")
-    parser.add_argument(
-        "--level-weights",
-        nargs="+",
-        default=synthetic["level_weights"],
-        metavar="W",
-        help="how often each target level 1-5 is drawn (5 numbers), or 'uniform'",
-    )
-    parser.add_argument(
-        "--gain-pct",
-        type=float,
-        default=synthetic["gain_pct"],
-        help="each panel's luminance is off by up to this %%",
-    )
-    parser.add_argument(
-        "--panel-variation",
-        type=float,
-        default=synthetic["panel_variation"],
-        help="non-uniformity, vignetting and noise are the nominal ones times a factor in "
-        "[1 - this, 1 + this]",
-    )
-    parser.add_argument(
-        "--background-mura",
-        type=int,
-        default=synthetic["background_mura"],
-        help="up to this many faint, unlabeled mura per panel (0: none)",
-    )
-    parser.add_argument(
-        "--background-mura-semu",
-        type=float,
-        default=synthetic["background_mura_semu"],
-        help="each background mura below this SEMU",
-    )
-    parser.add_argument("--rgb", action="store_true", help="8-bit RGB instead of 16-bit gray")
-    parser.add_argument("--subpixel-grid", action="store_true")
-    args = parser.parse_args(argv)
-    size = args.size[0] if len(args.size) == 1 else tuple(args.size[:2])
-    try:
-        level_weights = _level_weights(args.level_weights)
-        folder = write_dataset(
-            args.out,
-            n_train=args.n_train,
-            n_test=args.n_test,
-            size=size,
-            seed=args.seed,
-            category=args.category,
-            defect_fraction=args.defect_fraction,
-            pixel_pitch_mm=args.pixel_pitch,
-            level_weights=level_weights,
-            gain_pct=args.gain_pct,
-            panel_variation=args.panel_variation,
-            background_mura=args.background_mura,
-            background_mura_semu=args.background_mura_semu,
-            rgb=args.rgb,
-            subpixel_grid=args.subpixel_grid,
-        )
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {folder}")
-    return 0
-
-
-def _level_weights(values: Sequence[Any] | None) -> list[float] | None:
-    """``--level-weights``: five numbers, ``uniform`` (None), or the config's list or null."""
-    if values is None or [str(v) for v in values] == ["uniform"]:
-        return None
-    try:
-        return [float(v) for v in values]
-    except ValueError:
-        raise ValueError(
-            f"--level-weights takes 5 numbers or 'uniform', got {' '.join(map(str, values))}"
-        ) from None
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -96,6 +96,19 @@ def _window(bbox: tuple[int, int, int, int], margin: int, shape: tuple[int, int]
     )
 
 
+def _measuring_window(
+    crop_shape: tuple[int, int], top: int, left: int, image_shape: tuple[int, int]
+) -> tuple[tuple[slice, slice], int]:
+    """The window a detection (a crop of ``crop_shape`` at ``top``, ``left``) is measured in,
+    and its pixel count: its box with a margin of three background scales. The background
+    scale follows the detection's short side (at least 4 px): a band is referenced to the
+    pixels beside it, not to the far ends of the panel."""
+    sigma = max(4.0, float(min(crop_shape)))
+    bbox = (top, left, top + crop_shape[0], left + crop_shape[1])
+    window = _window(bbox, int(3 * sigma) + 2, image_shape)
+    return window, (window[0].stop - window[0].start) * (window[1].stop - window[1].start)
+
+
 def _coarse(
     values: Any, step: int, reduce: str, window: tuple[slice, slice] | None = None
 ) -> np.ndarray:
@@ -233,12 +246,9 @@ def _local(
     """The window around a detection (cropped to its pixels, top-left at ``top``, ``left``)
     and its deviation from the local background; ``exclude`` (a mask and its origin): pixels
     kept out of the background as well (another defect beside this one)."""
-    bbox = (top, left, top + detection.shape[0], left + detection.shape[1])
-    # The background scale follows the region's short side: a band is referenced to the pixels
-    # beside it, not to the far ends of the panel.
     short_side = min(detection.shape)
     sigma = max(4.0, float(short_side))
-    window = _window(bbox, int(3 * sigma) + 2, lum.shape)
+    window, _ = _measuring_window(detection.shape, top, left, lum.shape)
     region = _placed(detection, top, left, window)
     local = lum[window].astype(np.float64)
     grown = ndimage.binary_dilation(region, iterations=max(2, short_side // 4))
@@ -282,13 +292,8 @@ def measure_region(
     left out of this one's background and extent. A region whose measuring window exceeds
     ``MEASURE_PIXELS`` is measured on a coarser grid."""
     detection, top, left = _cropped(detection, origin)
-    sigma = max(4.0, float(min(detection.shape)))
-    window = _window(
-        (top, left, top + detection.shape[0], left + detection.shape[1]),
-        int(3 * sigma) + 2,
-        lum.shape,
-    )
-    if (window[0].stop - window[0].start) * (window[1].stop - window[1].start) > MEASURE_PIXELS:
+    window, pixels = _measuring_window(detection.shape, top, left, lum.shape)
+    if pixels > MEASURE_PIXELS:
         region = _placed(detection, top, left, window)
         return _measure_coarsely(lum, region, window, fused_map, pixel_pitch_mm, noise_k)
     at = _local(lum, detection, top, left, exclude)
@@ -419,12 +424,8 @@ def measure_detection(
     of its background; where none stands out of the noise (or the detection is too large to
     measure pixel by pixel, or spans the panel), one, measured on the whole detection."""
     crop, top, left = _cropped(detection, origin)
-    sigma = max(4.0, float(min(crop.shape)))
-    window = _window(
-        (top, left, top + crop.shape[0], left + crop.shape[1]), int(3 * sigma) + 2, lum.shape
-    )
     defects: list[np.ndarray] = []
-    if (window[0].stop - window[0].start) * (window[1].stop - window[1].start) <= MEASURE_PIXELS:
+    if _measuring_window(crop.shape, top, left, lum.shape)[1] <= MEASURE_PIXELS:
         defects, origin = _defects_in(lum, crop, top, left, noise_k)
     if not defects:
         return [measure_region(lum, crop, fused_map, pixel_pitch_mm, noise_k, (top, left))]

@@ -18,7 +18,6 @@ from data.synthetic import (
     inject_defects,
     write_dataset,
 )
-from data.synthetic import main as synthetic_main
 from metrics.severity import (
     DEFAULT_LEVEL_RULES,
     DEFECT_TYPES,
@@ -308,17 +307,19 @@ def test_cache_returns_the_same_folder_and_does_not_rewrite(tmp_path):
 
 
 def test_the_command_writes_the_embedded_default_panels_unless_told_otherwise(tmp_path, capsys):
-    """``python -m data.synthetic`` takes its defaults from the config's synthetic section: the
-    panels it writes are those a benchmark generates (same pixels), and its flags change them."""
+    """``python -m pipelines.synthetic`` writes the panels a benchmark generates from the same
+    configuration and seed (same pixels), and ``--set`` changes them like any pipeline's."""
     from data.sources import resolve_source
+    from pipelines.synthetic import main as synthetic_main
 
-    cfg = load_config("benchmark", overrides=["synthetic.n_train=2", "synthetic.n_test=2"])
-    cfg["synthetic"].update(size=64, cache_dir=str(tmp_path / "cache"))
-    source = resolve_source(cfg["data"], cfg["synthetic"], seed=3)
-    common = ["--n-train", "2", "--n-test", "2", "--size", "64", "--seed", "3"]
-    assert synthetic_main(["--out", str(tmp_path / "cli"), *common]) == 0
+    small = ["synthetic.n_train=2", "synthetic.n_test=2", "synthetic.size=64", "seed=3"]
+    cfg = load_config("benchmark", overrides=[*small, f"synthetic.cache_dir={tmp_path}/cache"])
+    source = resolve_source(cfg["data"], cfg["synthetic"], seed=cfg["seed"])
+    sets = [arg for key in small for arg in ("--set", key)]
+    assert synthetic_main(["--out", str(tmp_path / "cli"), *sets]) == 0
     written = sorted((tmp_path / "cli" / "panel").rglob("*.png"))
     cached = sorted((source.data_dir / "panel").rglob("*.png"))
+    assert len(written) == 2 + 2 + sum("ground_truth" in str(p) for p in written)
     assert [p.relative_to(tmp_path / "cli") for p in written] == [
         p.relative_to(source.data_dir) for p in cached
     ]
@@ -327,15 +328,17 @@ def test_the_command_writes_the_embedded_default_panels_unless_told_otherwise(tm
     assert meta["gain_pct"] == cfg["synthetic"]["gain_pct"] > 0
     assert meta["background_mura"] == cfg["synthetic"]["background_mura"] > 0
 
-    flat = ["--gain-pct", "0", "--panel-variation", "0", "--background-mura", "0"]
     out = tmp_path / "flat"
-    assert synthetic_main(["--out", str(out), *common, *flat, "--level-weights", "uniform"]) == 0
+    flat = ["synthetic.gain_pct=0", "synthetic.panel_variation=0", "synthetic.background_mura=0"]
+    flat += ["synthetic.level_weights=null"]
+    args = ["--out", str(out), *sets, *(arg for key in flat for arg in ("--set", key))]
+    assert synthetic_main([*args, "--seed", "4"]) == 0
     meta = json.loads((out / "panel" / "meta.json").read_text())["generator"]
     assert (meta["gain_pct"], meta["panel_variation"], meta["background_mura"]) == (0, 0, 0)
-    assert meta["level_weights"] is None
-    bad = ["--out", str(tmp_path / "bad"), *common, "--level-weights", "1", "x"]
-    assert synthetic_main(bad) == 2
-    assert "--level-weights takes 5 numbers" in capsys.readouterr().err
+    assert meta["level_weights"] is None and meta["seed"] == 4
+    bad = ["--out", str(tmp_path / "bad"), *sets, "--set", "synthetic.gain_pct=-1"]
+    assert synthetic_main(bad) == 2  # bad configuration
+    assert "gain_pct" in capsys.readouterr().err
 
 
 def test_bad_parameters_are_errors():
