@@ -195,6 +195,8 @@ def _key_table(members: tuple[str, ...]) -> Mapping[str, Key]:
         "ensemble.criterion": Key(choices=CRITERIA),
         "ensemble.labeled_defects": Key(choices=LABELED_DEFECTS),
         "ensemble.fit_workers": Key(int, null=True),  # null: one per CPU
+        "ensemble.max_injected_images": Key(int, null=True),  # null: no cap
+        "retrain.max_injected_images": Key(int, null=True),
         "ensemble.name": name,
         "predict.hybrid": name,
         "predict.out": name,
@@ -601,6 +603,9 @@ def check_values(cfg: Mapping[str, Any]) -> None:
         _positive(cfg, "ensemble.folds")
         _positive(cfg, "ensemble.top_k")
         _positive(cfg, "ensemble.fit_workers", allow_none=True)
+        _positive(cfg, "ensemble.max_injected_images", allow_none=True)
+    if "retrain" in cfg:
+        _positive(cfg, "retrain.max_injected_images", allow_none=True)
     if "benchmark" in cfg:
         _positive(cfg, "benchmark.validation_injections")
 

@@ -25,17 +25,28 @@ def injected_validation_samples(
     max_defects: int = 2,
     pixel_pitch_mm: float = 0.1,
     seed: int = 0,
+    max_injected: int | None = None,
 ) -> list[dict[str, Any]]:
     """Each normal image as it is (label 0) and ``injections_per_image`` copies with 1 to
-    ``max_defects`` injected defects each (label 1), levels cycling through 1-5."""
+    ``max_defects`` injected defects each (label 1), levels cycling through 1-5.
+
+    ``max_injected``: at most this many copies in all, spread evenly over the images (the
+    first ones take one more where it does not divide), so that a large held-out set does not
+    multiply the cost of fitting on them."""
+    images = [to_array(image) for image in normal_images]
+    copies = [injections_per_image] * len(images)
+    if max_injected is not None and sum(copies) > max_injected:
+        each, extra = divmod(max(max_injected, 0), len(images))
+        copies = [each + (k < extra) for k in range(len(images))]
     rng = np.random.default_rng(seed)
     samples = []
-    for k, image in enumerate(normal_images):
-        array = to_array(image)
+    drawn = 0
+    for array, count_of_copies in zip(images, copies):
         samples.append({"image": array, "mask": None, "label": 0, "defects": []})
-        for j in range(injections_per_image):
+        for _ in range(count_of_copies):
             count = int(rng.integers(1, max_defects + 1))
-            levels = [1 + (k * injections_per_image + j + i) % 5 for i in range(count)]
+            levels = [1 + (drawn + i) % 5 for i in range(count)]
+            drawn += 1
             injected = inject_defects(
                 array,
                 seed=rng,

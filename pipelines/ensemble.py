@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     samples = injected_validation_samples(
         (val_set[i]["image"] for i in range(len(val_set))),
         injections_per_image=opts["injections_per_image"],
+        max_injected=opts["max_injected_images"],
         pixel_pitch_mm=source.pixel_pitch_mm,
         seed=cfg["seed"],
     )

@@ -135,6 +135,7 @@ def train_challenger(
         opts["injections_per_image"],
         pixel_pitch_mm=cfg["data"]["pixel_pitch_mm"],
         seed=cfg["seed"],
+        max_injected=opts["max_injected_images"],
     )
     return build_hybrid(
         members,

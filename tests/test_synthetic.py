@@ -364,3 +364,31 @@ def test_full_size_panel():
     sample = generator.generate_defective(0)
     assert sample["image"].shape == (7000, 9344) and sample["image"].dtype == np.float32
     assert sample["defects"]
+
+
+def test_a_cap_on_injected_copies_spreads_them_evenly_and_keeps_the_uncapped_draws():
+    from data.validation import injected_validation_samples
+
+    panels = default_panels(size=64, seed=3)
+    normals = [panels.generate_normal(i, split="val")["image"] for i in range(3)]
+
+    def copies_per_image(samples):
+        counts = []
+        for sample in samples:
+            if sample["label"]:
+                counts[-1] += 1
+            else:
+                counts.append(0)
+        return counts
+
+    uncapped = injected_validation_samples(normals, 4, seed=1)
+    assert copies_per_image(uncapped) == [4, 4, 4]
+    # A cap the set stays under changes nothing, draw for draw.
+    same = injected_validation_samples(normals, 4, seed=1, max_injected=12)
+    assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(uncapped, same))
+    assert [a["defects"] for a in uncapped] == [b["defects"] for b in same]
+
+    capped = injected_validation_samples(normals, 4, seed=1, max_injected=5)
+    assert copies_per_image(capped) == [2, 2, 1]
+    levels = sorted({d["level"] for s in capped for d in s["defects"]})
+    assert levels[0] == 1 and len(levels) >= 4  # the levels still cycle through the bands
