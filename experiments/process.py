@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import signal
 import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
+
+# The pid of the process that started a fresh interpreter, for it alone (it takes it out of its
+# environment, so the ranks Fabric starts from it do not see it).
+PARENT_VARIABLE = "EXPERIMENTS_PROCESS_PARENT"
 
 
 class FreshProcessError(RuntimeError):
@@ -50,6 +55,7 @@ def call_in_fresh_process(
             capture_output=True,
             text=True,
             timeout=timeout_s,
+            env={**os.environ, PARENT_VARIABLE: str(os.getpid())},
         )
     except subprocess.TimeoutExpired:
         raise FreshProcessError(call, f"timed out after {timeout_s} s") from None
@@ -63,12 +69,16 @@ def call_in_fresh_process(
 
 
 def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when the one that started it ends."""
+    """Ask Linux to SIGKILL this process when the one that started it ends; and die now if that
+    one ended before the request was made (the interpreter takes a moment to start)."""
+    parent = os.environ.pop(PARENT_VARIABLE, None)
     if sys.platform.startswith("linux"):
         import ctypes
 
         pr_set_pdeathsig = 1
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if parent is not None and os.getppid() != int(parent):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,21 @@ def test_a_job_process_dies_with_the_process_that_started_it():
         parent.kill()
 
 
+def test_a_job_process_whose_parent_ended_before_it_started_dies_at_once():
+    """The parent may die while the new interpreter starts, before it asks to die with it; it
+    then finds another parent and ends itself instead of running the job."""
+    from experiments.process import PARENT_VARIABLE
+
+    payload = json.dumps({"module": "time", "name": "sleep", "args": [120], "kwargs": {}})
+    started = subprocess.run(
+        [sys.executable, "-m", "experiments.process", payload],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), PARENT_VARIABLE: str(os.getpid() + 10**6)},
+        timeout=30,
+    )
+    assert started.returncode == -signal.SIGKILL
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for status in Path("/proc").glob("[0-9]*/status"):
