@@ -36,7 +36,7 @@ def injected_validation_samples(
     images = [to_array(image) for image in normal_images]
     copies = [injections_per_image] * len(images)
     if max_injected is not None and sum(copies) > max_injected:
-        each, extra = divmod(max(max_injected, 0), len(images))
+        each, extra = divmod(max_injected, len(images))
         copies = [each + (k < extra) for k in range(len(images))]
     rng = np.random.default_rng(seed)
     samples = []
