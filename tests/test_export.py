@@ -14,7 +14,7 @@ import torch
 from artifacts.io import ArtifactError, write_manifest
 from data.images import read_image
 from data.synthetic import PanelGenerator
-from deploy.export import export_hybrid
+from deploy.export import TOLERANCE, export_hybrid, map_difference, score_difference
 from deploy.graphs import EXPORT_FILE, ExportError, export_dir
 from deploy.runtime import load_hybrid
 from fusion.hybrid import Hybrid
@@ -26,10 +26,6 @@ from tests.helpers import fit_member, run_module
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-# ONNX Runtime against PyTorch: the largest difference of a map relative to the spread of
-# PyTorch's map on that image, of a score relative to the largest score's magnitude (measured on
-# these images: up to 2e-4 for the maps, mostly the backbone's float32 rounding).
-TOLERANCE = 1e-3
 # Members sized for a test: a few training steps, a short teacher distillation.
 OPTIONS = {"efficientad": {"distill_steps": 2}, "padim": {"n_features": 32}}
 
@@ -73,13 +69,9 @@ def _assert_members_agree(exported: Hybrid, reference: Hybrid, images: list) -> 
     onnx_scores, onnx_maps = exported.member_set(batch)
     torch_scores, torch_maps = reference.member_set(batch)
     for k, name in enumerate(reference.names):
-        expected, found = torch_maps[:, k].double(), onnx_maps[:, k].double()
-        spread = expected.amax((1, 2)) - expected.amin((1, 2))
-        map_error = ((found - expected).abs().amax((1, 2)) / spread).max()
-        assert map_error <= TOLERANCE, (name, float(map_error))
-        scale = torch_scores[:, k].double().abs().max()
-        score_error = (onnx_scores[:, k].double() - torch_scores[:, k].double()).abs().max()
-        assert score_error <= TOLERANCE * scale, (name, float(score_error), float(scale))
+        map_error = map_difference(onnx_maps[:, k], torch_maps[:, k])
+        score_error = score_difference(onnx_scores[:, k], torch_scores[:, k])
+        assert max(map_error, score_error) <= TOLERANCE, (name, map_error, score_error)
 
 
 def test_every_member_exports_and_matches_pytorch_on_panels(fitted, panels_dir):
@@ -144,6 +136,21 @@ def test_onnx_runtime_on_ray_actors_is_refused_with_what_to_do(fitted, tmp_path,
     assert "predict.runtime onnx" in err and "predict.executor local" in err, err
 
 
+def test_map_difference_tells_rounding_on_a_flat_map_from_a_wrong_map():
+    generator = torch.Generator().manual_seed(0)
+    # A nearly flat map (an untrained DRAEM's: 0.0098 +- 4e-6) and the same map off by a few
+    # float32 units in the last place: rounding, however small the spread.
+    flat = 0.0098 + 4e-6 * torch.rand(2, 16, 16, generator=generator)
+    rounded = flat * (1 + 8 * torch.finfo(torch.float32).eps)
+    assert map_difference(rounded, flat) <= TOLERANCE
+    # A map with contrast, and the other image's map in its place (a batch mix-up).
+    contrast = torch.rand(2, 16, 16, generator=generator)
+    assert map_difference(contrast.flip(0), contrast) > 100 * TOLERANCE
+    # Relative to each image's own spread: a small error on a low-contrast image counts.
+    low = contrast * torch.tensor([1.0, 0.01])[:, None, None] + 1.0
+    assert map_difference(low + 1e-3 * torch.tensor([0.0, 1.0])[:, None, None], low) > TOLERANCE
+
+
 @pytest.fixture(scope="module")
 def tiled(fitted, tmp_path_factory) -> Path:
     """A hybrid of two of those members run tile by tile (128 px tiles on 256 px panels)."""
@@ -163,8 +170,7 @@ def test_a_tiled_hybrid_exports_at_its_tile_size(tiled):
         h.member_outputs(torch.from_numpy(image)[None].expand(3, -1, -1))
         for h in (exported, reference)
     )
-    spread = torch_maps.max(axis=(1, 2)) - torch_maps.min(axis=(1, 2))
-    assert (np.abs(onnx_maps - torch_maps).max(axis=(1, 2)) / spread).max() <= TOLERANCE
+    assert map_difference(torch.from_numpy(onnx_maps), torch.from_numpy(torch_maps)) <= TOLERANCE
     np.testing.assert_allclose(onnx_scores, torch_scores, rtol=TOLERANCE)
 
 
