@@ -401,13 +401,15 @@ def _check_format(folder: Path, name: str, config: dict[str, Any], version: int)
 
 
 def _resize_buffers_to(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    # Fitted buffers (memory banks, statistics) have data-dependent shapes.
+    # Fitted buffers (memory banks, statistics) have data-dependent shapes. Made contiguous
+    # whatever the saved strides: a batched inverse is column-major, and PaDiM's distances read
+    # its 164 MB three times slower that way.
     for key, value in state.items():
         owner_path, _, buf_name = key.rpartition(".")
         owner = module.get_submodule(owner_path) if owner_path else module
         if buf_name in owner._buffers and owner._buffers[buf_name] is not None:
             if owner._buffers[buf_name].shape != value.shape:
-                owner._buffers[buf_name] = torch.empty_like(value)
+                owner._buffers[buf_name] = torch.empty(value.shape, dtype=value.dtype)
 
 
 def aggregate_scores(
