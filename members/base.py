@@ -409,7 +409,9 @@ def _resize_buffers_to(module: nn.Module, state: dict[str, torch.Tensor]) -> Non
         owner = module.get_submodule(owner_path) if owner_path else module
         if buf_name in owner._buffers and owner._buffers[buf_name] is not None:
             if owner._buffers[buf_name].shape != value.shape:
-                owner._buffers[buf_name] = torch.empty(value.shape, dtype=value.dtype)
+                owner._buffers[buf_name] = torch.empty(
+                    value.shape, dtype=value.dtype, device=value.device
+                )
 
 
 def aggregate_scores(
