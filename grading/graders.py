@@ -120,7 +120,7 @@ class ThresholdCalibrator(BaseEstimator):
             images.append((anomaly_map, defects))
             if count:
                 # Each defect's peak within its box: ndimage.maximum sorts the whole image's
-                # labels, 32 ms per KolektorSDD map against about 1 ms this way.
+                # labels: 19.5 ms per 1260 x 500 map against 0.6 ms this way.
                 boxes = enumerate(ndimage.find_objects(defects), 1)
                 peaks.append([anomaly_map[box][defects[box] == k].max() for k, box in boxes])
             else:

@@ -11,7 +11,7 @@ import torch
 import members.backbones
 from artifacts.io import ArtifactError, write_manifest
 from members import create_member, load_member
-from members.base import MEMBER_FILE
+from members.base import MEMBER_FILE, WEIGHTS_FILE
 from tests.helpers import fit_member, outputs_equal, panel_loader
 
 
@@ -43,13 +43,13 @@ def test_fitted_statistics_are_row_major_after_fitting_and_loading(saved_padim, 
     # read its inverse covariances three times slower that way (and gave the same answers).
     member, folder = saved_padim
     assert member.inv_covariance.is_contiguous()
-    state = torch.load(folder / "weights.pt", weights_only=True)
+    state = torch.load(folder / WEIGHTS_FILE, weights_only=True)
     state["inv_covariance"] = state["inv_covariance"].transpose(1, 2).contiguous().transpose(1, 2)
     assert not state["inv_covariance"].is_contiguous()
     torch.save(state, folder.parent / "column-major.pt")
     copy = tmp_path / "padim"
     shutil.copytree(folder, copy)
-    (folder.parent / "column-major.pt").replace(copy / "weights.pt")
+    (folder.parent / "column-major.pt").replace(copy / WEIGHTS_FILE)
     write_manifest(copy)
     loaded = load_member(copy)
     assert all(buffer.is_contiguous() for buffer in loaded.buffers())
