@@ -83,12 +83,19 @@ def labeled_defect_sample(sample: dict[str, Any]) -> dict[str, Any]:
     Synthetic datasets carry per-defect truth (``instances``, ``defects`` with type and level)
     and keep it. A real dataset has a mask and the ``test/<type>`` folder name: each connected
     component of the mask becomes one defect of that type, with no level (levels are then
-    learned from the synthetic injections only, types from these defects).
+    learned from the synthetic injections only, types from these defects). ``split`` is
+    ``"test"``: fusion fits its normalizers on the held-out images alone, so that the hybrids of
+    cross-validation folds share them.
     """
     from scipy import ndimage
 
     mask = np.asarray(sample["mask"]).reshape(np.asarray(sample["mask"]).shape[-2:]) > 0
-    out = {"image": to_array(sample["image"]), "mask": mask, "label": int(sample["label"])}
+    out = {
+        "image": to_array(sample["image"]),
+        "mask": mask,
+        "label": int(sample["label"]),
+        "split": "test",
+    }
     if "instances" in sample and sample.get("defects"):
         instances = np.asarray(sample["instances"]).reshape(mask.shape)
         defects = [dict(d, source="labeled") for d in sample["defects"]]

@@ -78,15 +78,22 @@ class ScoreFusion(BaseEstimator):
         y: np.ndarray | None = None,
         groups: np.ndarray | None = None,
         choose_on: np.ndarray | None = None,
+        normalize_on: np.ndarray | None = None,
     ) -> ScoreFusion:
+        """``groups``, ``choose_on``: for ``auto`` (above). ``normalize_on``: the rows (a boolean
+        mask) whose normal scores fit the normalizer; None: all rows."""
         if self.combiner not in COMBINERS:
             raise ValueError(f"unknown combiner {self.combiner!r}; choose one of {COMBINERS}")
         X = np.asarray(X, np.float64)
         y = None if y is None else np.asarray(y).ravel().astype(int)
+        if normalize_on is not None and len(normalize_on) != len(X):
+            raise ValueError(f"normalize_on has {len(normalize_on)} rows, the scores {len(X)}")
         if self.combiner == "auto":
-            return self._fit_auto(X, y, groups, choose_on)
+            return self._fit_auto(X, y, groups, choose_on, normalize_on)
         self.normalizer_ = get_normalizer("rank" if self.combiner == "rank" else self.normalizer)
-        normalized = self.normalizer_.fit(X, y).transform(X)
+        reference = slice(None) if normalize_on is None else np.asarray(normalize_on, bool)
+        self.normalizer_.fit(X[reference], None if y is None else y[reference])
+        normalized = self.normalizer_.transform(X)
         self.n_members_ = X.shape[1]
         if self.combiner == "weighted":
             self.weights_ = self._weights(normalized, y)
@@ -122,6 +129,7 @@ class ScoreFusion(BaseEstimator):
         y: np.ndarray | None,
         groups: np.ndarray | None,
         choose_on: np.ndarray | None,
+        normalize_on: np.ndarray | None,
     ):
         candidates = self.candidates(X.shape[1])
         rows = np.arange(len(X)) if choose_on is None else np.flatnonzero(choose_on)
@@ -159,7 +167,7 @@ class ScoreFusion(BaseEstimator):
                 self.candidate_auroc_[name] = float(roc_auc_score(y_sel, out_of_fold))
             # Highest AUROC; on a tie the earlier candidate (fusions before single members).
             self.chosen_ = max(self.candidate_auroc_, key=self.candidate_auroc_.get)
-        self.fusion_ = candidates[self.chosen_].fit(X, y)
+        self.fusion_ = candidates[self.chosen_].fit(X, y, normalize_on=normalize_on)
         self.normalizer_ = self.fusion_.normalizer_
         self.n_members_ = X.shape[1]
         return self
@@ -203,5 +211,6 @@ class ScoreFusion(BaseEstimator):
         y: np.ndarray | None = None,
         groups: np.ndarray | None = None,
         choose_on: np.ndarray | None = None,
+        normalize_on: np.ndarray | None = None,
     ) -> np.ndarray:
-        return self.fit(X, y, groups, choose_on).transform(X)
+        return self.fit(X, y, groups, choose_on, normalize_on).transform(X)

@@ -272,7 +272,9 @@ class Hybrid:
         """Fit fusion and grading on validation samples: dicts with ``image`` (``[H, W]`` or
         ``[H, W, C]`` float array or ``[C, H, W]`` tensor), ``mask`` ``[H, W]`` (or None for a
         normal image), ``label``, and for defective images ``instances`` (``[H, W]`` ids) and
-        ``defects`` (truth dicts with ``id``, ``type``, ``level``)."""
+        ``defects`` (truth dicts with ``id``, ``type``, ``level``). Samples with ``split`` =
+        ``"test"`` (a labeled split's images, under cross-validation) train everything but the
+        normalizers, which come from the others where at least two of them are normal."""
 
         opts = self.options
         rng = np.random.default_rng(opts["seed"])
@@ -307,11 +309,17 @@ class Hybrid:
             ]
         )
         choose_on = real if real[labels == 1].any() else None
+        # Normalizers come from the held-out images (and their injected copies), not from a
+        # labeled test split's images: every cross-validation fold then normalizes alike, and
+        # a fold's hybrid differs from the others only in what it learns from labeled defects.
+        held_out = np.array([s.get("split") != "test" for s, *_ in cache])
+        if (labels[held_out] == 0).sum() < 2:
+            held_out[:] = True
 
         fusion = ScoreFusion(
             opts["combiner"], opts["normalizer"], None, opts["learner"], opts["seed"]
         )
-        self.image_fusion_ = clone(fusion).fit(scores, labels, None, choose_on)
+        self.image_fusion_ = clone(fusion).fit(scores, labels, None, choose_on, held_out)
         pixel_rows, pixel_labels, pixel_images = [], [], []
         for index_of_image, (_, _, _, maps, mask) in enumerate(cache):
             flat, flat_mask = maps.reshape(len(self.names), -1).T, mask.ravel()
@@ -328,6 +336,7 @@ class Hybrid:
             np.concatenate(pixel_labels),
             pixel_images,
             None if choose_on is None else choose_on[pixel_images],
+            held_out[pixel_images],
         )
         fused_scores = self.image_fusion_.transform(scores)
         self.image_threshold_ = image_threshold(

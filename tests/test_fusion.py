@@ -114,6 +114,31 @@ def test_auto_combiner_fuses_complementary_members_and_keeps_a_dominant_one_alon
     assert ScoreFusion("auto").fit(X_val).chosen_ == "rank"
 
 
+@pytest.mark.parametrize("combiner", ["rank", "auto"])
+def test_normalizers_fitted_on_shared_rows_make_cross_validation_folds_normalize_alike(combiner):
+    # Each fold's fusion sees the shared held-out rows and a different part of a labeled split.
+    # Fitted on the shared rows alone, every fold's normalizer is the same map, so a member
+    # chosen alone ranks the pooled out-of-fold scores exactly as the member itself does.
+    X_held, y_held = member_scores(300, 13)
+    X_split, y_split = member_scores(300, 14)
+    X_split[:, :2] *= 1.5  # the labeled split scores on another scale than the held-out rows
+    folds = [np.arange(300) % 3 != k for k in range(3)]
+    fusions, unshared = [], []
+    for keep in folds:
+        X = np.concatenate([X_held[:, :2], X_split[keep, :2]])
+        y = np.concatenate([y_held, y_split[keep]])
+        shared = np.arange(len(X)) < len(X_held)
+        fusions.append(ScoreFusion(combiner).fit(X, y, normalize_on=shared))
+        unshared.append(ScoreFusion(combiner).fit(X, y))
+    tables = [f.normalizer_.quantiles_ for f in fusions]
+    assert all(np.array_equal(tables[0], t) for t in tables[1:])
+    own_tables = [f.normalizer_.quantiles_ for f in unshared]
+    assert not np.array_equal(own_tables[0], own_tables[1])
+    assert np.array_equal(tables[0], RankNormalizer().fit(X_held[:, :2], y_held).quantiles_)
+    with pytest.raises(ValueError, match="normalize_on has 3 rows"):
+        ScoreFusion(combiner).fit(X_held, y_held, normalize_on=np.ones(3, bool))
+
+
 def test_fusion_errors_name_the_problem():
     X, y = member_scores(50, 8)
     with pytest.raises(ValueError, match="unknown combiner"):
