@@ -84,8 +84,8 @@ def labeled_defect_sample(sample: dict[str, Any]) -> dict[str, Any]:
     and keep it. A real dataset has a mask and the ``test/<type>`` folder name: each connected
     component of the mask becomes one defect of that type, with no level (levels are then
     learned from the synthetic injections only, types from these defects). ``split`` is
-    ``"test"``: fusion fits its normalizers on the held-out images alone, so that the hybrids of
-    cross-validation folds share them.
+    ``"test"``: fusion fits its pixel normalizers on the held-out images alone, so that the
+    hybrids of cross-validation folds share them.
     """
     from scipy import ndimage
 

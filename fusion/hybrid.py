@@ -274,7 +274,7 @@ class Hybrid:
         normal image), ``label``, and for defective images ``instances`` (``[H, W]`` ids) and
         ``defects`` (truth dicts with ``id``, ``type``, ``level``). Samples with ``split`` =
         ``"test"`` (a labeled split's images, under cross-validation) train everything but the
-        normalizers, which come from the others where at least two of them are normal."""
+        pixel normalizers, which come from the others where at least two of them are normal."""
 
         opts = self.options
         rng = np.random.default_rng(opts["seed"])
@@ -309,9 +309,11 @@ class Hybrid:
             ]
         )
         choose_on = real if real[labels == 1].any() else None
-        # Normalizers come from the held-out images (and their injected copies), not from a
-        # labeled test split's images: every cross-validation fold then normalizes alike, and
-        # a fold's hybrid differs from the others only in what it learns from labeled defects.
+        # Pixel normalizers come from the held-out images (and their injected copies), not from
+        # a labeled test split's images: every cross-validation fold's hybrid then maps pixels
+        # alike (a member chosen alone ranks pooled out-of-fold pixels as the member does), and
+        # a few held-out images give thousands of normal pixels. An image is one row of the
+        # image normalizer: there every normal image counts.
         held_out = np.array([s.get("split") != "test" for s, *_ in cache])
         if (labels[held_out] == 0).sum() < 2:
             held_out[:] = True
@@ -319,7 +321,7 @@ class Hybrid:
         fusion = ScoreFusion(
             opts["combiner"], opts["normalizer"], None, opts["learner"], opts["seed"]
         )
-        self.image_fusion_ = clone(fusion).fit(scores, labels, None, choose_on, held_out)
+        self.image_fusion_ = clone(fusion).fit(scores, labels, None, choose_on)
         pixel_rows, pixel_labels, pixel_images = [], [], []
         for index_of_image, (_, _, _, maps, mask) in enumerate(cache):
             flat, flat_mask = maps.reshape(len(self.names), -1).T, mask.ravel()

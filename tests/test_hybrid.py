@@ -14,6 +14,7 @@ from PIL import Image
 
 from artifacts.io import ArtifactError
 from data.synthetic import PanelGenerator
+from data.validation import labeled_defect_sample
 from evaluation import shared_work_cost
 from fusion.hybrid import Hybrid
 from grading.evaluation import grading_scores
@@ -115,6 +116,28 @@ def test_grading_end_to_end_on_panels_of_an_unseen_generator_seed(run):
     assert found == grading["end_to_end"]["n_with_level"]
     report = (run["out"] / "report.html").read_text()
     assert "Level confusion" in report and "Unseen panels" in report
+
+
+def test_cross_validation_folds_map_member_pixels_alike(run):
+    """Each fold's hybrid is fitted on the held-out samples plus the other folds of a labeled
+    split: its pixel normalizers come from the held-out samples alone, so two folds fuse the
+    same member maps into the same map (pooled out-of-fold pixels then rank as one hybrid's)."""
+    generator = PanelGenerator(size=128, seed=98)
+    panels = [labeled_defect_sample(generator.generate(i, i % 2 == 1)) for i in range(14)]
+    held_out = [{k: v for k, v in panel.items() if k != "split"} for panel in panels[:6]]
+    labeled = panels[6:]
+    assert all(panel["split"] == "test" for panel in labeled)
+    outputs = Hybrid.load(run["out"] / "hybrid").member_outputs_many(
+        [panel["image"] for panel in panels]
+    )
+    samples = [{**s, "member_outputs": out} for s, out in zip(held_out + labeled, outputs)]
+    folds = [samples[:6] + samples[6:10], samples[:6] + samples[10:]]
+    hybrids = [Hybrid.load(run["out"] / "hybrid").fit(fold) for fold in folds]
+    for _, maps in outputs[6:]:
+        np.testing.assert_array_equal(hybrids[0].fuse_map(maps), hybrids[1].fuse_map(maps))
+    # An image is one row of the image normalizer: there every normal image counts.
+    first, second = (h.image_fusion_.normalizer_.quantiles_ for h in hybrids)
+    assert first.shape != second.shape or not np.array_equal(first, second)
 
 
 def test_predict_writes_results_overlays_and_skips_bad_files(run, tmp_path):
