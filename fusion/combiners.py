@@ -16,7 +16,10 @@
   falls back to its best member instead of diluting it. Folds keep each ``groups`` value
   (the image a pixel comes from) together; ``choose_on`` restricts the comparison to some rows
   (real labeled defects, where there are any, rather than injected ones) while the winner is
-  fitted on all. Without both labels it is ``rank``.
+  fitted on all. Pixel rows given with their ``regions`` (the ground-truth region of each
+  defective pixel) are chosen on the mean of pixel AUROC and AUPRO, the two pixel figures the
+  project reports: AUROC alone counts pixels, so a few large defects outweigh many small
+  ones. Without both labels it is ``rank``.
 
 The same estimator fuses image scores (rows are images) and pixel maps (rows are pixels of the
 tile-merged, full-resolution maps).
@@ -33,6 +36,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.utils.validation import check_is_fitted
 
 from fusion.normalizers import get_normalizer, has_both_classes
+from metrics.detection import aupro_of_pixels
 
 COMBINERS = ("mean", "max", "rank", "weighted", "learned", "auto")
 LEARNERS = ("logistic", "boosting")
@@ -50,8 +54,9 @@ class ScoreFusion(BaseEstimator):
         folds: cross-validation folds of ``auto``.
         max_selection_rows: rows (a seeded sample) on which ``auto`` compares its candidates.
 
-    ``auto`` keeps ``candidate_auroc_`` (candidate name: cross-validated AUROC), ``chosen_``
-    (the winner's name) and ``fusion_`` (the winner, fitted on all rows).
+    ``auto`` keeps ``candidate_auroc_`` (candidate name: cross-validated AUROC),
+    ``candidate_aupro_`` (the same for AUPRO; empty without ``regions``), ``chosen_`` (the
+    winner's name) and ``fusion_`` (the winner, fitted on all rows).
     """
 
     def __init__(
@@ -79,17 +84,19 @@ class ScoreFusion(BaseEstimator):
         groups: np.ndarray | None = None,
         choose_on: np.ndarray | None = None,
         normalize_on: np.ndarray | None = None,
+        regions: np.ndarray | None = None,
     ) -> ScoreFusion:
-        """``groups``, ``choose_on``: for ``auto`` (above). ``normalize_on``: the rows (a boolean
-        mask) whose normal scores fit the normalizer; None: all rows."""
+        """``groups``, ``choose_on``, ``regions``: for ``auto`` (above). ``normalize_on``: the
+        rows (a boolean mask) whose normal scores fit the normalizer; None: all rows."""
         if self.combiner not in COMBINERS:
             raise ValueError(f"unknown combiner {self.combiner!r}; choose one of {COMBINERS}")
         X = np.asarray(X, np.float64)
         y = None if y is None else np.asarray(y).ravel().astype(int)
-        if normalize_on is not None and len(normalize_on) != len(X):
-            raise ValueError(f"normalize_on has {len(normalize_on)} rows, the scores {len(X)}")
+        for name, rows in (("normalize_on", normalize_on), ("regions", regions)):
+            if rows is not None and len(rows) != len(X):
+                raise ValueError(f"{name} has {len(rows)} rows, the scores {len(X)}")
         if self.combiner == "auto":
-            return self._fit_auto(X, y, groups, choose_on, normalize_on)
+            return self._fit_auto(X, y, groups, choose_on, normalize_on, regions)
         self.normalizer_ = get_normalizer("rank" if self.combiner == "rank" else self.normalizer)
         reference = slice(None) if normalize_on is None else np.asarray(normalize_on, bool)
         self.normalizer_.fit(X[reference], None if y is None else y[reference])
@@ -130,17 +137,20 @@ class ScoreFusion(BaseEstimator):
         groups: np.ndarray | None,
         choose_on: np.ndarray | None,
         normalize_on: np.ndarray | None,
+        regions: np.ndarray | None,
     ):
         candidates = self.candidates(X.shape[1])
         rows = np.arange(len(X)) if choose_on is None else np.flatnonzero(choose_on)
+        self.candidate_auroc_, self.candidate_aupro_ = {}, {}
         if y is None or not has_both_classes(y[rows]):
-            self.candidate_auroc_, self.chosen_ = {}, "rank"
+            self.chosen_ = "rank"
         else:
             rng = np.random.default_rng(self.seed)
             if len(rows) > self.max_selection_rows:
                 rows = np.sort(rng.choice(rows, self.max_selection_rows, replace=False))
             X_sel, y_sel = X[rows], y[rows]
             g_sel = None if groups is None else np.asarray(groups).ravel()[rows]
+            r_sel = None if regions is None else np.asarray(regions).ravel()[rows]
             folds = min(self.folds, int(np.bincount(y_sel).min()))
             if g_sel is not None:
                 folds = min(folds, *(len(np.unique(g_sel[y_sel == c])) for c in (0, 1)))
@@ -155,7 +165,7 @@ class ScoreFusion(BaseEstimator):
                 else StratifiedGroupKFold(folds, shuffle=True, random_state=self.seed)
             )
             splits = list(splitter.split(X_sel, y_sel, g_sel))
-            self.candidate_auroc_ = {}
+            criterion = {}
             for name, candidate in candidates.items():
                 out_of_fold = np.empty(len(y_sel))
                 try:
@@ -165,8 +175,12 @@ class ScoreFusion(BaseEstimator):
                 except ValueError:  # a fold without both classes for a learner
                     continue
                 self.candidate_auroc_[name] = float(roc_auc_score(y_sel, out_of_fold))
-            # Highest AUROC; on a tie the earlier candidate (fusions before single members).
-            self.chosen_ = max(self.candidate_auroc_, key=self.candidate_auroc_.get)
+                criterion[name] = self.candidate_auroc_[name]
+                if r_sel is not None:
+                    self.candidate_aupro_[name] = aupro_of_pixels(out_of_fold, y_sel, r_sel)
+                    criterion[name] = (criterion[name] + self.candidate_aupro_[name]) / 2
+            # The highest; on a tie the earlier candidate (fusions before single members).
+            self.chosen_ = max(criterion, key=criterion.get)
         self.fusion_ = candidates[self.chosen_].fit(X, y, normalize_on=normalize_on)
         self.normalizer_ = self.fusion_.normalizer_
         self.n_members_ = X.shape[1]
@@ -212,5 +226,6 @@ class ScoreFusion(BaseEstimator):
         groups: np.ndarray | None = None,
         choose_on: np.ndarray | None = None,
         normalize_on: np.ndarray | None = None,
+        regions: np.ndarray | None = None,
     ) -> np.ndarray:
-        return self.fit(X, y, groups, choose_on, normalize_on).transform(X)
+        return self.fit(X, y, groups, choose_on, normalize_on, regions).transform(X)

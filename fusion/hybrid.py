@@ -322,15 +322,21 @@ class Hybrid:
             opts["combiner"], opts["normalizer"], None, opts["learner"], opts["seed"]
         )
         self.image_fusion_ = clone(fusion).fit(scores, labels, None, choose_on)
-        pixel_rows, pixel_labels, pixel_images = [], [], []
+        # Each sampled defective pixel keeps its ground-truth region (8-connected, as AUPRO
+        # counts them), so the auto combiner can weigh regions as AUPRO does.
+        pixel_rows, pixel_labels, pixel_images, pixel_regions = [], [], [], []
+        regions_so_far = 0
         for index_of_image, (_, _, _, maps, mask) in enumerate(cache):
             flat, flat_mask = maps.reshape(len(self.names), -1).T, mask.ravel()
+            region_of_pixel, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
             for value in (0, 1):
                 index = np.flatnonzero(flat_mask == value)
                 take = rng.choice(index, min(len(index), opts["pixel_samples"]), replace=False)
                 pixel_rows.append(flat[take])
                 pixel_labels.append(np.full(len(take), value))
                 pixel_images.append(np.full(len(take), index_of_image))
+                pixel_regions.append(region_of_pixel.ravel()[take] + regions_so_far)
+            regions_so_far += count
         pixel_images = np.concatenate(pixel_images)
         pixel_fusion = clone(fusion).set_params(combiner=opts["pixel_combiner"] or opts["combiner"])
         self.pixel_fusion_ = pixel_fusion.fit(
@@ -339,6 +345,7 @@ class Hybrid:
             pixel_images,
             None if choose_on is None else choose_on[pixel_images],
             held_out[pixel_images],
+            np.concatenate(pixel_regions),
         )
         fused_scores = self.image_fusion_.transform(scores)
         self.image_threshold_ = image_threshold(
@@ -413,8 +420,9 @@ class Hybrid:
         return self
 
     def fusion_choice(self, fusion: ScoreFusion, on_real: bool) -> dict[str, Any] | None:
-        """What the ``auto`` combiner chose, the cross-validated AUROC of every candidate, with
-        member names, and on which images (None for a fixed combiner)."""
+        """What the ``auto`` combiner chose, the cross-validated AUROC (and, for pixels, AUPRO)
+        of every candidate, with member names, and on which images (None for a fixed
+        combiner)."""
         if fusion.combiner != "auto":
             return None
 
@@ -426,7 +434,9 @@ class Hybrid:
         return {
             "chosen": named(fusion.chosen_),
             "chosen_on": "normal and labeled-defect images" if on_real else "all fusion images",
+            "chosen_by": "mean of AUROC and AUPRO" if fusion.candidate_aupro_ else "AUROC",
             "cv_auroc": {named(k): v for k, v in fusion.candidate_auroc_.items()},
+            "cv_aupro": {named(k): v for k, v in fusion.candidate_aupro_.items()},
         }
 
     # --- inference --------------------------------------------------------------------------

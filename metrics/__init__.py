@@ -13,6 +13,7 @@ from metrics.detection import (
     Metric,
     PixelAUROCMetric,
     PixelF1MaxMetric,
+    aupro_of_pixels,
 )
 from metrics.quality import (
     QUALITY_METRICS,
@@ -49,5 +50,6 @@ __all__ = [
     "PixelAUROCMetric",
     "PixelF1MaxMetric",
     "available_classes",
+    "aupro_of_pixels",
     "get_metric",
 ]

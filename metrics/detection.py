@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from scipy import ndimage
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 
 def _numpy(values: Any) -> np.ndarray:
@@ -303,6 +303,30 @@ class AUPROMetric(_PixelMetric):
             pro += (len(region) - np.searchsorted(region, level, side="left")) / len(region)
         pro /= len(self.regions)
         return float(np.trapezoid(pro, grid) / self.fpr_limit)
+
+
+def aupro_of_pixels(
+    scores: np.ndarray, labels: np.ndarray, regions: np.ndarray, fpr_limit: float = 0.3
+) -> float:
+    """AUPRO of scored pixel rows (a sample of some maps' pixels) rather than of whole maps:
+    ``regions`` names the ground-truth region each defective row belongs to (normal rows: any
+    value). A defective row weighs one over its region's rows, so the weighted ROC's true
+    positive rate is the mean per-region overlap; the area under it up to ``fpr_limit`` is
+    divided by ``fpr_limit``, as ``AUPROMetric`` does (which steps along its FPR grid, where
+    this interpolates between the curve's points)."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
+    if not labels.any() or labels.all():
+        raise ValueError("aupro needs normal and defective pixels")
+    _, inverse, counts = np.unique(
+        np.asarray(regions)[labels], return_inverse=True, return_counts=True
+    )
+    weights = np.ones(len(scores))
+    weights[labels] = 1.0 / counts[inverse]
+    fpr, pro, _ = roc_curve(labels, scores, sample_weight=weights, drop_intermediate=False)
+    grid_end = np.searchsorted(fpr, fpr_limit, side="right")
+    fpr_part = np.append(fpr[:grid_end], fpr_limit)
+    pro_part = np.append(pro[:grid_end], np.interp(fpr_limit, fpr, pro))
+    return float(np.trapezoid(pro_part, fpr_part) / fpr_limit)
 
 
 METRICS: dict[str, type[Metric]] = {

@@ -68,17 +68,21 @@ def write_hybrid_report(results: dict[str, Any], records: list[dict[str, Any]], 
             "level": level,
             "chosen": c["chosen"],
             "chosen on": c["chosen_on"],
+            "chosen by": c.get("chosen_by", "AUROC"),
             **{f"cv AUROC {k}": v for k, v in c["cv_auroc"].items()},
+            **{f"cv AUPRO {k}": v for k, v in c.get("cv_aupro", {}).items()},
         }
         for level, c in choices.items()
         if c
     ]
     if choice_rows:
         sections.append(
-            "<p>The auto combiner's choice at each level: cross-validated AUROC of every "
-            "candidate on the fusion data (not test).</p>"
+            "<p>The auto combiner's choice at each level: cross-validated AUROC (and, for "
+            "pixels, AUPRO) of every candidate on the fusion data (not test).</p>"
         )
-        sections.append(html_table(choice_rows, list(choice_rows[0])))
+        # Pixels have AUPRO columns that images do not: every row's columns, in order.
+        columns = list(dict.fromkeys(k for row in choice_rows for k in row))
+        sections.append(html_table(choice_rows, columns))
     sections.append(html_table([results["grader"]], list(results["grader"])))
     sections.append('<h2>Scores</h2><div class="row">')
     sections.append(

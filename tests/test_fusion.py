@@ -7,6 +7,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from fusion import MinMaxNormalizer, RankNormalizer, ScoreFusion, ZScoreNormalizer
+from metrics import aupro_of_pixels
 
 
 def member_scores(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -112,6 +113,50 @@ def test_auto_combiner_fuses_complementary_members_and_keeps_a_dominant_one_alon
     assert set(auto.candidate_auroc_) >= {"rank", "mean", "learned", "member 0", "member 1"}
     # Unlabeled data gives no basis for a choice: rank mean.
     assert ScoreFusion("auto").fit(X_val).chosen_ == "rank"
+
+
+def large_and_small_defect_pixels(seed: int) -> tuple[np.ndarray, ...]:
+    """Pixel rows of 30 images (300 normal pixels each): images 0-9 hold a large defect (300
+    pixels) that only member 0 sees, images 10-29 a small one (5 pixels) that only member 1
+    sees; member 1 also fires on 3 % of normal pixels. Returns scores, labels, images, regions."""
+    rng = np.random.default_rng(seed)
+    X, y, images, regions = [], [], [], []
+    for image in range(30):
+        size = 300 if image < 10 else 5
+        normal = rng.normal(0, 1, (300, 2))
+        normal[rng.random(300) < 0.03, 1] += 6
+        defect = rng.normal(0, 1, (size, 2))
+        defect[:, 0 if image < 10 else 1] += 2 if image < 10 else 3
+        X += [normal, defect]
+        y += [np.zeros(300, int), np.ones(size, int)]
+        images.append(np.full(300 + size, image))
+        regions += [np.full(300, -1), np.full(size, image)]
+    return tuple(np.concatenate(part) for part in (X, y, images, regions))
+
+
+def test_auto_combiner_given_regions_weighs_small_defects_as_aupro_does():
+    # Pixel AUROC counts pixels: the ten large defects outweigh the twenty small ones, and the
+    # AUROC choice keeps member 0's view (small defects missed). Given the regions, auto
+    # chooses on AUROC and AUPRO together and finds both kinds on unseen pixels.
+    X, y, images, regions = large_and_small_defect_pixels(0)
+    X_test, y_test, _, regions_test = large_and_small_defect_pixels(1)
+    by_auroc = ScoreFusion("auto").fit(X, y, images)
+    by_both = ScoreFusion("auto").fit(X, y, images, regions=regions)
+    assert by_auroc.candidate_aupro_ == {} and set(by_both.candidate_aupro_) == set(
+        by_both.candidate_auroc_
+    )
+    figures = {}
+    for name, fusion in (("auroc", by_auroc), ("both", by_both)):
+        fused = fusion.transform(X_test)
+        figures[name] = (
+            roc_auc_score(y_test, fused),
+            aupro_of_pixels(fused, y_test, regions_test),
+        )
+    (auroc_a, aupro_a), (auroc_b, aupro_b) = figures["auroc"], figures["both"]
+    assert auroc_a > auroc_b, figures  # what AUROC alone prefers, it keeps on new pixels
+    assert aupro_b > aupro_a + 0.2 and auroc_b + aupro_b > auroc_a + aupro_a + 0.1, figures
+    with pytest.raises(ValueError, match="regions has 3 rows"):
+        ScoreFusion("auto").fit(X, y, images, regions=np.zeros(3))
 
 
 @pytest.mark.parametrize("combiner", ["rank", "auto"])

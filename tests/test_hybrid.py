@@ -140,6 +140,24 @@ def test_cross_validation_folds_map_member_pixels_alike(run):
     assert not np.array_equal(first, second)  # array_equal is False for other shapes too
 
 
+def test_auto_pixel_fusion_chooses_on_auroc_and_aupro_of_the_true_regions(run):
+    """With ``pixel_combiner = auto`` every sampled defective pixel keeps its true region, so the
+    pixel candidates are compared on AUROC and AUPRO; images (one row each) on AUROC alone."""
+    generator = PanelGenerator(size=128, seed=97)
+    panels = [labeled_defect_sample(generator.generate(i, i % 2 == 1)) for i in range(12)]
+    hybrid = Hybrid.load(run["out"] / "hybrid")
+    hybrid.options.update(combiner="auto", pixel_combiner="auto")
+    choice = hybrid.fit(panels).validation_["fusion_choice"]
+    assert choice["image"]["chosen_by"] == "AUROC" and choice["image"]["cv_aupro"] == {}
+    pixel = choice["pixel"]
+    assert pixel["chosen_by"] == "mean of AUROC and AUPRO"
+    assert set(pixel["cv_aupro"]) == set(pixel["cv_auroc"]) >= {"patchcore alone", "padim alone"}
+    both = {k: (pixel["cv_auroc"][k] + pixel["cv_aupro"][k]) / 2 for k in pixel["cv_auroc"]}
+    assert pixel["chosen"] == max(both, key=both.get)
+    # The members find the panels' defects: far above random scores' AUPRO (about 0.15).
+    assert min(pixel["cv_aupro"][f"{m} alone"] for m in ("patchcore", "padim")) > 0.4, pixel
+
+
 def test_predict_writes_results_overlays_and_skips_bad_files(run, tmp_path):
     cache = next((run["root"] / "cache").iterdir()) / "panel" / "test"
     inputs = tmp_path / "inputs"

@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
+from scipy import ndimage
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-from metrics import available_classes, get_metric
+from metrics import aupro_of_pixels, available_classes, get_metric
 
 
 @pytest.fixture
@@ -110,6 +111,41 @@ def test_aupro_of_random_maps_is_low():
     metric.update(rng.random(maps.shape), masks)
     # Random scores: PRO ~ FPR, so the normalized area up to 0.3 is about 0.15.
     assert metric.compute() == pytest.approx(0.15, abs=0.03)
+
+
+def test_aupro_of_pixel_rows_equals_aupro_of_the_maps_and_of_a_balanced_sample():
+    # Maps with regions of 2 to 64 pixels, each raised by its own amount, on noise.
+    rng = np.random.default_rng(4)
+    maps = rng.normal(0, 1, (6, 48, 48))
+    masks = np.zeros(maps.shape, bool)
+    for image in range(4):
+        for _ in range(3):
+            y, x = rng.integers(0, 40, 2)
+            h, w = rng.integers(1, 9, 2)
+            masks[image, y : y + h, x : x + w] = True
+            maps[image, y : y + h, x : x + w] += rng.uniform(0.5, 3)
+    metric = get_metric("aupro")
+    metric.update(maps, masks)
+    regions, offset = [], 0
+    for mask in masks:
+        labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        regions.append(np.where(labels > 0, labels + offset, -1).ravel())
+        offset += count
+    regions = np.concatenate(regions)
+    rows = aupro_of_pixels(maps.ravel(), masks.ravel(), regions)
+    assert rows == pytest.approx(metric.compute(), abs=2e-3)
+    # Every region weighs the same however many of its pixels were sampled: keeping one pixel
+    # in three of each region (at least one) leaves the figure close.
+    keep = ~masks.ravel() | (rng.random(masks.size) < 1 / 3)
+    for region in np.unique(regions[regions >= 0]):
+        keep[np.flatnonzero(regions == region)[0]] = True
+    sampled = aupro_of_pixels(maps.ravel()[keep], masks.ravel()[keep], regions[keep])
+    assert sampled == pytest.approx(rows, abs=0.05)
+    # Unweighted (every pixel one region), the large regions would dominate: not the same.
+    pixels = aupro_of_pixels(maps.ravel(), masks.ravel(), np.arange(masks.size))
+    assert abs(pixels - rows) > 0.02
+    with pytest.raises(ValueError, match="normal and defective"):
+        aupro_of_pixels(maps.ravel(), np.ones(maps.size, bool), regions)
 
 
 def brute_force_f1_max(maps: np.ndarray, masks: np.ndarray) -> float:
