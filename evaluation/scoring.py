@@ -318,6 +318,15 @@ def cross_validate_hybrid(
         "defective_images": int(labels.sum()),
         "normal_images": int((labels == 0).sum()),
         "types": sorted({d["type"] for s in labeled for d in s["defects"]}),
+        # What each fold's auto combiners chose (None: a fixed combiner): folds that choose
+        # differently pool their out-of-fold answers less well than one rule would.
+        "fold_choices": [
+            {
+                level: choice and choice["chosen"]
+                for level, choice in hybrid.validation_["fusion_choice"].items()
+            }
+            for hybrid in hybrids
+        ],
     }
     return evaluation, final
 

@@ -335,6 +335,8 @@ def test_real_labeled_defects_train_the_hybrid_under_cross_validation(tmp_path):
     results = json.loads((run_dir / "cv" / "results.json").read_text())
     assert results["cross_validation"]["folds"] == 5
     assert results["cross_validation"]["types"] == ["dust", "line"]
+    # Fixed combiners (rank-mean, the default): no fold chose anything.
+    assert results["cross_validation"]["fold_choices"] == [{"image": None, "pixel": None}] * 5
     assert "cross-validation" in results["notes"][0]
     hybrid = Hybrid.load(run_dir / "cv" / "hybrid")
     assert list(hybrid.type_classifier_.classes_) == ["dust", "line"]
