@@ -44,7 +44,7 @@ class ConfigError(ValueError):
 # Choices owned by higher floors (pipelines) or by modules that cost a second to import
 # (fusion and grading pull in scikit-learn): written here, and tests/test_config.py keeps them
 # equal to the library's own lists.
-COMBINERS = ("auto", "mean", "max", "rank", "weighted", "learned")  # fusion.combiners
+COMBINERS = ("auto", "mean", "max", "rank", "weighted", "learned", "rank_or_member")  # fusion
 NORMALIZERS = ("minmax", "zscore", "rank")  # fusion.normalizers
 LEARNERS = ("logistic", "boosting")  # fusion.combiners
 GRADERS = ("auto", "rules", "ordinal")  # grading.graders

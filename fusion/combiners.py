@@ -20,6 +20,10 @@
   defective pixel) are chosen on the mean of pixel AUROC and AUPRO, the two pixel figures the
   project reports: AUROC alone counts pixels, so a few large defects outweigh many small
   ones. Without both labels it is ``rank``.
+- ``rank_or_member``: ``auto`` choosing between ``rank`` and each member alone only: rank-mean
+  unless one member alone cross-validates better, so the fusion never dilutes a member that
+  is better on its own, and a near-tie among the many flexible combiners (``max``,
+  ``learned``, ...) is not there to be won by chance.
 
 The same estimator fuses image scores (rows are images) and pixel maps (rows are pixels of the
 tile-merged, full-resolution maps).
@@ -38,7 +42,9 @@ from sklearn.utils.validation import check_is_fitted
 from fusion.normalizers import get_normalizer, has_both_classes
 from metrics.detection import aupro_of_pixels
 
-COMBINERS = ("mean", "max", "rank", "weighted", "learned", "auto")
+COMBINERS = ("mean", "max", "rank", "weighted", "learned", "auto", "rank_or_member")
+# The combiners that choose among others by cross-validation.
+CHOOSING = ("auto", "rank_or_member")
 LEARNERS = ("logistic", "boosting")
 
 
@@ -95,7 +101,7 @@ class ScoreFusion(BaseEstimator):
         for name, rows in (("normalize_on", normalize_on), ("regions", regions)):
             if rows is not None and len(rows) != len(X):
                 raise ValueError(f"{name} has {len(rows)} rows, the scores {len(X)}")
-        if self.combiner == "auto":
+        if self.combiner in CHOOSING:
             return self._fit_auto(X, y, groups, choose_on, normalize_on, regions)
         self.normalizer_ = get_normalizer("rank" if self.combiner == "rank" else self.normalizer)
         reference = slice(None) if normalize_on is None else np.asarray(normalize_on, bool)
@@ -119,11 +125,13 @@ class ScoreFusion(BaseEstimator):
         return self
 
     def candidates(self, n_members: int) -> dict[str, ScoreFusion]:
-        """What ``auto`` chooses among: every combiner, then each member alone."""
+        """What ``auto`` chooses among: every fixed combiner, then each member alone
+        (``rank_or_member``: ``rank``, then each member alone)."""
+        fixed = ("rank",) if self.combiner == "rank_or_member" else COMBINERS
         out = {
             name: ScoreFusion(name, self.normalizer, None, self.learner, self.seed)
-            for name in COMBINERS
-            if name != "auto"
+            for name in fixed
+            if name not in CHOOSING
         }
         for m in range(n_members):
             alone = np.eye(n_members)[m].tolist()
@@ -208,7 +216,7 @@ class ScoreFusion(BaseEstimator):
         X = np.asarray(X, np.float64)
         if X.ndim != 2 or X.shape[1] != self.n_members_:
             raise ValueError(f"expected scores [n, {self.n_members_}], got shape {X.shape}")
-        if self.combiner == "auto":
+        if self.combiner in CHOOSING:
             return self.fusion_.transform(X)
         normalized = self.normalizer_.transform(X)
         if self.combiner in ("mean", "rank"):

@@ -32,7 +32,7 @@ from scipy import ndimage
 from sklearn.base import clone
 
 from data.images import LazyImage, size_pair, to_tensor
-from fusion.combiners import ScoreFusion
+from fusion.combiners import CHOOSING, ScoreFusion
 from fusion.persistence import FITTED_STATE, load_hybrid, save_hybrid
 from grading.describer import RegionDescriber
 from grading.graders import (
@@ -423,7 +423,7 @@ class Hybrid:
         """What the ``auto`` combiner chose, the cross-validated AUROC (and, for pixels, AUPRO)
         of every candidate, with member names, and on which images (None for a fixed
         combiner)."""
-        if fusion.combiner != "auto":
+        if fusion.combiner not in CHOOSING:
             return None
 
         def named(candidate: str) -> str:

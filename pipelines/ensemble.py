@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, help="number of best members to combine")
     parser.add_argument("--members", help="comma-separated members instead of the top k")
     parser.add_argument(
-        "--combiner", help="image scores: auto | mean | max | rank | weighted | learned"
+        "--combiner",
+        help="image scores: auto | rank_or_member | mean | max | rank | weighted | learned",
     )
     parser.add_argument("--pixel-combiner", help="pixel maps: the same choices")
     parser.add_argument("--name", help="output folder name under the run")
