@@ -87,6 +87,13 @@ def test_learned_combiner_scores_at_least_as_high_as_rank_mean_on_held_out_data(
     assert weighted.weights_[2] < 0.15  # the member that does not separate gets little say
 
 
+def strong_and_weak(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A member that separates well beside one that barely does."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.4).astype(int)
+    return np.stack([3.0 * y + rng.normal(0, 1, n), 0.4 * y + rng.normal(0, 1, n)], 1), y
+
+
 def test_auto_combiner_fuses_complementary_members_and_keeps_a_dominant_one_alone():
     # Two members with independent noise: fusing them beats either, and auto fuses.
     X_val, y_val = member_scores(600, 9)
@@ -97,11 +104,6 @@ def test_auto_combiner_fuses_complementary_members_and_keeps_a_dominant_one_alon
     assert roc_auc_score(y_test, auto.transform(X_test[:, :2])) > best + 0.02
 
     # A strong member beside a weak one: the rank mean dilutes the strong one; auto keeps it.
-    def strong_and_weak(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng(seed)
-        y = (rng.random(n) < 0.4).astype(int)
-        return np.stack([3.0 * y + rng.normal(0, 1, n), 0.4 * y + rng.normal(0, 1, n)], 1), y
-
     X_val, y_val = strong_and_weak(600, 11)
     X_test, y_test = strong_and_weak(1500, 12)
     auto = ScoreFusion("auto").fit(X_val, y_val)
@@ -113,6 +115,28 @@ def test_auto_combiner_fuses_complementary_members_and_keeps_a_dominant_one_alon
     assert set(auto.candidate_auroc_) >= {"rank", "mean", "learned", "member 0", "member 1"}
     # Unlabeled data gives no basis for a choice: rank mean.
     assert ScoreFusion("auto").fit(X_val).chosen_ == "rank"
+
+
+def test_rank_or_member_fuses_unless_a_member_alone_is_better():
+    # Complementary members: the rank mean beats either, and is kept.
+    X_val, y_val = member_scores(600, 9)
+    X_test, y_test = member_scores(1500, 10)
+    fusion = ScoreFusion("rank_or_member").fit(X_val[:, :2], y_val)
+    assert fusion.chosen_ == "rank" and set(fusion.candidate_auroc_) == {
+        "rank",
+        "member 0",
+        "member 1",
+    }
+    best = max(roc_auc_score(y_test, X_test[:, m]) for m in range(2))
+    assert roc_auc_score(y_test, fusion.transform(X_test[:, :2])) > best + 0.02
+    # A strong member beside a weak one: the rank mean would dilute it; it is used alone.
+    X_val, y_val = strong_and_weak(600, 11)
+    X_test, y_test = strong_and_weak(1500, 12)
+    fusion = ScoreFusion("rank_or_member").fit(X_val, y_val)
+    assert fusion.chosen_ == "member 0"
+    rank_mean = ScoreFusion("rank").fit(X_val, y_val).transform(X_test)
+    fused = fusion.transform(X_test)
+    assert roc_auc_score(y_test, fused) > roc_auc_score(y_test, rank_mean) + 0.01
 
 
 def large_and_small_defect_pixels(seed: int) -> tuple[np.ndarray, ...]:
