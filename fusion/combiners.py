@@ -48,6 +48,25 @@ CHOOSING = ("auto", "rank_or_member")
 LEARNERS = ("logistic", "boosting")
 
 
+def sample_per_group(groups: np.ndarray, budget: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of about ``budget`` rows drawn group by group: each group keeps
+    ``min(its rows, cap)`` of them, at random, with the largest ``cap`` (at least 1) that fits
+    the budget, so small groups (small defects) keep every row and large ones share the rest."""
+    _, group_of, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    if counts.sum() <= budget:
+        return np.arange(len(groups))
+    sizes = np.sort(counts)
+    below = np.concatenate([[0], np.cumsum(sizes)])  # rows of the groups smaller than each
+    # With the i smallest groups whole, the others get (budget - below[i]) // (rest) each.
+    caps = (budget - below[:-1]) // np.arange(len(sizes), 0, -1)
+    cap = max(int(caps[np.argmax(caps < sizes)]), 1)
+    order = rng.permutation(len(groups))
+    order = order[np.argsort(group_of[order], kind="stable")]  # random within each group
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    position = np.arange(len(order)) - starts[group_of[order]]
+    return np.sort(order[position < cap])
+
+
 class ScoreFusion(BaseEstimator):
     """Normalize each member's scores, then combine them.
 
@@ -60,7 +79,8 @@ class ScoreFusion(BaseEstimator):
         folds: cross-validation folds of ``auto``.
         max_selection_rows: rows (a seeded sample) on which ``auto`` compares its candidates.
 
-    ``auto`` keeps ``candidate_auroc_`` (candidate name: cross-validated AUROC),
+    ``auto`` and ``rank_or_member`` keep ``candidate_auroc_`` (candidate name:
+    cross-validated AUROC),
     ``candidate_aupro_`` (the same for AUPRO; empty without ``regions``), ``chosen_`` (the
     winner's name) and ``fusion_`` (the winner, fitted on all rows).
     """
@@ -155,7 +175,7 @@ class ScoreFusion(BaseEstimator):
         else:
             rng = np.random.default_rng(self.seed)
             if len(rows) > self.max_selection_rows:
-                rows = np.sort(rng.choice(rows, self.max_selection_rows, replace=False))
+                rows = self._selection_rows(rows, y, regions, rng)
             X_sel, y_sel = X[rows], y[rows]
             g_sel = None if groups is None else np.asarray(groups).ravel()[rows]
             r_sel = None if regions is None else np.asarray(regions).ravel()[rows]
@@ -164,8 +184,8 @@ class ScoreFusion(BaseEstimator):
                 folds = min(folds, *(len(np.unique(g_sel[y_sel == c])) for c in (0, 1)))
             if folds < 2:
                 raise ValueError(
-                    "the auto combiner needs at least 2 normal and 2 defective samples "
-                    "(in 2 groups each) to cross-validate its candidates"
+                    f"the {self.combiner} combiner needs at least 2 normal and 2 defective "
+                    "samples (in 2 groups each) to cross-validate its candidates"
                 )
             splitter = (
                 StratifiedKFold(folds, shuffle=True, random_state=self.seed)
@@ -193,6 +213,21 @@ class ScoreFusion(BaseEstimator):
         self.normalizer_ = self.fusion_.normalizer_
         self.n_members_ = X.shape[1]
         return self
+
+    def _selection_rows(
+        self, rows: np.ndarray, y: np.ndarray, regions: np.ndarray | None, rng: np.random.Generator
+    ) -> np.ndarray:
+        """``max_selection_rows`` of ``rows``: at random, or, given ``regions``, the defective
+        rows region by region (``sample_per_group``, their share of the budget as at random)
+        so a small defect beside large ones is not thinned away before AUPRO is measured."""
+        if regions is None:
+            return np.sort(rng.choice(rows, self.max_selection_rows, replace=False))
+        defective = rows[y[rows] == 1]
+        normal = rows[y[rows] == 0]
+        defect_budget = round(self.max_selection_rows * len(defective) / len(rows))
+        kept = defective[sample_per_group(np.asarray(regions)[defective], defect_budget, rng)]
+        normal_budget = min(len(normal), self.max_selection_rows - len(kept))
+        return np.sort(np.concatenate([kept, rng.choice(normal, normal_budget, replace=False)]))
 
     def _weights(self, normalized: np.ndarray, y: np.ndarray | None) -> np.ndarray:
         if self.weights is not None:

@@ -322,30 +322,17 @@ class Hybrid:
             opts["combiner"], opts["normalizer"], None, opts["learner"], opts["seed"]
         )
         self.image_fusion_ = clone(fusion).fit(scores, labels, None, choose_on)
-        # Each sampled defective pixel keeps its ground-truth region (8-connected, as AUPRO
-        # counts them), so the auto combiner can weigh regions as AUPRO does.
-        pixel_rows, pixel_labels, pixel_images, pixel_regions = [], [], [], []
-        regions_so_far = 0
-        for index_of_image, (_, _, _, maps, mask) in enumerate(cache):
-            flat, flat_mask = maps.reshape(len(self.names), -1).T, mask.ravel()
-            region_of_pixel, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
-            for value in (0, 1):
-                index = np.flatnonzero(flat_mask == value)
-                take = rng.choice(index, min(len(index), opts["pixel_samples"]), replace=False)
-                pixel_rows.append(flat[take])
-                pixel_labels.append(np.full(len(take), value))
-                pixel_images.append(np.full(len(take), index_of_image))
-                pixel_regions.append(region_of_pixel.ravel()[take] + regions_so_far)
-            regions_so_far += count
-        pixel_images = np.concatenate(pixel_images)
+        pixel_rows, pixel_labels, pixel_images, pixel_regions = sample_pixel_rows(
+            ((maps, mask) for _, _, _, maps, mask in cache), opts["pixel_samples"], rng
+        )
         pixel_fusion = clone(fusion).set_params(combiner=opts["pixel_combiner"] or opts["combiner"])
         self.pixel_fusion_ = pixel_fusion.fit(
-            np.concatenate(pixel_rows),
-            np.concatenate(pixel_labels),
+            pixel_rows,
+            pixel_labels,
             pixel_images,
             None if choose_on is None else choose_on[pixel_images],
             held_out[pixel_images],
-            np.concatenate(pixel_regions),
+            pixel_regions,
         )
         fused_scores = self.image_fusion_.transform(scores)
         self.image_threshold_ = image_threshold(
@@ -420,9 +407,9 @@ class Hybrid:
         return self
 
     def fusion_choice(self, fusion: ScoreFusion, on_real: bool) -> dict[str, Any] | None:
-        """What the ``auto`` combiner chose, the cross-validated AUROC (and, for pixels, AUPRO)
-        of every candidate, with member names, and on which images (None for a fixed
-        combiner)."""
+        """What a choosing combiner (``auto``, ``rank_or_member``) chose, the cross-validated
+        AUROC (and, for pixels, AUPRO) of every candidate, with member names, and on which
+        images (None for a fixed combiner)."""
         if fusion.combiner not in CHOOSING:
             return None
 
@@ -434,7 +421,13 @@ class Hybrid:
         return {
             "chosen": named(fusion.chosen_),
             "chosen_on": "normal and labeled-defect images" if on_real else "all fusion images",
-            "chosen_by": "mean of AUROC and AUPRO" if fusion.candidate_aupro_ else "AUROC",
+            "chosen_by": (
+                "mean of AUROC and AUPRO"
+                if fusion.candidate_aupro_
+                else "AUROC"
+                if fusion.candidate_auroc_
+                else "nothing to choose on (one class): rank"
+            ),
             "cv_auroc": {named(k): v for k, v in fusion.candidate_auroc_.items()},
             "cv_aupro": {named(k): v for k, v in fusion.candidate_aupro_.items()},
         }
@@ -592,6 +585,33 @@ def _image_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     three times, not three copies (a panel is 65 megapixels)."""
     grey = image.ndim == 2 or (isinstance(image, torch.Tensor) and image.shape[0] == 1)
     return to_tensor(image, channels=1).expand(3, -1, -1) if grey else to_tensor(image)
+
+
+def sample_pixel_rows(
+    maps_and_masks: Iterable[tuple[np.ndarray, np.ndarray]],
+    per_image: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Up to ``per_image`` normal and as many defective pixels of each image's member maps
+    ``[M, H, W]`` (with its mask ``[H, W]``), at random: rows ``[n, M]``, labels, the image's
+    index, and each defective pixel's ground-truth region (8-connected, as AUPRO counts them;
+    ids unique across images; -1 for normal pixels), so a choosing combiner can weigh regions
+    as AUPRO does."""
+    rows, labels, images, regions = [], [], [], []
+    regions_so_far = 0
+    for index_of_image, (maps, mask) in enumerate(maps_and_masks):
+        flat, flat_mask = maps.reshape(len(maps), -1).T, mask.ravel()
+        region_of_pixel, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+        for value in (0, 1):
+            index = np.flatnonzero(flat_mask == value)
+            take = rng.choice(index, min(len(index), per_image), replace=False)
+            rows.append(flat[take])
+            labels.append(np.full(len(take), value))
+            images.append(np.full(len(take), index_of_image))
+            region = region_of_pixel.ravel()[take]
+            regions.append(np.where(region > 0, region + regions_so_far, -1))
+        regions_so_far += count
+    return tuple(np.concatenate(part) for part in (rows, labels, images, regions))
 
 
 def _regions_image(image: torch.Tensor | LazyImage) -> np.ndarray | LazyImage:

@@ -313,7 +313,10 @@ def aupro_of_pixels(
     value). A defective row weighs one over its region's rows, so the weighted ROC's true
     positive rate is the mean per-region overlap; the area under it up to ``fpr_limit`` is
     divided by ``fpr_limit``, as ``AUPROMetric`` does (which steps along its FPR grid, where
-    this interpolates between the curve's points)."""
+    this interpolates between the curve's points: equal on continuous scores, but where many
+    scores tie, as on a constant map, this gives the diagonal's area, 0.15, and it 0)."""
+    if not 0 < fpr_limit <= 1:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
     if not labels.any() or labels.all():
         raise ValueError("aupro needs normal and defective pixels")

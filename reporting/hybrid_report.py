@@ -83,6 +83,14 @@ def write_hybrid_report(results: dict[str, Any], records: list[dict[str, Any]], 
         # Pixels have AUPRO columns that images do not: every row's columns, in order.
         columns = list(dict.fromkeys(k for row in choice_rows for k in row))
         sections.append(html_table(choice_rows, columns))
+    folds = (results.get("cross_validation") or {}).get("fold_choices") or []
+    if any(c for fold in folds for c in fold.values()):
+        sections.append(
+            "<p>What each cross-validation fold's choosing combiners chose (out-of-fold scores "
+            "pool these folds' answers).</p>"
+        )
+        fold_rows = [{"fold": k + 1, **fold} for k, fold in enumerate(folds)]
+        sections.append(html_table(fold_rows, list(fold_rows[0])))
     sections.append(html_table([results["grader"]], list(results["grader"])))
     sections.append('<h2>Scores</h2><div class="row">')
     sections.append(

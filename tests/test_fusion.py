@@ -7,6 +7,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from fusion import MinMaxNormalizer, RankNormalizer, ScoreFusion, ZScoreNormalizer
+from fusion.combiners import sample_per_group
 from metrics import aupro_of_pixels
 
 
@@ -139,6 +140,24 @@ def test_rank_or_member_fuses_unless_a_member_alone_is_better():
     assert roc_auc_score(y_test, fused) > roc_auc_score(y_test, rank_mean) + 0.01
 
 
+def test_sampled_pixel_rows_keep_each_defect_region_apart():
+    from fusion.hybrid import sample_pixel_rows
+
+    rng = np.random.default_rng(0)
+    masks = np.zeros((3, 16, 16), bool)
+    masks[0, 1:3, 1:3] = masks[0, 10:12, 10:14] = True  # two defects; image 1 is normal
+    masks[2, 5:9, 5] = True
+    maps = [rng.random((2, 16, 16)) for _ in range(3)]
+    rows, labels, images, regions = sample_pixel_rows(zip(maps, masks), 1000, rng)
+    assert rows.shape == (3 * 256, 2) and labels.sum() == masks.sum()  # every pixel here
+    assert (regions[labels == 0] == -1).all()
+    assert sorted(np.unique(regions[labels == 1])) == [1, 2, 3]  # one id each, across images
+    assert len(np.unique(regions[(labels == 1) & (images == 0)])) == 2
+    # A row holds its pixel's member scores.
+    defect_rows = rows[(images == 2) & (labels == 1)]
+    np.testing.assert_array_equal(np.sort(defect_rows[:, 1]), np.sort(maps[2][1][masks[2]]))
+
+
 def large_and_small_defect_pixels(seed: int) -> tuple[np.ndarray, ...]:
     """Pixel rows of 30 images (300 normal pixels each): images 0-9 hold a large defect (300
     pixels) that only member 0 sees, images 10-29 a small one (5 pixels) that only member 1
@@ -158,14 +177,32 @@ def large_and_small_defect_pixels(seed: int) -> tuple[np.ndarray, ...]:
     return tuple(np.concatenate(part) for part in (X, y, images, regions))
 
 
-def test_auto_combiner_given_regions_weighs_small_defects_as_aupro_does():
+def test_sample_per_group_keeps_small_groups_whole_and_shares_the_rest():
+    rng = np.random.default_rng(0)
+    groups = np.repeat([7, 1, 2, 3], [5, 40, 1000, 3000])
+    taken = sample_per_group(groups, 500, rng)
+    assert len(np.unique(taken)) == len(taken) and np.all(np.diff(taken) > 0)
+    counts = {g: int((groups[taken] == g).sum()) for g in (7, 1, 2, 3)}
+    # 5 and 40 whole; the other two share the 455 left: 227 each.
+    assert counts == {7: 5, 1: 40, 2: 227, 3: 227}, counts
+    assert np.array_equal(sample_per_group(groups, len(groups), rng), np.arange(len(groups)))
+    # More groups than the budget: one row each rather than none.
+    assert len(sample_per_group(np.arange(10), 4, rng)) == 10
+
+
+@pytest.mark.parametrize("max_selection_rows", [200_000, 3000])
+def test_auto_combiner_given_regions_weighs_small_defects_as_aupro_does(max_selection_rows):
     # Pixel AUROC counts pixels: the ten large defects outweigh the twenty small ones, and the
     # AUROC choice keeps member 0's view (small defects missed). Given the regions, auto
     # chooses on AUROC and AUPRO together and finds both kinds on unseen pixels.
     X, y, images, regions = large_and_small_defect_pixels(0)
     X_test, y_test, _, regions_test = large_and_small_defect_pixels(1)
-    by_auroc = ScoreFusion("auto").fit(X, y, images)
-    by_both = ScoreFusion("auto").fit(X, y, images, regions=regions)
+    # 3000 of the 12100 rows: thinned at random, the twenty small defects (5 pixels each)
+    # would keep about one pixel each; thinned region by region, they keep all of theirs.
+    by_auroc = ScoreFusion("auto", max_selection_rows=max_selection_rows).fit(X, y, images)
+    by_both = ScoreFusion("auto", max_selection_rows=max_selection_rows).fit(
+        X, y, images, regions=regions
+    )
     assert by_auroc.candidate_aupro_ == {} and set(by_both.candidate_aupro_) == set(
         by_both.candidate_auroc_
     )
