@@ -79,8 +79,9 @@ class ScoreFusion(BaseEstimator):
         folds: cross-validation folds of ``auto``.
         max_selection_rows: rows (a seeded sample) on which ``auto`` compares its candidates.
 
-    ``auto`` and ``rank_or_member`` keep ``candidate_auroc_`` (candidate name:
-    cross-validated AUROC),
+    ``auto`` and ``rank_or_member`` answer on one scale whatever they chose (a rank
+    normalizer on the chosen fusion's output, ``output_normalizer_``, fitted on the normal
+    reference rows) and keep ``candidate_auroc_`` (candidate name: cross-validated AUROC),
     ``candidate_aupro_`` (the same for AUPRO; empty without ``regions``), ``chosen_`` (the
     winner's name) and ``fusion_`` (the winner, fitted on all rows).
     """
@@ -210,6 +211,14 @@ class ScoreFusion(BaseEstimator):
             # The highest; on a tie the earlier candidate (fusions before single members).
             self.chosen_ = max(criterion, key=criterion.get)
         self.fusion_ = candidates[self.chosen_].fit(X, y, normalize_on=normalize_on)
+        # Whatever was chosen answers on one scale: the fraction of the normal reference rows
+        # that score below (``learned`` gives probabilities, a member alone its ranks), so the
+        # folds of a cross-validation that chose differently pool their answers fairly.
+        reference = np.ones(len(X), bool) if normalize_on is None else np.asarray(normalize_on)
+        if y is not None:
+            reference = reference & (y == 0)
+        fused_normal = self.fusion_.transform(X[reference])[:, None]
+        self.output_normalizer_ = get_normalizer("rank").fit(fused_normal)
         self.normalizer_ = self.fusion_.normalizer_
         self.n_members_ = X.shape[1]
         return self
@@ -252,7 +261,9 @@ class ScoreFusion(BaseEstimator):
         if X.ndim != 2 or X.shape[1] != self.n_members_:
             raise ValueError(f"expected scores [n, {self.n_members_}], got shape {X.shape}")
         if self.combiner in CHOOSING:
-            return self.fusion_.transform(X)
+            fused = self.fusion_.transform(X)[:, None]
+            output = getattr(self, "output_normalizer_", None)  # None: fitted before it existed
+            return (fused if output is None else output.transform(fused))[:, 0]
         normalized = self.normalizer_.transform(X)
         if self.combiner in ("mean", "rank"):
             return normalized.mean(axis=1)

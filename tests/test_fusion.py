@@ -158,6 +158,25 @@ def test_sampled_pixel_rows_keep_each_defect_region_apart():
     np.testing.assert_array_equal(np.sort(defect_rows[:, 1]), np.sort(maps[2][1][masks[2]]))
 
 
+@pytest.mark.parametrize("combiner", ["auto", "rank_or_member"])
+def test_choosing_combiners_answer_on_one_scale_whatever_they_chose(combiner):
+    # Whether a fusion (a mean of ranks, learned probabilities) or a member alone is chosen,
+    # the answer is the fraction of normal reference rows scoring below: folds of a
+    # cross-validation that choose differently then pool their answers on one scale.
+    X_a, y_a = member_scores(600, 9)
+    X_b, y_b = strong_and_weak(600, 11)
+    answers = []
+    for X, y in ((X_a[:, :2], y_a), (X_b, y_b)):
+        fusion = ScoreFusion(combiner).fit(X, y)
+        normal = fusion.transform(X[y == 0])
+        np.testing.assert_allclose(
+            np.quantile(normal, [0.25, 0.5, 0.75]), [0.25, 0.5, 0.75], atol=0.02
+        )
+        answers.append(fusion.chosen_)
+    # auto: weighted, then learned; rank_or_member: rank, then member 0.
+    assert answers[0] != answers[1], answers
+
+
 def large_and_small_defect_pixels(seed: int) -> tuple[np.ndarray, ...]:
     """Pixel rows of 30 images (300 normal pixels each): images 0-9 hold a large defect (300
     pixels) that only member 0 sees, images 10-29 a small one (5 pixels) that only member 1
