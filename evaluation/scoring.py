@@ -318,8 +318,8 @@ def cross_validate_hybrid(
         "defective_images": int(labels.sum()),
         "normal_images": int((labels == 0).sum()),
         "types": sorted({d["type"] for s in labeled for d in s["defects"]}),
-        # What each fold's auto combiners chose (None: a fixed combiner): folds that choose
-        # differently pool their out-of-fold answers less well than one rule would.
+        # What each fold's choosing combiners (auto, rank_or_member) chose (None: a fixed
+        # combiner): folds that choose differently pool their answers less well than one rule.
         "fold_choices": [
             {
                 level: choice and choice["chosen"]

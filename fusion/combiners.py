@@ -123,7 +123,7 @@ class ScoreFusion(BaseEstimator):
             if rows is not None and len(rows) != len(X):
                 raise ValueError(f"{name} has {len(rows)} rows, the scores {len(X)}")
         if self.combiner in CHOOSING:
-            return self._fit_auto(X, y, groups, choose_on, normalize_on, regions)
+            return self._fit_choosing(X, y, groups, choose_on, normalize_on, regions)
         self.normalizer_ = get_normalizer("rank" if self.combiner == "rank" else self.normalizer)
         reference = slice(None) if normalize_on is None else np.asarray(normalize_on, bool)
         self.normalizer_.fit(X[reference], None if y is None else y[reference])
@@ -159,7 +159,7 @@ class ScoreFusion(BaseEstimator):
             out[f"member {m}"] = ScoreFusion("weighted", "rank", alone, seed=self.seed)
         return out
 
-    def _fit_auto(
+    def _fit_choosing(
         self,
         X: np.ndarray,
         y: np.ndarray | None,
@@ -214,7 +214,9 @@ class ScoreFusion(BaseEstimator):
         # Whatever was chosen answers on one scale: the fraction of the normal reference rows
         # that score below (``learned`` gives probabilities, a member alone its ranks), so the
         # folds of a cross-validation that chose differently pool their answers fairly.
-        reference = np.ones(len(X), bool) if normalize_on is None else np.asarray(normalize_on)
+        reference = np.ones(len(X), bool)
+        if normalize_on is not None:
+            reference = np.asarray(normalize_on, bool)
         if y is not None:
             reference = reference & (y == 0)
         fused_normal = self.fusion_.transform(X[reference])[:, None]

@@ -77,7 +77,7 @@ def write_hybrid_report(results: dict[str, Any], records: list[dict[str, Any]], 
     ]
     if choice_rows:
         sections.append(
-            "<p>The auto combiner's choice at each level: cross-validated AUROC (and, for "
+            "<p>The choosing combiner's choice at each level: cross-validated AUROC (and, for "
             "pixels, AUPRO) of every candidate on the fusion data (not test).</p>"
         )
         # Pixels have AUPRO columns that images do not: every row's columns, in order.
