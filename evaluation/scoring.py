@@ -18,6 +18,7 @@ import torch
 from data.images import size_pair, to_tensor
 from data.validation import labeled_defect_sample
 from metrics import get_metric
+from metrics.bootstrap import PairedBootstrap
 
 # (scores [B], maps [B, 1, H, W]) for a batch of samples.
 PredictFn = Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
@@ -115,9 +116,11 @@ def evaluate_hybrid(
     """The hybrid and each of its members on a labeled split, from one pass over the images.
 
     Returns ``metrics`` per detector (``hybrid`` and each member: image AUROC/AP/F1-max, and
-    pixel AUROC/AUPRO where masks exist), ``grading`` (the grading stage on the true defect
-    regions, and end to end on the detected regions matched to truth; image level accuracy),
-    ``records`` (per image) and ``seconds`` (hybrid inference time).
+    pixel AUROC/AUPRO where masks exist), ``intervals`` (``metrics.bootstrap.PairedBootstrap``:
+    each detector's intervals, and the hybrid minus each member), ``grading`` (the grading
+    stage on the true defect regions, and end to end on the detected regions matched to
+    truth; image level accuracy), ``records`` (per image) and ``seconds`` (hybrid inference
+    time).
 
     ``member_outputs[i]``: image ``i``'s member scores and maps, already computed (the time
     is then fusion and grading only). ``hybrid_for(i)``: the hybrid that scores image ``i``
@@ -131,6 +134,7 @@ def evaluate_hybrid(
     detectors = ["hybrid", *hybrid.names]
     image_metrics = {d: {n: get_metric(n) for n in IMAGE_METRICS} for d in detectors}
     pixel_metrics = {d: {n: get_metric(n) for n in ("pixel_auroc", "aupro")} for d in detectors}
+    bootstrap = PairedBootstrap()
     has_masks = bool(getattr(dataset, "has_masks", True))
     records, stage_pairs, detected_pairs, levels = [], [], [], []
     seconds = 0.0
@@ -149,6 +153,9 @@ def evaluate_hybrid(
             if has_masks:
                 for metric in pixel_metrics[name].values():
                     metric.update(torch.as_tensor(maps[name])[None, None], sample["mask"][None])
+        bootstrap.update(
+            int(sample["label"]), scores, maps if has_masks else None, sample.get("mask")
+        )
         if "level" in sample:
             levels.append((out["level"], int(sample["level"])))
         if sample["label"] and "mask" in sample:
@@ -198,6 +205,9 @@ def evaluate_hybrid(
         grading["image_level_within_one"] = float(((predicted - truth).abs() <= 1).float().mean())
     return {
         "metrics": metrics,
+        # How far each figure, and the hybrid's lead over each member, could move on another
+        # draw of images (None without both labels).
+        "intervals": bootstrap.compute("hybrid", metrics),
         "grading": grading,
         "operating_point": operating_point_figures(records),
         "records": records,
@@ -227,6 +237,7 @@ def evaluate_on_unseen_panels(
         "split": f"unseen panels (generator seed {seed})",
         "images": len(panels),
         "metrics": evaluation["metrics"]["hybrid"],
+        "intervals": evaluation["intervals"] and evaluation["intervals"]["intervals"]["hybrid"],
         "grading": evaluation["grading"],
         "operating_point": evaluation["operating_point"],
     }

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from fusion.hybrid import Hybrid
     from members.base import load_member
     from members.device import resolve_device
-    from reporting.hybrid_report import write_hybrid_report
+    from reporting.hybrid_report import difference_rows, interval_caption, write_hybrid_report
 
     args = parse_args(argv)
     cfg = load_config("ensemble", args.config, [*args.overrides, *overrides_from_flags(args)])
@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         "validation": hybrid.validation_,
         "grader": hybrid.grader_report_,
         "metrics": evaluation["metrics"],
+        "intervals": evaluation["intervals"]
+        and {**evaluation["intervals"], "split": provenance["scored_on"]},
         "grading": evaluation["grading"],
         # The image threshold's rule (fitted on the fusion data) and what it did on test.
         "operating_point": {
@@ -216,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{values.get('pixel_auroc', float('nan')):>13.4f}"
             f"{values.get('aupro', float('nan')):>9.4f}"
         )
+    if evaluation["intervals"]:
+        print(f"\nhybrid minus each member, {interval_caption(evaluation['intervals'])}:")
+        for name, row in difference_rows(evaluation["intervals"]).items():
+            for metric, text in row.items():
+                print(f"  {name:<14}{metric:<13}{text}")
     grading = evaluation["grading"]["stage_on_true_regions"]
     print(
         f"grading on true regions: level accuracy {grading['level_accuracy']:.3f}, "

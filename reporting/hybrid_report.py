@@ -23,6 +23,7 @@ def write_hybrid_report(results: dict[str, Any], records: list[dict[str, Any]], 
     columns = ["image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "aupro"]
     rows = [{"detector": name, **values} for name, values in results["metrics"].items()]
     sections.append(html_table(rows, ["detector", *columns]))
+    sections.extend(_interval_sections(results.get("intervals")))
     point = results["operating_point"]
     sections.append("<h2>Operating point (test split)</h2>")
     sections.append(
@@ -171,3 +172,46 @@ def _grading_sections(grading: dict[str, Any]) -> list[str]:
             )
         )
     return out
+
+
+def interval_caption(intervals: dict[str, Any]) -> str:
+    """What the intervals are, in a few words."""
+    return (
+        f"{intervals['confidence']:.0%} paired bootstrap intervals over "
+        f"{intervals['images']} images ({intervals['resamples']} resamples)"
+    )
+
+
+def difference_rows(intervals: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Per member, per metric: the reference's (the hybrid's) lead, its interval and verdict."""
+    rows = {}
+    for member, metrics in intervals.get("differences", {}).items():
+        rows[member] = {}
+        for metric, entry in metrics.items():
+            low, high = entry["interval"]
+            point = f"{entry['difference']:+.4f} " if "difference" in entry else ""
+            rows[member][metric] = f"{point}[{low:+.4f}, {high:+.4f}] {entry['verdict']}"
+    return rows
+
+
+def _interval_sections(intervals: dict[str, Any] | None) -> list[str]:
+    if not intervals:
+        return []
+    sections = [
+        f"<p>How far these figures could move on another draw of test images: "
+        f"{html.escape(interval_caption(intervals))}; {html.escape(intervals['pixels'])}.</p>"
+    ]
+    rows = [
+        {"detector": name, **{m: f"[{lo:.4f}, {hi:.4f}]" for m, (lo, hi) in values.items()}}
+        for name, values in intervals["intervals"].items()
+    ]
+    sections.append(html_table(rows, ["detector", *next(iter(intervals["intervals"].values()))]))
+    differences = difference_rows(intervals)
+    if differences:
+        sections.append(
+            f"<p>The {html.escape(intervals['reference'])} minus each member: the difference, its "
+            "interval, and <i>higher</i> or <i>lower</i> where the interval excludes zero.</p>"
+        )
+        rows = [{"member": name, **row} for name, row in differences.items()]
+        sections.append(html_table(rows, list(rows[0])))
+    return sections

@@ -74,7 +74,18 @@ def test_rank_fusion_of_two_members_is_above_the_worse_and_near_the_better(run):
     # The default panels hold defects near the just-noticeable difference: no member is
     # perfect on them, so the leaderboard can rank members on image scores.
     assert min(m["image_auroc"] for m in members) < 1.0, members
-    assert (run["out"] / "report.html").read_text().count("<table") >= 4
+    # Every figure's paired bootstrap interval, and the hybrid's lead over each member with
+    # its interval: the exact lead falls inside it (within the pixel histograms' error).
+    intervals = results["intervals"]
+    assert intervals["split"] == results["splits"]["metrics"] and intervals["resamples"] == 1000
+    assert set(intervals["differences"]) == set(results["members"])
+    for member, figures in intervals["differences"].items():
+        for key in ("image_auroc", "image_ap", "pixel_auroc", "aupro"):
+            low, high = figures[key]["interval"]
+            assert low - 0.005 <= figures[key]["difference"] <= high + 0.005, (member, key)
+            assert figures[key]["verdict"] in ("higher", "lower", "within noise")
+    report = (run["out"] / "report.html").read_text()
+    assert report.count("<table") >= 6 and "paired bootstrap" in report
     cost = results["cost"]
     assert cost["members_together_ms"] > 0 and cost["members_sum_ms"] > 0
     point = results["operating_point"]
@@ -105,6 +116,8 @@ def test_grading_end_to_end_on_panels_of_an_unseen_generator_seed(run):
     # not the rules grading their own truth. A small model (128 px, 40 training panels):
     # the bounds are loose, but levels must rise with the truth's.
     assert unseen["split"] == "unseen panels (generator seed 1)" and unseen["images"] == 40
+    low, high = unseen["intervals"]["image_auroc"]
+    assert low - 0.01 <= unseen["metrics"]["image_auroc"] <= high + 0.01
     grading = unseen["grading"]
     assert grading["defects"] >= 20
     assert unseen["metrics"]["image_auroc"] > 0.8
