@@ -34,6 +34,9 @@ class Evaluation:
     images: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # Bootstrap intervals of ``metrics`` (``PairedBootstrap.compute``'s, one detector's
+    # ``intervals`` by metric); None without both labels.
+    intervals: dict[str, Any] | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -57,9 +60,10 @@ def evaluate(
 ) -> Evaluation:
     """Run ``predict`` over ``batches`` and compute image metrics and, when ``pixel_metrics``
     and the split has defective pixels, pixel metrics. Maps stream into the metrics batch by
-    batch; only per-image scores are kept."""
+    batch; only per-image scores (and a pixel sample for the intervals) are kept."""
     image_metrics = {name: get_metric(name) for name in IMAGE_METRICS}
     pixel = {name: get_metric(name) for name in PIXEL_METRICS} if pixel_metrics else {}
+    bootstrap = PairedBootstrap()
     records: list[dict[str, Any]] = []
     seconds = 0.0
     any_defect_pixels = False
@@ -82,6 +86,8 @@ def evaluate(
             for metric in pixel.values():
                 metric.update(maps, masks)
         for i, path in enumerate(batch["path"]):
+            pixels = ({"member": maps[i]}, masks[i]) if pixel else (None, None)
+            bootstrap.update(int(labels[i]), {"member": float(scores[i])}, *pixels)
             records.append(
                 {
                     "path": path,
@@ -103,7 +109,9 @@ def evaluate(
         values.update({name: _scalar(m.compute()) for name, m in pixel.items()})
     elif pixel_metrics:
         notes.append("pixel metrics skipped: no ground-truth masks with defective pixels")
-    return Evaluation(values, records, len(records), seconds, notes)
+    summary = bootstrap.compute()
+    intervals = summary and {**summary, "intervals": summary["intervals"]["member"]}
+    return Evaluation(values, records, len(records), seconds, notes, intervals)
 
 
 def evaluate_hybrid(

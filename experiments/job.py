@@ -265,6 +265,8 @@ def run_job(job_dir: Path) -> dict[str, Any] | None:
         # Test figures report the member; validation figures choose it for a hybrid.
         "metrics": evaluation.metrics,
         "validation_metrics": validation.metrics if validation else {},
+        # How far the test figures could move on another draw of test images.
+        "intervals": evaluation.intervals,
         "splits": {
             "metrics": f"test ({evaluation.images} images)",
             "validation_metrics": (

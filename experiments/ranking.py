@@ -23,6 +23,7 @@ from artifacts.io import atomic_write_csv
 from metrics.composite import composite
 from reporting.columns import (
     COST_COLUMNS,
+    INTERVAL_COLUMNS,
     JOB_COLUMNS,
     METRIC_COLUMNS,
     RECONSTRUCTION_COLUMNS,
@@ -53,6 +54,10 @@ def leaderboard(results: Iterable[dict[str, Any]]) -> dict[str, Any]:
         }
         row.update({k: (r.get("metrics") or {}).get(k, float("nan")) for k in METRIC_COLUMNS})
         row.update({k: (r.get("cost") or {}).get(k, float("nan")) for k in COST_COLUMNS})
+        intervals = (r.get("intervals") or {}).get("intervals", {})
+        for column in INTERVAL_COLUMNS:
+            bounds = intervals.get(column.removesuffix("_interval"))
+            row[column] = f"{bounds[0]:.3f}-{bounds[1]:.3f}" if bounds else None
         quality = r.get("reconstruction_quality") or {}
         row.update({k: quality.get(k) for k in RECONSTRUCTION_COLUMNS})
         rows.append(row)

@@ -9,6 +9,8 @@ from typing import Any
 from data.images import size_label
 
 METRIC_COLUMNS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "aupro", "pixel_f1_max")
+# The 95 % bootstrap intervals of the headline test figures (``intervals`` of a job).
+INTERVAL_COLUMNS = ("image_auroc_interval", "aupro_interval")
 COST_COLUMNS = (
     "fit_seconds",
     "images_per_second",
@@ -30,6 +32,7 @@ JOB_COLUMNS = (
     "composite",
     "val_composite",
     *METRIC_COLUMNS,
+    *INTERVAL_COLUMNS,
     *COST_COLUMNS,
     *RECONSTRUCTION_COLUMNS,
 )

@@ -53,9 +53,16 @@ def test_a_run_resumes_records_failures_and_starts_from_other_weights(tmp_path, 
     assert 0 <= good["validation_metrics"]["image_auroc"] <= 1
     assert good["splits"]["metrics"].startswith("test")
     assert good["splits"]["validation_metrics"].startswith("val")
+    # Each test figure's bootstrap interval holds it (percentile intervals of a resampled
+    # figure; pixel ones from a pixel sample, within 0.005).
+    for key in ("image_auroc", "image_ap", "pixel_auroc", "aupro"):
+        low, high = good["intervals"]["intervals"][key]
+        assert low - 0.005 <= good["metrics"][key] <= high + 0.005, key
     assert "patchcore" in capsys.readouterr().out  # the printed ranking
     for name in ("leaderboard.csv", "report.html"):
         assert (run / name).is_file()
+    low, high = good["intervals"]["intervals"]["image_auroc"]
+    assert f"{low:.3f}-{high:.3f}" in (run / "leaderboard.csv").read_text()
 
     # The same command again (without the fault): the finished job is skipped, the failed one
     # runs again.
