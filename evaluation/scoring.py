@@ -57,13 +57,15 @@ def evaluate(
     predict: PredictFn,
     batches: Iterable[dict[str, Any]],
     pixel_metrics: bool = True,
+    intervals: bool = True,
 ) -> Evaluation:
     """Run ``predict`` over ``batches`` and compute image metrics and, when ``pixel_metrics``
-    and the split has defective pixels, pixel metrics. Maps stream into the metrics batch by
-    batch; only per-image scores (and a pixel sample for the intervals) are kept."""
+    and the split has defective pixels, pixel metrics; with ``intervals``, their bootstrap
+    intervals too. Maps stream into the metrics batch by batch; only per-image scores (and a
+    pixel sample for the intervals) are kept."""
     image_metrics = {name: get_metric(name) for name in IMAGE_METRICS}
     pixel = {name: get_metric(name) for name in PIXEL_METRICS} if pixel_metrics else {}
-    bootstrap = PairedBootstrap()
+    bootstrap = PairedBootstrap() if intervals else None
     records: list[dict[str, Any]] = []
     seconds = 0.0
     any_defect_pixels = False
@@ -86,8 +88,9 @@ def evaluate(
             for metric in pixel.values():
                 metric.update(maps, masks)
         for i, path in enumerate(batch["path"]):
-            pixels = ({"member": maps[i]}, masks[i]) if pixel else (None, None)
-            bootstrap.update(int(labels[i]), {"member": float(scores[i])}, *pixels)
+            if bootstrap:
+                pixels = ({"member": maps[i]}, masks[i]) if pixel else (None, None)
+                bootstrap.update(int(labels[i]), {"member": float(scores[i])}, *pixels)
             records.append(
                 {
                     "path": path,
@@ -109,9 +112,14 @@ def evaluate(
         values.update({name: _scalar(m.compute()) for name, m in pixel.items()})
     elif pixel_metrics:
         notes.append("pixel metrics skipped: no ground-truth masks with defective pixels")
-    summary = bootstrap.compute()
-    intervals = summary and {**summary, "intervals": summary["intervals"]["member"]}
-    return Evaluation(values, records, len(records), seconds, notes, intervals)
+    # One detector: its intervals and sample figures by metric, without its name.
+    summary = bootstrap and bootstrap.compute()
+    figures = summary and {
+        **summary,
+        "intervals": summary["intervals"]["member"],
+        "figures_from_sample": summary["figures_from_sample"]["member"],
+    }
+    return Evaluation(values, records, len(records), seconds, notes, figures)
 
 
 def evaluate_hybrid(

@@ -129,7 +129,7 @@ def _validation_evaluation(predict, val_set, source: DataSource, spec: Mapping[s
     samples = [as_dataset_sample(s, k, source.channels) for k, s in enumerate(samples)]
     batches = (collate_samples(samples[i : i + bs]) for i in range(0, len(samples), bs))
     log.info("validating on %d images (%d held-out normal)", len(samples), len(val_set))
-    return evaluate(predict, batches, pixel_metrics=True)
+    return evaluate(predict, batches, pixel_metrics=True, intervals=False)
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from metrics.detection import _numpy
+from metrics.detection import to_numpy
 
 INTERVAL_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "aupro")
 
@@ -94,7 +94,7 @@ class PairedBootstrap:
         resamples: int = 1000,
         confidence: float = 0.95,
         normal_pixels: int = 2048,
-        region_pixels: int = 256,
+        region_pixels: int = 1024,
         bins: int = 1024,
         fpr_limit: float = 0.3,
         seed: int = 0,
@@ -109,6 +109,7 @@ class PairedBootstrap:
         self.reset()
 
     def reset(self) -> None:
+        """Forget every image."""
         self.names: list[str] | None = None
         self.labels: list[int] = []
         self.scores: list[list[float]] = []
@@ -120,7 +121,9 @@ class PairedBootstrap:
         self.region_images: list[int] = []
         self.region_sizes: list[int] = []
         self.pixels = True
-        self.rng = np.random.default_rng(self.seed)
+        # Which pixels are kept; the resamples draw from a fresh generator of the same seed, so
+        # ``compute`` gives the same intervals however often it is called.
+        self.pixel_rng = np.random.default_rng(self.seed)
 
     def update(
         self,
@@ -135,29 +138,35 @@ class PairedBootstrap:
             self.names = list(scores)
         elif list(scores) != self.names:
             raise ValueError(f"detectors {list(scores)} differ from the first image's {self.names}")
+        image_scores = [float(scores[name]) for name in self.names]
+        if not np.isfinite(image_scores).all():
+            raise ValueError(f"non-finite image scores: {dict(zip(self.names, image_scores))}")
         image = len(self.labels)
         self.labels.append(int(label))
-        self.scores.append([float(scores[name]) for name in self.names])
+        self.scores.append(image_scores)
         if maps is None or mask is None:
             self.pixels = False
         if not self.pixels:
             return
-        truth = np.squeeze(_numpy(mask)) > 0.5
-        stacked = []
+        truth = np.squeeze(to_numpy(mask)) > 0.5
+        flat_maps = {}
         for name in self.names:
-            values = np.squeeze(_numpy(maps[name]))
+            values = np.squeeze(to_numpy(maps[name]))
             if values.shape != truth.shape:
                 raise ValueError(f"{name}'s map {values.shape} and the mask {truth.shape} differ")
-            stacked.append(values.reshape(-1))
-        values = np.stack(stacked)  # [detectors, pixels]
+            flat_maps[name] = values.reshape(-1)
+
+        def kept_values(pixels: np.ndarray) -> np.ndarray:
+            """[detectors, kept pixels] (only the kept pixels are copied: maps can be large)."""
+            values = np.stack([flat_maps[name][pixels] for name in self.names]).astype(np.float32)
+            if not np.isfinite(values).all():
+                raise ValueError(f"non-finite map values in image {image}")
+            return values
+
         normal = np.flatnonzero(~truth.reshape(-1))
-        if len(normal):
-            kept = self._sample(normal, self.normal_pixels)
-            self.normal_values.append(values[:, kept].astype(np.float32))
-            self.normal_weights.append(len(normal) / len(kept))
-        else:
-            self.normal_values.append(np.empty((len(self.names), 0), np.float32))
-            self.normal_weights.append(0.0)
+        kept = self._sample(normal, self.normal_pixels)
+        self.normal_values.append(kept_values(kept))
+        self.normal_weights.append(len(normal) / len(kept) if len(kept) else 0.0)
         regions, count = ndimage.label(truth, structure=np.ones((3, 3), dtype=bool))
         if not count:
             return
@@ -166,22 +175,27 @@ class PairedBootstrap:
         starts = np.searchsorted(flat[order], np.arange(1, count + 2))
         for k in range(count):
             pixels = order[starts[k] : starts[k + 1]]
-            kept = self._sample(pixels, self.region_pixels)
-            self.region_values.append(values[:, kept].astype(np.float32))
+            self.region_values.append(kept_values(self._sample(pixels, self.region_pixels)))
             self.region_images.append(image)
             self.region_sizes.append(len(pixels))
 
     def _sample(self, pixels: np.ndarray, limit: int) -> np.ndarray:
         if len(pixels) <= limit:
             return pixels
-        return self.rng.choice(pixels, limit, replace=False)
+        return np.sort(self.pixel_rng.choice(pixels, limit, replace=False))
 
     def _resample_counts(self, labels: np.ndarray) -> np.ndarray:
-        """How often each image is drawn in each resample, [resamples, images], within label."""
+        """How often each image is drawn in each resample, [resamples, images]: within each
+        group of normal images, defective images with a defect region and defective ones
+        without (no masks), so every resample keeps each group's count and pixel figures
+        always have regions to score."""
+        rng = np.random.default_rng(self.seed)
+        group = labels.copy()
+        group[np.unique(np.asarray(self.region_images, dtype=int))] = 2
         counts = np.zeros((self.resamples, len(labels)))
-        for value in (0, 1):
-            members = np.flatnonzero(labels == value)
-            counts[:, members] = self.rng.multinomial(
+        for value in np.unique(group):
+            members = np.flatnonzero(group == value)
+            counts[:, members] = rng.multinomial(
                 len(members), np.full(len(members), 1.0 / len(members)), size=self.resamples
             )
         return counts
@@ -207,8 +221,7 @@ class PairedBootstrap:
         normal_weights = np.asarray(self.normal_weights)
         region_images = np.asarray(self.region_images)
         region_counts = counts[:, region_images]  # how often each region is drawn
-        # A resample that drew no image with a region (few masks) has no overlap curve.
-        region_share = region_counts / np.maximum(region_counts.sum(1, keepdims=True), 1)
+        region_share = region_counts / region_counts.sum(1, keepdims=True)
         auroc, aupro = [], []
         for d in range(len(self.names)):
             normal_values = [v[d] for v in self.normal_values]
@@ -241,12 +254,12 @@ class PairedBootstrap:
         return draws
 
     def compute(
-        self, reference: str | None = None, figures: Mapping[str, Mapping[str, float]] | None = None
+        self, reference: str | None = None, exact: Mapping[str, Mapping[str, float]] | None = None
     ) -> dict[str, Any] | None:
         """Each detector's intervals and, with ``reference``, the intervals of ``reference``
         minus every other detector, with a verdict: ``higher`` or ``lower`` where the interval
-        excludes zero, else ``within noise``. ``figures`` (exact metrics per detector) add the
-        point differences. None where the split lacks normal or defective images."""
+        excludes zero, else ``within noise``. ``exact`` (the exact metrics per detector) adds
+        the point differences. None where the split lacks normal or defective images."""
         labels = np.asarray(self.labels)
         if self.names is None or set(labels.tolist()) != {0, 1}:
             return None
@@ -259,6 +272,7 @@ class PairedBootstrap:
                 f"pixel figures from {self.normal_pixels} normal pixels an image and "
                 f"{self.region_pixels} pixels a defect region at most, {self.bins} bins"
             )
+        whole = self.figures()
         tail = 100 * (1 - self.confidence) / 2
         intervals = {
             name: {
@@ -268,13 +282,20 @@ class PairedBootstrap:
             for d, name in enumerate(self.names)
         }
         result: dict[str, Any] = {
-            "method": "paired bootstrap: images resampled with replacement within each label, "
-            "every detector scored on the same resamples; percentile intervals",
+            "method": "paired bootstrap: images resampled with replacement within each label "
+            "(defective images with a mask apart from those without), every detector scored on "
+            "the same resamples; percentile intervals",
             "resamples": self.resamples,
             "confidence": self.confidence,
             "images": len(labels),
             "pixels": pixel_note,
             "intervals": intervals,
+            # What the histograms make of the split as it is: beside the exact figures, the
+            # error of the pixel sample and bins.
+            "figures_from_sample": {
+                name: {metric: float(values[d, 0]) for metric, values in whole.items()}
+                for d, name in enumerate(self.names)
+            },
         }
         if reference is None:
             return result
@@ -290,8 +311,9 @@ class PairedBootstrap:
                     "interval": [float(low), float(high)],
                     "verdict": "higher" if low > 0 else "lower" if high < 0 else "within noise",
                 }
-                if figures and metric in figures.get(reference, {}) and metric in figures[name]:
-                    entry["difference"] = float(figures[reference][metric] - figures[name][metric])
+                mine, theirs = (exact or {}).get(reference, {}), (exact or {}).get(name, {})
+                if metric in mine and metric in theirs:
+                    entry["difference"] = float(mine[metric] - theirs[metric])
                 differences[name][metric] = entry
         result["reference"] = reference
         result["differences"] = differences

@@ -32,7 +32,8 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 
-def _numpy(values: Any) -> np.ndarray:
+def to_numpy(values: Any) -> np.ndarray:
+    """A tensor (any device) or array-like as a numpy array."""
     if isinstance(values, torch.Tensor):
         values = values.detach().float().cpu().numpy()
     return np.asarray(values)
@@ -62,7 +63,7 @@ class _ImageScores(Metric):
         self._labels: list[np.ndarray] = []
 
     def update(self, scores: Any, labels: Any) -> None:
-        scores, labels = _numpy(scores).reshape(-1), _numpy(labels).reshape(-1)
+        scores, labels = to_numpy(scores).reshape(-1), to_numpy(labels).reshape(-1)
         if scores.shape != labels.shape:
             raise ValueError(f"{len(scores)} scores but {len(labels)} labels")
         if not np.isfinite(scores).all():
@@ -198,7 +199,7 @@ class PixelScores:
 
 
 def _maps_and_masks(maps: Any, masks: Any) -> tuple[np.ndarray, np.ndarray]:
-    maps, masks = _numpy(maps), _numpy(masks)
+    maps, masks = to_numpy(maps), to_numpy(masks)
     if maps.ndim == 4:
         maps = maps[:, 0]
     if masks.ndim == 4:

@@ -32,7 +32,7 @@ import torch
 from scipy import ndimage
 
 from artifacts.io import torch_load
-from metrics.detection import Metric, _numpy
+from metrics.detection import Metric, to_numpy
 
 LPIPS_BACKBONE_FILES = {
     "alex": "alexnet-owt-7be5be79.pth",
@@ -46,7 +46,7 @@ DELTA_E_MAX_PIXELS = 1 << 20
 
 
 def image_batch(images: Any) -> torch.Tensor:
-    tensor = torch.as_tensor(_numpy(images), dtype=torch.float32)
+    tensor = torch.as_tensor(to_numpy(images), dtype=torch.float32)
     if tensor.ndim == 3:
         tensor = tensor[:, None]
     if tensor.ndim != 4:

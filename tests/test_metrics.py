@@ -208,16 +208,17 @@ def test_factory_and_errors():
         metric.compute()
 
 
-def blob_maps(seed: int, n: int = 60, size: int = 64, gains=(2.0, 1.0)):
+def blob_maps(seed: int, n: int = 60, size: int = 64, gains=(2.0, 1.0), largest: int = 8):
     """Defect-free and defective images (every second one: one to three square defects of 2 to
-    8 pixels a side) and one map per gain: shared texture, the defect raised by the gain, and
-    each detector's own noise."""
+    ``largest`` pixels a side) and one map per gain: shared texture, the defect raised by the
+    gain, and each detector's own noise."""
     rng = np.random.default_rng(seed)
     for index in range(n):
         label = index % 2
         mask = np.zeros((size, size), bool)
         for _ in range(rng.integers(1, 4) if label else 0):
-            row, col, side = rng.integers(0, size - 8, 2).tolist() + [int(rng.integers(2, 9))]
+            row, col = rng.integers(0, size - 8, 2).tolist()
+            side = int(rng.integers(2, largest + 1))
             mask[row : row + side, col : col + side] = True
         texture = rng.normal(size=(size, size))
         maps = {
@@ -328,7 +329,67 @@ def test_bootstrap_refuses_what_it_cannot_pair():
     assert "no pixel intervals" in result["pixels"]
     with pytest.raises(ValueError, match="confidence"):
         PairedBootstrap(confidence=95)
+    with pytest.raises(ValueError, match="non-finite image scores"):
+        PairedBootstrap().update(0, {"a": float("nan")})
     shaped = PairedBootstrap()
     shaped.update(1, {"a": 1.0}, {"a": np.ones((4, 4))}, np.ones((1, 1, 4, 4)))  # [1, 1, H, W]
     with pytest.raises(ValueError, match="a's map"):
         shaped.update(0, {"a": 0.0}, {"a": np.zeros((4, 5))}, np.zeros((4, 4)))
+
+
+def large_faint_and_smaller_bright_defects(n: int = 24, size: int = 64):
+    """Every second image holds a large faint defect (36 to 44 pixels a side, more than the
+    1024 pixels kept of a region) and a smaller bright one (8 to 14): pixel AUROC then depends
+    on weighing each region by its size, AUPRO on weighing regions alike."""
+    rng = np.random.default_rng(3)
+    for index in range(n):
+        anomaly = np.zeros((size, size))
+        if index % 2:
+            side = int(rng.integers(36, 45))
+            anomaly[2 : 2 + side, 2 : 2 + side] = 0.7
+            small = int(rng.integers(8, 15))
+            anomaly[48 : 48 + small, 48 : 48 + small] = 2.0
+        anomaly_map = rng.normal(size=(size, size)) + anomaly
+        yield index % 2, anomaly_map, anomaly > 0
+
+
+def test_bootstrap_resamples_score_like_the_exact_metrics_on_the_drawn_images():
+    """Figures on a resample (some images twice, some not at all) equal the exact metrics on
+    that list of images, with regions larger than the pixels kept of each."""
+    from metrics.bootstrap import PairedBootstrap
+
+    images = list(large_faint_and_smaller_bright_defects())
+    bootstrap = PairedBootstrap()
+    for label, anomaly_map, mask in images:
+        bootstrap.update(label, {"a": float(anomaly_map.max())}, {"a": anomaly_map}, mask)
+    counts = np.random.default_rng(0).multinomial(24, np.full(24, 1 / 24), size=3).astype(float)
+    figures = bootstrap.figures(counts)
+    for r, drawn in enumerate(counts):
+        exact = {m: get_metric(m) for m in ("image_auroc", "image_ap", "pixel_auroc", "aupro")}
+        for index, times in enumerate(drawn.astype(int)):
+            label, anomaly_map, mask = images[index]
+            for _ in range(times):
+                exact["image_auroc"].update([anomaly_map.max()], [label])
+                exact["image_ap"].update([anomaly_map.max()], [label])
+                exact["pixel_auroc"].update(anomaly_map, mask)
+                exact["aupro"].update(anomaly_map, mask)
+        for metric, value in exact.items():
+            tolerance = 1e-9 if metric.startswith("image") else 0.005
+            assert figures[metric][0, r] == pytest.approx(value.compute(), abs=tolerance), metric
+
+
+def test_bootstrap_with_few_masks_keeps_a_region_in_every_resample():
+    """Twenty defective images, one with a mask: every resample still draws it, so pixel
+    intervals are finite."""
+    from metrics.bootstrap import PairedBootstrap
+
+    bootstrap = PairedBootstrap(resamples=200)
+    rng = np.random.default_rng(0)
+    for index in range(40):
+        label = index % 2
+        mask = np.zeros((16, 16), bool)
+        mask[4:9, 4:9] = index == 1
+        texture = rng.normal(size=(16, 16)) + 2 * mask
+        bootstrap.update(label, {"a": float(texture.max())}, {"a": texture}, mask)
+    intervals = bootstrap.compute()["intervals"]["a"]
+    assert np.isfinite(intervals["pixel_auroc"]).all() and intervals["aupro"][0] > 0.5
