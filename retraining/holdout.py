@@ -8,7 +8,7 @@ a fixed seed, so every run scores on the same samples.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,11 +86,42 @@ def holdout_dataset(holdout: dict, opts: Mapping[str, Any], window: IntensityWin
     return HoldoutSet(samples, has_masks=not holdout["defects"])
 
 
-def holdout_score(hybrid, holdout: HoldoutSet, metric: str) -> tuple[float, dict[str, float]]:
-    """``hybrid``'s ``metric`` on the holdout, and all its figures there."""
+def holdout_score(
+    hybrid, holdout: HoldoutSet, metric: str
+) -> tuple[float, dict[str, float], list[dict[str, Any]]]:
+    """``hybrid``'s ``metric`` on the holdout, all its figures there, and its per-image
+    records (label and score, in the holdout's order)."""
     from evaluation import evaluate_hybrid
     from metrics.composite import composite
 
-    metrics = evaluate_hybrid(hybrid, holdout)["metrics"]["hybrid"]
+    evaluation = evaluate_hybrid(hybrid, holdout)
+    metrics = evaluation["metrics"]["hybrid"]
     value = composite(metrics) if metric == "composite" else metrics.get(metric, float("nan"))
-    return float(value), metrics
+    return float(value), metrics, evaluation["records"]
+
+
+def compare_on_holdout(
+    challenger: Sequence[Mapping[str, Any]],
+    champion: Sequence[Mapping[str, Any]],
+    exact: Mapping[str, Mapping[str, float]],
+) -> dict[str, Any] | None:
+    """The challenger's lead over the champion in image AUROC and AP on the same holdout
+    images (their records, from ``holdout_score``), with the lead's paired bootstrap interval
+    and verdict, so a history entry tells a real change from the holdout's noise. ``exact``:
+    both hybrids' figures by name. None without normal and defective holdout images."""
+    from metrics.bootstrap import PairedBootstrap
+
+    bootstrap = PairedBootstrap()
+    for mine, theirs in zip(challenger, champion, strict=True):
+        if mine["path"] != theirs["path"]:
+            raise ValueError(f"holdout records differ: {mine['path']} and {theirs['path']}")
+        bootstrap.update(mine["label"], {"challenger": mine["score"], "champion": theirs["score"]})
+    result = bootstrap.compute("challenger", exact)
+    if result is None:
+        return None
+    return {
+        "method": result["method"],
+        "confidence": result["confidence"],
+        "images": result["images"],
+        **result["differences"]["champion"],
+    }

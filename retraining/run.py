@@ -45,7 +45,13 @@ from artifacts.io import fault_point
 from artifacts.lock import RunLock
 from data.datasets import ImageFiles, collate_samples
 from data.images import IntensityWindow
-from retraining.holdout import METRICS, choose_holdout, holdout_dataset, holdout_score
+from retraining.holdout import (
+    METRICS,
+    choose_holdout,
+    compare_on_holdout,
+    holdout_dataset,
+    holdout_score,
+)
 from retraining.workspace import (
     append_history,
     current_champion,
@@ -236,14 +242,14 @@ def _run_on_rank_zero(cfg: Mapping[str, Any], tell_ranks: Any) -> dict[str, Any]
         challenger.save(hybrid_dir)
         fault_point("after_save")
         evaluation = holdout_dataset(holdout, opts, window)
-        score, metrics = holdout_score(challenger, evaluation, opts["metric"])
+        score, metrics, records = holdout_score(challenger, evaluation, opts["metric"])
         entry.update(
             train_images=len(training),
             holdout_images=len(evaluation),
             challenger={"hybrid": hybrid_dir.name, opts["metric"]: score, "metrics": metrics},
         )
         if champion is not None:
-            champion_score, champion_metrics = holdout_score(
+            champion_score, champion_metrics, champion_records = holdout_score(
                 Hybrid.load(champion), evaluation, opts["metric"]
             )
             entry["champion"] = {
@@ -251,10 +257,21 @@ def _run_on_rank_zero(cfg: Mapping[str, Any], tell_ranks: Any) -> dict[str, Any]
                 opts["metric"]: champion_score,
                 "metrics": champion_metrics,
             }
+            comparison = compare_on_holdout(
+                records, champion_records, {"challenger": metrics, "champion": champion_metrics}
+            )
+            entry["comparison"] = comparison
             promoted = score >= champion_score - opts["margin"]
             reason = (
                 f"challenger {score:.4f} vs champion {champion_score:.4f} (margin {opts['margin']})"
             )
+            if comparison:
+                lead = comparison["image_auroc"]
+                low, high = lead["interval"]
+                reason += (
+                    f"; image AUROC lead {lead['difference']:+.4f} "
+                    f"[{low:+.4f}, {high:+.4f}] {lead['verdict']}"
+                )
         else:
             promoted, reason = True, "no champion yet"
         if promoted:

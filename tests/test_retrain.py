@@ -82,6 +82,14 @@ def test_promotion_rejection_and_no_new_data(tmp_path, capsys):
     history = read_history(workspace)
     assert [h["action"] for h in history] == ["promoted", "none", "rejected", "promoted"]
     assert history[2]["champion"]["hybrid"] == first.name
+    # The challenger's image AUROC lead over the champion on the same holdout images, with
+    # its paired interval (the exact lead inside it) and verdict, also in the reason.
+    figures = {who: history[2][who]["metrics"]["image_auroc"] for who in ("challenger", "champion")}
+    lead = history[2]["comparison"]["image_auroc"]
+    assert lead["difference"] == pytest.approx(figures["challenger"] - figures["champion"])
+    low, high = lead["interval"]
+    assert low <= high and (lead["verdict"] == "within noise") == (low <= 0 <= high)
+    assert lead["verdict"] in history[2]["reason"]
     assert {"challenger", "train_images", "holdout_images"} <= set(history[3])
     holdout = json.loads((workspace / "holdout.json").read_text())
     # The holdout was fixed on the first run: later images never join it.
