@@ -13,8 +13,9 @@ is its command line).
    by the data, so a killed run resumes), fit fusion and grading on a validation share of them
    at their own size (as ``predict`` reads images; the members get them resized), and save the
    hybrid into ``hybrids/<id>`` (atomically).
-5. Score challenger and champion on the holdout; promote (one atomic switch of ``current``) when
-   there is no champion or the challenger is not worse by more than ``margin``.
+5. Score challenger and champion on the holdout, with the challenger's image-level lead and its
+   paired bootstrap interval; promote (one atomic switch of ``current``) when there is no
+   champion or the challenger is not worse by more than ``margin``.
 6. Write the manifest (the data is consumed) and append the run to ``history.jsonl``.
 
 Under DDP (``device.strategy: ddp`` with several devices or nodes) the other ranks start before
