@@ -114,12 +114,12 @@ def evaluate(
         notes.append("pixel metrics skipped: no ground-truth masks with defective pixels")
     # One detector: its intervals and sample figures by metric, without its name.
     summary = bootstrap and bootstrap.compute()
-    figures = summary and {
+    member_intervals = summary and {
         **summary,
         "intervals": summary["intervals"]["member"],
         "figures_from_sample": summary["figures_from_sample"]["member"],
     }
-    return Evaluation(values, records, len(records), seconds, notes, figures)
+    return Evaluation(values, records, len(records), seconds, notes, member_intervals)
 
 
 def evaluate_hybrid(
@@ -128,6 +128,7 @@ def evaluate_hybrid(
     progress: bool = False,
     member_outputs: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
     hybrid_for: Callable[[int], Any] | None = None,
+    intervals: bool = True,
 ) -> dict[str, Any]:
     """The hybrid and each of its members on a labeled split, from one pass over the images.
 
@@ -140,7 +141,8 @@ def evaluate_hybrid(
 
     ``member_outputs[i]``: image ``i``'s member scores and maps, already computed (the time
     is then fusion and grading only). ``hybrid_for(i)``: the hybrid that scores image ``i``
-    (cross-validation: each image by the hybrid fitted without its fold).
+    (cross-validation: each image by the hybrid fitted without its fold). ``intervals``:
+    False skips the bootstrap (``intervals`` is then None).
     """
     from tqdm.auto import tqdm
 
@@ -150,7 +152,7 @@ def evaluate_hybrid(
     detectors = ["hybrid", *hybrid.names]
     image_metrics = {d: {n: get_metric(n) for n in IMAGE_METRICS} for d in detectors}
     pixel_metrics = {d: {n: get_metric(n) for n in ("pixel_auroc", "aupro")} for d in detectors}
-    bootstrap = PairedBootstrap()
+    bootstrap = PairedBootstrap() if intervals else None
     has_masks = bool(getattr(dataset, "has_masks", True))
     records, stage_pairs, detected_pairs, levels = [], [], [], []
     seconds = 0.0
@@ -169,9 +171,10 @@ def evaluate_hybrid(
             if has_masks:
                 for metric in pixel_metrics[name].values():
                     metric.update(torch.as_tensor(maps[name])[None, None], sample["mask"][None])
-        bootstrap.update(
-            int(sample["label"]), scores, maps if has_masks else None, sample.get("mask")
-        )
+        if bootstrap:
+            bootstrap.update(
+                int(sample["label"]), scores, maps if has_masks else None, sample.get("mask")
+            )
         if "level" in sample:
             levels.append((out["level"], int(sample["level"])))
         if sample["label"] and "mask" in sample:
@@ -223,7 +226,7 @@ def evaluate_hybrid(
         "metrics": metrics,
         # How far each figure, and the hybrid's lead over each member, could move on another
         # draw of images (None without both labels).
-        "intervals": bootstrap.compute("hybrid", metrics),
+        "intervals": bootstrap and bootstrap.compute("hybrid", metrics),
         "grading": grading,
         "operating_point": operating_point_figures(records),
         "records": records,

@@ -24,51 +24,12 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from metrics.detection import to_numpy
-
-INTERVAL_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "aupro")
-
-
-def _reverse_cumsum(mass: np.ndarray) -> np.ndarray:
-    """Mass at or above each bin (bins in rising score order, along the last axis)."""
-    return np.cumsum(mass[..., ::-1], axis=-1)[..., ::-1]
-
-
-def auroc_of_histograms(normal: np.ndarray, defective: np.ndarray) -> np.ndarray:
-    """AUROC from score masses per bin (``[..., bins]``, rising scores): the chance that a
-    defective draw scores above a normal one, ties counting half."""
-    below = np.cumsum(normal, axis=-1) - normal
-    wins = (defective * (below + 0.5 * normal)).sum(-1)
-    return wins / (defective.sum(-1) * normal.sum(-1))
-
-
-def average_precision_of_histograms(normal: np.ndarray, defective: np.ndarray) -> np.ndarray:
-    """Average precision from score masses per bin: precision at each distinct threshold,
-    weighted by the defective mass it adds (scikit-learn's step-wise definition)."""
-    true_pos, false_pos = _reverse_cumsum(defective), _reverse_cumsum(normal)
-    flagged = true_pos + false_pos
-    precision = np.divide(true_pos, flagged, out=np.zeros_like(true_pos), where=flagged > 0)
-    return (defective * precision).sum(-1) / defective.sum(-1)
-
-
-def aupro_of_histograms(
-    normal: np.ndarray, overlap: np.ndarray, fpr_limit: float = 0.3
-) -> np.ndarray:
-    """AUPRO from the normal pixels' mass per bin and the mean region's share of pixels per bin
-    (``overlap`` sums to one): the area under per-region overlap against false-positive rate,
-    up to ``fpr_limit``, divided by it. Within a bin the curve is a straight line."""
-    fpr = _reverse_cumsum(normal) / normal.sum(-1, keepdims=True)
-    pro = _reverse_cumsum(overlap)
-    # Thresholds fall from above every score (0, 0) to below every score (1, 1).
-    zero = np.zeros((*fpr.shape[:-1], 1))
-    fpr = np.concatenate([zero, fpr[..., ::-1]], axis=-1)
-    pro = np.concatenate([zero, pro[..., ::-1]], axis=-1)
-    f0, f1, p0, p1 = fpr[..., :-1], fpr[..., 1:], pro[..., :-1], pro[..., 1:]
-    end = np.minimum(f1, fpr_limit)
-    start = np.minimum(f0, fpr_limit)
-    step = np.where(f1 > f0, f1 - f0, 1.0)
-    pro_at_end = p0 + (p1 - p0) * np.clip((end - f0) / step, 0.0, 1.0)
-    return ((end - start) * (p0 + pro_at_end) / 2).sum(-1) / fpr_limit
+from metrics.detection import (
+    aupro_of_histograms,
+    auroc_of_histograms,
+    average_precision_of_histograms,
+    to_numpy,
+)
 
 
 def _histogram(values: np.ndarray, edges: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from scipy import ndimage
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 
 def to_numpy(values: Any) -> np.ndarray:
@@ -306,16 +306,58 @@ class AUPROMetric(_PixelMetric):
         return float(np.trapezoid(pro, grid) / self.fpr_limit)
 
 
+def _reverse_cumsum(mass: np.ndarray) -> np.ndarray:
+    """Mass at or above each bin (bins in rising score order, along the last axis)."""
+    return np.cumsum(mass[..., ::-1], axis=-1)[..., ::-1]
+
+
+def auroc_of_histograms(normal: np.ndarray, defective: np.ndarray) -> np.ndarray:
+    """AUROC from score masses per bin (``[..., bins]``, rising scores): the chance that a
+    defective draw scores above a normal one, ties counting half."""
+    below = np.cumsum(normal, axis=-1) - normal
+    wins = (defective * (below + 0.5 * normal)).sum(-1)
+    return wins / (defective.sum(-1) * normal.sum(-1))
+
+
+def average_precision_of_histograms(normal: np.ndarray, defective: np.ndarray) -> np.ndarray:
+    """Average precision from score masses per bin: precision at each distinct threshold,
+    weighted by the defective mass it adds (scikit-learn's step-wise definition)."""
+    true_pos, false_pos = _reverse_cumsum(defective), _reverse_cumsum(normal)
+    flagged = true_pos + false_pos
+    precision = np.divide(true_pos, flagged, out=np.zeros_like(true_pos), where=flagged > 0)
+    return (defective * precision).sum(-1) / defective.sum(-1)
+
+
+def aupro_of_histograms(
+    normal: np.ndarray, overlap: np.ndarray, fpr_limit: float = 0.3
+) -> np.ndarray:
+    """AUPRO from the normal pixels' mass per bin and the mean region's share of pixels per bin
+    (``overlap`` sums to one): the area under per-region overlap against false-positive rate,
+    up to ``fpr_limit``, divided by it. Within a bin the curve is a straight line."""
+    fpr = _reverse_cumsum(normal) / normal.sum(-1, keepdims=True)
+    pro = _reverse_cumsum(overlap)
+    # Thresholds fall from above every score (0, 0) to below every score (1, 1).
+    zero = np.zeros((*fpr.shape[:-1], 1))
+    fpr = np.concatenate([zero, fpr[..., ::-1]], axis=-1)
+    pro = np.concatenate([zero, pro[..., ::-1]], axis=-1)
+    f0, f1, p0, p1 = fpr[..., :-1], fpr[..., 1:], pro[..., :-1], pro[..., 1:]
+    end = np.minimum(f1, fpr_limit)
+    start = np.minimum(f0, fpr_limit)
+    step = np.where(f1 > f0, f1 - f0, 1.0)
+    pro_at_end = p0 + (p1 - p0) * np.clip((end - f0) / step, 0.0, 1.0)
+    return ((end - start) * (p0 + pro_at_end) / 2).sum(-1) / fpr_limit
+
+
 def aupro_of_pixels(
     scores: np.ndarray, labels: np.ndarray, regions: np.ndarray, fpr_limit: float = 0.3
 ) -> float:
     """AUPRO of scored pixel rows (a sample of some maps' pixels) rather than of whole maps:
     ``regions`` names the ground-truth region each defective row belongs to (normal rows: any
-    value). A defective row weighs one over its region's rows, so the weighted ROC's true
-    positive rate is the mean per-region overlap; the area under it up to ``fpr_limit`` is
-    divided by ``fpr_limit``, as ``AUPROMetric`` does (which steps along its FPR grid, where
-    this interpolates between the curve's points: equal on continuous scores, but where many
-    scores tie, as on a constant map, this gives the diagonal's area, 0.15, and it 0)."""
+    value). A defective row weighs one over its region's rows, so the overlap at a threshold is
+    the mean per-region overlap; the area under it up to ``fpr_limit`` is divided by
+    ``fpr_limit``, as ``AUPROMetric`` does (which steps along its FPR grid, where this
+    interpolates between distinct scores: equal on continuous scores, but where many scores
+    tie, as on a constant map, this gives the diagonal's area, 0.15, and it 0)."""
     if not 0 < fpr_limit <= 1:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
@@ -324,13 +366,10 @@ def aupro_of_pixels(
     _, inverse, counts = np.unique(
         np.asarray(regions)[labels], return_inverse=True, return_counts=True
     )
-    weights = np.ones(len(scores))
-    weights[labels] = 1.0 / counts[inverse]
-    fpr, pro, _ = roc_curve(labels, scores, sample_weight=weights, drop_intermediate=False)
-    grid_end = np.searchsorted(fpr, fpr_limit, side="right")
-    fpr_part = np.append(fpr[:grid_end], fpr_limit)
-    pro_part = np.append(pro[:grid_end], np.interp(fpr_limit, fpr, pro))
-    return float(np.trapezoid(pro_part, fpr_part) / fpr_limit)
+    distinct, at = np.unique(scores, return_inverse=True)
+    normal = np.bincount(at[~labels], minlength=len(distinct)).astype(np.float64)
+    overlap = np.bincount(at[labels], 1.0 / counts[inverse], minlength=len(distinct))
+    return float(aupro_of_histograms(normal, overlap / len(counts), fpr_limit))
 
 
 METRICS: dict[str, type[Metric]] = {

@@ -94,7 +94,8 @@ def holdout_score(
     from evaluation import evaluate_hybrid
     from metrics.composite import composite
 
-    evaluation = evaluate_hybrid(hybrid, holdout)
+    # The holdout's comparison pairs both hybrids (compare_on_holdout): no intervals of one.
+    evaluation = evaluate_hybrid(hybrid, holdout, intervals=False)
     metrics = evaluation["metrics"]["hybrid"]
     value = composite(metrics) if metric == "composite" else metrics.get(metric, float("nan"))
     return float(value), metrics, evaluation["records"]
