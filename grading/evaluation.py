@@ -99,7 +99,8 @@ def grading_figures(
     ``detected_pairs``: the regions the hybrid found, each with the true defect it overlaps
     most. ``image_levels``: ``(predicted, true)`` image levels (0: defect-free).
 
-    Returns ``detection_recall_by_level`` (found / present per true level), the recall of the
+    Returns ``regions_found_end_to_end`` (the share of true defects a detected region
+    touches), ``detection_recall_by_level`` (found / present per true level), the recall of the
     defects of level ``graded_from`` and above, ``level_confusion`` and ``type_confusion``
     (true -> predicted, over detected regions), ``measurement`` (``measurement_errors`` on the
     detected regions and on the true regions) and ``median_level_by_true_level`` (images).
@@ -119,9 +120,12 @@ def grading_figures(
     by_true_level: dict[str, list[int]] = {}
     for predicted, true in image_levels:
         by_true_level.setdefault(str(true), []).append(int(predicted))
+    detected = sum(id(t) in found for _, t in stage_pairs)
     return {
         "defects": len(stage_pairs),
-        "defects_detected": sum(id(t) in found for _, t in stage_pairs),
+        "defects_detected": detected,
+        # The share of true defect regions that a region at the operating point touches.
+        "regions_found_end_to_end": detected / len(stage_pairs) if stage_pairs else float("nan"),
         "detection_recall_by_level": recall,
         f"detection_recall_level_{graded_from}_and_above": (
             found_graded / present_graded if present_graded else float("nan")

@@ -28,6 +28,7 @@ from metrics.detection import (
     aupro_of_histograms,
     auroc_of_histograms,
     average_precision_of_histograms,
+    miss_rates_of_histograms,
     to_numpy,
 )
 
@@ -162,10 +163,11 @@ class PairedBootstrap:
         return counts
 
     def _image_figures(self, counts: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-        """[detectors, resamples] image AUROC and AP: each resample's mass of normal and
-        defective images at each distinct score."""
+        """[detectors, resamples] image AUROC, AP and the miss rates at the false-alarm
+        budgets (``metrics.detection.FALSE_ALARM_BUDGETS``): each resample's mass of normal
+        and defective images at each distinct score."""
         scores = np.asarray(self.scores)  # [images, detectors]
-        auroc, ap = [], []
+        auroc, ap, missed = [], [], []
         for d in range(scores.shape[1]):
             order = np.argsort(scores[:, d], kind="stable")
             starts = np.flatnonzero(np.r_[True, np.diff(scores[order, d]) > 0])
@@ -175,7 +177,12 @@ class PairedBootstrap:
             defective_mass = np.add.reduceat(drawn * defective, starts, axis=1)
             auroc.append(auroc_of_histograms(normal_mass, defective_mass))
             ap.append(average_precision_of_histograms(normal_mass, defective_mass))
-        return {"image_auroc": np.array(auroc), "image_ap": np.array(ap)}
+            missed.append(miss_rates_of_histograms(normal_mass, defective_mass))
+        return {
+            "image_auroc": np.array(auroc),
+            "image_ap": np.array(ap),
+            **{key: np.array([m[key] for m in missed]) for key in missed[0]},
+        }
 
     def _pixel_figures(self, counts: np.ndarray) -> dict[str, np.ndarray]:
         """[detectors, resamples] pixel AUROC and AUPRO from the binned pixel samples."""

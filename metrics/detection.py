@@ -348,6 +348,62 @@ def aupro_of_histograms(
     return ((end - start) * (p0 + pro_at_end) / 2).sum(-1) / fpr_limit
 
 
+# The false-alarm budgets whose miss rates every evaluation reports (shares of defect-free
+# images a plant may flag).
+FALSE_ALARM_BUDGETS = (0.01, 0.02, 0.05)
+
+
+def miss_rate_key(budget: float) -> str:
+    """``miss_rate_at_0.01``: the name of the miss rate at a false-alarm budget."""
+    return f"miss_rate_at_{budget:g}"
+
+
+def miss_rates_of_histograms(
+    normal: np.ndarray, defective: np.ndarray, budgets: tuple[float, ...] = FALSE_ALARM_BUDGETS
+) -> dict[str, np.ndarray]:
+    """The miss rate at each false-alarm budget from score masses per bin (``[..., bins]``,
+    rising scores): the threshold is the lowest bin edge at which the normal mass at or above
+    it is at most ``budget`` of all normal mass (ties flag together, so a tie that would cross
+    the budget stays unflagged); the miss rate is the defective mass below it."""
+    normal_above = _reverse_cumsum(normal)
+    below = np.cumsum(defective, axis=-1) - defective  # defective mass under each bin
+    total_normal, total_defective = normal.sum(-1, keepdims=True), defective.sum(-1)
+    out = {}
+    for budget in budgets:
+        allowed = normal_above <= budget * total_normal + 1e-9 * total_normal
+        # The first bin from which on flagging stays within budget; none: nothing flagged.
+        first = np.where(allowed.any(-1), allowed.argmax(-1), normal.shape[-1])
+        missed = np.take_along_axis(
+            np.concatenate([below, defective.sum(-1, keepdims=True)], axis=-1),
+            first[..., None],
+            axis=-1,
+        )[..., 0]
+        out[miss_rate_key(budget)] = missed / total_defective
+    return out
+
+
+def miss_rates(
+    scores: np.ndarray, labels: np.ndarray, budgets: tuple[float, ...] = FALSE_ALARM_BUDGETS
+) -> dict[str, float]:
+    """The share of defective images missed where the threshold flags at most each budget's
+    share of the defect-free images of the same split (the miss-rate curve read at the
+    budget; the operating point's own threshold comes from held-out images instead)."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
+    distinct, at = np.unique(scores, return_inverse=True)
+    normal = np.bincount(at[~labels], minlength=len(distinct)).astype(np.float64)
+    defective = np.bincount(at[labels], minlength=len(distinct)).astype(np.float64)
+    return {k: float(v) for k, v in miss_rates_of_histograms(normal, defective, budgets).items()}
+
+
+def miss_rate_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False-alarm and miss rates at every threshold (from flagging nothing to flagging all)."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)
+    thresholds = np.r_[np.inf, np.unique(scores)[::-1]]
+    false_alarm = np.array([(scores[~labels] >= t).mean() for t in thresholds])
+    missed = np.array([(scores[labels] < t).mean() for t in thresholds])
+    return false_alarm, missed
+
+
 def aupro_of_pixels(
     scores: np.ndarray, labels: np.ndarray, regions: np.ndarray, fpr_limit: float = 0.3
 ) -> float:

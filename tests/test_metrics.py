@@ -325,7 +325,11 @@ def test_bootstrap_refuses_what_it_cannot_pair():
         bootstrap.compute("c")
     # Images without maps: image intervals only, and the result says why.
     result = bootstrap.compute("a")
-    assert set(result["intervals"]["b"]) == {"image_auroc", "image_ap"}
+    assert set(result["intervals"]["b"]) == {
+        "image_auroc",
+        "image_ap",
+        *(f"miss_rate_at_{b:g}" for b in (0.01, 0.02, 0.05)),
+    }
     assert "no pixel intervals" in result["pixels"]
     with pytest.raises(ValueError, match="confidence"):
         PairedBootstrap(confidence=95)
@@ -393,3 +397,44 @@ def test_bootstrap_with_few_masks_keeps_a_region_in_every_resample():
         bootstrap.update(label, {"a": float(texture.max())}, {"a": texture}, mask)
     intervals = bootstrap.compute()["intervals"]["a"]
     assert np.isfinite(intervals["pixel_auroc"]).all() and intervals["aupro"][0] > 0.5
+
+
+def test_miss_rates_at_false_alarm_budgets_read_the_curve():
+    from metrics.detection import miss_rate_curve, miss_rates
+
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(200), np.ones(100)].astype(int)
+    scores = np.r_[rng.normal(0, 1, 200), rng.normal(2, 1, 100)].round(1)  # with ties
+    got = miss_rates(scores, labels)
+    false_alarm, missed = miss_rate_curve(scores, labels)
+    for budget in (0.01, 0.02, 0.05):
+        # The lowest miss rate among the thresholds that flag at most the budget.
+        assert got[f"miss_rate_at_{budget:g}"] == pytest.approx(
+            missed[false_alarm <= budget + 1e-12].min()
+        )
+    assert missed[0] == 1 and false_alarm[0] == 0 and missed[-1] == 0 and false_alarm[-1] == 1
+    # Perfect scores miss nothing at any budget; a tie across the budget flags none of it.
+    assert miss_rates([0, 1], [0, 1])["miss_rate_at_0.01"] == 0
+    assert miss_rates([1, 1], [0, 1])["miss_rate_at_0.05"] == 1
+
+
+def test_bootstrap_miss_rates_equal_the_exact_ones_and_cover_them():
+    from metrics.bootstrap import PairedBootstrap
+    from metrics.detection import miss_rates
+
+    rng = np.random.default_rng(1)
+    bootstrap = PairedBootstrap()
+    labels = np.r_[np.zeros(150), np.ones(60)].astype(int)
+    a = np.r_[rng.normal(0, 1, 150), rng.normal(3, 1, 60)]
+    b = np.r_[rng.normal(0, 1, 150), rng.normal(1, 1, 60)]
+    for label, x, y in zip(labels, a, b):
+        bootstrap.update(label, {"a": x, "b": y})
+    whole = bootstrap.figures()
+    summary = bootstrap.compute("a", {"a": miss_rates(a, labels), "b": miss_rates(b, labels)})
+    for d, scores in enumerate((a, b)):
+        for key, value in miss_rates(scores, labels).items():
+            assert whole[key][d, 0] == pytest.approx(value)
+            low, high = summary["intervals"]["ab"[d]][key]
+            assert low <= value <= high
+    # a misses far fewer: the difference a - b is negative, and the verdict says so.
+    assert summary["differences"]["b"]["miss_rate_at_0.05"]["verdict"] == "lower"
