@@ -11,7 +11,9 @@ and anything converted to it::
 ``BTADDataset`` (``01/02/03`` with ``ok``/``ko``) and ``VisADataset`` (``split_csv/1cls.csv``)
 share the constructor ``(data_dir, categories, split, transform, normal_only, **kwargs)`` and
 return the same sample: ``{"image": [C,H,W] float in [0,1], "mask": [1,H,W] in {0,1}, "label":
-0|1, "defect_type": str, "path": str, "category": str}``. Synthetic panels add ``"level"``,
+0|1, "defect_type": str, "path": str, "category": str, "group": str}`` (``group``: the
+physical part or panel the image shows, by ``group_pattern``; its path where none is set).
+Synthetic panels add ``"level"``,
 ``"defects"`` (from ``truth.jsonl``) and ``"instances"`` (per-defect ids).
 
 Splits: ``train`` is train/good without a seeded held-out share (``val_fraction``); that share
@@ -33,6 +35,7 @@ import functools
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +74,37 @@ class Entry:
     mask: Path | None = None
     instances: Path | None = None
     truth: dict[str, Any] | None = None
+
+
+def compile_group_pattern(pattern: str | None) -> re.Pattern | None:
+    """``group_pattern`` compiled, or None; a pattern that is not a regex with a group is a
+    ``ValueError`` that says so."""
+    if pattern is None:
+        return None
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{pattern!r} is not a regular expression ({exc})") from None
+    if compiled.groups < 1:
+        raise ValueError(
+            f"{pattern!r} has no group: its first group (in parentheses) names the part"
+        )
+    return compiled
+
+
+def image_group(path: Path, pattern: re.Pattern | None) -> str:
+    """The part an image shows: the first group of ``pattern`` searched in its file name
+    (its path where ``pattern`` is None). A name the pattern does not match is an error that
+    names the file."""
+    if pattern is None:
+        return str(path)
+    found = pattern.search(path.name)
+    if found is None or found.group(1) is None:
+        raise ValueError(
+            f"{path}: its name does not match data.group_pattern {pattern.pattern!r}, so its "
+            "part is unknown; fix the pattern or the file name"
+        )
+    return found.group(1)
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -121,6 +155,7 @@ class AnomalyDataset(Dataset):
         on_error: str = "raise",
         intensity: str | IntensityWindow = "none",
         intensity_percentiles: Sequence[float] = (0.5, 99.5),
+        group_pattern: str | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -153,6 +188,9 @@ class AnomalyDataset(Dataset):
                 f"no images for split {split!r} of {self.categories} in {self.data_dir}"
             )
         self.entries = entries
+        # Checked here, so a file the pattern misses is named before any work starts.
+        pattern = compile_group_pattern(group_pattern)
+        self.groups = [image_group(entry.path, pattern) for entry in entries]
         if isinstance(intensity, IntensityWindow):
             self.intensity = intensity
         else:
@@ -225,6 +263,7 @@ class AnomalyDataset(Dataset):
             "defect_type": entry.defect_type,
             "path": str(entry.path),
             "category": entry.category,
+            "group": self.groups[index],
         }
         if entry.instances is not None:
             from PIL import Image
@@ -440,6 +479,108 @@ class ImageFiles(Dataset):
             "path": str(self.paths[index]),
             "mask": torch.zeros(1, *image.shape[-2:]),
         }
+
+
+def image_shape(path: Path) -> tuple[int, int]:
+    """``(height, width)`` of an image file from its header (a ``.npy`` without reading it)."""
+    if path.suffix.lower() == ".npy":
+        return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape[:2])
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.height, image.width
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"{path}: not an image file PIL can read ({exc})") from exc
+
+
+class LabeledFolder(Dataset):
+    """A plant's archive of labeled images, which the supervised member learns from
+    (``retrain.labeled_dirs``)::
+
+        <folder>/<type>/*                              defective images of that type
+        <folder>/good/*                                defect-free images (optional)
+        <folder>/ground_truth/<type>/<stem>_mask.png   a defect's mask (optional, or <stem>.png)
+
+    A defective image with a mask is learned pixel by pixel, one without by its image label
+    (mixed supervision). Everything is checked on construction, each error naming the file:
+    an empty type folder, a mask whose image is not there or whose size differs from it, a
+    ``ground_truth`` folder of a type that has none. Samples: ``image`` ``[C, H, W]`` at its
+    own size (through ``window``), ``mask`` ``[1, H, W]``, ``has_mask``, ``label``,
+    ``defect_type``, ``path`` and ``group`` (``group_pattern``)."""
+
+    def __init__(
+        self,
+        folders: Sequence[str | os.PathLike],
+        window: IntensityWindow,
+        group_pattern: str | None = None,
+    ) -> None:
+        self.window = window
+        self.entries: list[tuple[Path, str, Path | None]] = []
+        for folder in map(Path, folders):
+            if not folder.is_dir():
+                raise FileNotFoundError(f"labeled folder not found: {folder}")
+            types = sorted(p for p in folder.iterdir() if p.is_dir() and p.name != "ground_truth")
+            if not types:
+                raise ValueError(f"{folder}: no type folders (<type>/ with images) inside")
+            for type_dir in types:
+                images = _images_in(type_dir)
+                if not images:
+                    raise ValueError(f"{type_dir}: an empty defect folder (no images)")
+                truth = folder / "ground_truth" / type_dir.name
+                for path in images:
+                    mask = _find_mask(truth, path.stem) if truth.is_dir() else None
+                    if mask is not None:
+                        _check_mask_size(mask, path)
+                    self.entries.append((path, type_dir.name, mask))
+                if truth.is_dir():
+                    stems = {p.stem for p in images}
+                    for mask in _images_in(truth):
+                        if mask.stem.removesuffix("_mask") not in stems:
+                            raise ValueError(
+                                f"{mask}: a mask for an image that is not there (expected "
+                                f"{type_dir / mask.stem.removesuffix('_mask')}.*)"
+                            )
+            for truth in sorted((folder / "ground_truth").glob("*")):
+                if truth.is_dir() and not (folder / truth.name).is_dir():
+                    raise ValueError(
+                        f"{truth}: masks of a type with no images ({folder / truth.name})"
+                    )
+        pattern = compile_group_pattern(group_pattern)
+        self.groups = [image_group(path, pattern) for path, _, _ in self.entries]
+        self.has_masks = any(mask is not None for _, _, mask in self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def labels(self) -> list[int]:
+        return [int(kind != NORMAL) for _, kind, _ in self.entries]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path, kind, mask_path = self.entries[index]
+        image = to_tensor(self.window(read_image(path)))
+        label = int(kind != NORMAL)
+        known = mask_path is not None or not label
+        mask = read_mask(mask_path) if mask_path is not None else np.zeros(image.shape[-2:], bool)
+        return {
+            "image": image.clamp(0, 1),
+            "mask": torch.from_numpy(mask)[None].float(),
+            "has_mask": known,
+            "label": label,
+            "defect_type": kind,
+            "path": str(path),
+            "group": self.groups[index],
+        }
+
+
+def _check_mask_size(mask: Path, image: Path) -> None:
+    mask_shape, image_shape_ = image_shape(mask), image_shape(image)
+    if mask_shape != image_shape_:
+        raise ImageReadError(
+            f"{mask}: mask is {mask_shape[1]}x{mask_shape[0]} but its image {image} is "
+            f"{image_shape_[1]}x{image_shape_[0]}"
+        )
 
 
 def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:

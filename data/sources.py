@@ -34,6 +34,9 @@ class DataSource:
     intensity: str = "none"
     intensity_percentiles: tuple[float, ...] = (0.5, 99.5)
     extra: dict[str, Any] = field(default_factory=dict)
+    # A regex whose first group, searched in a file name, is the image's part (its group in
+    # cross-validation); None: each image its own group.
+    group_pattern: str | None = None
 
 
 def synthetic_parameters(
@@ -97,6 +100,7 @@ def resolve_source(
         pixel_pitch_mm=data_cfg["pixel_pitch_mm"],
         intensity=data_cfg["intensity"],
         intensity_percentiles=tuple(data_cfg["intensity_percentiles"]),
+        group_pattern=data_cfg.get("group_pattern"),
     )
 
 
@@ -124,6 +128,7 @@ def make_dataset(
         # Fitted on the train split whatever ``split`` is: one window for every split.
         intensity=source.intensity,
         intensity_percentiles=tuple(source.intensity_percentiles),
+        group_pattern=source.group_pattern,
     )
 
 

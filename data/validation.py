@@ -41,8 +41,11 @@ def injected_validation_samples(
     rng = np.random.default_rng(seed)
     samples = []
     drawn = 0
-    for array, count_of_copies in zip(images, copies):
-        samples.append({"image": array, "mask": None, "label": 0, "defects": []})
+    for number, (array, count_of_copies) in enumerate(zip(images, copies)):
+        # One group per held-out image, its injected copies with it: cross-validation inside
+        # a fit never splits an image from its copies.
+        group = f"held-out-{number}"
+        samples.append({"image": array, "mask": None, "label": 0, "defects": [], "group": group})
         for _ in range(count_of_copies):
             count = int(rng.integers(1, max_defects + 1))
             levels = [1 + (drawn + i) % 5 for i in range(count)]
@@ -56,7 +59,7 @@ def injected_validation_samples(
                 levels=levels,
             )
             if injected["label"]:
-                samples.append(injected)
+                samples.append({**injected, "group": group})
     return samples
 
 
@@ -77,7 +80,7 @@ def as_dataset_sample(sample: dict[str, Any], index: int, channels: int = 3) -> 
     }
 
 
-def labeled_defect_sample(sample: dict[str, Any]) -> dict[str, Any]:
+def labeled_defect_sample(sample: dict[str, Any], has_mask: bool | None = None) -> dict[str, Any]:
     """A dataset sample with real labeled defects in the form fusion and grading learn from.
 
     Synthetic datasets carry per-defect truth (``instances``, ``defects`` with type and level)
@@ -85,7 +88,9 @@ def labeled_defect_sample(sample: dict[str, Any]) -> dict[str, Any]:
     component of the mask becomes one defect of that type, with no level (levels are then
     learned from the synthetic injections only, types from these defects). ``split`` is
     ``"test"``: fusion fits its pixel normalizers on the held-out images alone, so that the
-    hybrids of cross-validation folds share them.
+    hybrids of cross-validation folds share them. A defective image whose mask is unknown
+    (``has_mask`` False; default: the sample's own ``has_mask``, else known) has ``mask``
+    None and no defects: it teaches image scores, never pixels.
     """
     from scipy import ndimage
 
@@ -96,6 +101,9 @@ def labeled_defect_sample(sample: dict[str, Any]) -> dict[str, Any]:
         "label": int(sample["label"]),
         "split": "test",
     }
+    group = sample.get("group") or sample.get("path")
+    if group:  # without one, each image is its own group
+        out["group"] = str(group)
     if "instances" in sample and sample.get("defects"):
         instances = np.asarray(sample["instances"]).reshape(mask.shape)
         defects = [dict(d, source="labeled") for d in sample["defects"]]
@@ -106,4 +114,7 @@ def labeled_defect_sample(sample: dict[str, Any]) -> dict[str, Any]:
             {"id": k, "type": kind, "level": None, "source": "labeled"} for k in range(1, count + 1)
         ]
     out.update(instances=instances, defects=defects if out["label"] else [])
+    known = sample.get("has_mask", True) if has_mask is None else has_mask
+    if out["label"] and not known:
+        out.update(mask=None, instances=None, defects=[])
     return out

@@ -221,3 +221,81 @@ def test_kolektorsdd_reads_as_mvtec(kolektorsdd_dir):
     )
     assert native[0]["image"].shape[0] == 3 and native[0]["image"].shape[2] == 500
     assert torch.isclose(native[0]["image"][0], native[0]["image"][1]).all()  # gray -> 3 channels
+
+
+def test_group_pattern_names_each_images_part(tmp_path, kolektorsdd_dir):
+    from data.datasets import compile_group_pattern, image_group
+
+    test = get_dataset(
+        "mvtec",
+        split="test",
+        data_dir=kolektorsdd_dir.parent,
+        categories=[kolektorsdd_dir.name],
+        group_pattern=r"^(kos\d+)_",
+    )
+    # KolektorSDD: the eight surfaces of one commutator share its kosNN prefix.
+    assert test.groups[0].startswith("kos") and len(set(test.groups)) < len(test)
+    by_part = {}
+    for entry, group in zip(test.entries, test.groups):
+        by_part.setdefault(group, set()).add(entry.path.name.split("_")[0])
+    assert all(len(names) == 1 for names in by_part.values())
+    # No pattern: each image is its own group.
+    plain = get_dataset("mvtec", split="test", data_dir=make_mvtec(tmp_path), categories=["cat"])
+    assert len(set(plain.groups)) == len(plain) and plain[0]["group"] == str(plain.entries[0].path)
+    with pytest.raises(ValueError, match="has no group"):
+        compile_group_pattern("kos")
+    with pytest.raises(ValueError, match="not a regular expression"):
+        compile_group_pattern("(kos")
+    with pytest.raises(ValueError, match=r"000\.png: its name does not match"):
+        image_group(tmp_path / "000.png", compile_group_pattern(r"^(kos\d+)_"))
+
+
+def make_labeled(root, masks=True):
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        save(root / "crack" / f"p{i}_a.png", rng.integers(0, 255, (20, 30), dtype=np.uint8))
+        save(root / "good" / f"p{i}_b.png", rng.integers(0, 255, (20, 30), dtype=np.uint8))
+    if masks:
+        mask = np.zeros((20, 30), np.uint8)
+        mask[5:9, 4:12] = 255
+        save(root / "ground_truth" / "crack" / "p0_a_mask.png", mask)
+    return root
+
+
+def test_labeled_folder_reads_masks_where_present_and_labels_elsewhere(tmp_path):
+    from data.datasets import LabeledFolder
+    from data.images import IntensityWindow
+
+    folder = LabeledFolder([make_labeled(tmp_path)], IntensityWindow(), group_pattern=r"^(p\d)_")
+    assert len(folder) == 6 and folder.labels.count(1) == 3 and folder.has_masks
+    samples = {folder.entries[i][0].name: folder[i] for i in range(len(folder))}
+    with_mask, without = samples["p0_a.png"], samples["p1_a.png"]
+    assert with_mask["has_mask"] and with_mask["mask"].sum() == 32 and with_mask["label"] == 1
+    assert not without["has_mask"] and without["label"] == 1 and without["defect_type"] == "crack"
+    assert samples["p1_b.png"]["has_mask"] and samples["p1_b.png"]["label"] == 0
+    assert with_mask["group"] == "p0" and samples["p0_b.png"]["group"] == "p0"
+
+
+def test_labeled_folder_errors_name_the_file(tmp_path):
+    from data.datasets import LabeledFolder
+    from data.images import IntensityWindow
+
+    window = IntensityWindow()
+    wrong = make_labeled(tmp_path / "wrong")
+    save(wrong / "ground_truth" / "crack" / "p1_a_mask.png", np.zeros((10, 30), np.uint8))
+    with pytest.raises(ImageReadError, match=r"p1_a_mask\.png: mask is 30x10 but its image"):
+        LabeledFolder([wrong], window)
+    empty = make_labeled(tmp_path / "empty")
+    (empty / "scratch").mkdir()
+    with pytest.raises(ValueError, match=r"scratch: an empty defect folder"):
+        LabeledFolder([empty], window)
+    orphan = make_labeled(tmp_path / "orphan")
+    save(orphan / "ground_truth" / "crack" / "p9_a_mask.png", np.zeros((20, 30), np.uint8))
+    with pytest.raises(ValueError, match=r"p9_a_mask\.png: a mask for an image that is not there"):
+        LabeledFolder([orphan], window)
+    stray = make_labeled(tmp_path / "stray")
+    save(stray / "ground_truth" / "dent" / "p0_a_mask.png", np.zeros((20, 30), np.uint8))
+    with pytest.raises(ValueError, match=r"dent: masks of a type with no images"):
+        LabeledFolder([stray], window)
+    with pytest.raises(FileNotFoundError, match="labeled folder not found"):
+        LabeledFolder([tmp_path / "absent"], window)
