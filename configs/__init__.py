@@ -44,7 +44,16 @@ class ConfigError(ValueError):
 # Choices owned by higher floors (pipelines) or by modules that cost a second to import
 # (fusion and grading pull in scikit-learn): written here, and tests/test_config.py keeps them
 # equal to the library's own lists.
-COMBINERS = ("auto", "mean", "max", "rank", "weighted", "learned", "rank_or_member")  # fusion
+COMBINERS = (  # fusion
+    "forward",
+    "auto",
+    "mean",
+    "max",
+    "rank",
+    "weighted",
+    "learned",
+    "rank_or_member",
+)
 NORMALIZERS = ("minmax", "zscore", "rank")  # fusion.normalizers
 LEARNERS = ("logistic", "boosting")  # fusion.combiners
 GRADERS = ("auto", "rules", "ordinal")  # grading.graders
@@ -53,6 +62,8 @@ PIXEL_THRESHOLDS = ("region", "f1", "quantile")  # grading.graders.THRESHOLD_MET
 # experiments.selection.CRITERIA, retraining.holdout.METRICS
 CRITERIA = ("composite", "image_auroc", "pixel_auroc", "aupro")
 LABELED_DEFECTS = ("auto", "cross_validate", "never")  # read by pipelines.ensemble only
+# Whether the supervised member is trained (where labeled defects exist): ensemble and retrain.
+SUPERVISED = ("auto", "never")
 # Where benchmark jobs and predict's images run: this machine, or a Ray cluster (the ray section).
 EXECUTORS = ("local", "ray")
 EXPORT_FORMATS = ("onnx", "openvino")  # deploy.export.FORMATS
@@ -148,6 +159,7 @@ def _key_table(members: tuple[str, ...]) -> Mapping[str, Key]:
         "data.data_dir": name,
         "data.categories": names,
         "data.image_size": Key(int | list, null=True),  # a side or [height, width]; null: native
+        "data.group_pattern": name,  # null: each image its own group
         "ray.address": name,  # null or "local": a local instance for the run
         "ray.num_cpus": Key(int, null=True),
         "ray.cpus_per_job": Key(float),
@@ -195,6 +207,8 @@ def _key_table(members: tuple[str, ...]) -> Mapping[str, Key]:
         "ensemble.criterion": Key(choices=CRITERIA),
         "ensemble.labeled_defects": Key(choices=LABELED_DEFECTS),
         "ensemble.fit_workers": Key(int, null=True),  # null: one per CPU
+        "ensemble.supervised": Key(choices=SUPERVISED),
+        "retrain.supervised": Key(choices=SUPERVISED),
         "ensemble.max_injected_images": Key(int, null=True),  # null: no cap
         "retrain.max_injected_images": Key(int, null=True),
         "ensemble.name": name,
@@ -207,6 +221,7 @@ def _key_table(members: tuple[str, ...]) -> Mapping[str, Key]:
         "export.format": Key(choices=EXPORT_FORMATS),
         "retrain.normal_dirs": names,
         "retrain.defect_dirs": names,
+        "retrain.labeled_dirs": names,
         "retrain.members": Key(list[str], members),
         "retrain.image_size": Key(int | list),
         "retrain.metric": Key(choices=CRITERIA),
@@ -599,6 +614,12 @@ def check_values(cfg: Mapping[str, Any]) -> None:
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     _check_ray(cfg)
+    from data.datasets import compile_group_pattern
+
+    try:
+        compile_group_pattern(cfg["data"]["group_pattern"])
+    except ValueError as exc:
+        raise ConfigError(f"data.group_pattern: {exc}") from exc
     if "ensemble" in cfg:
         _positive(cfg, "ensemble.folds")
         _positive(cfg, "ensemble.top_k")
@@ -606,6 +627,7 @@ def check_values(cfg: Mapping[str, Any]) -> None:
         _positive(cfg, "ensemble.max_injected_images", allow_none=True)
     if "retrain" in cfg:
         _positive(cfg, "retrain.max_injected_images", allow_none=True)
+        _positive(cfg, "retrain.folds")
     if "benchmark" in cfg:
         _positive(cfg, "benchmark.validation_injections")
 

@@ -7,13 +7,13 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from evaluation.scoring import cross_validate_hybrid, evaluate_hybrid
+from evaluation.scoring import cross_validate_hybrid, evaluate_hybrid, weighed_members
 
 log = logging.getLogger(__name__)
 
 
 def fit_and_evaluate_hybrid(
-    make_hybrid: Callable[[], Any],
+    make_hybrid: Callable[..., Any],
     samples: Sequence[dict[str, Any]],
     n_val_images: int,
     test_set: Any,
@@ -22,6 +22,8 @@ def fit_and_evaluate_hybrid(
     seed: int,
     batch_size: int = 4,
     fit_workers: int | None = 1,
+    supervised: Any = None,
+    normal_images: Callable[[], Any] | None = None,
 ) -> tuple[Any, dict[str, Any], dict[str, str]]:
     """The saved hybrid, its evaluation on ``test_set`` and the provenance of the figures
     (``fitted_on``, ``scored_on``, ``note``).
@@ -32,7 +34,10 @@ def fit_and_evaluate_hybrid(
     or ``auto`` with at least two defective and two normal test images; otherwise the hybrid is
     fitted on ``samples`` alone and the test split only scores it. ``batch_size``: images per
     batch through the members; ``fit_workers``: processes fitting the folds' hybrids side by
-    side (None: one per CPU).
+    side (None: one per CPU). ``supervised`` (a ``evaluation.supervision.SupervisedFolds``)
+    and ``normal_images`` (the members' training images): the supervised member, trained
+    inside each fold where labeled defects take part, and skipped, with the reason in the log,
+    where they do not.
     """
     defective = sum(entry.label for entry in test_set.entries)
     injected = f"{len(samples) - n_val_images} injected copies"
@@ -49,6 +54,8 @@ def fit_and_evaluate_hybrid(
             progress=True,
             batch_size=batch_size,
             fit_workers=fit_workers,
+            supervised=supervised,
+            normal_images=normal_images,
         )
         done = evaluation["cross_validation"]["folds"]
         return (
@@ -64,8 +71,19 @@ def fit_and_evaluate_hybrid(
                 f"({done}-fold cross-validation), and the saved hybrid is fitted on all of them",
             },
         )
+    if supervised is not None:
+        log.info(
+            "supervised member skipped: it learns from labeled defects, and the test split's "
+            "take no part here (ensemble.labeled_defects=%s, %d defective and %d defect-free "
+            "test images)",
+            labeled_defects,
+            defective,
+            len(test_set) - defective,
+        )
     hybrid = make_hybrid().fit(samples, progress=True)
-    evaluation = evaluate_hybrid(hybrid, test_set, progress=True)
+    evaluation = evaluate_hybrid(
+        hybrid, test_set, progress=True, contributions=weighed_members(hybrid)
+    )
     return (
         hybrid,
         evaluation,

@@ -19,6 +19,7 @@ from data.images import size_pair, to_tensor
 from data.validation import labeled_defect_sample
 from metrics import get_metric
 from metrics.bootstrap import PairedBootstrap
+from metrics.detection import miss_rates
 
 # (scores [B], maps [B, 1, H, W]) for a batch of samples.
 PredictFn = Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
@@ -106,6 +107,11 @@ def evaluate(
     labels_seen = {r["label"] for r in records}
     if labels_seen == {0, 1}:
         values.update({name: _scalar(m.compute()) for name, m in image_metrics.items()})
+        values.update(
+            miss_rates(
+                np.array([r["score"] for r in records]), np.array([r["label"] for r in records])
+            )
+        )
     else:
         notes.append("image metrics skipped: the test split lacks normal or defective images")
     if pixel and any_defect_pixels:
@@ -129,6 +135,7 @@ def evaluate_hybrid(
     member_outputs: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
     hybrid_for: Callable[[int], Any] | None = None,
     intervals: bool = True,
+    contributions: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The hybrid and each of its members on a labeled split, from one pass over the images.
 
@@ -142,16 +149,27 @@ def evaluate_hybrid(
     ``member_outputs[i]``: image ``i``'s member scores and maps, already computed (the time
     is then fusion and grading only). ``hybrid_for(i)``: the hybrid that scores image ``i``
     (cross-validation: each image by the hybrid fitted without its fold). ``intervals``:
-    False skips the bootstrap (``intervals`` is then None).
+    False skips the bootstrap (``intervals`` is then None). ``contributions``: members whose
+    contribution is measured: the detector ``without <name>`` is the hybrid with that member's
+    weight set to 0 (``Hybrid.without``; the hybrid itself where it does not weigh the member,
+    or weighs it alone), so the hybrid minus it, with its paired interval, is what the member
+    adds.
     """
     from tqdm.auto import tqdm
 
     from grading.evaluation import grading_figures, grading_scores
     from grading.matching import match_regions
 
-    detectors = ["hybrid", *hybrid.names]
+    ablations = [f"without {name}" for name in contributions]
+    detectors = ["hybrid", *hybrid.names, *ablations]
     image_metrics = {d: {n: get_metric(n) for n in IMAGE_METRICS} for d in detectors}
-    pixel_metrics = {d: {n: get_metric(n) for n in ("pixel_auroc", "aupro")} for d in detectors}
+    # Exact pixel figures for the hybrid and its members; a contribution's pixel figures come
+    # from the bootstrap's pixel sample (a full-resolution pass per member would double the
+    # cost of scoring).
+    pixel_metrics = {
+        d: {n: get_metric(n) for n in ("pixel_auroc", "aupro")}
+        for d in detectors[: -len(ablations) or None]
+    }
     bootstrap = PairedBootstrap() if intervals else None
     has_masks = bool(getattr(dataset, "has_masks", True))
     records, stage_pairs, detected_pairs, levels = [], [], [], []
@@ -160,15 +178,20 @@ def evaluate_hybrid(
         sample = dataset[index]
         model = hybrid_for(index) if hybrid_for else hybrid
         started = time.perf_counter()
-        out = model.predict(sample["image"], member_outputs[index] if member_outputs else None)
+        given = member_outputs[index] if member_outputs else None
+        out = model.predict(sample["image"], given() if callable(given) else given)
         seconds += time.perf_counter() - started
         label = torch.tensor([int(sample["label"])])
         scores = {"hybrid": out["score"], **out["member_scores"]}
         maps = {"hybrid": out["anomaly_map"], **dict(zip(hybrid.names, out["member_maps"]))}
+        outputs = (np.array(list(out["member_scores"].values())), out["member_maps"])
+        for name, ablation in zip(contributions, ablations):
+            answer = model.without(name, outputs, tuple(out["anomaly_map"].shape))
+            scores[ablation], maps[ablation] = answer or (out["score"], out["anomaly_map"])
         for name in detectors:
             for metric in image_metrics[name].values():
                 metric.update(torch.tensor([scores[name]]), label)
-            if has_masks:
+            if has_masks and name in pixel_metrics:
                 for metric in pixel_metrics[name].values():
                     metric.update(torch.as_tensor(maps[name])[None, None], sample["mask"][None])
         if bootstrap:
@@ -202,16 +225,20 @@ def evaluate_hybrid(
                 "level": out["level"],
                 "true_level": sample.get("level"),
                 "regions": len(out["regions"]),
+                **{f"score_{name}": scores[name] for name in detectors[1:]},
             }
         )
     labels_seen = {r["label"] for r in records}
     metrics: dict[str, dict[str, float]] = {}
+    labels = np.array([r["label"] for r in records])
     for name in detectors:
         values = {}
         if labels_seen == {0, 1}:
             values.update({k: _scalar(m.compute()) for k, m in image_metrics[name].items()})
+            key = "score" if name == "hybrid" else f"score_{name}"
+            values.update(miss_rates(np.array([r[key] for r in records]), labels))
         if has_masks and 1 in labels_seen:
-            values.update({k: _scalar(m.compute()) for k, m in pixel_metrics[name].items()})
+            values.update({k: _scalar(m.compute()) for k, m in pixel_metrics.get(name, {}).items()})
         metrics[name] = values
     grading: dict[str, Any] = {
         "stage_on_true_regions": grading_scores(stage_pairs),
@@ -222,16 +249,47 @@ def evaluate_hybrid(
         predicted, truth = (torch.tensor(v) for v in zip(*levels))
         grading["image_level_accuracy"] = float((predicted == truth).float().mean())
         grading["image_level_within_one"] = float(((predicted - truth).abs() <= 1).float().mean())
+    if bootstrap and ablations and has_masks and bootstrap.has_pixel_figures:
+        # The hybrid's exact figure moved by what the pixel sample says removing the member
+        # does: the contribution is then the sample's own difference.
+        sampled = bootstrap.figures()
+        reference = bootstrap.names.index("hybrid")
+        for d, name in enumerate(bootstrap.names):
+            if name in ablations:
+                metrics[name].update(
+                    {
+                        k: metrics["hybrid"][k] + float(sampled[k][d, 0] - sampled[k][reference, 0])
+                        for k in ("pixel_auroc", "aupro")
+                    }
+                )
+    summary = bootstrap and bootstrap.compute("hybrid", metrics)
     return {
-        "metrics": metrics,
+        "metrics": {k: v for k, v in metrics.items() if k not in ablations},
         # How far each figure, and the hybrid's lead over each member, could move on another
         # draw of images (None without both labels).
-        "intervals": bootstrap and bootstrap.compute("hybrid", metrics),
+        "intervals": summary and _without(summary, ablations),
+        # What each member adds: the hybrid minus the hybrid without it, with its interval.
+        "contributions": {
+            name: {
+                "metrics": metrics[ablation],
+                "hybrid_minus_without": (summary or {}).get("differences", {}).get(ablation),
+            }
+            for name, ablation in zip(contributions, ablations)
+        },
         "grading": grading,
         "operating_point": operating_point_figures(records),
         "records": records,
         "seconds": seconds,
     }
+
+
+def _without(summary: dict[str, Any], detectors: Sequence[str]) -> dict[str, Any]:
+    """A ``PairedBootstrap.compute`` summary without ``detectors`` (given apart)."""
+    out = dict(summary)
+    for key in ("intervals", "figures_from_sample", "differences"):
+        if key in out:
+            out[key] = {k: v for k, v in out[key].items() if k not in detectors}
+    return out
 
 
 def evaluate_on_unseen_panels(
@@ -262,29 +320,76 @@ def evaluate_on_unseen_panels(
     }
 
 
+def rate_interval(
+    events: Sequence[bool], resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> list[float] | None:
+    """The bootstrap percentile interval of the share of ``events`` that are true (the images
+    resampled with replacement, as ``PairedBootstrap`` resamples within a label)."""
+    events = np.asarray(events, dtype=float)
+    if not events.size:
+        return None
+    rng = np.random.default_rng(seed)
+    draws = rng.multinomial(len(events), np.full(len(events), 1 / len(events)), resamples)
+    shares = draws @ events / len(events)
+    tail = 100 * (1 - confidence) / 2
+    return [float(v) for v in np.percentile(shares, [tail, 100 - tail])]
+
+
 def operating_point_figures(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """What the hybrid's image threshold does on a split: the share of defect-free images it
-    flags, the share of defective ones it passes, and the levels defect-free images get."""
-    normal = [r for r in records if not r["label"]]
-    defective = [r for r in records if r["label"]]
+    flags and the share of defective ones it passes, each with its bootstrap interval, and
+    the levels defect-free images get."""
+    normal = [bool(r["flagged"]) for r in records if not r["label"]]
+    missed = [not r["flagged"] for r in records if r["label"]]
     levels: dict[str, int] = {}
-    for record in normal:
-        levels[str(record["level"])] = levels.get(str(record["level"]), 0) + 1
+    for record in records:
+        if not record["label"]:
+            levels[str(record["level"])] = levels.get(str(record["level"]), 0) + 1
     return {
-        "false_alarm_rate": float(np.mean([bool(r["flagged"]) for r in normal]))
-        if normal
-        else float("nan"),
-        "miss_rate": float(np.mean([not r["flagged"] for r in defective]))
-        if defective
-        else float("nan"),
+        "false_alarm_rate": float(np.mean(normal)) if normal else float("nan"),
+        "false_alarm_rate_interval": rate_interval(normal),
+        "miss_rate": float(np.mean(missed)) if missed else float("nan"),
+        "miss_rate_interval": rate_interval(missed),
         "normal_images": len(normal),
-        "defective_images": len(defective),
+        "defective_images": len(missed),
         "levels_of_normal_images": dict(sorted(levels.items())),
     }
 
 
+def grouped_folds(labels: np.ndarray, groups: Sequence[str], folds: int, seed: int) -> np.ndarray:
+    """Each image's fold, ``folds`` folds stratified by label, the images of one group (one
+    physical part or panel: ``data.group_pattern``) always in one fold. Fewer folds where
+    there are fewer groups of a label; a fold left without a defective or a defect-free image
+    is refused with a message naming it."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    labels = np.asarray(labels)
+    groups = np.asarray([str(g) for g in groups])
+    per_label = {c: len(np.unique(groups[labels == c])) for c in (0, 1)}
+    k = min(folds, per_label[0], per_label[1])
+    if k < 2:
+        raise ValueError(
+            f"cross-validation needs at least 2 defective and 2 normal test images in 2 groups "
+            f"each, got {int(labels.sum())} defective ({per_label[1]} groups) and "
+            f"{int((labels == 0).sum())} normal ({per_label[0]} groups); see data.group_pattern"
+        )
+    fold_of = np.empty(len(labels), dtype=int)
+    splitter = StratifiedGroupKFold(k, shuffle=True, random_state=seed)
+    for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+        fold_of[held_out] = fold
+    for fold in range(k):
+        for label, name in ((1, "defective"), (0, "defect-free")):
+            if not ((fold_of == fold) & (labels == label)).any():
+                raise ValueError(
+                    f"fold {fold + 1} of {k} holds no {name} image: the groups "
+                    f"(data.group_pattern) are too few or too uneven for {k} folds; lower "
+                    "ensemble.folds"
+                )
+    return fold_of
+
+
 def cross_validate_hybrid(
-    make_hybrid: Callable[[], Any],
+    make_hybrid: Callable[..., Any],
     validation: list[dict[str, Any]],
     dataset,
     folds: int = 5,
@@ -292,62 +397,102 @@ def cross_validate_hybrid(
     progress: bool = False,
     batch_size: int = 4,
     fit_workers: int | None = 1,
+    supervised: Any = None,
+    normal_images: Callable[[], Iterable[Any]] | None = None,
 ) -> tuple[dict[str, Any], Any]:
     """Fit on the dataset's own labeled defects without ever scoring an image with a hybrid
     that saw it.
 
-    The test split is cut into ``folds`` folds, stratified by label. Each fold is scored by a
-    hybrid fitted on ``validation`` (held-out normals and injected defects) plus the other
-    folds' images (real defects with their masks and type names); the metrics pool these
-    out-of-fold answers. Member outputs are computed once per image and reused by every fold.
-    ``batch_size``: images per batch through the members. ``fit_workers``: processes fitting
-    the folds' hybrids and the final one side by side (``fusion.fitting.fit_hybrids``).
-    Returns ``(evaluation, hybrid)``: ``evaluate_hybrid``'s result with a ``cross_validation``
-    entry, and the hybrid to keep, fitted on ``validation`` and the whole split.
-    """
-    from sklearn.model_selection import StratifiedKFold
+    The test split is cut into ``folds`` folds, stratified by label, the images of one part
+    together (``grouped_folds``). Each fold is scored by a hybrid fitted on ``validation``
+    (held-out normals and injected defects) plus the other folds' images (real defects with
+    their masks and type names); the metrics pool these out-of-fold answers. Member outputs
+    are computed once per image and reused by every fold. ``batch_size``: images per batch
+    through the members. ``fit_workers``: processes fitting the folds' hybrids and the final
+    one side by side (``fusion.fitting.fit_hybrids``).
 
+    ``supervised``: a ``evaluation.supervision.SupervisedFolds`` (or None): the supervised
+    member is then trained inside each fold, on ``normal_images()`` (the members' training
+    images) and that fold's training part only, and joins every hybrid's candidates
+    (``make_hybrid(extra_members)``), answering each image with a head that never saw it.
+
+    Returns ``(evaluation, hybrid)``: ``evaluate_hybrid``'s result with a ``cross_validation``
+    entry (and ``supervised``: the member against a logistic regression on the same pooled
+    features, out of fold), and the hybrid to keep, fitted on ``validation`` and the whole
+    split.
+    """
+    from evaluation.supervision import with_heads
     from fusion.fitting import fit_hybrids
 
     probe = make_hybrid()
     started = time.perf_counter()
-    samples = [labeled_defect_sample(dataset[index]) for index in range(len(dataset))]
+    has_masks = bool(getattr(dataset, "has_masks", True))
+    samples = [labeled_defect_sample(dataset[i], has_masks) for i in range(len(dataset))]
     outputs = probe.member_outputs_many(
         (to_tensor(s["image"]) for s in samples), batch_size, progress, "test members"
     )
-    labeled = [{**s, "member_outputs": out} for s, out in zip(samples, outputs)]
     member_seconds = time.perf_counter() - started
     validation_outputs = probe.member_outputs_many(
         (to_tensor(s["image"]) for s in validation), batch_size, progress, "validation members"
     )
-    validation = [{**s, "member_outputs": out} for s, out in zip(validation, validation_outputs)]
-    labels = np.array([s["label"] for s in labeled])
-    k = min(folds, int(labels.sum()), int((labels == 0).sum()))
-    if k < 2:
-        raise ValueError(
-            f"cross-validation needs at least 2 defective and 2 normal test images, got "
-            f"{int(labels.sum())} and {int((labels == 0).sum())}"
+    labels = np.array([s["label"] for s in samples])
+    groups = [s.get("group", str(i)) for i, s in enumerate(samples)]
+    fold_of = grouped_folds(labels, groups, folds, seed)
+    k = int(fold_of.max()) + 1
+    heads: dict[frozenset, Any] = {}
+    if supervised is not None:
+        supervised.fit(normal_images(), samples, fold_of, validation, progress=progress)
+        heads = supervised.heads
+
+    def sample_set(fold: int | None) -> list[dict[str, Any]]:
+        outer = frozenset() if fold is None else frozenset({fold})
+        others = [i for i in range(len(samples)) if fold_of[i] != fold]
+        return with_heads(
+            supervised, validation, validation_outputs, "validation", lambda i: outer
+        ) + with_heads(
+            supervised,
+            [samples[i] for i in others],
+            [outputs[i] for i in others],
+            "labeled",
+            # The other folds' images, each by the head that left out its fold too.
+            lambda i: outer | {int(fold_of[i])},
+            others,
         )
-    fold_of = np.empty(len(labels), dtype=int)
-    splitter = StratifiedKFold(k, shuffle=True, random_state=seed)
-    for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
-        fold_of[held_out] = fold
+
+    def extra(excluded: frozenset) -> dict[str, Any]:
+        return {"supervised": heads[excluded]} if heads else {}
+
     # The k folds' hybrids, then the one to keep, fitted on everything.
-    sample_sets = [
-        validation + [s for s, f in zip(labeled, fold_of) if f != fold] for fold in range(k)
-    ]
-    *hybrids, final = fit_hybrids(
-        make_hybrid, [*sample_sets, validation + labeled], fit_workers, progress, "fits"
+    hybrids = [make_hybrid(extra(frozenset({fold}))) for fold in range(k)]
+    final = make_hybrid(extra(frozenset()))
+    fit_hybrids(
+        [*hybrids, final],
+        [*(sample_set(fold) for fold in range(k)), sample_set(None)],
+        fit_workers,
+        progress,
+        "fits",
     )
+    scored = [
+        s["member_outputs"]
+        for s in with_heads(
+            supervised, samples, outputs, "labeled", lambda i: frozenset({int(fold_of[i])})
+        )
+    ]
     evaluation = evaluate_hybrid(
-        hybrids[0], dataset, progress, outputs, lambda index: hybrids[fold_of[index]]
+        hybrids[0],
+        dataset,
+        progress,
+        scored,
+        lambda index: hybrids[fold_of[index]],
+        contributions=weighed_members(final),
     )
     evaluation["seconds"] += member_seconds
     evaluation["cross_validation"] = {
         "folds": k,
         "defective_images": int(labels.sum()),
         "normal_images": int((labels == 0).sum()),
-        "types": sorted({d["type"] for s in labeled for d in s["defects"]}),
+        "groups": len(set(groups)),
+        "types": sorted({d["type"] for s in samples for d in s["defects"]}),
         # What each fold's choosing combiners (auto, rank_or_member) chose (None: a fixed
         # combiner): folds that choose differently pool their answers less well than one rule.
         "fold_choices": [
@@ -357,8 +502,51 @@ def cross_validate_hybrid(
             }
             for hybrid in hybrids
         ],
+        # The members each fold's hybrid kept (forward selection), and their weights.
+        "fold_members": [hybrid.fused_names for hybrid in hybrids],
     }
+    if supervised is not None:
+        evaluation["supervised"] = supervised_against_logistic(
+            evaluation["records"], supervised.logistic_baseline(), labels
+        )
     return evaluation, final
+
+
+def weighed_members(hybrid) -> list[str]:
+    """The members whose contribution ``evaluate_hybrid`` can measure: those a ``forward``
+    fusion weighs, where it weighs more than one."""
+    fusions = (hybrid.image_fusion_, hybrid.pixel_fusion_)
+    if len(hybrid.fused_names) < 2 or not any(f.combiner == "forward" for f in fusions):
+        return []
+    return list(hybrid.fused_names)
+
+
+def supervised_against_logistic(
+    records: Sequence[Mapping[str, Any]], logistic: np.ndarray, labels: np.ndarray
+) -> dict[str, Any]:
+    """The supervised member's out-of-fold image figures beside a logistic regression's on the
+    same features pooled per image, under the same folds, with paired intervals."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    head = np.array([r["score_supervised"] for r in records])
+    bootstrap = PairedBootstrap()
+    for label, mine, theirs in zip(labels, head, logistic):
+        bootstrap.update(int(label), {"supervised": mine, "logistic_pooled": theirs})
+    figures = {
+        name: {
+            "image_auroc": float(roc_auc_score(labels, values)),
+            "image_ap": float(average_precision_score(labels, values)),
+        }
+        for name, values in (("supervised", head), ("logistic_pooled", logistic))
+    }
+    return {
+        "split": "test, out of fold (the same folds as the hybrid)",
+        "baseline": "logistic regression (balanced, standardized) on the same backbone "
+        "features pooled per image (per-channel mean and max), trained on what each fold's "
+        "head learned from",
+        "metrics": figures,
+        "intervals": bootstrap.compute("supervised", figures),
+    }
 
 
 def shared_work_cost(hybrid, images: list[torch.Tensor]) -> dict[str, float]:

@@ -75,6 +75,12 @@ def plan_jobs(cfg: Mapping[str, Any]) -> list[Job]:
         raise ConfigError(
             f"benchmark.members: unknown member(s) {unknown}; available: {available_members()}"
         )
+    if "supervised" in bench["members"]:
+        raise ConfigError(
+            "benchmark.members: supervised learns from labeled defects, which the benchmark "
+            "scores on; pipelines.ensemble trains it inside each cross-validation fold "
+            "(ensemble.supervised) and pipelines.retrain from retrain.labeled_dirs"
+        )
     jobs: list[Job] = []
     seen: set[str] = set()
     for source in _sources(cfg):

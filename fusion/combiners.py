@@ -42,9 +42,11 @@ from sklearn.utils.validation import check_is_fitted
 from fusion.normalizers import get_normalizer, has_both_classes
 from metrics.detection import aupro_of_pixels
 
-COMBINERS = ("mean", "max", "rank", "weighted", "learned", "auto", "rank_or_member")
+COMBINERS = ("mean", "max", "rank", "weighted", "learned", "auto", "rank_or_member", "forward")
 # The combiners that choose among others by cross-validation.
 CHOOSING = ("auto", "rank_or_member")
+# Weights a member may enter ``forward`` selection with, relative to the weight already in.
+FORWARD_WEIGHTS = (1.0, 0.5, 0.25)
 LEARNERS = ("logistic", "boosting")
 
 
@@ -78,12 +80,16 @@ class ScoreFusion(BaseEstimator):
         seed: for the learner, and the folds and row sample of ``auto``.
         folds: cross-validation folds of ``auto``.
         max_selection_rows: rows (a seeded sample) on which ``auto`` compares its candidates.
+        min_gain: what a member must add to the cross-validated figure to enter ``forward``.
 
     ``auto`` and ``rank_or_member`` answer on one scale whatever they chose (a rank
     normalizer on the chosen fusion's output, ``output_normalizer_``, fitted on the normal
     reference rows) and keep ``candidate_auroc_`` (candidate name: cross-validated AUROC),
     ``candidate_aupro_`` (the same for AUPRO; empty without ``regions``), ``chosen_`` (the
-    winner's name) and ``fusion_`` (the winner, fitted on all rows).
+    winner's name) and ``fusion_`` (the winner, fitted on all rows). ``forward`` keeps
+    ``weights_`` (one per member, summing to 1), ``selection_`` (each step: the member that
+    entered, its weight and the cross-validated figure after it, and the best figure each
+    member that did not enter would have given) and ``used_members_``.
     """
 
     def __init__(
@@ -95,6 +101,7 @@ class ScoreFusion(BaseEstimator):
         seed: int = 0,
         folds: int = 5,
         max_selection_rows: int = 200_000,
+        min_gain: float = 0.001,
     ) -> None:
         self.combiner = combiner
         self.normalizer = normalizer
@@ -103,6 +110,7 @@ class ScoreFusion(BaseEstimator):
         self.seed = seed
         self.folds = folds
         self.max_selection_rows = max_selection_rows
+        self.min_gain = min_gain
 
     def fit(
         self,
@@ -124,6 +132,8 @@ class ScoreFusion(BaseEstimator):
                 raise ValueError(f"{name} has {len(rows)} rows, the scores {len(X)}")
         if self.combiner in CHOOSING:
             return self._fit_choosing(X, y, groups, choose_on, normalize_on, regions)
+        if self.combiner == "forward":
+            return self._fit_forward(X, y, groups, choose_on, normalize_on, regions)
         self.normalizer_ = get_normalizer("rank" if self.combiner == "rank" else self.normalizer)
         reference = slice(None) if normalize_on is None else np.asarray(normalize_on, bool)
         self.normalizer_.fit(X[reference], None if y is None else y[reference])
@@ -169,31 +179,12 @@ class ScoreFusion(BaseEstimator):
         regions: np.ndarray | None,
     ):
         candidates = self.candidates(X.shape[1])
-        rows = np.arange(len(X)) if choose_on is None else np.flatnonzero(choose_on)
         self.candidate_auroc_, self.candidate_aupro_ = {}, {}
-        if y is None or not has_both_classes(y[rows]):
+        chosen_rows = self._choosing_rows(X, y, groups, choose_on, regions)
+        if chosen_rows is None:
             self.chosen_ = "rank"
         else:
-            rng = np.random.default_rng(self.seed)
-            if len(rows) > self.max_selection_rows:
-                rows = self._selection_rows(rows, y, regions, rng)
-            X_sel, y_sel = X[rows], y[rows]
-            g_sel = None if groups is None else np.asarray(groups).ravel()[rows]
-            r_sel = None if regions is None else np.asarray(regions).ravel()[rows]
-            folds = min(self.folds, int(np.bincount(y_sel).min()))
-            if g_sel is not None:
-                folds = min(folds, *(len(np.unique(g_sel[y_sel == c])) for c in (0, 1)))
-            if folds < 2:
-                raise ValueError(
-                    f"the {self.combiner} combiner needs at least 2 normal and 2 defective "
-                    "samples (in 2 groups each) to cross-validate its candidates"
-                )
-            splitter = (
-                StratifiedKFold(folds, shuffle=True, random_state=self.seed)
-                if g_sel is None
-                else StratifiedGroupKFold(folds, shuffle=True, random_state=self.seed)
-            )
-            splits = list(splitter.split(X_sel, y_sel, g_sel))
+            X_sel, y_sel, r_sel, splits = chosen_rows
             criterion = {}
             for name, candidate in candidates.items():
                 out_of_fold = np.empty(len(y_sel))
@@ -224,6 +215,147 @@ class ScoreFusion(BaseEstimator):
         self.normalizer_ = self.fusion_.normalizer_
         self.n_members_ = X.shape[1]
         return self
+
+    def _choosing_rows(
+        self,
+        X: np.ndarray,
+        y: np.ndarray | None,
+        groups: np.ndarray | None,
+        choose_on: np.ndarray | None,
+        regions: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list] | None:
+        """The rows a choosing combiner compares on (``choose_on``, thinned to
+        ``max_selection_rows``), their labels, regions and cross-validation splits (folds keep
+        each ``groups`` value together); None without both labels among them."""
+        rows = np.arange(len(X)) if choose_on is None else np.flatnonzero(choose_on)
+        if y is None or not has_both_classes(y[rows]):
+            return None
+        rng = np.random.default_rng(self.seed)
+        if len(rows) > self.max_selection_rows:
+            rows = self._selection_rows(rows, y, regions, rng)
+        X_sel, y_sel = X[rows], y[rows]
+        g_sel = None if groups is None else np.asarray(groups).ravel()[rows]
+        r_sel = None if regions is None else np.asarray(regions).ravel()[rows]
+        folds = min(self.folds, int(np.bincount(y_sel).min()))
+        if g_sel is not None:
+            folds = min(folds, *(len(np.unique(g_sel[y_sel == c])) for c in (0, 1)))
+        if folds < 2:
+            raise ValueError(
+                f"the {self.combiner} combiner needs at least 2 normal and 2 defective "
+                "samples (in 2 groups each) to cross-validate its candidates"
+            )
+        splitter = (
+            StratifiedKFold(folds, shuffle=True, random_state=self.seed)
+            if g_sel is None
+            else StratifiedGroupKFold(folds, shuffle=True, random_state=self.seed)
+        )
+        return X_sel, y_sel, r_sel, list(splitter.split(X_sel, y_sel, g_sel))
+
+    def _fit_forward(
+        self,
+        X: np.ndarray,
+        y: np.ndarray | None,
+        groups: np.ndarray | None,
+        choose_on: np.ndarray | None,
+        normalize_on: np.ndarray | None,
+        regions: np.ndarray | None,
+    ) -> ScoreFusion:
+        n_members = X.shape[1]
+        self.selection_ = []
+        chosen_rows = self._choosing_rows(X, y, groups, choose_on, regions)
+        if chosen_rows is None:
+            weights = np.ones(n_members)  # nothing to choose on: every member, rank-mean
+        else:
+            X_sel, y_sel, r_sel, splits = chosen_rows
+            # Each member's ranks out of fold: a fold's normalizer knows only its other rows.
+            ranks = np.empty_like(X_sel)
+            for train, held in splits:
+                normal = train[y_sel[train] == 0]
+                if len(normal) < 2:  # too few to rank against: every normal row
+                    normal = np.flatnonzero(y_sel == 0)
+                ranks[held] = get_normalizer("rank").fit(X_sel[normal]).transform(X_sel[held])
+
+            def figure(w: np.ndarray) -> tuple[float, float, float | None]:
+                fused = ranks @ w
+                auroc = float(roc_auc_score(y_sel, fused))
+                if r_sel is None:
+                    return auroc, auroc, None
+                aupro = aupro_of_pixels(fused, y_sel, r_sel)
+                return (auroc + aupro) / 2, auroc, aupro
+
+            weights = np.zeros(n_members)
+            best, current = None, -np.inf
+            while True:
+                step = None
+                tried: dict[int, float] = {}
+                entered = weights.sum()
+                for m in np.flatnonzero(weights == 0):
+                    for share in FORWARD_WEIGHTS if entered else (1.0,):
+                        trial = weights.copy()
+                        trial[m] = share * entered if entered else 1.0
+                        value, auroc, aupro = figure(trial / trial.sum())
+                        tried[int(m)] = max(tried.get(int(m), -np.inf), value)
+                        if step is None or value > step[0]:
+                            step = (value, int(m), trial, auroc, aupro)
+                if step is None or (best is not None and step[0] < current + self.min_gain):
+                    if best is not None:
+                        best["not_entered"] = tried
+                    break
+                current, m, weights = step[0], step[1], step[2]
+                best = {
+                    "member": m,
+                    "weight": float(weights[m] / weights.sum()),
+                    "figure": current,
+                    "auroc": step[3],
+                    "aupro": step[4],
+                }
+                if not self.selection_:
+                    best["alone"] = tried  # every member's figure on its own
+                self.selection_.append(best)
+        self.weights_ = weights / weights.sum()
+        self.used_members_ = self.weights_ > 0
+        self.normalizer_ = get_normalizer("rank")
+        reference = slice(None) if normalize_on is None else np.asarray(normalize_on, bool)
+        self.normalizer_.fit(X[reference], None if y is None else y[reference])
+        self.n_members_ = n_members
+        return self
+
+    def without(self, column: int) -> ScoreFusion | None:
+        """This fitted ``forward`` fusion with member ``column``'s weight set to 0 (the others'
+        renormalized): what the fusion gives without that member, to measure its contribution.
+        None where it is the only member weighed, or for another combiner."""
+        if self.combiner != "forward" or self.weights_[column] == 0:
+            return None
+        weights = self.weights_.copy()
+        weights[column] = 0.0
+        if not weights.any():
+            return None
+        out = clone(self)
+        out.__dict__.update({k: v for k, v in self.__dict__.items() if k.endswith("_")})
+        out.weights_ = weights / weights.sum()
+        out.used_members_ = out.weights_ > 0
+        return out
+
+    def restricted(self, columns: np.ndarray) -> ScoreFusion:
+        """This fitted fusion on the members ``columns`` only (indices), for a hybrid that
+        leaves out members with no weight: the same fused scores of the kept members."""
+        check_is_fitted(self, "normalizer_")
+        columns = np.asarray(columns, dtype=int)
+        if len(columns) == self.n_members_:
+            return self
+        if self.combiner != "forward":
+            raise ValueError(f"a {self.combiner!r} fusion uses every member; it cannot drop any")
+        if self.weights_[np.setdiff1d(np.arange(self.n_members_), columns)].any():
+            raise ValueError("only members with weight 0 can be left out")
+        out = clone(self)
+        out.weights_ = self.weights_[columns] / self.weights_[columns].sum()
+        out.used_members_ = out.weights_ > 0
+        out.normalizer_ = clone(self.normalizer_)
+        out.normalizer_.levels_ = self.normalizer_.levels_
+        out.normalizer_.quantiles_ = self.normalizer_.quantiles_[:, columns]
+        out.selection_ = self.selection_
+        out.n_members_ = len(columns)
+        return out
 
     def _selection_rows(
         self, rows: np.ndarray, y: np.ndarray, regions: np.ndarray | None, rng: np.random.Generator
@@ -271,7 +403,7 @@ class ScoreFusion(BaseEstimator):
             return normalized.mean(axis=1)
         if self.combiner == "max":
             return normalized.max(axis=1)
-        if self.combiner == "weighted":
+        if self.combiner in ("weighted", "forward"):
             return normalized @ self.weights_
         return self.model_.predict_proba(normalized)[:, 1]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
@@ -26,7 +26,7 @@ from fusion.hybrid import Hybrid
 log = logging.getLogger(__name__)
 
 # What a forked worker reads: set by the parent just before forking, so that neither the
-# factory (a closure) nor the samples (gigabytes of maps) are pickled.
+# hybrids nor the samples (gigabytes of maps) are pickled.
 _JOB: dict[str, Any] = {}
 
 
@@ -54,29 +54,32 @@ def _fit_in_worker(index: int) -> dict[str, Any]:
     # through fork must not be entered again in the child.
     torch.set_num_threads(1)
     with threadpool_limits(1):
-        return _JOB["make_hybrid"]().fit(_JOB["sample_sets"][index]).fitted_state()
+        return _JOB["hybrids"][index].fit(_JOB["sample_sets"][index]).fitted_state()
 
 
 def fit_hybrids(
-    make_hybrid: Callable[[], Hybrid],
+    hybrids: Sequence[Hybrid],
     sample_sets: Sequence[Sequence[dict[str, Any]]],
     workers: int | None = None,
     progress: bool = False,
     desc: str = "fits",
 ) -> list[Hybrid]:
-    """One hybrid from ``make_hybrid()`` fitted on each of ``sample_sets``, in order.
+    """Each of ``hybrids`` (unfitted) fitted on its ``sample_sets`` entry, in place; returned.
 
     ``workers``: processes fitting at once (None: one per available CPU; 1: in this process).
     Each worker holds one fit's working set (the fused maps of its fitting images). The
-    samples must carry their ``member_outputs``: a worker computes nothing through the
-    members and shows no progress of its own."""
+    samples must carry their ``member_outputs`` (or a function that makes them): a worker
+    computes nothing through the members and shows no progress of its own."""
+    if len(hybrids) != len(sample_sets):
+        raise ValueError(f"{len(hybrids)} hybrids for {len(sample_sets)} sample sets")
     workers = fit_workers(workers, len(sample_sets))
     if workers == 1:
-        fitted = []
-        for samples in tqdm(sample_sets, desc=desc, disable=not progress):
-            fitted.append(make_hybrid().fit(samples))
-        return fitted
-    _JOB.update(make_hybrid=make_hybrid, sample_sets=sample_sets)
+        for hybrid, samples in tqdm(
+            list(zip(hybrids, sample_sets)), desc=desc, disable=not progress
+        ):
+            hybrid.fit(samples)
+        return list(hybrids)
+    _JOB.update(hybrids=hybrids, sample_sets=sample_sets)
     try:
         # The executor forks every worker at the first submit, from this thread, before any
         # thread of its own runs (a fork from another thread could copy a lock held there);
@@ -91,4 +94,4 @@ def fit_hybrids(
             states = [future.result() for future in futures]
     finally:
         _JOB.clear()
-    return [make_hybrid().set_fitted_state(state) for state in states]
+    return [hybrid.set_fitted_state(state) for hybrid, state in zip(hybrids, states)]

@@ -21,7 +21,7 @@ anything is unpickled (``fusion.persistence``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +55,10 @@ from tiling.visualize import MapOnDisk, band_rows
 class Hybrid:
     """See the module docstring.
 
-    Fitted state (after ``fit`` or ``load``): ``image_fusion_`` and ``pixel_fusion_``
-    (``ScoreFusion``), ``image_threshold_``, ``calibrator_`` (its ``threshold_`` is the pixel
+    Fitted state (after ``fit`` or ``load``): ``selected_`` (the members the fusion weighs,
+    ``fused_names``: a ``forward`` fusion may leave some out, and only these are saved),
+    ``image_fusion_`` and ``pixel_fusion_`` (``ScoreFusion`` of the selected members),
+    ``image_threshold_``, ``calibrator_`` (its ``threshold_`` is the pixel
     threshold), ``type_classifier_`` (None with fewer than two types), ``grader_``,
     ``grader_report_`` (the grader choice) and ``validation_`` (what it was fitted on).
 
@@ -243,30 +245,59 @@ class Hybrid:
         shape: tuple[int, int] | None = None,
         rows_per_chunk: int | None = None,
         out: np.ndarray | MapOnDisk | None = None,
+        fusion: ScoreFusion | None = None,
     ) -> np.ndarray | MapOnDisk:
         """Fused ``[H, W]`` map of member maps ``[M, h, w]``, in row chunks (bounded memory;
         ``rows_per_chunk`` None: ``tiling.visualize.band_rows``, as many pixels per chunk for a
         wide panel as for a narrow image), written into ``out`` (a new array by default; a
         ``MapOnDisk`` keeps it out of memory). Maps of another size than ``shape`` (default:
         their own) are resized bilinearly chunk by chunk, as ``F.interpolate(...,
-        mode="bilinear")`` resizes them whole (to float32 rounding)."""
-        fusion: ScoreFusion = self.pixel_fusion_
-        m = maps.shape[0]
+        mode="bilinear")`` resizes them whole (to float32 rounding). ``fusion``: another pixel
+        fusion of the same members (default: ``pixel_fusion_``)."""
+        fusion = self.pixel_fusion_ if fusion is None else fusion
+        columns = self.fused_columns(maps.shape[0])
+        m = len(self.fused_names)
         height, width = shape or maps.shape[-2:]
         rows_per_chunk = rows_per_chunk or band_rows(width)
         resize = (height, width) != tuple(maps.shape[-2:])
         if resize:
             rows = _bilinear_taps(maps.shape[-2], height)
             cols = _bilinear_taps(maps.shape[-1], width)
-            maps = maps.astype(np.float32)
+            maps = np.asarray(maps[columns], dtype=np.float32)
+            columns = slice(None)
         out = np.empty((height, width), np.float32) if out is None else out
         if tuple(out.shape) != (height, width):
             raise ValueError(f"fuse_map: out is {tuple(out.shape)}, the map {(height, width)}")
         for start in range(0, height, rows_per_chunk):
             stop = min(start + rows_per_chunk, height)
-            block = _resize_rows(maps, rows, cols, start, stop) if resize else maps[:, start:stop]
+            if resize:
+                block = _resize_rows(maps, rows, cols, start, stop)
+            else:  # only this band of the fused members' maps is copied
+                block = maps[columns, start:stop]
             out[start:stop] = fusion.transform(block.reshape(m, -1).T).reshape(-1, width)
         return out
+
+    @property
+    def fused_names(self) -> list[str]:
+        """The members the fitted fusion weighs (``selected_``): all of them, but where a
+        ``forward`` fusion left some out; only these are saved."""
+        return list(getattr(self, "selected_", None) or self.names)
+
+    def _output_names(self, rows: int) -> list[str]:
+        return self.names if rows == len(self.names) else self.fused_names
+
+    def fused_columns(self, rows: int) -> list[int] | slice:
+        """Which of ``rows`` member outputs the fusion reads: member outputs come for every
+        member of ``names`` (of which it reads ``fused_names``), or for the fused ones only."""
+        fused = self.fused_names
+        if rows == len(fused):
+            return slice(None)
+        if rows != len(self.names):
+            raise ValueError(
+                f"{rows} member outputs for a hybrid of {len(self.names)} members "
+                f"({', '.join(self.names)})"
+            )
+        return [self.names.index(name) for name in fused]
 
     def fit(self, samples: Iterable[Mapping[str, Any]], progress: bool = False) -> Hybrid:
         """Fit fusion and grading on validation samples: dicts with ``image`` (``[H, W]`` or
@@ -290,16 +321,26 @@ class Hybrid:
         cache = []
         for sample in samples:
             image = to_tensor(sample["image"])
-            scores, maps = (
-                next(computed) if sample.get("member_outputs") is None else sample["member_outputs"]
-            )
+            outputs = sample.get("member_outputs")
+            if outputs is None:
+                outputs = next(computed)
+            scores, maps = outputs() if callable(outputs) else outputs
             mask = sample.get("mask")
-            mask = np.zeros(maps.shape[1:], bool) if mask is None else np.asarray(mask, bool)
-            cache.append((sample, image, scores, maps, mask.reshape(maps.shape[1:])))
+            if mask is None and sample["label"]:
+                # A labeled defect whose mask is unknown teaches image scores only.
+                mask = None
+            elif mask is None:
+                mask = np.zeros(maps.shape[1:], bool)
+            else:
+                mask = np.asarray(mask, bool).reshape(maps.shape[1:])
+            cache.append((sample, image, scores, maps, mask))
         if not cache:
             raise ValueError("fitting a hybrid needs validation samples")
         labels = np.array([int(s["label"]) for s, *_ in cache])
         scores = np.stack([c[2] for c in cache])
+        # Cross-validation inside the fit keeps the images of one part (or one held-out image
+        # and its injected copies) in one fold.
+        groups = np.array([str(s.get("group", f"image-{k}")) for k, (s, *_) in enumerate(cache)])
         # Where real labeled defects exist, the auto combiner chooses on real images only
         # (normal ones and those): injected defects can rank members unlike real ones do.
         real = np.array(
@@ -321,26 +362,38 @@ class Hybrid:
         fusion = ScoreFusion(
             opts["combiner"], opts["normalizer"], None, opts["learner"], opts["seed"]
         )
-        self.image_fusion_ = clone(fusion).fit(scores, labels, None, choose_on)
+        self.selected_ = None
+        image_fusion = clone(fusion).fit(scores, labels, groups, choose_on)
+        masked = np.array([k for k, c in enumerate(cache) if c[4] is not None], dtype=int)
         pixel_rows, pixel_labels, pixel_images, pixel_regions = sample_pixel_rows(
-            ((maps, mask) for _, _, _, maps, mask in cache), opts["pixel_samples"], rng
+            ((cache[k][3], cache[k][4]) for k in masked), opts["pixel_samples"], rng
         )
+        pixel_images = masked[pixel_images]
         pixel_fusion = clone(fusion).set_params(combiner=opts["pixel_combiner"] or opts["combiner"])
-        self.pixel_fusion_ = pixel_fusion.fit(
+        pixel_fusion.fit(
             pixel_rows,
             pixel_labels,
-            pixel_images,
+            groups[pixel_images],
             None if choose_on is None else choose_on[pixel_images],
             held_out[pixel_images],
             pixel_regions,
         )
+        # Members that neither level's fusion weighs are left out of the hybrid.
+        used = np.zeros(len(self.names), bool)
+        for fitted in (image_fusion, pixel_fusion):
+            used |= getattr(fitted, "used_members_", np.ones(len(self.names), bool))
+        columns = np.flatnonzero(used)
+        self.image_fusion_ = image_fusion.restricted(columns)
+        self.pixel_fusion_ = pixel_fusion.restricted(columns)
+        self.selected_ = [self.names[c] for c in columns]
+        scores = scores[:, columns]
         fused_scores = self.image_fusion_.transform(scores)
         self.image_threshold_ = image_threshold(
             fused_scores, labels, opts["operating_point"], opts["false_alarm_rate"]
         )
         fused_maps = [self.fuse_map(maps) for _, _, _, maps, _ in cache]
         calibrator = ThresholdCalibrator(opts["pixel_threshold"]).fit(
-            fused_maps, [c[4] for c in cache]
+            [fused_maps[k] for k in masked], [cache[k][4] for k in masked]
         )
         self.calibrator_ = calibrator
 
@@ -403,8 +456,42 @@ class Hybrid:
                 level: self.fusion_choice(getattr(self, f"{level}_fusion_"), choose_on is not None)
                 for level in ("image", "pixel")
             },
+            "member_selection": self.member_selection(
+                {"image": image_fusion, "pixel": pixel_fusion}, choose_on is not None
+            ),
         }
         return self
+
+    def member_selection(
+        self, fusions: Mapping[str, ScoreFusion], on_real: bool
+    ) -> dict[str, Any] | None:
+        """What ``forward`` selection did at each level, with member names: the members kept
+        and their weights, each step (the member that entered, its weight then and the
+        cross-validated figure after it), each member's figure alone and the best figure each
+        member left out would have given; and on which images (None without ``forward``)."""
+        levels = {k: f for k, f in fusions.items() if f.combiner == "forward"}
+        if not levels:
+            return None
+        out: dict[str, Any] = {
+            "kept": self.fused_names,
+            "chosen_on": "normal and labeled-defect images" if on_real else "all fusion images",
+        }
+        for level, fusion in levels.items():
+            steps = []
+            for step in fusion.selection_:
+                named = {**step, "member": self.names[step["member"]]}
+                for key in ("alone", "not_entered"):
+                    if key in step:
+                        named[key] = {self.names[m]: v for m, v in step[key].items()}
+                steps.append(named)
+            out[level] = {
+                "weights": {
+                    name: float(w) for name, w in zip(self.names, fusion.weights_) if w > 0
+                },
+                "chosen_by": "AUROC" if level == "image" else "mean of pixel AUROC and AUPRO",
+                "steps": steps,
+            }
+        return out
 
     def fusion_choice(self, fusion: ScoreFusion, on_real: bool) -> dict[str, Any] | None:
         """What a choosing combiner (``auto``, ``rank_or_member``) chose, the cross-validated
@@ -482,7 +569,8 @@ class Hybrid:
         if member_outputs is None:
             member_outputs = self.member_outputs(_image_tensor(view), at_image_size=member_maps)
         scores, maps = member_outputs
-        score = float(self.image_fusion_.transform(scores[None])[0])
+        fused_scores = np.asarray(scores)[self.fused_columns(len(scores))]
+        score = float(self.image_fusion_.transform(fused_scores[None])[0])
         shape = tuple(view.shape[:2] if isinstance(view, LazyImage) else view.shape[-2:])
         out = None if map_folder is None else MapOnDisk(shape, map_folder)
         fused = self.fuse_map(maps, shape, out=out)
@@ -497,9 +585,27 @@ class Hybrid:
             "level": max((r.level for r in regions), default=0),
             "regions": regions,
             "anomaly_map": fused,
-            "member_scores": dict(zip(self.names, map(float, scores))),
+            "member_scores": dict(zip(self._output_names(len(scores)), map(float, scores))),
             "member_maps": maps if member_maps else None,
         }
+
+    def without(
+        self, name: str, member_outputs: tuple[np.ndarray, np.ndarray], shape: tuple[int, int]
+    ) -> tuple[float, np.ndarray] | None:
+        """The fused score and map of an image without member ``name`` (its weight 0 in a
+        ``forward`` fusion, the others renormalized), from the image's ``member_outputs``:
+        what the member adds. None where the fusion does not weigh it, or weighs it alone."""
+        if name not in self.fused_names:
+            return None
+        column = self.fused_names.index(name)
+        image_fusion = self.image_fusion_.without(column)
+        pixel_fusion = self.pixel_fusion_.without(column)
+        if image_fusion is None and pixel_fusion is None:
+            return None
+        scores, maps = member_outputs
+        fused_scores = np.asarray(scores)[self.fused_columns(len(scores))][None]
+        score = float((image_fusion or self.image_fusion_).transform(fused_scores)[0])
+        return score, self.fuse_map(maps, shape, fusion=pixel_fusion or self.pixel_fusion_)
 
     def _strongest_region(
         self, image: torch.Tensor | LazyImage, fused: np.ndarray | MapOnDisk
@@ -550,7 +656,8 @@ class Hybrid:
 
     def save(self, folder: str | Path) -> Path:
         """Save to a hybrid folder (``fusion.persistence``)."""
-        return save_hybrid(folder, self.member_set.members, self.options, self.fitted_state())
+        members = {name: self.member_set.members[name] for name in self.fused_names}
+        return save_hybrid(folder, members, self.options, self.fitted_state())
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> Hybrid:
@@ -558,6 +665,41 @@ class Hybrid:
         every file is checked against the manifest first."""
         members, options, fitted = load_hybrid(folder, device)
         return cls(members, **options).set_fitted_state(fitted)
+
+
+class MemberMaps:
+    """Member maps ``[M, H, W]`` held as one array per member, so that a member's map can be
+    added to others without copying them (a panel's maps are large). It answers what fusion
+    asks of an array of maps: ``shape``, ``len``, iteration, a member's map (``maps[m]``) and a
+    stacked block of some members' rows (``maps[members, rows]``)."""
+
+    def __init__(self, maps: Iterable[np.ndarray]) -> None:
+        self.maps = list(maps)
+        shapes = {m.shape for m in self.maps}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ValueError(f"member maps must be [H, W] arrays of one size, got {shapes}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self.maps), *self.maps[0].shape)
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return iter(self.maps)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        members, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if isinstance(members, (int, np.integer)):
+            return self.maps[members][rest]
+        if isinstance(members, slice):
+            return np.stack([m[rest] for m in self.maps[members]])
+        return np.stack([self.maps[m][rest] for m in members])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        stacked = np.stack(self.maps)
+        return stacked if dtype is None else stacked.astype(dtype)
 
 
 def _bilinear_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -600,12 +742,12 @@ def sample_pixel_rows(
     rows, labels, images, regions = [], [], [], []
     regions_so_far = 0
     for index_of_image, (maps, mask) in enumerate(maps_and_masks):
-        flat, flat_mask = maps.reshape(len(maps), -1).T, mask.ravel()
+        flat_mask = mask.ravel()
         region_of_pixel, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
         for value in (0, 1):
             index = np.flatnonzero(flat_mask == value)
             take = rng.choice(index, min(len(index), per_image), replace=False)
-            rows.append(flat[take])
+            rows.append(np.stack([member.reshape(-1)[take] for member in maps], axis=1))
             labels.append(np.full(len(take), value))
             images.append(np.full(len(take), index_of_image))
             region = region_of_pixel.ravel()[take]

@@ -35,7 +35,9 @@ GRADING_FILE = "grading.joblib"
 # The fitted state each file holds, by attribute name without its trailing underscore.
 FUSION_STATE = ("image_fusion", "pixel_fusion")
 GRADING_STATE = ("calibrator", "type_classifier", "grader")
-DESCRIBED_STATE = ("image_threshold", "validation", "grader_report")
+# ``selected``: the members the fusion weighs (those saved); absent from hybrids saved before
+# members could be left out, where it is every member.
+DESCRIBED_STATE = ("image_threshold", "validation", "grader_report", "selected")
 FITTED_STATE = FUSION_STATE + GRADING_STATE + DESCRIBED_STATE
 
 
@@ -94,6 +96,7 @@ def load_hybrid(
     fitted = {
         **load_joblib_verified(folder / FUSION_FILE, folder),
         **load_joblib_verified(folder / GRADING_FILE, folder),
-        **{k: meta[k] for k in DESCRIBED_STATE},
+        **{k: meta[k] for k in DESCRIBED_STATE if k != "selected"},
+        "selected": meta.get("selected") or names,
     }
     return members, options, fitted

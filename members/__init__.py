@@ -24,6 +24,7 @@ from members import (  # noqa: E402,F401  isort: skip
     padim,
     patchcore,
     stfpm,
+    supervised,
     vae,
 )
 

@@ -14,8 +14,11 @@ evaluates the hybrid against each member on the test split, and writes ``<run>/<
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from artifacts.io import atomic_write_csv, atomic_write_json
 from configs import Flag, add_config_arguments, load_config, split_names, write_config
@@ -64,6 +67,89 @@ def overrides_from_flags(args: argparse.Namespace) -> list[Flag]:
     return flags + device_flags(args)
 
 
+def supervised_folds(cfg: Mapping[str, Any], members: Mapping[str, Any], probe: Any, device: Any):
+    """The supervised member's cross-fitting the configuration asks for, or None
+    (``ensemble.supervised: never``, or a tiled hybrid, said in the log)."""
+    from evaluation.supervision import build_supervised
+
+    if cfg["ensemble"]["supervised"] == "never":
+        return None
+    if probe.options["tiling"]:
+        log.info("supervised member skipped: it is not trained for tiled hybrids yet")
+        return None
+    return build_supervised(
+        members,
+        cfg["members"]["supervised"],
+        cfg["trainer"],
+        cfg["device"],
+        probe.member_inputs,
+        cfg["ensemble"]["supervised_injections"],
+        probe.options["pixel_pitch_mm"],
+        cfg["seed"],
+        device,
+        workers=cfg["ensemble"]["fit_workers"],
+    )
+
+
+def supervised_skipped(cfg: Mapping[str, Any], provenance: Mapping[str, str]) -> str:
+    """Why the supervised member took no part (results.json says so)."""
+    if cfg["ensemble"]["supervised"] == "never":
+        return "ensemble.supervised is never"
+    if "out of fold" not in provenance["scored_on"]:
+        return (
+            "no labeled defects take part (it learns from them; they take part under "
+            f"cross-validation: ensemble.labeled_defects={cfg['ensemble']['labeled_defects']})"
+        )
+    return "the hybrid is tiled: the supervised member is not trained for tiled hybrids yet"
+
+
+def print_summary(results: Mapping[str, Any]) -> None:
+    """The plant's figures on the console: miss rates at the false-alarm budgets, regions
+    found, which members the hybrid kept and what each adds, the supervised member."""
+    from metrics.detection import FALSE_ALARM_BUDGETS, miss_rate_key
+
+    hybrid = results["metrics"].get("hybrid", {})
+    budgets = [b for b in FALSE_ALARM_BUDGETS if miss_rate_key(b) in hybrid]
+    if budgets:
+        intervals = (results.get("intervals") or {}).get("intervals", {}).get("hybrid", {})
+        parts = []
+        for budget in budgets:
+            key = miss_rate_key(budget)
+            low_high = intervals.get(key)
+            span = f" [{low_high[0]:.1%}, {low_high[1]:.1%}]" if low_high else ""
+            parts.append(f"{hybrid[key]:.1%}{span} at {budget:.0%}")
+        print(f"defective images missed at a false-alarm rate on test: {', '.join(parts)}")
+    grading = results["grading"]
+    if grading.get("defects"):
+        print(
+            f"true defect regions found end to end: {grading['defects_detected']} of "
+            f"{grading['defects']} ({grading['regions_found_end_to_end']:.1%}); type macro-F1 "
+            f"end to end {grading['end_to_end']['type_macro_f1']:.3f}, on true regions "
+            f"{grading['stage_on_true_regions']['type_macro_f1']:.3f}"
+        )
+    print(f"members kept: {', '.join(results['kept_members'])}")
+    for name, entry in results["contributions"].items():
+        differences = entry["hybrid_minus_without"] or {}
+        text = ", ".join(
+            f"{metric} {d.get('difference', float('nan')):+.4f} [{d['interval'][0]:+.4f}, "
+            f"{d['interval'][1]:+.4f}] {d['verdict']}"
+            for metric, d in differences.items()
+            if metric in ("image_auroc", "aupro")
+        )
+        print(f"  what {name} adds: {text}")
+    supervised = results["supervised"]
+    if "metrics" in supervised:
+        mine, theirs = (supervised["metrics"][k] for k in ("supervised", "logistic_pooled"))
+        lead = supervised["intervals"]["differences"]["logistic_pooled"]["image_auroc"]
+        print(
+            f"supervised member image AUROC {mine['image_auroc']:.4f} against a logistic "
+            f"regression on the same pooled features {theirs['image_auroc']:.4f} "
+            f"(lead [{lead['interval'][0]:+.4f}, {lead['interval'][1]:+.4f}] {lead['verdict']})"
+        )
+    else:
+        print(f"supervised member skipped: {supervised['skipped']}")
+
+
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     from data.sources import make_dataset
@@ -73,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     from experiments.selection import select_members
     from fusion.build import build_hybrid
     from fusion.hybrid import Hybrid
-    from members.base import load_member
+    from members.base import Member, load_member
     from members.device import resolve_device
     from reporting.hybrid_report import difference_rows, interval_caption, write_hybrid_report
 
@@ -97,9 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(out_dir / "log.txt")
     write_config(cfg, out_dir / "config.yaml")
-    log.info("members (by validation %s): %s", opts["criterion"], ", ".join(names))
+    log.info("candidate members (by validation %s): %s", opts["criterion"], ", ".join(names))
 
     source, category = selection.source, selection.category
+    if cfg["data"]["group_pattern"]:  # the parts, as this command names them
+        source = dataclasses.replace(source, group_pattern=cfg["data"]["group_pattern"])
     if not source.val_fraction:
         raise PipelineError(
             "the benchmark run held out no validation images (data.val_fraction = 0); "
@@ -124,9 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(cfg["device"]["accelerator"])
     members = {name: load_member(path, device) for name, path in selection.weights(run_dir).items()}
 
-    def make_hybrid() -> Hybrid:
+    def make_hybrid(extra_members: Mapping[str, Member] | None = None) -> Hybrid:
         return build_hybrid(
-            members,
+            {**members, **(extra_members or {})},
             selection.image_size,
             selection.tiling,
             hybrid_cfg=cfg["hybrid"],
@@ -136,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=cfg["seed"],
         )
 
+    supervised = supervised_folds(cfg, members, make_hybrid(), device)
+    train_set = make_dataset(source, category, "train", selection.seed, None)
     hybrid, evaluation, provenance = fit_and_evaluate_hybrid(
         make_hybrid,
         samples,
@@ -146,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg["seed"],
         opts["batch_size"],
         opts["fit_workers"],
+        supervised=supervised,
+        normal_images=lambda: (train_set[i]["image"] for i in range(len(train_set))),
     )
     hybrid.save(out_dir / "hybrid")
     log.info("hybrid written to %s", out_dir / "hybrid")
@@ -195,6 +287,13 @@ def main(argv: list[str] | None = None) -> int:
         "metrics": evaluation["metrics"],
         "intervals": evaluation["intervals"]
         and {**evaluation["intervals"], "split": provenance["scored_on"]},
+        # The members the saved hybrid kept, their weights and each selection step, and
+        # what each kept member adds on test (the hybrid minus the hybrid without it).
+        "kept_members": hybrid.fused_names,
+        "member_selection": hybrid.validation_.get("member_selection"),
+        "contributions": evaluation["contributions"],
+        "supervised": evaluation.get("supervised")
+        or {"skipped": supervised_skipped(cfg, provenance)},
         "grading": evaluation["grading"],
         # The image threshold's rule (fitted on the fusion data) and what it did on test.
         "operating_point": {
@@ -234,7 +333,13 @@ def main(argv: list[str] | None = None) -> int:
         f"operating point ({point['operating_point']}): {point['false_alarm_rate']:.1%} of "
         f"{point['normal_images']} defect-free test images flagged, {point['miss_rate']:.1%} "
         f"of {point['defective_images']} defective ones missed"
+        + (
+            " [{:.1%}, {:.1%}]".format(*point["miss_rate_interval"])
+            if point.get("miss_rate_interval")
+            else ""
+        )
     )
+    print_summary(results)
     if unseen is not None:
         figures = unseen["grading"]
         print(

@@ -50,7 +50,17 @@ def report(entry: dict) -> str:
     line += f"{entry['challenger'][metric]:.4f}"
     if "champion" in entry:
         line += f", champion {entry['champion']['hybrid']} {metric}={entry['champion'][metric]:.4f}"
-    return f"{line} ({entry['reason']})"
+    line = f"{line} ({entry['reason']})"
+    supervised = entry.get("supervised") or {}
+    if "skipped" in supervised:
+        line += f"\nsupervised member skipped: {supervised['skipped']}"
+    elif supervised:
+        line += (
+            f"\nsupervised member trained on {supervised['labeled_defects']} labeled defects "
+            f"({supervised['with_masks']} with masks); members kept: "
+            f"{', '.join(supervised['kept_members'])}"
+        )
+    return line
 
 
 @main_guard

@@ -64,16 +64,35 @@ def _axes(x0: int, y0: int, w: int, h: int, xlabel: str, ylabel: str, xr, yr) ->
 
 
 def line_chart(
-    series: dict[str, tuple[np.ndarray, np.ndarray]], title: str, xlabel: str, ylabel: str
+    series: dict[str, tuple[np.ndarray, np.ndarray]],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    x_max: float = 1.0,
+    marks: dict[str, float] | None = None,
 ) -> str:
-    """Curves in [0, 1] x [0, 1] (ROC, PR), one colour per series, with a legend."""
+    """Curves in [0, ``x_max``] x [0, 1] (ROC, PR, miss rate against false alarms), one
+    colour per series, with a legend; ``marks``: labelled vertical lines (a budget)."""
     x0, y0, w, h = 50, 25, 300, 240
     body = [f'<text x="{x0}" y="16" font-size="13" font-weight="bold">{html.escape(title)}</text>']
-    body.append(_axes(x0, y0, w, h, xlabel, ylabel, (0, 1), (0, 1)))
+    body.append(_axes(x0, y0, w, h, xlabel, ylabel, (0, x_max), (0, 1)))
+    for label, x in (marks or {}).items():
+        fx = x0 + w * min(float(x) / x_max, 1.0)
+        body.append(
+            f'<line x1="{fx:.1f}" x2="{fx:.1f}" y1="{y0}" y2="{y0 + h}" stroke="#555" '
+            'stroke-dasharray="4 3"/>'
+        )
+        body.append(
+            f'<text x="{fx + 3:.1f}" y="{y0 + 12}" font-size="10">{html.escape(label)}</text>'
+        )
     for i, (name, (xs, ys)) in enumerate(series.items()):
         colour = PALETTE[i % len(PALETTE)]
+        # A curve past the x range is cut at its edge (its y there from the next point).
+        xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+        inside = xs <= x_max
         points = " ".join(
-            f"{x0 + w * float(x):.1f},{y0 + h - h * float(y):.1f}" for x, y in zip(xs, ys)
+            f"{x0 + w * float(x) / x_max:.1f},{y0 + h - h * float(y):.1f}"
+            for x, y in zip(xs[inside], ys[inside])
         )
         body.append(
             f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1.6"/>'

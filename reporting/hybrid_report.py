@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from artifacts.io import atomic_write_text
+from metrics.detection import FALSE_ALARM_BUDGETS, miss_rate_curve, miss_rate_key
 from reporting.charts import bar_chart, histogram, line_chart, roc_points
 from reporting.page import html_page, html_table
 
@@ -33,10 +34,11 @@ def write_hybrid_report(results: dict[str, Any], records: list[dict[str, Any]], 
     )
     sections.append(
         html_table(
-            [point],
+            [_with_intervals(point, ("false_alarm_rate", "miss_rate"))],
             ["false_alarm_rate", "miss_rate", "normal_images", "defective_images"],
         )
     )
+    sections.extend(_miss_rate_sections(results, records))
     level_rows = [
         {"level given to a defect-free test image": level, "images": count}
         for level, count in point["levels_of_normal_images"].items()
@@ -60,6 +62,7 @@ def write_hybrid_report(results: dict[str, Any], records: list[dict[str, Any]], 
         )
         sections.append(html_table([unseen["metrics"]], list(unseen["metrics"])))
         sections.extend(_grading_sections(unseen["grading"]))
+    sections.extend(_membership_sections(results))
     sections.append("<h2>Validation and grader choice</h2>")
     validation = {k: v for k, v in results["validation"].items() if not isinstance(v, dict)}
     sections.append(html_table([validation], list(validation)))
@@ -215,3 +218,143 @@ def _interval_sections(intervals: dict[str, Any] | None) -> list[str]:
         rows = [{"member": name, **row} for name, row in differences.items()]
         sections.append(html_table(rows, list(rows[0])))
     return sections
+
+
+def _with_intervals(row: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """``row`` with each of ``keys`` written with its ``<key>_interval``, as percentages."""
+    out = dict(row)
+    for key in keys:
+        interval = row.get(f"{key}_interval")
+        if interval and row.get(key) is not None:
+            out[key] = f"{row[key]:.1%} [{interval[0]:.1%}, {interval[1]:.1%}]"
+    return out
+
+
+def _miss_rate_sections(results: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
+    """The miss rate against the false-alarm rate on test (every detector's curve, the budget
+    marked) and the miss rates at the reported budgets with their intervals."""
+    labels = [r["label"] for r in records]
+    if set(labels) != {0, 1}:
+        return []
+    budget = results["operating_point"]["false_alarm_rate_budget"]
+    detectors = ["hybrid", *(m for m in results["metrics"] if m != "hybrid")]
+    series = {}
+    for name in detectors:
+        key = "score" if name == "hybrid" else f"score_{name}"
+        if all(key in r for r in records):
+            series[name] = miss_rate_curve([r[key] for r in records], labels)
+    intervals = (results.get("intervals") or {}).get("intervals", {})
+    rows = []
+    for name in detectors:
+        row = {"detector": name}
+        for b in FALSE_ALARM_BUDGETS:
+            key = miss_rate_key(b)
+            value = results["metrics"][name].get(key)
+            span = intervals.get(name, {}).get(key)
+            row[f"missed at {b:.0%} false alarms"] = (
+                None
+                if value is None
+                else f"{value:.1%}" + (f" [{span[0]:.1%}, {span[1]:.1%}]" if span else "")
+            )
+        rows.append(row)
+    return [
+        "<h3>Missed defects against false alarms (test split)</h3>",
+        "<p>Each curve is a detector's share of defective test images missed against the share "
+        "of defect-free ones flagged, as its threshold moves; the dashed line is the "
+        "false-alarm budget (<code>grading.false_alarm_rate</code>). Choose the budget where "
+        "the line can live with the false alarms; the table reads the curves at three budgets, "
+        "with paired bootstrap intervals.</p>",
+        '<div class="row">'
+        + line_chart(
+            series,
+            "Miss rate against false-alarm rate",
+            "false-alarm rate (defect-free images flagged)",
+            "miss rate (defective images passed)",
+            x_max=max(0.2, 2 * budget),
+            marks={f"budget {budget:.0%}": budget},
+        )
+        + "</div>",
+        html_table(rows, list(rows[0])),
+    ]
+
+
+def _membership_sections(results: dict[str, Any]) -> list[str]:
+    """Which members the hybrid kept and why (forward selection, level by level), what each
+    kept member adds on test, and the supervised member against a logistic regression."""
+    out = ["<h2>Members: who is in, and what each adds</h2>"]
+    out.append(
+        f"<p>Kept in the saved hybrid: {html.escape(', '.join(results['kept_members']))}.</p>"
+    )
+    selection = results.get("member_selection")
+    if selection:
+        out.append(
+            "<p>Forward selection on the fusion data (not test), chosen on "
+            f"{html.escape(selection['chosen_on'])}: the best member alone enters first; a "
+            "member then enters, with a weight, only where it raises the cross-validated "
+            "figure.</p>"
+        )
+        for level in ("image", "pixel"):
+            if level not in selection:
+                continue
+            entry = selection[level]
+            steps = [
+                {
+                    "step": k + 1,
+                    "entered": step["member"],
+                    "weight then": step["weight"],
+                    f"cv {entry['chosen_by']}": step["figure"],
+                }
+                for k, step in enumerate(entry["steps"])
+            ]
+            out.append(
+                f"<h3>{level.capitalize()} level ({html.escape(entry['chosen_by'])}): weights "
+                f"{html.escape(', '.join(f'{k} {v:.2f}' for k, v in entry['weights'].items()))}"
+                "</h3>"
+            )
+            if steps:
+                out.append(html_table(steps, list(steps[0])))
+                alone = entry["steps"][0].get("alone", {})
+                left = entry["steps"][-1].get("not_entered", {})
+                rows = [
+                    {
+                        "member": name,
+                        "cv figure alone": value,
+                        "best cv figure had it entered last": left.get(name),
+                    }
+                    for name, value in alone.items()
+                ]
+                out.append(html_table(rows, list(rows[0])))
+    contributions = results.get("contributions") or {}
+    rows = []
+    for name, entry in contributions.items():
+        row = {"member": name}
+        for metric, d in (entry.get("hybrid_minus_without") or {}).items():
+            if metric in ("image_auroc", "image_ap", "aupro", "pixel_auroc"):
+                point = f"{d['difference']:+.4f} " if "difference" in d else ""
+                row[metric] = (
+                    f"{point}[{d['interval'][0]:+.4f}, {d['interval'][1]:+.4f}] {d['verdict']}"
+                )
+        rows.append(row)
+    if rows:
+        out.append(
+            "<p>What each kept member adds on test: the hybrid minus the hybrid without it "
+            "(its weight set to 0), with the paired bootstrap interval.</p>"
+        )
+        out.append(html_table(rows, list(dict.fromkeys(k for r in rows for k in r))))
+    supervised = results.get("supervised") or {}
+    if "metrics" in supervised:
+        lead = supervised["intervals"]["differences"]["logistic_pooled"]
+        rows = [{"detector": name, **values} for name, values in supervised["metrics"].items()]
+        out.append("<h3>The supervised member against a logistic regression</h3>")
+        out.append(
+            f"<p>{html.escape(supervised['baseline'])}; {html.escape(supervised['split'])}. "
+            "The supervised member's lead in image AUROC: "
+            f"[{lead['image_auroc']['interval'][0]:+.4f}, "
+            f"{lead['image_auroc']['interval'][1]:+.4f}] {lead['image_auroc']['verdict']}.</p>"
+        )
+        out.append(html_table(rows, ["detector", "image_auroc", "image_ap"]))
+    elif supervised.get("skipped"):
+        out.append(
+            f"<p>The supervised member took no part: {html.escape(supervised['skipped'])}.</p>"
+        )
+    return out

@@ -12,7 +12,10 @@ is its command line).
 4. Train the challenger's members on the other normal images (checkpoints in a work folder keyed
    by the data, so a killed run resumes), fit fusion and grading on a validation share of them
    at their own size (as ``predict`` reads images; the members get them resized), and save the
-   hybrid into ``hybrids/<id>`` (atomically).
+   hybrid into ``hybrids/<id>`` (atomically). Where ``retrain.labeled_dirs`` hold labeled
+   defects, the supervised member learns from them too (cross-fitted, so fusion chooses
+   members on answers from heads that never saw the image); without them it is skipped, and
+   the history entry says why.
 5. Score challenger and champion on the holdout, with the challenger's image-level lead and its
    paired bootstrap interval; promote (one atomic switch of ``current``) when there is no
    champion or the challenger is not worse by more than ``margin``.
@@ -67,8 +70,9 @@ from retraining.workspace import (
 log = logging.getLogger(__name__)
 
 
-def _normal_files(manifest: Mapping[str, str], normal_dirs: list[str]) -> list[str]:
-    roots = [Path(d).resolve() for d in normal_dirs]
+def _files_below(manifest: Mapping[str, str], folders: list[str]) -> list[str]:
+    """The files of ``manifest`` below any of ``folders``."""
+    roots = [Path(d).resolve() for d in folders]
     return sorted(p for p in manifest if any(r in Path(p).resolve().parents for r in roots))
 
 
@@ -126,9 +130,11 @@ def train_challenger(
     work: Path,
     champion: Path | None,
     window: IntensityWindow,
-):
+) -> tuple[Any, dict[str, Any]]:
     """Members fitted on ``files`` (minus a validation share), then fusion and grading (on the
-    validation share at its own size, as predict sees images)."""
+    validation share at its own size, as predict sees images; and on the labeled defects of
+    ``retrain.labeled_dirs``, which the supervised member learns from). Returns the hybrid and
+    what became of the supervised member."""
     from data.validation import injected_validation_samples
     from fusion.build import build_hybrid
 
@@ -144,15 +150,108 @@ def train_challenger(
         seed=cfg["seed"],
         max_injected=opts["max_injected_images"],
     )
-    return build_hybrid(
+
+    def make_hybrid(extra: Mapping[str, Any] | None = None):
+        return build_hybrid(
+            {**members, **(extra or {})},
+            opts["image_size"],
+            hybrid_cfg=cfg["hybrid"],
+            grading_cfg=cfg["grading"],
+            pixel_pitch_mm=cfg["data"]["pixel_pitch_mm"],
+            intensity=window.to_dict(),
+            seed=cfg["seed"],
+        )
+
+    refusal = supervised_refusal(opts)
+    if refusal is not None:
+        log.info("supervised member skipped: %s", refusal)
+        return make_hybrid().fit(samples), {"skipped": refusal}
+    return fit_with_labeled(cfg, make_hybrid, members, samples, train_files, window)
+
+
+def supervised_refusal(opts: Mapping[str, Any]) -> str | None:
+    """Why this run trains no supervised member (None: it does)."""
+    if opts["supervised"] == "never":
+        return "retrain.supervised is never"
+    if not opts["labeled_dirs"]:
+        return "retrain.labeled_dirs is empty: it learns from labeled defects"
+    return None
+
+
+def fit_with_labeled(
+    cfg: Mapping[str, Any],
+    make_hybrid: Any,
+    members: Mapping[str, Any],
+    samples: list[dict[str, Any]],
+    train_files: list[Path],
+    window: IntensityWindow,
+) -> tuple[Any, dict[str, Any]]:
+    """The challenger's hybrid with the supervised member: trained on the members' training
+    images (and injected copies) and the labeled defects of ``retrain.labeled_dirs``; fusion
+    fitted on the validation samples and those labeled images, each answered by a head that
+    never saw it (cross-fitted in ``retrain.folds`` folds, a part's images together), so it
+    chooses members on real labeled defects. The hybrid keeps the head trained on them all."""
+    from sklearn.model_selection import GroupKFold
+
+    from data.datasets import LabeledFolder
+    from data.validation import labeled_defect_sample
+    from evaluation.supervision import build_supervised, with_heads
+
+    opts = cfg["retrain"]
+    folder = LabeledFolder(opts["labeled_dirs"], window, cfg["data"]["group_pattern"])
+    labeled = [labeled_defect_sample(folder[i]) for i in range(len(folder))]
+    folds = min(opts["folds"], len(set(folder.groups)))
+    if folds < 2 or not any(folder.labels):
+        reason = (
+            f"{', '.join(map(str, opts['labeled_dirs']))}: {sum(folder.labels)} labeled defects "
+            f"of {len(set(folder.groups))} part(s); cross-fitting needs defects and 2 parts"
+        )
+        log.info("supervised member skipped: %s", reason)
+        return make_hybrid().fit(samples), {"skipped": reason}
+    fold_of = np.empty(len(labeled), dtype=int)
+    for fold, (_, held) in enumerate(GroupKFold(folds).split(labeled, groups=folder.groups)):
+        fold_of[held] = fold
+    probe = make_hybrid()
+    supervised = build_supervised(
         members,
-        opts["image_size"],
-        hybrid_cfg=cfg["hybrid"],
-        grading_cfg=cfg["grading"],
-        pixel_pitch_mm=cfg["data"]["pixel_pitch_mm"],
-        intensity=window.to_dict(),
-        seed=cfg["seed"],
-    ).fit(samples)
+        cfg["members"]["supervised"],
+        cfg["trainer"],
+        cfg["device"],
+        probe.member_inputs,
+        opts["supervised_injections"],
+        cfg["data"]["pixel_pitch_mm"],
+        cfg["seed"],
+        workers=None,
+    )
+    train_set = ImageFiles(train_files, None, window)
+    supervised.fit(
+        (train_set[i]["image"] for i in range(len(train_set))),
+        labeled,
+        fold_of,
+        samples,
+        nested=False,
+    )
+    fitting = with_heads(
+        supervised,
+        samples,
+        probe.member_outputs_many(s["image"] for s in samples),
+        "validation",
+        lambda i: frozenset(),
+    ) + with_heads(
+        supervised,
+        labeled,
+        probe.member_outputs_many(s["image"] for s in labeled),
+        "labeled",
+        lambda i: frozenset({int(fold_of[i])}),
+    )
+    hybrid = make_hybrid({"supervised": supervised.heads[frozenset()]}).fit(fitting)
+    return hybrid, {
+        "labeled_images": len(labeled),
+        "labeled_defects": int(sum(folder.labels)),
+        "with_masks": int(sum(s["mask"] is not None and s["label"] for s in labeled)),
+        "folds": folds,
+        "kept_members": hybrid.fused_names,
+    }
 
 
 def run_once(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -165,9 +264,17 @@ def run_once(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
         raise ValueError(f"retrain.metric must be one of {METRICS}, got {opts['metric']!r}")
     if not opts["normal_dirs"]:
         raise ValueError("retrain.normal_dirs is empty: name the folders of defect-free images")
-    for folder in [*opts["normal_dirs"], *opts["defect_dirs"]]:
+    for folder in [*opts["normal_dirs"], *opts["defect_dirs"], *opts["labeled_dirs"]]:
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"data folder does not exist: {folder}")
+    learned = {Path(d).resolve() for d in opts["labeled_dirs"]}
+    for folder in [*opts["normal_dirs"], *opts["defect_dirs"]]:
+        resolved = Path(folder).resolve()
+        if any(resolved == d or d in resolved.parents or resolved in d.parents for d in learned):
+            raise ValueError(
+                f"{folder} overlaps retrain.labeled_dirs: labeled defects are trained on, so "
+                "they cannot also be normal images or holdout defects"
+            )
     # Under DDP the other ranks start here, each running this command, before any lock.
     ranks = build_trainer(cfg["device"], {}, seed=cfg["seed"], progress=False)
     ranks.launch()
@@ -206,7 +313,10 @@ def _run_on_rank_zero(cfg: Mapping[str, Any], tell_ranks: Any) -> dict[str, Any]
             log.warning("cleared a stale lock left by %s", lock.stale_cleared)
         for leftover in workspace.glob("hybrids/.*"):  # temporary folders of killed runs
             shutil.rmtree(leftover, ignore_errors=True)
-        folders = [Path(d).resolve() for d in [*opts["normal_dirs"], *opts["defect_dirs"]]]
+        folders = [
+            Path(d).resolve()
+            for d in [*opts["normal_dirs"], *opts["defect_dirs"], *opts["labeled_dirs"]]
+        ]
         files = scan_files(folders, "/")
         files = {f"/{k}": v for k, v in files.items()}
         added = new_files(read_manifest(workspace), files)
@@ -219,13 +329,16 @@ def _run_on_rank_zero(cfg: Mapping[str, Any], tell_ranks: Any) -> dict[str, Any]
             entry.update(action="none", reason=f"{len(added)} new file(s); nothing to do")
             append_history(workspace, entry)
             return entry
-        normals = _normal_files(files, opts["normal_dirs"])
-        defects = sorted(set(files) - set(normals))
+        normals = _files_below(files, opts["normal_dirs"])
+        learned = _files_below(files, opts["labeled_dirs"])  # under labeled_dirs
+        defects = sorted(set(files) - set(normals) - set(learned))
         holdout = choose_holdout(workspace, normals, defects, opts)
         training = sorted(set(normals) - set(holdout["normal"]))
         data_key = hashlib.sha256(
             json.dumps(
-                [files[p] for p in training] + [opts, cfg["members"]], default=str, sort_keys=True
+                [files[p] for p in [*training, *learned]] + [opts, cfg["members"]],
+                default=str,
+                sort_keys=True,
             ).encode()
         ).hexdigest()[:12]
         work = workspace / "work" / data_key
@@ -238,7 +351,8 @@ def _run_on_rank_zero(cfg: Mapping[str, Any], tell_ranks: Any) -> dict[str, Any]
                 "window": window.to_dict(),
             }
         )
-        challenger = train_challenger(cfg, training, work, champion, window)
+        challenger, supervised = train_challenger(cfg, training, work, champion, window)
+        entry["supervised"] = supervised
         hybrid_dir = workspace / "hybrids" / f"{time.strftime('%Y%m%d-%H%M%S')}-{data_key}"
         challenger.save(hybrid_dir)
         fault_point("after_save")

@@ -44,10 +44,13 @@ def run(tmp_path_factory) -> dict[str, Path]:
     ]
     assert benchmark.main([*common, "--members", "patchcore,padim", "--run-name", "bench"]) == 0
     run_dir = root / "bench"
+    # Rank-mean of both members, no supervised member: these tests exercise a two-member
+    # hybrid's machinery (fusion, grading, persistence, predict); the default path, where real
+    # defects choose the members, is tests/test_real_defects.py's.
     assert (
         ensemble.main(
-            ["--from", str(run_dir), "--top-k", "2", "--name", "hybrid"]
-            + ["--set", "ensemble.unseen_panels=40"]
+            ["--from", str(run_dir), "--top-k", "2", "--name", "hybrid", "--combiner", "rank"]
+            + ["--set", "ensemble.unseen_panels=40", "--set", "ensemble.supervised=never"]
         )
         == 0
     )
@@ -348,7 +351,8 @@ def test_real_labeled_defects_train_the_hybrid_under_cross_validation(tmp_path):
     results = json.loads((run_dir / "cv" / "results.json").read_text())
     assert results["cross_validation"]["folds"] == 5
     assert results["cross_validation"]["types"] == ["dust", "line"]
-    # Fixed combiners (rank-mean, the default): no fold chose anything.
+    # Forward selection (the default) weighs members; it is not a choosing combiner: no fold
+    # chose a combiner.
     assert results["cross_validation"]["fold_choices"] == [{"image": None, "pixel": None}] * 5
     assert "cross-validation" in results["notes"][0]
     hybrid = Hybrid.load(run_dir / "cv" / "hybrid")
@@ -373,7 +377,7 @@ def test_real_labeled_defects_train_the_hybrid_under_cross_validation(tmp_path):
 def test_an_ensemble_fitted_on_injected_defects_only_scores_the_whole_test_split(run):
     """``ensemble.labeled_defects=never``: the hybrid never sees a test image before scoring
     it, and results.json says so."""
-    args = ["--from", str(run["run"]), "--top-k", "2", "--name", "never"]
+    args = ["--from", str(run["run"]), "--top-k", "2", "--name", "never", "--combiner", "rank"]
     sets = ["--set", "ensemble.labeled_defects=never", "--set", "ensemble.unseen_panels=0"]
     assert ensemble.main([*args, *sets]) == 0
     results = json.loads((run["run"] / "never" / "results.json").read_text())

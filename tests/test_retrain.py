@@ -200,3 +200,52 @@ def test_retrain_builds_its_hybrid_with_every_option_of_the_hybrid_section():
     assert {k: hybrid.options[k] for k in chosen} == chosen
     assert (hybrid.options["operating_point"], hybrid.options["false_alarm_rate"]) == ("f1", 0.05)
     assert (hybrid.options["pixel_pitch_mm"], hybrid.options["seed"]) == (0.05, 3)
+
+
+def add_labeled(folder: Path, count: int, with_masks: int) -> None:
+    """``count`` defective panels in a labeled folder (``<type>/`` images, the first
+    ``with_masks`` with a mask under ``ground_truth/``) and as many defect-free ones."""
+    generator = PanelGenerator(size=64, seed=11)
+    for i in range(count):
+        panel = generator.generate_defective(i)
+        kind = panel["defects"][0]["type"]
+        write_png(folder / kind / f"part{i:02d}_d.png", panel["image"], 16)
+        if i < with_masks:
+            write_png(folder / "ground_truth" / kind / f"part{i:02d}_d_mask.png", panel["mask"])
+        write_png(folder / "good" / f"part{i:02d}_g.png", generator.generate_normal(i)["image"], 16)
+
+
+def test_labeled_defects_train_the_supervised_member_and_decide_the_members(tmp_path, capsys):
+    add_normals(tmp_path / "normal", 0, 14)
+    # Without labeled defects the supervised member is skipped, and the entry says why.
+    assert retrain.main(settings(tmp_path)) == 0
+    entry = read_history(tmp_path / "ws")[-1]
+    assert "labeled_dirs is empty" in entry["supervised"]["skipped"]
+    assert "supervised member skipped" in capsys.readouterr().out
+
+    add_labeled(tmp_path / "labeled", 10, with_masks=6)
+    extra = (
+        f"retrain.labeled_dirs=[{tmp_path / 'labeled'}]",
+        "retrain.folds=3",
+        r"data.group_pattern=^(part\d+)_",
+        "members.supervised.trainer.max_epochs=6",
+        "retrain.margin=1.0",  # promoted whatever its score: its folder is kept
+    )
+    assert retrain.main(settings(tmp_path, *extra)) == 0
+    entry = read_history(tmp_path / "ws")[-1]
+    supervised = entry["supervised"]
+    # Mixed supervision: ten labeled defects, six with masks, cross-fitted in three folds.
+    assert supervised["labeled_defects"] == 10 and supervised["with_masks"] == 6
+    assert supervised["folds"] == 3 and set(supervised["kept_members"]) <= {"padim", "supervised"}
+    assert "supervised member trained on 10 labeled defects" in capsys.readouterr().out
+    # The labeled images are trained on: never in the fixed holdout.
+    holdout = json.loads((tmp_path / "ws" / "holdout.json").read_text())
+    labeled_root = str((tmp_path / "labeled").resolve())
+    assert not any(labeled_root in path for path in holdout["defects"] + holdout["normal"])
+    assert entry["action"] == "promoted"
+    assert Hybrid.load(current_champion(tmp_path / "ws")).names == supervised["kept_members"]
+
+    # A labeled folder that overlaps the normal images is refused, naming it.
+    overlap = (f"retrain.labeled_dirs=[{tmp_path / 'normal'}]",)
+    assert retrain.main(settings(tmp_path, *overlap)) == 1
+    assert "overlaps retrain.labeled_dirs" in capsys.readouterr().err

@@ -1,0 +1,45 @@
+"""Honest folds: the images of one part never sit on both sides of a cross-validation fold,
+and a fold that cannot be scored is refused with a message that names it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from evaluation.scoring import grouped_folds, operating_point_figures, rate_interval
+
+
+def test_folds_keep_a_parts_images_together_and_stay_stratified():
+    rng = np.random.default_rng(0)
+    groups = [f"kos{g:02d}" for g in np.repeat(np.arange(30), 4)]
+    labels = np.array([int(rng.random() < 0.4) for _ in groups])
+    fold_of = grouped_folds(labels, groups, 5, seed=0)
+    assert sorted(set(fold_of)) == list(range(5))
+    for group in set(groups):
+        assert len({fold_of[i] for i, g in enumerate(groups) if g == group}) == 1
+    for fold in range(5):
+        assert labels[fold_of == fold].any() and (labels[fold_of == fold] == 0).any()
+
+
+def test_too_few_parts_or_uneven_folds_are_refused_by_name():
+    labels = np.array([1, 1, 1, 0, 0, 0])
+    with pytest.raises(ValueError, match=r"2 normal test images in 2 groups.*1 groups"):
+        grouped_folds(labels, ["a", "a", "a", "b", "b", "b"], 5, seed=0)
+    # Parts that hold both kinds of image: four folds cannot all get a defect-free one.
+    labels = np.array([0, 0, 1, 0, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 0])
+    groups = [str(g) for g in [0, 0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 3, 3, 4, 4, 5, 5, 5, 5]]
+    with pytest.raises(
+        ValueError, match=r"fold 4 of 4 holds no defect-free image.*ensemble\.folds"
+    ):
+        grouped_folds(labels, groups, 5, seed=0)
+
+
+def test_operating_point_rates_carry_bootstrap_intervals():
+    records = [{"label": 0, "flagged": i < 3, "level": 0} for i in range(100)]
+    records += [{"label": 1, "flagged": i < 30, "level": 2} for i in range(40)]
+    point = operating_point_figures(records)
+    assert point["false_alarm_rate"] == pytest.approx(0.03)
+    assert point["miss_rate"] == pytest.approx(0.25)
+    low, high = point["miss_rate_interval"]
+    assert low < 0.25 < high and high - low < 0.35
+    assert rate_interval([]) is None and rate_interval([True] * 5) == [1.0, 1.0]
