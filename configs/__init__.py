@@ -625,9 +625,19 @@ def check_values(cfg: Mapping[str, Any]) -> None:
         _positive(cfg, "ensemble.top_k")
         _positive(cfg, "ensemble.fit_workers", allow_none=True)
         _positive(cfg, "ensemble.max_injected_images", allow_none=True)
+    for section in ("ensemble", "retrain"):
+        if section in cfg and cfg[section]["supervised_injections"] < 0:
+            raise ConfigError(
+                f"{section}.supervised_injections must be 0 or more, got "
+                f"{cfg[section]['supervised_injections']}"
+            )
     if "retrain" in cfg:
         _positive(cfg, "retrain.max_injected_images", allow_none=True)
-        _positive(cfg, "retrain.folds")
+        if cfg["retrain"]["folds"] < 2:
+            raise ConfigError(
+                f"retrain.folds must be 2 or more (labeled images are cross-fitted), got "
+                f"{cfg['retrain']['folds']}"
+            )
     if "benchmark" in cfg:
         _positive(cfg, "benchmark.validation_injections")
 

@@ -164,8 +164,8 @@ def evaluate_hybrid(
     detectors = ["hybrid", *hybrid.names, *ablations]
     image_metrics = {d: {n: get_metric(n) for n in IMAGE_METRICS} for d in detectors}
     # Exact pixel figures for the hybrid and its members; a contribution's pixel figures come
-    # from the bootstrap's pixel sample (a full-resolution pass per member would double the
-    # cost of scoring).
+    # from the bootstrap's pixel sample (its fused map is made image by image, but streaming
+    # each into exact pixel metrics would double the cost of scoring).
     pixel_metrics = {
         d: {n: get_metric(n) for n in ("pixel_auroc", "aupro")}
         for d in detectors[: -len(ablations) or None]
@@ -421,13 +421,16 @@ def cross_validate_hybrid(
     features, out of fold), and the hybrid to keep, fitted on ``validation`` and the whole
     split.
     """
-    from evaluation.supervision import with_heads
+    from evaluation.supervision import heads_for_fit, with_heads
     from fusion.fitting import fit_hybrids
 
+    if supervised is not None and normal_images is None:
+        raise ValueError("a supervised member needs the members' training images (normal_images)")
     probe = make_hybrid()
     started = time.perf_counter()
-    has_masks = bool(getattr(dataset, "has_masks", True))
-    samples = [labeled_defect_sample(dataset[i], has_masks) for i in range(len(dataset))]
+    # Where the dataset has masks, each image's own (None: known); without, none is known.
+    known = None if getattr(dataset, "has_masks", True) else False
+    samples = [labeled_defect_sample(dataset[i], known) for i in range(len(dataset))]
     outputs = probe.member_outputs_many(
         (to_tensor(s["image"]) for s in samples), batch_size, progress, "test members"
     )
@@ -445,8 +448,8 @@ def cross_validate_hybrid(
         heads = supervised.heads
 
     def sample_set(fold: int | None) -> list[dict[str, Any]]:
-        outer = frozenset() if fold is None else frozenset({fold})
-        others = [i for i in range(len(samples)) if fold_of[i] != fold]
+        outer, labeled_heads = heads_for_fit(fold_of, fold)
+        others = [i for i, _ in labeled_heads]
         return with_heads(
             supervised, validation, validation_outputs, "validation", lambda i: outer
         ) + with_heads(
@@ -454,8 +457,7 @@ def cross_validate_hybrid(
             [samples[i] for i in others],
             [outputs[i] for i in others],
             "labeled",
-            # The other folds' images, each by the head that left out its fold too.
-            lambda i: outer | {int(fold_of[i])},
+            dict(labeled_heads).__getitem__,
             others,
         )
 

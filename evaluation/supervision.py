@@ -33,14 +33,14 @@ import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 
 from data.validation import injected_validation_samples
-from fusion.fitting import fit_workers
+from fusion.fitting import fit_workers, run_forked
 from fusion.hybrid import MemberMaps
 from members.base import upsample_map
-from members.supervised import SupervisedHead, cache_features, train_head
+from members.supervised import SupervisedHead, cache_features, head_like, train_head
 
 log = logging.getLogger(__name__)
 
-# Member outputs ``(scores [M], maps [M, H, W])`` or a function that makes them when called.
+# Member outputs: scores [M] and maps [M, H, W].
 Outputs = tuple[np.ndarray, np.ndarray]
 
 
@@ -109,7 +109,8 @@ class SupervisedFolds:
                 chunk,
                 injections_per_image=self.injections_per_image,
                 pixel_pitch_mm=self.pixel_pitch_mm,
-                seed=self.seed + 7919 * chunk_index,
+                # A stream of its own: not the defects the validation copies get from the seed.
+                seed=int(np.random.SeedSequence([self.seed, 1, chunk_index]).generate_state(1)[0]),
             )
             # A defect-free image's mask is known: all zeros.
             out += self._cached(
@@ -154,6 +155,7 @@ class SupervisedFolds:
             left_out += [frozenset(pair) for pair in itertools.combinations(folds, 2)]
         on_cpu = next(self.template.parameters()).device.type == "cpu"
         workers = fit_workers(self.workers, len(left_out)) if on_cpu else 1
+        self.heads = {}
         with tqdm(total=len(left_out), desc="supervised heads", disable=not progress) as bar:
             if workers == 1:
                 # One thread, as in the side-by-side workers: the same arithmetic, the same
@@ -168,26 +170,31 @@ class SupervisedFolds:
                 finally:
                     torch.set_num_threads(threads)
             else:
-                states = _train_side_by_side(self, left_out, workers, bar)
+                states = run_forked(
+                    lambda index: _trained_state(self._train(left_out[index])),
+                    len(left_out),
+                    workers,
+                    bar.update,
+                )
                 for excluded, state in zip(left_out, states):
                     self.heads[excluded] = self._head_of(state)
-        self.answers_: dict[tuple[frozenset[int], str], list[tuple[float, torch.Tensor]]] = {}
+        # Every answer a hybrid reads, computed here and kept on the CPU: hybrids are fitted in
+        # forked processes, which must not start a GPU.
+        self.answers_ = {
+            (excluded, where): self._answers(excluded, where)
+            for excluded in self.heads
+            for where in ("labeled", "validation")
+        }
         return self
 
     def _train(self, excluded: frozenset[int]) -> SupervisedHead:
         seen = [s for s, f in zip(self.labeled_, self.fold_of_) if int(f) not in excluded]
-        samples = self.base_ + seen
         seed = self.seed + sum(1 << int(f) for f in excluded)
-        head = train_head(self.template, samples, self.make_trainer(), seed=seed)
-        # Every head reads the template's frozen backbone: one copy of its weights in memory.
-        head.feature_extractor = self.template.feature_extractor
-        return head
+        return train_head(self.template, self.base_ + seen, self.make_trainer(), seed=seed)
 
     def _head_of(self, state: Mapping[str, torch.Tensor]) -> SupervisedHead:
         """A head with a trained head's state (everything but the shared frozen backbone)."""
-        head = SupervisedHead(**{**self.template.hparams, "pretrained": False})
-        head.hparams["pretrained"] = self.template.hparams.get("pretrained", True)
-        head.feature_extractor = self.template.feature_extractor
+        head = head_like(self.template)
         missing, unexpected = head.load_state_dict(state, strict=False)
         if unexpected or any(not k.startswith("feature_extractor.") for k in missing):
             raise RuntimeError(f"a trained head's state does not fit: {missing}, {unexpected}")
@@ -198,23 +205,20 @@ class SupervisedFolds:
     @torch.no_grad()
     def _answers(self, excluded: frozenset[int], where: str) -> list[tuple[float, torch.Tensor]]:
         """The head without ``excluded``'s score and segmentation logits (at the features'
-        resolution) on every ``labeled`` or ``validation`` image."""
-        key = (excluded, where)
-        if key not in self.answers_:
-            head = self.heads[excluded].eval()
-            samples = self.labeled_ if where == "labeled" else self.validation_
-            answers = []
-            device = head.feature_mean.device
-            for start in range(0, len(samples), 32):
-                chunk = samples[start : start + 32]
-                layers = [
-                    torch.stack([s["features"][k] for s in chunk]).to(device)
-                    for k in range(len(chunk[0]["features"]))
-                ]
-                segmentation, decision = head.head(layers)
-                answers += list(zip(decision.double().cpu().tolist(), segmentation.cpu()))
-            self.answers_[key] = answers
-        return self.answers_[key]
+        resolution, on the CPU) on every ``labeled`` or ``validation`` image."""
+        head = self.heads[excluded].eval()
+        samples = self.labeled_ if where == "labeled" else self.validation_
+        answers = []
+        device = head.feature_mean.device
+        for start in range(0, len(samples), 32):
+            chunk = samples[start : start + 32]
+            layers = [
+                torch.stack([s["features"][k] for s in chunk]).to(device)
+                for k in range(len(chunk[0]["features"]))
+            ]
+            segmentation, decision = head.head(layers)
+            answers += list(zip(decision.double().cpu().tolist(), segmentation.cpu()))
+        return answers
 
     def answer(
         self, excluded: frozenset[int], where: str, index: int, image_size: tuple[int, int]
@@ -222,7 +226,7 @@ class SupervisedFolds:
         """The head without ``excluded`` on image ``index`` of ``where``: its score and its map
         at ``image_size``, brought there as the hybrid brings a member's map (to the members'
         input size, then to the image's)."""
-        score, segmentation = self._answers(frozenset(excluded), where)[index]
+        score, segmentation = self.answers_[(frozenset(excluded), where)][index]
         samples = self.labeled_ if where == "labeled" else self.validation_
         member_map = upsample_map(segmentation[None].float(), samples[index]["input_size"])
         if tuple(member_map.shape[-2:]) != tuple(image_size):
@@ -264,37 +268,20 @@ class SupervisedFolds:
         return scores
 
 
-# What a forked head-training worker reads: set just before forking (nothing is pickled).
-_JOB: dict[str, Any] = {}
-
-
-def _train_in_worker(index: int) -> dict[str, torch.Tensor]:
-    # One thread per worker: the workers share the CPUs (see fusion.fitting).
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        head = _JOB["folds"]._train(_JOB["left_out"][index])
+def _trained_state(head: SupervisedHead) -> dict[str, torch.Tensor]:
+    """What a worker sends back of a trained head: everything but the shared backbone."""
     return {k: v for k, v in head.state_dict().items() if not k.startswith("feature_extractor.")}
 
 
-def _train_side_by_side(
-    folds: SupervisedFolds, left_out: Sequence[frozenset[int]], workers: int, bar: Any
-) -> list[dict[str, torch.Tensor]]:
-    """Each head's trained state, ``workers`` forked processes training them side by side
-    (the cached features are shared with them, not copied); the same heads as one after
-    another, seed for seed."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    _JOB.update(folds=folds, left_out=list(left_out))
-    try:
-        context = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            futures = [pool.submit(_train_in_worker, i) for i in range(len(left_out))]
-            for _ in as_completed(futures):
-                bar.update()
-            return [future.result() for future in futures]
-    finally:
-        _JOB.clear()
+def heads_for_fit(
+    fold_of: np.ndarray, fold: int | None
+) -> tuple[frozenset[int], list[tuple[int, frozenset[int]]]]:
+    """Which head answers what in the fit of the hybrid of outer ``fold`` (None: the hybrid
+    fitted on every fold): the head that answers the validation images (trained without that
+    fold), and each labeled image of the other folds with the head that answers it (trained
+    without that fold and its own)."""
+    outer = frozenset() if fold is None else frozenset({int(fold)})
+    return outer, [(i, outer | {int(f)}) for i, f in enumerate(fold_of) if f != fold]
 
 
 def with_answer(outputs: Outputs, answer: tuple[float, np.ndarray]) -> Outputs:

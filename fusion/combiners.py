@@ -24,6 +24,21 @@
   unless one member alone cross-validates better, so the fusion never dilutes a member that
   is better on its own, and a near-tie among the many flexible combiners (``max``,
   ``learned``, ...) is not there to be won by chance.
+- ``forward``: forward selection of members with weights, on the members' rank-normalized
+  scores (always rank: the weights are on ranks), each rank taken out of fold (a fold's
+  normalizer fitted on the other folds' normal rows): the member whose ranks score best alone
+  enters first; then, one at a time, the member and weight (1, 1/2 or 1/4 of the weight
+  already in) that raise the figure of the pooled out-of-fold ranks most enter, while it
+  rises by at least ``min_gain``; bagged (``resamples`` bootstrap draws of the rows' groups,
+  each member weighted by its mean weight over them, kept where it entered at least
+  ``min_share`` of them), since with few labeled defects one choice is a coin toss among
+  close members. It chooses on the same rows and by the same figure as
+  ``auto`` (real labeled defects where there are any; AUROC, or for pixels the mean of pixel
+  AUROC and AUPRO); the choice is made on these rows, so its figures are optimistic, and an
+  outer cross-validation (the ensemble's) scores it honestly. The fused score is the
+  weighted mean of the entered members' ranks; a member that never entered has weight 0 and
+  can be left out of the hybrid (``used_members_``, ``restricted``). Without both labels it
+  is rank-mean of every member.
 
 The same estimator fuses image scores (rows are images) and pixel maps (rows are pixels of the
 tile-merged, full-resolution maps).
@@ -69,6 +84,55 @@ def sample_per_group(groups: np.ndarray, budget: int, rng: np.random.Generator) 
     return np.sort(order[position < cap])
 
 
+def forward_path(
+    ranks: np.ndarray, y: np.ndarray, regions: np.ndarray | None, min_gain: float
+) -> tuple[np.ndarray, list[dict]]:
+    """Forward selection on members' ranks ``[n, M]``: the weights (0 for members that never
+    entered) and each step (the member that entered, its share of the weight then, the figure
+    after it: AUROC, or with ``regions`` the mean of AUROC and AUPRO; the first step also
+    holds every member's figure alone, the last the best figure of each member left out)."""
+
+    def figure(w: np.ndarray) -> tuple[float, float, float | None]:
+        fused = ranks @ w
+        auroc = float(roc_auc_score(y, fused))
+        if regions is None:
+            return auroc, auroc, None
+        aupro = aupro_of_pixels(fused, y, regions)
+        return (auroc + aupro) / 2, auroc, aupro
+
+    weights = np.zeros(ranks.shape[1])
+    steps: list[dict] = []
+    current = -np.inf
+    while True:
+        step = None
+        tried: dict[int, float] = {}
+        entered = weights.sum()
+        for m in np.flatnonzero(weights == 0):
+            for share in FORWARD_WEIGHTS if entered else (1.0,):
+                trial = weights.copy()
+                trial[m] = share * entered if entered else 1.0
+                value, auroc, aupro = figure(trial / trial.sum())
+                tried[int(m)] = max(tried.get(int(m), -np.inf), value)
+                if step is None or value > step[0]:
+                    step = (value, int(m), trial, auroc, aupro)
+        if step is None or (steps and step[0] < current + min_gain):
+            if steps:
+                steps[-1]["not_entered"] = tried
+            return weights, steps
+        current, m, weights = step[0], step[1], step[2]
+        steps.append(
+            {
+                "member": m,
+                "weight": float(weights[m] / weights.sum()),
+                "figure": current,
+                "auroc": step[3],
+                "aupro": step[4],
+                # The first step tried every member alone.
+                **({"alone": tried} if not steps else {}),
+            }
+        )
+
+
 class ScoreFusion(BaseEstimator):
     """Normalize each member's scores, then combine them.
 
@@ -80,7 +144,10 @@ class ScoreFusion(BaseEstimator):
         seed: for the learner, and the folds and row sample of ``auto``.
         folds: cross-validation folds of ``auto``.
         max_selection_rows: rows (a seeded sample) on which ``auto`` compares its candidates.
-        min_gain: what a member must add to the cross-validated figure to enter ``forward``.
+        min_gain: what a member must add to the figure to enter ``forward``.
+        resamples: bootstrap draws ``forward`` bags its choice over (0: one choice on all
+            rows); bag_rows: rows of a draw at most; min_share: the share of draws a member
+            must enter to be kept.
 
     ``auto`` and ``rank_or_member`` answer on one scale whatever they chose (a rank
     normalizer on the chosen fusion's output, ``output_normalizer_``, fitted on the normal
@@ -102,6 +169,9 @@ class ScoreFusion(BaseEstimator):
         folds: int = 5,
         max_selection_rows: int = 200_000,
         min_gain: float = 0.001,
+        resamples: int = 30,
+        bag_rows: int = 50_000,
+        min_share: float = 0.2,
     ) -> None:
         self.combiner = combiner
         self.normalizer = normalizer
@@ -111,6 +181,9 @@ class ScoreFusion(BaseEstimator):
         self.folds = folds
         self.max_selection_rows = max_selection_rows
         self.min_gain = min_gain
+        self.resamples = resamples
+        self.bag_rows = bag_rows
+        self.min_share = min_share
 
     def fit(
         self,
@@ -156,13 +229,14 @@ class ScoreFusion(BaseEstimator):
         return self
 
     def candidates(self, n_members: int) -> dict[str, ScoreFusion]:
-        """What ``auto`` chooses among: every fixed combiner, then each member alone
-        (``rank_or_member``: ``rank``, then each member alone)."""
+        """What ``auto`` chooses among: every fixed combiner (not ``forward``, itself a
+        choice), then each member alone (``rank_or_member``: ``rank``, then each member
+        alone)."""
         fixed = ("rank",) if self.combiner == "rank_or_member" else COMBINERS
         out = {
             name: ScoreFusion(name, self.normalizer, None, self.learner, self.seed)
             for name in fixed
-            if name not in CHOOSING
+            if name not in (*CHOOSING, "forward")
         }
         for m in range(n_members):
             alone = np.eye(n_members)[m].tolist()
@@ -184,7 +258,7 @@ class ScoreFusion(BaseEstimator):
         if chosen_rows is None:
             self.chosen_ = "rank"
         else:
-            X_sel, y_sel, r_sel, splits = chosen_rows
+            X_sel, y_sel, r_sel, _, splits = chosen_rows
             criterion = {}
             for name, candidate in candidates.items():
                 out_of_fold = np.empty(len(y_sel))
@@ -223,10 +297,10 @@ class ScoreFusion(BaseEstimator):
         groups: np.ndarray | None,
         choose_on: np.ndarray | None,
         regions: np.ndarray | None,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list] | None:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, list] | None:
         """The rows a choosing combiner compares on (``choose_on``, thinned to
-        ``max_selection_rows``), their labels, regions and cross-validation splits (folds keep
-        each ``groups`` value together); None without both labels among them."""
+        ``max_selection_rows``), their labels, regions, groups and cross-validation splits
+        (folds keep each ``groups`` value together); None without both labels among them."""
         rows = np.arange(len(X)) if choose_on is None else np.flatnonzero(choose_on)
         if y is None or not has_both_classes(y[rows]):
             return None
@@ -249,7 +323,7 @@ class ScoreFusion(BaseEstimator):
             if g_sel is None
             else StratifiedGroupKFold(folds, shuffle=True, random_state=self.seed)
         )
-        return X_sel, y_sel, r_sel, list(splitter.split(X_sel, y_sel, g_sel))
+        return X_sel, y_sel, r_sel, g_sel, list(splitter.split(X_sel, y_sel, g_sel))
 
     def _fit_forward(
         self,
@@ -261,12 +335,12 @@ class ScoreFusion(BaseEstimator):
         regions: np.ndarray | None,
     ) -> ScoreFusion:
         n_members = X.shape[1]
-        self.selection_ = []
+        self.selection_, self.entered_share_ = [], None
         chosen_rows = self._choosing_rows(X, y, groups, choose_on, regions)
         if chosen_rows is None:
             weights = np.ones(n_members)  # nothing to choose on: every member, rank-mean
         else:
-            X_sel, y_sel, r_sel, splits = chosen_rows
+            X_sel, y_sel, r_sel, g_sel, splits = chosen_rows
             # Each member's ranks out of fold: a fold's normalizer knows only its other rows.
             ranks = np.empty_like(X_sel)
             for train, held in splits:
@@ -274,44 +348,9 @@ class ScoreFusion(BaseEstimator):
                 if len(normal) < 2:  # too few to rank against: every normal row
                     normal = np.flatnonzero(y_sel == 0)
                 ranks[held] = get_normalizer("rank").fit(X_sel[normal]).transform(X_sel[held])
-
-            def figure(w: np.ndarray) -> tuple[float, float, float | None]:
-                fused = ranks @ w
-                auroc = float(roc_auc_score(y_sel, fused))
-                if r_sel is None:
-                    return auroc, auroc, None
-                aupro = aupro_of_pixels(fused, y_sel, r_sel)
-                return (auroc + aupro) / 2, auroc, aupro
-
-            weights = np.zeros(n_members)
-            best, current = None, -np.inf
-            while True:
-                step = None
-                tried: dict[int, float] = {}
-                entered = weights.sum()
-                for m in np.flatnonzero(weights == 0):
-                    for share in FORWARD_WEIGHTS if entered else (1.0,):
-                        trial = weights.copy()
-                        trial[m] = share * entered if entered else 1.0
-                        value, auroc, aupro = figure(trial / trial.sum())
-                        tried[int(m)] = max(tried.get(int(m), -np.inf), value)
-                        if step is None or value > step[0]:
-                            step = (value, int(m), trial, auroc, aupro)
-                if step is None or (best is not None and step[0] < current + self.min_gain):
-                    if best is not None:
-                        best["not_entered"] = tried
-                    break
-                current, m, weights = step[0], step[1], step[2]
-                best = {
-                    "member": m,
-                    "weight": float(weights[m] / weights.sum()),
-                    "figure": current,
-                    "auroc": step[3],
-                    "aupro": step[4],
-                }
-                if not self.selection_:
-                    best["alone"] = tried  # every member's figure on its own
-                self.selection_.append(best)
+            weights, self.selection_ = forward_path(ranks, y_sel, r_sel, self.min_gain)
+            if self.resamples:
+                weights = self._bagged(ranks, y_sel, r_sel, g_sel)
         self.weights_ = weights / weights.sum()
         self.used_members_ = self.weights_ > 0
         self.normalizer_ = get_normalizer("rank")
@@ -336,6 +375,54 @@ class ScoreFusion(BaseEstimator):
         out.used_members_ = out.weights_ > 0
         return out
 
+    def _bagged(
+        self,
+        ranks: np.ndarray,
+        y: np.ndarray,
+        regions: np.ndarray | None,
+        groups: np.ndarray | None,
+    ) -> np.ndarray:
+        """Forward selection on ``resamples`` bootstrap draws of the rows' groups (parts or
+        images, drawn with replacement among those with defects and among the others), at most
+        ``bag_rows`` rows each: each member's weight is its mean weight over the draws, and a
+        member that entered fewer than ``min_share`` of them (``entered_share_``) is left out:
+        its weight is noise, its run time is not. With few labeled defects, which of several
+        close members looks best is a coin toss; the bagged choice weighs each by how often it
+        wins, so the folds of a cross-validation choose alike (bagging: Breiman 1996)."""
+        rng = np.random.default_rng(self.seed)
+        groups = np.arange(len(y)) if groups is None else np.asarray(groups)
+        names, group_of = np.unique(groups, return_inverse=True)
+        order = np.argsort(group_of, kind="stable")
+        bounds = np.searchsorted(group_of[order], np.arange(len(names) + 1))
+        defective = np.zeros(len(names), bool)
+        defective[group_of[y == 1]] = True
+        total = np.zeros(ranks.shape[1])
+        entered = np.zeros(ranks.shape[1])
+        draws = 0
+        for _ in range(self.resamples):
+            drawn = np.concatenate(
+                [
+                    rng.choice(np.flatnonzero(defective == side), (defective == side).sum())
+                    for side in (True, False)
+                ]
+            )
+            rows = np.concatenate([order[bounds[g] : bounds[g + 1]] for g in drawn])
+            if len(rows) > self.bag_rows:
+                rows = rng.choice(rows, self.bag_rows, replace=False)
+            if len(np.unique(y[rows])) < 2:
+                continue
+            weights, _ = forward_path(
+                ranks[rows], y[rows], None if regions is None else regions[rows], self.min_gain
+            )
+            total += weights / weights.sum()
+            entered += weights > 0
+            draws += 1
+        self.entered_share_ = entered / max(draws, 1)
+        keep = self.entered_share_ >= self.min_share
+        if not keep.any():
+            keep[np.argmax(self.entered_share_)] = True
+        return np.where(keep, total, 0.0)
+
     def restricted(self, columns: np.ndarray) -> ScoreFusion:
         """This fitted fusion on the members ``columns`` only (indices), for a hybrid that
         leaves out members with no weight: the same fused scores of the kept members."""
@@ -353,7 +440,10 @@ class ScoreFusion(BaseEstimator):
         out.normalizer_ = clone(self.normalizer_)
         out.normalizer_.levels_ = self.normalizer_.levels_
         out.normalizer_.quantiles_ = self.normalizer_.quantiles_[:, columns]
-        out.selection_ = self.selection_
+        # The selection record names members by their old columns: the hybrid keeps it, named.
+        out.selection_ = []
+        if self.entered_share_ is not None:
+            out.entered_share_ = self.entered_share_[columns]
         out.n_members_ = len(columns)
         return out
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
@@ -25,8 +25,8 @@ from fusion.hybrid import Hybrid
 
 log = logging.getLogger(__name__)
 
-# What a forked worker reads: set by the parent just before forking, so that neither the
-# hybrids nor the samples (gigabytes of maps) are pickled.
+# What a forked worker runs: set by the parent just before forking, so that neither the task
+# nor what it reads (hybrids, gigabytes of maps) is pickled.
 _JOB: dict[str, Any] = {}
 
 
@@ -49,12 +49,34 @@ def fit_workers(requested: int | None, fits: int) -> int:
     return max(workers, 1)
 
 
-def _fit_in_worker(index: int) -> dict[str, Any]:
+def _run_in_worker(index: int) -> Any:
     # One thread per worker: the workers share the CPUs, and OpenMP thread pools inherited
     # through fork must not be entered again in the child.
     torch.set_num_threads(1)
     with threadpool_limits(1):
-        return _JOB["hybrids"][index].fit(_JOB["sample_sets"][index]).fitted_state()
+        return _JOB["task"](index)
+
+
+def run_forked(
+    task: Callable[[int], Any], count: int, workers: int, on_done: Callable[[], None]
+) -> list[Any]:
+    """``task(0)`` .. ``task(count - 1)`` in ``workers`` forked processes, one thread each;
+    their results in order (they are pickled back: keep them small). ``task`` and what it reads
+    are shared with the workers by the fork, never pickled. ``on_done`` is called as each
+    finishes (a progress bar)."""
+    _JOB.update(task=task)
+    try:
+        # The executor forks every worker at the first submit, from this thread, before any
+        # thread of its own runs (a fork from another thread could copy a lock held there);
+        # a worker that dies (out of memory) raises BrokenProcessPool instead of hanging.
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = [pool.submit(_run_in_worker, index) for index in range(count)]
+            for _ in as_completed(futures):
+                on_done()
+            return [future.result() for future in futures]
+    finally:
+        _JOB.clear()
 
 
 def fit_hybrids(
@@ -68,30 +90,21 @@ def fit_hybrids(
 
     ``workers``: processes fitting at once (None: one per available CPU; 1: in this process).
     Each worker holds one fit's working set (the fused maps of its fitting images). The
-    samples must carry their ``member_outputs`` (or a function that makes them): a worker
-    computes nothing through the members and shows no progress of its own."""
+    samples must carry their ``member_outputs`` (or a function that makes them on the CPU): a
+    worker computes nothing through the members and shows no progress of its own."""
     if len(hybrids) != len(sample_sets):
         raise ValueError(f"{len(hybrids)} hybrids for {len(sample_sets)} sample sets")
     workers = fit_workers(workers, len(sample_sets))
-    if workers == 1:
-        for hybrid, samples in tqdm(
-            list(zip(hybrids, sample_sets)), desc=desc, disable=not progress
-        ):
-            hybrid.fit(samples)
-        return list(hybrids)
-    _JOB.update(hybrids=hybrids, sample_sets=sample_sets)
-    try:
-        # The executor forks every worker at the first submit, from this thread, before any
-        # thread of its own runs (a fork from another thread could copy a lock held there);
-        # a worker that dies (out of memory) raises BrokenProcessPool instead of hanging.
-        context = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            futures = [pool.submit(_fit_in_worker, index) for index in range(len(sample_sets))]
-            for _ in tqdm(
-                as_completed(futures), desc=desc, total=len(futures), disable=not progress
-            ):
-                pass
-            states = [future.result() for future in futures]
-    finally:
-        _JOB.clear()
+    with tqdm(total=len(hybrids), desc=desc, disable=not progress) as bar:
+        if workers == 1:
+            for hybrid, samples in zip(hybrids, sample_sets):
+                hybrid.fit(samples)
+                bar.update()
+            return list(hybrids)
+        states = run_forked(
+            lambda index: hybrids[index].fit(sample_sets[index]).fitted_state(),
+            len(hybrids),
+            workers,
+            bar.update,
+        )
     return [hybrid.set_fitted_state(state) for hybrid, state in zip(hybrids, states)]

@@ -326,13 +326,11 @@ class Hybrid:
                 outputs = next(computed)
             scores, maps = outputs() if callable(outputs) else outputs
             mask = sample.get("mask")
-            if mask is None and sample["label"]:
-                # A labeled defect whose mask is unknown teaches image scores only.
-                mask = None
-            elif mask is None:
-                mask = np.zeros(maps.shape[1:], bool)
-            else:
+            if mask is not None:
                 mask = np.asarray(mask, bool).reshape(maps.shape[1:])
+            elif not sample["label"]:
+                mask = np.zeros(maps.shape[1:], bool)
+            # else: a labeled defect whose mask is unknown (None) teaches image scores only.
             cache.append((sample, image, scores, maps, mask))
         if not cache:
             raise ValueError("fitting a hybrid needs validation samples")
@@ -484,12 +482,18 @@ class Hybrid:
                     if key in step:
                         named[key] = {self.names[m]: v for m, v in step[key].items()}
                 steps.append(named)
+            shares = fusion.entered_share_
             out[level] = {
                 "weights": {
                     name: float(w) for name, w in zip(self.names, fusion.weights_) if w > 0
                 },
                 "chosen_by": "AUROC" if level == "image" else "mean of pixel AUROC and AUPRO",
+                # On every row: the path the draws are bagged around.
                 "steps": steps,
+                # The share of bootstrap draws each member entered (None: not bagged).
+                "entered_share": None
+                if shares is None
+                else {name: float(v) for name, v in zip(self.names, shares)},
             }
         return out
 

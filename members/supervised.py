@@ -78,8 +78,8 @@ class SupervisedHead(Member):
         self.lr, self.weight_decay = lr, weight_decay
         self.register_buffer("feature_mean", torch.zeros(sum(channels)))
         self.register_buffer("feature_std", torch.ones(sum(channels)))
-        # Training progress (optimizer steps done, of the planned total) for the dynamic
-        # balancing of the two losses; buffers, so a resumed run continues the schedule.
+        # Training progress (batches done, of the planned total) for the dynamic balancing of
+        # the two losses; buffers, so a resumed run continues the schedule.
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self.register_buffer("steps_planned", torch.ones((), dtype=torch.long))
         self.register_buffer("class_weights", torch.full((2,), 0.5))
@@ -181,11 +181,13 @@ class SupervisedHead(Member):
         self.class_weights = torch.tensor(
             len(labels) / (2.0 * counts), dtype=torch.float32, device=self.class_weights.device
         )
-        steps_per_epoch = -(-len(dataset) // (train_loader.batch_size or 1))
-        steps = trainer.max_epochs * -(-steps_per_epoch // trainer.accumulate_grad_batches)
+        # In this rank's batches, as training_step counts them (an optimizer step may take
+        # several; under DDP each rank sees its share of the samples).
+        per_rank = -(-len(dataset) // trainer.fabric.world_size)
+        batches = trainer.max_epochs * -(-per_rank // (train_loader.batch_size or 1))
         if trainer.max_steps is not None:
-            steps = min(steps, trainer.max_steps)
-        self.steps_planned.fill_(max(steps, 1))
+            batches = min(batches, trainer.max_steps * trainer.accumulate_grad_batches)
+        self.steps_planned.fill_(max(batches, 1))
         self.steps_done.zero_()
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -194,8 +196,7 @@ class SupervisedHead(Member):
         return {"optimizer": optimizer, "scheduler": None}
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        layers = batch["features"] if "features" in batch else self.layer_features(batch["image"])
-        segmentation, decision = self.head(layers)
+        segmentation, decision = self.head(batch["features"])
         labels = batch["label"].float()
         target = batch["mask"].float()
         if target.shape[-2:] != segmentation.shape[-2:]:
@@ -291,6 +292,15 @@ def cache_features(
     return out
 
 
+def head_like(template: SupervisedHead) -> SupervisedHead:
+    """An untrained head with ``template``'s options that reads ``template``'s frozen backbone
+    (the same module: one copy of its weights, however many heads)."""
+    head = SupervisedHead(**{**template.hparams, "pretrained": False})
+    head.hparams["pretrained"] = template.hparams.get("pretrained", True)
+    head.feature_extractor = template.feature_extractor
+    return head.to(next(template.parameters()).device)
+
+
 def train_head(
     template: SupervisedHead,
     samples: Sequence[dict[str, Any]],
@@ -298,15 +308,11 @@ def train_head(
     batch_size: int = 16,
     seed: int = 0,
 ) -> SupervisedHead:
-    """A fresh head, with ``template``'s options and its backbone's weights, trained on
-    ``samples`` (``cache_features``' entries) through ``trainer`` (a ``FabricTrainer``).
-    Returns the fitted member."""
-    options = {**template.hparams, "pretrained": False}
+    """A head like ``template`` (``head_like``), its initial weights drawn from ``seed``,
+    trained on ``samples`` (``cache_features``' entries) through ``trainer`` (a
+    ``FabricTrainer``). Returns the fitted member."""
     torch.manual_seed(seed)
-    member = SupervisedHead(**options)
-    member.hparams["pretrained"] = template.hparams.get("pretrained", True)
-    member.feature_extractor.load_state_dict(template.feature_extractor.state_dict())
-    member.to(next(template.parameters()).device)
+    member = head_like(template)
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         FeatureSamples(samples), batch_size=batch_size, shuffle=True, generator=generator

@@ -74,8 +74,11 @@ def supervised_folds(cfg: Mapping[str, Any], members: Mapping[str, Any], probe: 
 
     if cfg["ensemble"]["supervised"] == "never":
         return None
-    if probe.options["tiling"]:
-        log.info("supervised member skipped: it is not trained for tiled hybrids yet")
+    if probe.options["tiling"] or probe.options["image_size"] is None:
+        log.info(
+            "supervised member skipped: it is trained on images resized to one input size "
+            "(data.image_size), not tiled or at their native sizes"
+        )
         return None
     return build_supervised(
         members,
@@ -100,7 +103,10 @@ def supervised_skipped(cfg: Mapping[str, Any], provenance: Mapping[str, str]) ->
             "no labeled defects take part (it learns from them; they take part under "
             f"cross-validation: ensemble.labeled_defects={cfg['ensemble']['labeled_defects']})"
         )
-    return "the hybrid is tiled: the supervised member is not trained for tiled hybrids yet"
+    return (
+        "it is trained on images resized to one input size (data.image_size), and this hybrid "
+        "is tiled or takes images at their native sizes"
+    )
 
 
 def print_summary(results: Mapping[str, Any]) -> None:
@@ -129,6 +135,8 @@ def print_summary(results: Mapping[str, Any]) -> None:
         )
     print(f"members kept: {', '.join(results['kept_members'])}")
     for name, entry in results["contributions"].items():
+        if name == "split":
+            continue
         differences = entry["hybrid_minus_without"] or {}
         text = ", ".join(
             f"{metric} {d.get('difference', float('nan')):+.4f} [{d['interval'][0]:+.4f}, "
@@ -241,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     hybrid.save(out_dir / "hybrid")
     log.info("hybrid written to %s", out_dir / "hybrid")
+    # What follows measures the saved hybrid: its kept members only.
+    hybrid = Hybrid.load(out_dir / "hybrid", device)
     unseen = evaluate_on_unseen_panels(
         hybrid,
         source.data_dir / category,
@@ -291,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         # what each kept member adds on test (the hybrid minus the hybrid without it).
         "kept_members": hybrid.fused_names,
         "member_selection": hybrid.validation_.get("member_selection"),
-        "contributions": evaluation["contributions"],
+        "contributions": {"split": provenance["scored_on"], **evaluation["contributions"]},
         "supervised": evaluation.get("supervised")
         or {"skipped": supervised_skipped(cfg, provenance)},
         "grading": evaluation["grading"],

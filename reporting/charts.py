@@ -87,7 +87,7 @@ def line_chart(
         )
     for i, (name, (xs, ys)) in enumerate(series.items()):
         colour = PALETTE[i % len(PALETTE)]
-        # A curve past the x range is cut at its edge (its y there from the next point).
+        # Only the points within the x range are drawn.
         xs, ys = np.asarray(xs, float), np.asarray(ys, float)
         inside = xs <= x_max
         points = " ".join(

@@ -289,9 +289,11 @@ def _membership_sections(results: dict[str, Any]) -> list[str]:
     if selection:
         out.append(
             "<p>Forward selection on the fusion data (not test), chosen on "
-            f"{html.escape(selection['chosen_on'])}: the best member alone enters first; a "
-            "member then enters, with a weight, only where it raises the cross-validated "
-            "figure.</p>"
+            f"{html.escape(selection['chosen_on'])}, each member's scores ranked out of fold: "
+            "the best member alone enters first; a member then enters, with a weight, only "
+            "where it raises the figure. The steps are the path on all rows; the weights are "
+            "bagged over bootstrap draws of the rows (each member's mean weight; a member "
+            "entering fewer than one draw in five is left out).</p>"
         )
         for level in ("image", "pixel"):
             if level not in selection:
@@ -302,7 +304,7 @@ def _membership_sections(results: dict[str, Any]) -> list[str]:
                     "step": k + 1,
                     "entered": step["member"],
                     "weight then": step["weight"],
-                    f"cv {entry['chosen_by']}": step["figure"],
+                    entry["chosen_by"]: step["figure"],
                 }
                 for k, step in enumerate(entry["steps"])
             ]
@@ -315,16 +317,20 @@ def _membership_sections(results: dict[str, Any]) -> list[str]:
                 out.append(html_table(steps, list(steps[0])))
                 alone = entry["steps"][0].get("alone", {})
                 left = entry["steps"][-1].get("not_entered", {})
+                shares = entry.get("entered_share") or {}
                 rows = [
                     {
                         "member": name,
-                        "cv figure alone": value,
-                        "best cv figure had it entered last": left.get(name),
+                        "figure alone": value,
+                        "best figure had it entered last": left.get(name),
+                        "share of bootstrap draws it entered": shares.get(name),
+                        "weight": entry["weights"].get(name, 0.0),
                     }
                     for name, value in alone.items()
                 ]
                 out.append(html_table(rows, list(rows[0])))
-    contributions = results.get("contributions") or {}
+    contributions = dict(results.get("contributions") or {})
+    split = contributions.pop("split", "test")
     rows = []
     for name, entry in contributions.items():
         row = {"member": name}
@@ -337,8 +343,8 @@ def _membership_sections(results: dict[str, Any]) -> list[str]:
         rows.append(row)
     if rows:
         out.append(
-            "<p>What each kept member adds on test: the hybrid minus the hybrid without it "
-            "(its weight set to 0), with the paired bootstrap interval.</p>"
+            f"<p>What each kept member adds on {html.escape(split)}: the hybrid minus the "
+            "hybrid without it (its weight set to 0), with the paired bootstrap interval.</p>"
         )
         out.append(html_table(rows, list(dict.fromkeys(k for r in rows for k in r))))
     supervised = results.get("supervised") or {}

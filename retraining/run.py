@@ -196,6 +196,7 @@ def fit_with_labeled(
     from data.datasets import LabeledFolder
     from data.validation import labeled_defect_sample
     from evaluation.supervision import build_supervised, with_heads
+    from members.device import resolve_device
 
     opts = cfg["retrain"]
     folder = LabeledFolder(opts["labeled_dirs"], window, cfg["data"]["group_pattern"])
@@ -221,6 +222,8 @@ def fit_with_labeled(
         opts["supervised_injections"],
         cfg["data"]["pixel_pitch_mm"],
         cfg["seed"],
+        # The members' device: heads on a GPU train one after another, on the CPU side by side.
+        resolve_device(cfg["device"]["accelerator"]),
         workers=None,
     )
     train_set = ImageFiles(train_files, None, window)

@@ -28,6 +28,31 @@ def fit_member(member: Member, data_dir: Path, **trainer_options) -> list[dict]:
     return member.fit(panel_loader(data_dir, "train"), None, trainer).history_
 
 
+def fit_supervised(member: Member, data_dir: Path, **trainer_options) -> Member:
+    """Train the supervised member (a head, whose options ``member`` carries) on the panels'
+    training images and one injected-defect copy of each, on cached features."""
+    import numpy as np
+
+    from data.validation import injected_validation_samples
+    from members.supervised import cache_features, train_head
+
+    trainer_options.setdefault("progress", False)
+    train = panel_loader(data_dir, "train").dataset
+    samples = injected_validation_samples(
+        [train[i]["image"] for i in range(len(train))], injections_per_image=1, seed=0
+    )
+
+    def inputs():
+        for sample in samples:
+            image = torch.as_tensor(np.asarray(sample["image"]), dtype=torch.float32)
+            image = image.permute(2, 0, 1) if image.ndim == 3 else image.expand(3, -1, -1)
+            mask = sample["mask"] if sample["label"] else np.zeros((1, 1))
+            yield image[None], mask, sample["label"]
+
+    cached = cache_features(member, inputs())
+    return train_head(member, cached, FabricTrainer(**trainer_options))
+
+
 def separation(member: Member, data_dir: Path) -> tuple[float, float]:
     """(image AUROC, pixel AUROC) of a fitted member on the panels' test split."""
     image_auroc, pixel_auroc = get_metric("image_auroc"), get_metric("pixel_auroc")

@@ -21,7 +21,7 @@ from fusion.hybrid import Hybrid
 from members import available_members, create_member
 from members.base import member_class
 from pipelines import predict
-from tests.helpers import fit_member, run_module
+from tests.helpers import fit_member, fit_supervised, run_module
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -49,9 +49,13 @@ def fitted(panels_dir, tmp_path_factory) -> dict:
     members = {}
     for name in available_members():
         member = create_member(name, **OPTIONS.get(name, {}))
-        fit_member(member, panels_dir, max_epochs=1, max_steps=2)
+        if name == "supervised":  # it learns from defects, on cached features
+            member = fit_supervised(member, panels_dir, max_epochs=1, max_steps=2)
+        else:
+            fit_member(member, panels_dir, max_epochs=1, max_steps=2)
         members[name] = member
-    hybrid = Hybrid(members, image_size=128, describer_backbone=None)
+    # Rank-mean: every member stays in the hybrid, so every member is exported.
+    hybrid = Hybrid(members, image_size=128, combiner="rank", describer_backbone=None)
     folder = hybrid.fit(validation_samples(128)).save(tmp_path_factory.mktemp("h") / "hybrid")
     result = run_module("pipelines.export", "--hybrid", str(folder))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -156,7 +160,9 @@ def tiled(fitted, tmp_path_factory) -> Path:
     """A hybrid of two of those members run tile by tile (128 px tiles on 256 px panels)."""
     members = {name: fitted["members"][name] for name in ("patchcore", "fastflow")}
     tiling = {"enabled": True, "tile_size": 128, "stride": 96, "batch_size": 4}
-    hybrid = Hybrid(members, None, {**tiling, "reduction": "hann"}, describer_backbone=None)
+    hybrid = Hybrid(
+        members, None, {**tiling, "reduction": "hann"}, combiner="rank", describer_backbone=None
+    )
     return hybrid.fit(validation_samples(256, count=3)).save(tmp_path_factory.mktemp("t") / "h")
 
 

@@ -201,7 +201,7 @@ def test_forward_selection_keeps_groups_in_one_fold():
     fusion = ScoreFusion("forward")
     X = np.stack([y + rng.normal(0, 1.0, len(y)), rng.normal(0, 1, len(y))], 1)
     rows = fusion._choosing_rows(X, y, groups, None, None)
-    for train, held in rows[3]:
+    for train, held in rows[-1]:
         assert not set(groups[train]) & set(groups[held])
 
 

@@ -43,3 +43,18 @@ def test_operating_point_rates_carry_bootstrap_intervals():
     low, high = point["miss_rate_interval"]
     assert low < 0.25 < high and high - low < 0.35
     assert rate_interval([]) is None and rate_interval([True] * 5) == [1.0, 1.0]
+
+
+def test_no_head_answers_an_image_of_a_fold_it_trained_on():
+    from evaluation.supervision import heads_for_fit
+
+    fold_of = np.array([0, 1, 2, 0, 1, 2, 2, 1, 0, 0])
+    for fold in (None, 0, 1, 2):
+        outer, labeled = heads_for_fit(fold_of, fold)
+        # The validation images: by the head trained without the outer fold (the scored one).
+        assert outer == (frozenset() if fold is None else frozenset({fold}))
+        # Every other fold's image is in the fit, by a head trained without its fold and the
+        # outer one; none of the outer fold's images is.
+        assert sorted(i for i, _ in labeled) == [i for i, f in enumerate(fold_of) if f != fold]
+        for index, excluded in labeled:
+            assert fold_of[index] in excluded and outer <= excluded
