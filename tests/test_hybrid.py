@@ -346,7 +346,9 @@ def test_real_labeled_defects_train_the_hybrid_under_cross_validation(tmp_path):
         == 0
     )
     run_dir = tmp_path / "reports" / "bench"
-    workers = ["--set", "ensemble.fit_workers=2"]
+    # The supervised member's nested heads are tested in test_supervised and
+    # test_real_defects; here the fits and their parallel run are.
+    workers = ["--set", "ensemble.fit_workers=2", "--set", "ensemble.supervised=never"]
     assert ensemble.main(["--from", str(run_dir), "--top-k", "1", "--name", "cv", *workers]) == 0
     results = json.loads((run_dir / "cv" / "results.json").read_text())
     assert results["cross_validation"]["folds"] == 5
@@ -363,7 +365,10 @@ def test_real_labeled_defects_train_the_hybrid_under_cross_validation(tmp_path):
     assert results["metrics"]["hybrid"]["image_auroc"] >= 0.8
     # The six fits (five folds, the final one) ran side by side in two worker processes; one
     # after another in this process they give the same answers, image by image.
-    in_process = ["--set", "ensemble.fit_workers=1", "--set", "ensemble.unseen_panels=0"]
+    in_process = [
+        "--set", "ensemble.fit_workers=1", "--set", "ensemble.unseen_panels=0",
+        "--set", "ensemble.supervised=never",
+    ]  # fmt: skip
     assert (
         ensemble.main(["--from", str(run_dir), "--top-k", "1", "--name", "cv1", *in_process]) == 0
     )
