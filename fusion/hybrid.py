@@ -21,6 +21,7 @@ anything is unpickled (``fusion.persistence``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,9 @@ from members.base import Member
 from members.member_set import MemberSet
 from metrics.severity import DEFECT_TYPES
 from tiling.visualize import MapOnDisk, band_rows
+
+# A panel shrunk more than this many times to the members' input is said to lose small defects.
+SHRINK_WARNING_FACTOR = 4
 
 
 class Hybrid:
@@ -225,6 +229,24 @@ class Hybrid:
                 batch = resized.expand(-1, 3, -1, -1)
             inputs.append(batch.contiguous())
         return inputs
+
+    def shrink_warning(self, shape: Sequence[int]) -> str | None:
+        """What a panel of ``shape`` (height, width, ...) loses to this hybrid, where it is shrunk
+        by more than ``SHRINK_WARNING_FACTOR`` to the members' input (a hybrid that neither
+        tiles nor keeps native size); None where it is not."""
+        size = size_pair(self.options["image_size"])
+        if self.options["tiling"] or size is None:
+            return None
+        factor = max(shape[0] / size[0], shape[1] / size[1])
+        if factor <= SHRINK_WARNING_FACTOR:
+            return None
+        return (
+            f"the panel ({shape[1]} x {shape[0]} px) is shrunk {factor:.1f}x to the members' "
+            f"{size[1]} x {size[0]} px input: defects smaller than about {math.ceil(factor)} px "
+            "fall below one pixel and can be lost; for panels this size build a tiled hybrid "
+            "(pipelines.benchmark and pipelines.ensemble with --config "
+            "configs/datasets/highres.yaml)"
+        )
 
     def run_members_with(self, member_set: MemberSet) -> Hybrid:
         """Run the members through ``member_set`` from now on (``deploy``'s ONNX Runtime set, for
@@ -561,8 +583,9 @@ class Hybrid:
         map_folder: str | Path | None = None,
     ) -> dict[str, Any]:
         """``{"score", "label", "level", "regions": [Region], "anomaly_map": [H, W],
-        "member_scores": {name: raw score}, "member_maps": [M, H, W]}`` for one image
-        (``member_outputs``: this image's ``member_outputs``, if already computed).
+        "member_scores": {name: raw score}, "member_maps": [M, H, W], "warning": str | None}`` for
+        one image (``member_outputs``: this image's ``member_outputs``, if already computed;
+        ``warning``: ``shrink_warning``).
         ``member_maps=False`` keeps the member maps at the members' resolution and leaves them
         out (``None``): what predict does, so that a full panel's memory stays bounded; so does
         a ``LazyImage`` (the image as its file holds it, converted window by window). With
@@ -591,6 +614,7 @@ class Hybrid:
             "anomaly_map": fused,
             "member_scores": dict(zip(self._output_names(len(scores)), map(float, scores))),
             "member_maps": maps if member_maps else None,
+            "warning": self.shrink_warning(shape),
         }
 
     def without(

@@ -33,6 +33,7 @@ IMAGE_COLUMNS = (
     "mura_energy_pct",
     "delta_e2000_mean",
     "delta_e2000_p99",
+    "warning",
     "error",
 )
 REGION_COLUMNS = (

@@ -136,6 +136,7 @@ def predict_files(
 
     threshold = hybrid.calibrator_.threshold_
     counts = record_missing(missing, stream, hybrid_ref)
+    warned = False
 
     def record(item: InputImage, entry: dict[str, Any]) -> None:
         if entry["status"] == "ok":
@@ -151,6 +152,7 @@ def predict_files(
     def predict_batch(batch: list[InputImage]) -> None:
         """The batch's member pass at once, then each image's fusion, grading and files; a
         stop request ends it after the image in hand."""
+        nonlocal warned
         prepared = {
             k: LazyImage(item.image, prepare)
             for k, item in enumerate(batch)
@@ -180,6 +182,9 @@ def predict_files(
                     with result["anomaly_map"]:
                         entry.update(_result_entry(item.image, result, quality))
                         entry.update(write_files(item, result))
+                    if result["warning"] and not warned:  # each result holds it; the log once
+                        log.warning("%s: %s", item.path, result["warning"])
+                        warned = True
             record(item, entry)
             if stop is not None and stop.requested:
                 return
@@ -248,4 +253,5 @@ def _result_entry(image: Any, result: Mapping[str, Any], quality: Mapping[str, A
         "level": result["level"],
         "regions": [r.to_dict() for r in result["regions"]],
         **quality,
+        **({"warning": result["warning"]} if result["warning"] else {}),
     }

@@ -117,6 +117,8 @@ def test_a_panel_predicted_band_by_band_gets_the_answer_of_the_whole_image(
     )
     regions = [json.loads(json.dumps(r.to_dict())) for r in expected["regions"]]
     assert entry["regions"] == regions
+    # 800 px shrunk to the hybrid's 128: said in the result, as the hybrid says it.
+    assert entry["warning"] == expected["warning"] == hybrid.shrink_warning(image.shape)
     assert entry["mura_energy_pct"] == panel_quality(image)["mura_energy_pct"]
     fused = expected["anomaly_map"]
     assert np.array_equal(np.load(entry["map"]), fused)
@@ -125,3 +127,19 @@ def test_a_panel_predicted_band_by_band_gets_the_answer_of_the_whole_image(
     with Image.open(entry["overlay"]) as banded, Image.open(whole) as reference:
         assert np.array_equal(np.asarray(banded), np.asarray(reference))
     assert sorted(p.name for p in out.iterdir()) == ["maps", "overlays", STREAM_NAME]
+
+
+def test_a_panel_shrunk_more_than_4x_is_said_to_lose_small_defects(hybrid):
+    """A hybrid that resizes says, for a panel more than 4x its input side, by how much it is
+    shrunk, what size of defect is lost and which configuration builds a tiled hybrid; a
+    panel near its input size, or a tiled hybrid, says nothing."""
+    assert hybrid.shrink_warning((128, 128)) is None
+    assert hybrid.shrink_warning((512, 400)) is None  # 4x: kept
+    warning = hybrid.shrink_warning((7000, 9344, 3))
+    assert "9344 x 7000 px" in warning and "shrunk 73.0x" in warning
+    assert "smaller than about 73 px" in warning and "configs/datasets/highres.yaml" in warning
+    panel = PanelGenerator(size=(600, 520), seed=2).generate_normal(0)["image"]
+    assert "shrunk 4.7x" in hybrid.predict(panel, member_maps=False)["warning"]
+    assert hybrid.predict(panel[:256, :256], member_maps=False)["warning"] is None
+    tiled = Hybrid(hybrid.member_set.members, None, {"enabled": True, "tile_size": 128})
+    assert tiled.shrink_warning((7000, 9344)) is None
