@@ -67,7 +67,7 @@ SUPERVISED = ("auto", "never")
 # Where benchmark jobs and predict's images run: this machine, or a Ray cluster (the ray section).
 EXECUTORS = ("local", "ray")
 EXPORT_FORMATS = ("onnx", "openvino")  # deploy.export.FORMATS
-RUNTIMES = ("torch", "onnx")  # deploy.runtime.RUNTIMES
+RUNTIMES = ("torch", "onnx", "openvino")  # deploy.runtime.RUNTIMES
 
 # Keys that moved (the hybrid's options became one section that ensemble and retrain share): a
 # file or override naming the old place is told the new one.

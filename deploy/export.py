@@ -8,10 +8,11 @@ written atomically: readers see the previous export or the new one, whole.
 
 Graphs come from ``torch.onnx.export(..., dynamo=True)`` (``torch.export`` and onnxscript), with
 a free batch axis and the spatial size fixed to the members' input size (the tile size for a
-tiled hybrid). Before anything is written, the graphs run under ONNX Runtime on a probe batch of
-another size than the traced one, and each member's maps and scores must match PyTorch's within
-``TOLERANCE`` (see ``map_difference`` and ``score_difference``); an export that does not is
-refused.
+tiled hybrid). Before anything is written, the graphs run on a probe batch of another size than
+the traced one, and each member's maps and scores must match PyTorch's within ``TOLERANCE`` (see
+``map_difference`` and ``score_difference``); an export that does not is refused. The check runs
+under ONNX Runtime, and for OpenVINO again on the converted IR under OpenVINO Runtime, the
+runtime that will run it (``export.json``'s ``parity`` is that last check's).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from deploy.graphs import (
     refusal_text,
     require,
 )
-from deploy.runtime import OnnxMemberSet
+from deploy.runtime import ExportedMemberSet
 from fusion.hybrid import Hybrid
 from fusion.persistence import hybrid_id
 from members.member_set import MemberSet
@@ -50,7 +51,7 @@ FORMATS = ("onnx", "openvino")
 DEFAULT_OPSET = 18
 # The traced batch (torch.export specializes batch sizes 0 and 1) and the parity probe's.
 TRACE_BATCH, PROBE_BATCH = 2, 3
-# The largest difference allowed between ONNX Runtime's and PyTorch's answers on the probe:
+# The largest difference allowed between the exported graphs' answers and PyTorch's on the probe:
 # for maps relative to the spread (max - min) of PyTorch's map, for scores relative to the
 # largest score's magnitude. A wrong graph is off by a large fraction; float32 graphs differ
 # from PyTorch by rounding (measured: 1e-6 to 4e-5 of the spread where the map has contrast).
@@ -107,7 +108,7 @@ def export_hybrid(
                 _export_graph(spec, tmp / f"{spec.name}.onnx", size, opset, examples)
             description = {
                 "format_version": FORMAT_VERSION,
-                "format": format,
+                "format": "onnx",  # until converted
                 "hybrid_id": hybrid_id(folder),
                 "members": hybrid.names,
                 "input_size": list(size),
@@ -125,6 +126,8 @@ def export_hybrid(
             description["parity"] = check_parity(hybrid.member_set, tmp, description)
             if openvino is not None:
                 description = _to_openvino(openvino, tmp, description)
+                # The IR is checked again under the runtime that will run it.
+                description["parity"] = check_parity(hybrid.member_set, tmp, description)
             atomic_write_json(tmp / EXPORT_FILE, description)
             write_manifest(tmp)
     except BaseException:
@@ -215,16 +218,16 @@ def _summary(exc: Exception) -> str:
 def check_parity(
     member_set: MemberSet, folder: Path, description: Mapping[str, Any]
 ) -> dict[str, dict[str, float]]:
-    """Each member's largest relative difference between ONNX Runtime (the graphs in
-    ``folder``) and PyTorch on a probe batch (``{"map": ..., "score": ...}``, see
-    ``TOLERANCE``); an ``ExportError`` where one exceeds it."""
+    """Each member's largest relative difference between the graphs in ``folder``, run by the
+    runtime of ``description["format"]``, and PyTorch on a probe batch (``{"map": ...,
+    "score": ...}``, see ``TOLERANCE``); an ``ExportError`` where one exceeds it."""
     size = description["input_size"]
     generator = torch.Generator().manual_seed(1)
     probe = torch.rand(PROBE_BATCH, 3, *size, generator=generator)
-    exported = OnnxMemberSet(member_set.members, folder, description)
+    exported = ExportedMemberSet(member_set.members, folder, description)
     try:
-        onnx_scores, onnx_maps = exported(probe)
-    except Exception as exc:  # ONNX Runtime's errors have types of their own
+        graph_scores, graph_maps = exported(probe)
+    except Exception as exc:  # the runtimes' errors have types of their own
         raise ExportError(
             f"the exported graphs cannot answer a probe batch of {PROBE_BATCH} (traced with "
             f"{TRACE_BATCH}): {_summary(exc)}; nothing was written"
@@ -232,16 +235,16 @@ def check_parity(
     torch_scores, torch_maps = member_set(probe)
     parity = {
         name: {
-            "map": map_difference(onnx_maps[:, k], torch_maps[:, k]),
-            "score": score_difference(onnx_scores[:, k], torch_scores[:, k]),
+            "map": map_difference(graph_maps[:, k], torch_maps[:, k]),
+            "score": score_difference(graph_scores[:, k], torch_scores[:, k]),
         }
         for k, name in enumerate(member_set.names)
     }
     failed = {name: p for name, p in parity.items() if max(p.values()) > TOLERANCE}
     if failed:
         raise ExportError(
-            f"the exported graphs differ from PyTorch by more than {TOLERANCE} (relative) for "
-            f"{failed}; nothing was written"
+            f"the exported graphs differ from PyTorch under {description['format']} by more "
+            f"than {TOLERANCE} (relative) for {failed}; nothing was written"
         )
     return parity
 
@@ -275,4 +278,4 @@ def _to_openvino(openvino: Any, folder: Path, description: dict[str, Any]) -> di
         source.unlink()
         graphs.append({**graph, "file": target.name, "weights": target.with_suffix(".bin").name})
     versions = {**description["versions"], "openvino": openvino.__version__}
-    return {**description, "graphs": graphs, "versions": versions}
+    return {**description, "format": "openvino", "graphs": graphs, "versions": versions}

@@ -1,12 +1,14 @@
-"""A saved hybrid run with its members' exported graphs: ONNX Runtime in place of PyTorch.
+"""A saved hybrid run with its members' exported graphs: ONNX Runtime or OpenVINO Runtime in
+place of PyTorch.
 
-``load_hybrid(folder, "onnx")`` loads the hybrid as ``Hybrid.load`` does (its members on the
-CPU), checks its ONNX export (files against their manifest, exported from this very hybrid) and
-runs its members through an ``OnnxMemberSet``: each shared backbone's graph once per batch, then
-each member's head graph under ONNX Runtime (CPUExecutionProvider), then what a member keeps
-outside its graph (``Member.finish_graph_outputs``: PatchCore's nearest-neighbour search on its
-own memory bank, the reweighting, upsampling and blur) with PyTorch. Fusion, regions and
-grading are the hybrid's own, unchanged.
+``load_hybrid(folder, "onnx")`` (or ``"openvino"``) loads the hybrid as ``Hybrid.load`` does
+(its members on the CPU), checks its export in that format (files against their manifest,
+exported from this very hybrid) and runs its members through an ``ExportedMemberSet``: each
+shared backbone's graph once per batch, then each member's head graph under the format's runtime
+(ONNX Runtime's CPUExecutionProvider, or OpenVINO Runtime's CPU plugin at float32 precision),
+then what a member keeps outside its graph (``Member.finish_graph_outputs``: PatchCore's
+nearest-neighbour search on its own memory bank, the reweighting, upsampling and blur) with
+PyTorch. Fusion, regions and grading are the hybrid's own, unchanged.
 """
 
 from __future__ import annotations
@@ -35,13 +37,22 @@ from fusion.persistence import hybrid_id
 from members.base import Member
 from members.member_set import MemberSet
 
-RUNTIMES = ("torch", "onnx")
+# "onnx" and "openvino" run the export of the same name (``deploy.export``).
+RUNTIMES = ("torch", "onnx", "openvino")
 
 
-class _Graph:
+class _OnnxGraph:
     """One ONNX Runtime session, fed only the inputs its graph declares."""
 
-    def __init__(self, ort: Any, path: Path, options: Any) -> None:
+    def __init__(self, path: Path) -> None:
+        ort = require("onnxruntime", "predict.runtime onnx")
+        options = ort.SessionOptions()
+        # As many threads as PyTorch uses, so both runtimes get the same share of the machine;
+        # not spinning once a graph is done: the threads of the next graph and PyTorch's (the
+        # search, fusion) need the cores (spinning halved the member pass on 2 cores).
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3  # errors only: its notes on unused initializers are noise
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
 
@@ -49,8 +60,35 @@ class _Graph:
         return self.session.run(None, {name: feeds[name] for name in self.inputs})
 
 
-class OnnxMemberSet(MemberSet):
-    """A ``MemberSet`` whose members run as their exported ONNX graphs under ONNX Runtime.
+class _OpenVinoGraph:
+    """One OpenVINO IR graph compiled for the CPU, fed only the inputs it declares; its
+    outputs in the graph's order."""
+
+    def __init__(self, path: Path) -> None:
+        openvino = require("openvino", "predict.runtime openvino", "pip install openvino")
+        core = openvino.Core()
+        # float32 as exported (some CPUs would otherwise run bf16, outside the export's
+        # tolerance), and PyTorch's number of threads, as ONNX Runtime gets.
+        config = {
+            "INFERENCE_PRECISION_HINT": "f32",
+            "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+        }
+        self.model = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self.request = self.model.create_infer_request()
+        self.inputs = [port.get_any_name() for port in self.model.inputs]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        results = self.request.infer({name: feeds[name] for name in self.inputs})
+        # Copied: the request reuses its output buffers on the next call.
+        return [np.array(results[port]) for port in self.model.outputs]
+
+
+GRAPH_RUNNERS = {"onnx": _OnnxGraph, "openvino": _OpenVinoGraph}
+
+
+class ExportedMemberSet(MemberSet):
+    """A ``MemberSet`` whose members run as their exported graphs under the runtime of the
+    export's format (``description["format"]``: ONNX Runtime or OpenVINO Runtime).
 
     Args:
         members: the fitted members by name, in order (what stays outside the graphs runs
@@ -64,19 +102,12 @@ class OnnxMemberSet(MemberSet):
     ) -> None:
         # The backbones are shared inside the graphs: the torch members need no extractors.
         super().__init__(dict(members), share_backbones=False)
-        ort = require("onnxruntime", "predict.runtime onnx")
-        options = ort.SessionOptions()
-        # As many threads as PyTorch uses, so both runtimes get the same share of the machine;
-        # not spinning once a graph is done: the threads of the next graph and PyTorch's (the
-        # search, fusion) need the cores (spinning halved the member pass on 2 cores).
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3  # errors only: its notes on unused initializers are noise
+        runner = GRAPH_RUNNERS[description.get("format", "onnx")]
         self.input_size = tuple(description["input_size"])
-        self.backbones: dict[str, tuple[_Graph, list[str]]] = {}
-        self.heads: dict[str, tuple[_Graph, str | None]] = {}
+        self.backbones: dict[str, tuple[Any, list[str]]] = {}
+        self.heads: dict[str, tuple[Any, str | None]] = {}
         for graph in description["graphs"]:
-            session = _Graph(ort, Path(folder) / graph["file"], options)
+            session = runner(Path(folder) / graph["file"])
             if graph["kind"] == "backbone":
                 self.backbones[Path(graph["file"]).stem] = (session, graph["outputs"])
             else:
@@ -142,23 +173,23 @@ def load_hybrid(
     folder: str | Path, runtime: str = "torch", device: str | torch.device = "cpu"
 ) -> Hybrid:
     """The hybrid saved in ``folder`` with its members run by ``runtime``: ``torch`` on
-    ``device``, or ``onnx``: its ONNX export under ONNX Runtime on the CPU (see the module
-    docstring), refused with the reason when the export is missing, changed or another
-    hybrid's."""
+    ``device``, or ``onnx`` / ``openvino``: its export in that format under ONNX Runtime /
+    OpenVINO Runtime on the CPU (see the module docstring), refused with the reason when the
+    export is missing, changed or another hybrid's."""
     if runtime not in RUNTIMES:
         raise ExportError(f"unknown runtime {runtime!r}; choose one of {RUNTIMES}")
     if runtime == "torch":
         return Hybrid.load(folder, device)
     hybrid = Hybrid.load(folder, "cpu")
-    description = read_export(folder, "onnx", hybrid)
-    graphs = OnnxMemberSet(hybrid.member_set.members, export_dir(folder, "onnx"), description)
+    description = read_export(folder, runtime, hybrid)
+    graphs = ExportedMemberSet(hybrid.member_set.members, export_dir(folder, runtime), description)
     return hybrid.run_members_with(graphs)
 
 
 def results_id(folder: str | Path, runtime: str = "torch") -> str:
     """What a prediction's results record as the model that made them: the hybrid's identity,
-    and for ``onnx`` also its export's (the graphs' manifest), so results of the two runtimes
-    (equal only within the export's tolerance) never mix in one output folder."""
+    and for an exported runtime also its export's (the graphs' manifest), so results of two
+    runtimes (equal only within the export's tolerance) never mix in one output folder."""
     if runtime == "torch":
         return hybrid_id(folder)
     graphs = sha256_file(export_dir(folder, runtime) / MANIFEST_NAME)

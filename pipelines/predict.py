@@ -17,8 +17,9 @@ that each hold the hybrid (the ``ray`` section); a run resumes under either exec
 status: 0 every image predicted, 3 some skipped, 1 none predicted or a failure, 2 bad
 configuration, 130 interrupted.
 
-``--runtime onnx`` runs the members' exported graphs (``python -m pipelines.export``) under ONNX
-Runtime on the CPU; fusion and grading are unchanged.
+``--runtime onnx`` (or ``openvino``) runs the members' exported graphs (``python -m
+pipelines.export [--format openvino]``) under ONNX Runtime (OpenVINO Runtime) on the CPU; fusion
+and grading are unchanged.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--executor", help="local (this process) or ray (predict.executor)")
     parser.add_argument(
         "--runtime",
-        help="torch | onnx: the members' exported graphs under ONNX Runtime (predict.runtime)",
+        help="torch | onnx | openvino: the members' exported graphs under ONNX Runtime or "
+        "OpenVINO Runtime (predict.runtime)",
     )
     parser.add_argument("paths", nargs="+", help="image files and folders")
     return parser.parse_args(argv)
@@ -118,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             device = "cpu"
             if accelerator != "cpu":
                 log.warning(
-                    "predict.runtime %s runs the members on the CPU (ONNX Runtime's "
-                    "CPUExecutionProvider); device.accelerator %s is not used",
+                    "predict.runtime %s runs the members' graphs on the CPU; "
+                    "device.accelerator %s is not used",
                     opts["runtime"],
                     accelerator,
                 )
@@ -184,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     for path, reason in counts.skipped_paths:
         print(f"skipped {path}: {reason}")
+    shrunk = [e for e in entries if e.get("warning")]
+    if shrunk:
+        print(f"warning: {len(shrunk)} image(s), e.g. {shrunk[0]['path']}: {shrunk[0]['warning']}")
     if not any(e["status"] == "ok" for e in entries):
         raise PipelineError("no image could be predicted")
     return PARTIAL_FAILURE if counts.skipped else 0

@@ -4,8 +4,8 @@ grading; no files written), on the same images, one image at a time and in batch
 
     python -m prediction.throughput --hybrid DIR FOLDER [--batch-sizes 1,4] [--runtime onnx]
 
-With ``--runtime onnx`` the members run as their exported graphs under ONNX Runtime (the
-ceiling, a PyTorch backbone pass, is then left out).
+With ``--runtime onnx`` or ``openvino`` the members run as their exported graphs under ONNX
+Runtime or OpenVINO Runtime (the ceiling, a PyTorch backbone pass, is then left out).
 """
 
 from __future__ import annotations
