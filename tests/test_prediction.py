@@ -143,3 +143,34 @@ def test_a_panel_shrunk_more_than_4x_is_said_to_lose_small_defects(hybrid):
     assert hybrid.predict(panel[:256, :256], member_maps=False)["warning"] is None
     tiled = Hybrid(hybrid.member_set.members, None, {"enabled": True, "tile_size": 128})
     assert tiled.shrink_warning((7000, 9344)) is None
+
+
+def test_a_panel_below_the_image_threshold_pays_no_region_work(hybrid, monkeypatch):
+    """Region finding, descriptors and the type classifier run only for a flagged panel: a
+    defect-free one is answered from its score and fused map alone, a defective one as before
+    (its regions found, described and typed)."""
+    import fusion.hybrid
+
+    calls = {"regions": 0, "describer": 0}
+    find_regions, describer = fusion.hybrid.find_regions, hybrid.describer
+
+    def counted(work, function):
+        def run(*args, **kwargs):
+            calls[work] += 1
+            return function(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(fusion.hybrid, "find_regions", counted("regions", find_regions))
+    monkeypatch.setattr(hybrid, "describer", counted("describer", describer))
+    generator = PanelGenerator(size=128, seed=21)
+    normal = [generator.generate_normal(i, split="test")["image"] for i in range(6)]
+    clean = [r for r in map(hybrid.predict, normal) if r["label"] == 0]
+    assert len(clean) >= 4 and calls == {"regions": 0, "describer": 0}
+    assert all(r["regions"] == [] and r["level"] == 0 for r in clean)
+    assert all(r["anomaly_map"].shape == (128, 128) for r in clean)
+    defective = [generator.generate_defective(i, split="test")["image"] for i in range(6)]
+    flagged = [r for r in map(hybrid.predict, defective) if r["label"] == 1]
+    assert flagged and calls["regions"] >= len(flagged)
+    assert hybrid.type_classifier_ is not None and calls["describer"] == len(flagged)
+    assert all(r["regions"] and r["regions"][0].type for r in flagged)
