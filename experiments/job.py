@@ -66,23 +66,39 @@ def _latency_ms(predict, dataset, n: int = 5) -> float:
     return statistics.median(times) if times else float("nan")
 
 
+def _synchronize(device: torch.device) -> None:
+    # CUDA returns before its kernels finish: a time taken without this times their launch.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
-def _backbone_images_per_second(member, loader, device) -> float | None:
-    """Images/s of the member's backbone feature pass alone over ``loader``: the ceiling its
-    own images/s is compared with (None for members without a backbone)."""
+def _backbone_and_head_speed(member, loader, device) -> tuple[float | None, float | None]:
+    """Images/s of the member's backbone feature pass alone over ``loader`` (the ceiling its
+    own images/s is compared with), and milliseconds per image of its head: the member's
+    answer given those features (what a hybrid pays after its shared backbone pass). None,
+    None for members without a backbone."""
     from members.backbones import FeatureExtractor
 
     extractor = getattr(member, "feature_extractor", None)
     if not isinstance(extractor, FeatureExtractor):
-        return None
-    images, seconds = 0, 0.0
+        return None, None
+    images, backbone_seconds, head_seconds = 0, 0.0, 0.0
     for batch in loader:
         batch_images = batch["image"].to(device)
+        _synchronize(device)
         started = time.perf_counter()
-        extractor(batch_images)
-        seconds += time.perf_counter() - started
+        features = dict(zip(extractor.layers, extractor(batch_images)))
+        _synchronize(device)
+        backbone_seconds += time.perf_counter() - started
+        started = time.perf_counter()
+        member(batch_images, features)
+        _synchronize(device)
+        head_seconds += time.perf_counter() - started
         images += len(batch_images)
-    return images / seconds if seconds > 0 else None
+    if not images or backbone_seconds <= 0:
+        return None, None
+    return images / backbone_seconds, 1000 * head_seconds / images
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -244,10 +260,10 @@ def run_job(job_dir: Path) -> dict[str, Any] | None:
         else None
     )
     latency = _latency_ms(on_device, test_set)
-    backbone_speed = (
-        None
+    backbone_speed, head_ms = (
+        (None, None)
         if tiling["enabled"]
-        else _backbone_images_per_second(member, test_loader, trainer.fabric.device)
+        else _backbone_and_head_speed(member, test_loader, trainer.fabric.device)
     )
     atomic_write_csv(job_dir / "scores.csv", evaluation.records, SCORE_COLUMNS)
     examples = _save_examples(
@@ -284,6 +300,8 @@ def run_job(job_dir: Path) -> dict[str, Any] | None:
             "images_per_second": evaluation.images_per_second,
             # The same test images through the member's backbone alone, in the same process.
             "backbone_images_per_second": backbone_speed,
+            # The member after its backbone, on the same images: what sharing cannot save.
+            "head_ms_per_image": head_ms,
             "latency_ms": latency,
             "peak_rss_mb_fit": peak_fit,
             "peak_rss_mb": peak_rss_mb(),

@@ -15,6 +15,7 @@ COST_COLUMNS = (
     "fit_seconds",
     "images_per_second",
     "backbone_images_per_second",
+    "head_ms_per_image",
     "latency_ms",
     "peak_rss_mb",
     "model_bytes",

@@ -48,6 +48,7 @@ def test_a_run_resumes_records_failures_and_starts_from_other_weights(tmp_path, 
         good["cost"]
     )
     assert good["cost"]["backbone_images_per_second"] > 0  # the ceiling, measured beside it
+    assert good["cost"]["head_ms_per_image"] > 0  # and the member's head after it
     # Validation figures (held-out normals and injected defects) are what ensemble chooses on;
     # every figure names its split.
     assert 0 <= good["validation_metrics"]["image_auroc"] <= 1
