@@ -21,6 +21,7 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.models.efficientnet import EfficientNetFeatures
 from torch import nn
 
 from artifacts.io import sha256_file, torch_load
@@ -221,6 +222,20 @@ def load_pretrained_model(
     return model
 
 
+def _efficientnet_features(body: EfficientNetFeatures, x: torch.Tensor) -> list[torch.Tensor]:
+    """What ``EfficientNetFeatures.forward`` returns, without the stages after the last one
+    asked for: timm runs every stage whatever ``out_indices`` holds, so layers (1, 2) of a
+    seven-stage network would pay for all seven. The same maps, the same operations."""
+    stages = body._stage_out_idx  # {block stage: feature index}, the stem being stage 0
+    x = body.bn1(body.conv_stem(x))
+    features = [x] if 0 in stages else []
+    for stage, block in enumerate(body.blocks[: max(stages)], start=1):
+        x = block(x)
+        if stage in stages:
+            features.append(x)
+    return features
+
+
 class FeatureExtractor(nn.Module):
     """A frozen-or-trainable timm ``features_only`` network that takes images in [0, 1].
 
@@ -259,7 +274,10 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
-        return self.body((images - self.mean) / self.std)
+        x = (images - self.mean) / self.std
+        if isinstance(self.body, EfficientNetFeatures) and self.body.feature_hooks is None:
+            return _efficientnet_features(self.body, x)
+        return self.body(x)
 
 
 def load_backbone(

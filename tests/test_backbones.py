@@ -129,6 +129,32 @@ def test_the_extractor_normalizes_inputs_as_its_network_was_trained():
     assert resnet.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
 
 
+@pytest.mark.parametrize("layers", [(1, 2), (2, 3), (0, 1)])
+def test_an_efficientnet_stops_after_its_last_layer_with_timms_maps(no_network, layers):
+    """timm's features_only EfficientNet runs all seven stages whatever its out_indices; the
+    extractor stops after the last one asked for (the type descriptors ask for two), with
+    the very maps timm gives, on a panel's crops."""
+    from data.synthetic import PanelGenerator
+
+    extractor = load_backbone("efficientnet_lite0", layers)
+    panel = torch.from_numpy(PanelGenerator(size=128, seed=1).generate_defective(0)["image"])
+    crops = panel.unfold(0, 64, 64).unfold(1, 64, 64).reshape(-1, 1, 64, 64).expand(-1, 3, -1, -1)
+    ran = []
+    hooks = [
+        b.register_forward_hook(lambda *_, i=i: ran.append(i))
+        for i, b in enumerate(extractor.body.blocks)
+    ]
+    with torch.no_grad():
+        maps = extractor(crops)
+        stages = len(ran)
+        expected = extractor.body((crops - extractor.mean) / extractor.std)
+    for hook in hooks:
+        hook.remove()
+    assert len(maps) == len(expected) == len(layers)
+    assert all(torch.equal(found, timm_map) for found, timm_map in zip(maps, expected))
+    assert stages == max(extractor.body._stage_out_idx) < len(extractor.body.blocks)
+
+
 def test_frozen_extractor_stays_in_eval_mode_and_has_no_gradients():
     extractor = load_backbone("efficientnet_lite0", pretrained=False)
     extractor.train()
