@@ -71,7 +71,7 @@ class PatchCore(Member):
         coverage_sample: int = 2000,
         num_neighbors: int = 9,
         reweight: bool = True,
-        search: str = "exact",
+        search: str = "hnsw",
         hnsw_m: int = 32,
         hnsw_ef_search: int = 16,
         blur_sigma: float = 4.0,
