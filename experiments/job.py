@@ -66,12 +66,6 @@ def _latency_ms(predict, dataset, n: int = 5) -> float:
     return statistics.median(times) if times else float("nan")
 
 
-def _synchronize(device: torch.device) -> None:
-    # CUDA returns before its kernels finish: a time taken without this times their launch.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def _backbone_and_head_speed(member, loader, device) -> tuple[float | None, float | None]:
     """Images/s of the member's backbone feature pass alone over ``loader`` (the ceiling its
@@ -79,6 +73,7 @@ def _backbone_and_head_speed(member, loader, device) -> tuple[float | None, floa
     answer given those features (what a hybrid pays after its shared backbone pass). None,
     None for members without a backbone."""
     from members.backbones import FeatureExtractor
+    from members.device import synchronize
 
     extractor = getattr(member, "feature_extractor", None)
     if not isinstance(extractor, FeatureExtractor):
@@ -86,14 +81,14 @@ def _backbone_and_head_speed(member, loader, device) -> tuple[float | None, floa
     images, backbone_seconds, head_seconds = 0, 0.0, 0.0
     for batch in loader:
         batch_images = batch["image"].to(device)
-        _synchronize(device)
+        synchronize(device)
         started = time.perf_counter()
         features = dict(zip(extractor.layers, extractor(batch_images)))
-        _synchronize(device)
+        synchronize(device)
         backbone_seconds += time.perf_counter() - started
         started = time.perf_counter()
         member(batch_images, features)
-        _synchronize(device)
+        synchronize(device)
         head_seconds += time.perf_counter() - started
         images += len(batch_images)
     if not images or backbone_seconds <= 0:

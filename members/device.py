@@ -1,4 +1,5 @@
-"""Which device a loaded model runs on, from the ``device.accelerator`` setting.
+"""Which device a loaded model runs on, from the ``device.accelerator`` setting, and waiting
+for it before a clock is read (``synchronize``).
 
 Inference (``predict``, ``ensemble``) runs the members on one device; what is asked for but
 absent falls back to the CPU with a warning that says so, so a plant's script written for a GPU
@@ -38,3 +39,11 @@ def resolve_device(accelerator: str) -> torch.device:
             "device.accelerator=mps was asked for, but MPS is not available: running on the CPU"
         )
     return torch.device("cpu")
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for ``device``'s queued work: CUDA returns before its kernels finish, so a time
+    read without this times their launch. Nothing to wait for on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from members.device import synchronize
+
 
 def _images_per_second(
     run: Callable[[Sequence[Any]], None], images: Sequence[Any], device: Any = "cpu"
@@ -29,8 +31,7 @@ def _images_per_second(
     for _ in range(2):
         started = time.perf_counter()
         run(images)
-        if torch.device(device).type == "cuda":  # its kernels finish after the call returns
-            torch.cuda.synchronize(device)
+        synchronize(device)
         best = max(best, len(images) / (time.perf_counter() - started))
     return best
 
