@@ -152,30 +152,44 @@ class Hybrid:
     # --- members ----------------------------------------------------------------------------
 
     def member_outputs(
-        self, image: torch.Tensor, at_image_size: bool = True
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self,
+        image: torch.Tensor | LazyImage,
+        at_image_size: bool = True,
+        map_folder: str | Path | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | MemberMaps]:
         """Member scores ``[M]`` (float64) and maps ``[M, H, W]`` (float32) at the image's
         resolution; with ``at_image_size=False`` the maps of a resizing hybrid stay at the
         members' resolution (``fuse_map`` brings them to the image's band by band: a panel's
-        full-size member maps would be gigabytes)."""
+        full-size member maps would be gigabytes). A tiled hybrid reads a ``LazyImage`` tile by
+        tile and, with ``map_folder``, writes its maps there (``MemberMaps`` of ``MapOnDisk``)."""
         tiling = self.options["tiling"]
         if tiling:
             from tiling import infer_tiled, infer_tiled_options
 
             # Every member sees each tile batch; shared backbones run once per batch.
-            out = infer_tiled(self.member_set, image, **infer_tiled_options(tiling))
-            return np.atleast_1d(out["pred_score"]).astype(np.float64), out["anomaly_map"]
+            out = infer_tiled(
+                self.member_set,
+                image if isinstance(image, LazyImage) else _image_tensor(image),
+                **infer_tiled_options(tiling),
+                map_folder=map_folder,
+            )
+            maps = out["anomaly_map"]
+            maps = maps if isinstance(maps, np.ndarray) else MemberMaps(maps)
+            return np.atleast_1d(out["pred_score"]).astype(np.float64), maps
         return self.member_outputs_batch([image], at_image_size)[0]
 
     def member_outputs_batch(
-        self, images: Sequence[np.ndarray | torch.Tensor], at_image_size: bool = True
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        self,
+        images: Sequence[np.ndarray | torch.Tensor | LazyImage],
+        at_image_size: bool = True,
+        map_folder: str | Path | None = None,
+    ) -> list[tuple[np.ndarray, np.ndarray | MemberMaps]]:
         """``member_outputs`` of several images, those of one member input size in one batch
         through the members (a shared backbone once per batch). Tiled hybrids run image by
         image (each image's tiles are their batches)."""
-        tensors = [_image_tensor(image) for image in images]
         if self.options["tiling"]:
-            return [self.member_outputs(tensor, at_image_size) for tensor in tensors]
+            return [self.member_outputs(image, at_image_size, map_folder) for image in images]
+        tensors = [_image_tensor(image) for image in images]
         inputs = self.member_inputs(tensors)
         groups: dict[tuple[int, ...], list[int]] = {}
         for k, batch in enumerate(inputs):
@@ -696,12 +710,13 @@ class Hybrid:
 
 
 class MemberMaps:
-    """Member maps ``[M, H, W]`` held as one array per member, so that a member's map can be
-    added to others without copying them (a panel's maps are large). It answers what fusion
-    asks of an array of maps: ``shape``, ``len``, iteration, a member's map (``maps[m]``) and a
-    stacked block of some members' rows (``maps[members, rows]``)."""
+    """Member maps ``[M, H, W]`` held as one array per member (or one ``MapOnDisk``: a tiled
+    panel's), so that a member's map can be added to others without copying them (a panel's
+    maps are large). It answers what fusion asks of an array of maps: ``shape``, ``len``,
+    iteration, a member's map (``maps[m]``) and a stacked block of some members' rows
+    (``maps[members, rows]``)."""
 
-    def __init__(self, maps: Iterable[np.ndarray]) -> None:
+    def __init__(self, maps: Iterable[np.ndarray | MapOnDisk]) -> None:
         self.maps = list(maps)
         shapes = {m.shape for m in self.maps}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
@@ -719,6 +734,7 @@ class MemberMaps:
 
     def __getitem__(self, key: Any) -> np.ndarray:
         members, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        rest = rest[0] if len(rest) == 1 else rest  # a MapOnDisk takes rows, or rows and columns
         if isinstance(members, (int, np.integer)):
             return self.maps[members][rest]
         if isinstance(members, slice):

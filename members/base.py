@@ -218,6 +218,16 @@ class Member(nn.Module):
             anomaly_map, self.score_aggregation, self.topk_percent, self.center_sigma
         )
 
+    def score_aggregator(self, height: int, width: int) -> ScoreAggregator | None:
+        """``compute_anomaly_score`` of a ``height x width`` map given a band of rows at a time
+        (a panel's map kept on disk); None for a member whose score is not the shared
+        aggregation (it overrides ``compute_anomaly_score``) and needs its map whole."""
+        if type(self).compute_anomaly_score is not Member.compute_anomaly_score:
+            return None
+        return ScoreAggregator(
+            height, width, self.score_aggregation, self.topk_percent, self.center_sigma
+        )
+
     def forward(
         self, images: torch.Tensor, features: dict[int, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
@@ -443,6 +453,72 @@ def aggregate_scores(
         weights = (weights / weights.sum()).flatten()
         return flat @ weights
     raise ValueError(f"unknown score aggregation {method!r}; choose one of {SCORE_AGGREGATIONS}")
+
+
+class ScoreAggregator:
+    """``aggregate_scores`` of maps ``[B, 1, H, W]`` given a band of rows at a time
+    (``update``), so that a panel's map need not be in memory whole. ``max`` and ``topk`` keep
+    what they need (the running maximum, the running top ``k``) and give what the whole map
+    gives; ``mean`` and ``center`` sum in float64, within float32 rounding of it."""
+
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        method: str = "max",
+        topk_percent: float = 1.0,
+        center_sigma: float = 0.25,
+    ) -> None:
+        if method not in SCORE_AGGREGATIONS:
+            raise ValueError(
+                f"unknown score aggregation {method!r}; choose one of {SCORE_AGGREGATIONS}"
+            )
+        self.height, self.width, self.method = height, width, method
+        self.k = max(1, math.ceil(height * width * topk_percent / 100.0))
+        self.center_sigma = center_sigma
+        self.kept: torch.Tensor | None = None  # [B, ...]: the running figure
+        self.rows = 0
+
+    def _center_weights(self, top: int, rows: int) -> torch.Tensor:
+        """The ``center`` weights of rows ``top:top + rows``, normalized over the whole map."""
+        ys = torch.linspace(-0.5, 0.5, self.height, dtype=torch.float64)
+        xs = torch.linspace(-0.5, 0.5, self.width, dtype=torch.float64)
+        column, row = (torch.exp(-(v**2) / (2 * self.center_sigma**2)) for v in (ys, xs))
+        return (column[top : top + rows, None] * row[None]) / (column.sum() * row.sum())
+
+    def update(self, band: torch.Tensor) -> ScoreAggregator:
+        """Add the next ``band [B, 1, rows, W]`` of rows (top to bottom)."""
+        top, rows = self.rows, int(band.shape[-2])
+        if top + rows > self.height or band.shape[-1] != self.width:
+            raise ValueError(
+                f"a band of {tuple(band.shape[-2:])} at row {top} does not fit a "
+                f"{self.height} x {self.width} map"
+            )
+        flat = band.flatten(1).float()
+        if self.method == "max":
+            figure = flat.amax(dim=1)
+            figure = figure if self.kept is None else torch.maximum(self.kept, figure)
+        elif self.method == "topk":
+            pool = flat if self.kept is None else torch.cat([self.kept, flat], dim=1)
+            figure = pool.topk(min(self.k, pool.shape[1]), dim=1).values
+        else:
+            weights = (
+                torch.full(
+                    (rows, self.width), 1.0 / (self.height * self.width), dtype=torch.float64
+                )
+                if self.method == "mean"
+                else self._center_weights(top, rows)
+            )
+            figure = flat.double() @ weights.flatten()
+            figure = figure if self.kept is None else self.kept + figure
+        self.kept, self.rows = figure, top + rows
+        return self
+
+    def result(self) -> torch.Tensor:
+        """Image scores ``[B]`` (float32), once every row has been given."""
+        if self.rows != self.height:
+            raise ValueError(f"{self.rows} of the map's {self.height} rows were given")
+        return (self.kept.mean(dim=1) if self.method == "topk" else self.kept).float()
 
 
 def upsample_map(anomaly_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

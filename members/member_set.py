@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from members.backbones import FeatureExtractor, load_backbone
-from members.base import Member
+from members.base import Member, ScoreAggregator
 
 
 def _shared_extractor(group: list[Member]) -> FeatureExtractor:
@@ -80,11 +80,22 @@ class MemberSet(nn.Module):
         """Each member's own image score of its channel of ``anomaly_map [B, M, H, W]``."""
         return torch.stack(
             [
-                self.members[name].compute_anomaly_score(anomaly_map[:, i : i + 1])
-                for i, name in enumerate(self.names)
+                self.compute_channel_score(i, anomaly_map[:, i : i + 1])
+                for i in range(len(self.names))
             ],
             dim=1,
         )
+
+    def compute_channel_score(self, channel: int, anomaly_map: torch.Tensor) -> torch.Tensor:
+        """Member ``channel``'s own image scores ``[B]`` of its map ``[B, 1, H, W]`` alone (a
+        panel's maps are scored one member at a time)."""
+        return self.members[self.names[channel]].compute_anomaly_score(anomaly_map)
+
+    def channel_score_aggregator(
+        self, channel: int, height: int, width: int
+    ) -> ScoreAggregator | None:
+        """Member ``channel``'s ``score_aggregator``: its score of a map given in bands."""
+        return self.members[self.names[channel]].score_aggregator(height, width)
 
     @property
     def score_from_tiles(self) -> tuple[str, ...]:

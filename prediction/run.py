@@ -13,6 +13,7 @@ import signal
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +159,7 @@ def predict_files(
             for k, item in enumerate(batch)
             if item.image is not None
         }
-        outputs = _member_outputs(hybrid, prepared)
+        outputs = _member_outputs(hybrid, prepared, out)
         for k, item in enumerate(batch):
             entry: dict[str, Any] = {
                 "path": str(item.path),
@@ -227,17 +228,19 @@ def predict_files(
     return counts
 
 
-def _member_outputs(hybrid: Any, images: Mapping[int, Any]) -> dict[int, Any]:
+def _member_outputs(hybrid: Any, images: Mapping[int, Any], map_folder: Path) -> dict[int, Any]:
     """Each image's member outputs, in one batched pass; where that fails, image by image, so
-    that one bad image is skipped with its own error and the others go on."""
+    that one bad image is skipped with its own error and the others go on. A tiled hybrid's
+    member maps go to temporary files in ``map_folder``, as the fused map does."""
+    batch = partial(hybrid.member_outputs_batch, at_image_size=False, map_folder=map_folder)
     try:
-        outputs = hybrid.member_outputs_batch(list(images.values()), at_image_size=False)
+        outputs = batch(list(images.values()))
         return dict(zip(images, outputs))
     except (ValueError, RuntimeError):
         found: dict[int, Any] = {}
         for k, image in images.items():
             try:
-                found[k] = hybrid.member_outputs_batch([image], at_image_size=False)[0]
+                found[k] = batch([image])[0]
             except (ValueError, RuntimeError) as exc:
                 found[k] = exc
         return found

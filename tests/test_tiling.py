@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from members.base import aggregate_scores
+from members.base import ScoreAggregator, aggregate_scores
 from tiling import (
     REDUCTIONS,
+    MapAccumulator,
     MapOnDisk,
     TiledDataset,
     TileGrid,
@@ -253,6 +254,65 @@ def test_integer_and_memory_mapped_images_are_read_tile_by_tile(tmp_path):
     out = infer_tiled(member, rgb, tile_size=64, stride=40)
     direct = infer_tiled(member, torch.from_numpy(rgb / 255.0).permute(2, 0, 1), 64, 40)
     assert np.allclose(out["anomaly_map"], direct["anomaly_map"], atol=1e-6)
+
+
+class TwoChannels(LocalContrast):
+    """``LocalContrast`` and its square as two map channels, each scored on its own (as a
+    ``MemberSet`` scores its members), by ``score_from_tiles``."""
+
+    def __init__(self, score_from_tiles=("map", "max")):
+        super().__init__()
+        self.score_from_tiles = score_from_tiles
+
+    def forward(self, images):
+        contrast = super().forward(images)["anomaly_map"]
+        maps = torch.cat([contrast, contrast**2], 1)
+        return {"anomaly_map": maps, "pred_score": maps.flatten(2).amax(2)}
+
+    def compute_channel_score(self, channel, anomaly_map):
+        return aggregate_scores(anomaly_map, "topk", topk_percent=1.0)
+
+    def channel_score_aggregator(self, channel, height, width):
+        return ScoreAggregator(height, width, "topk", topk_percent=1.0)
+
+
+def test_a_panel_merges_band_by_band_into_maps_on_disk(tmp_path, monkeypatch):
+    """A 16-bit panel as its file holds it (a ``LazyImage``, converted tile by tile), its two
+    channels merged a band of rows at a time and written to disk: the maps and scores are those
+    of the whole image converted and merged in memory, and neither the merge nor the scores
+    hold a full-size map (numpy's traced peak is under half of one; merging the whole image in
+    memory held five)."""
+    import tracemalloc
+
+    from data.images import LazyImage, to_tensor
+
+    import tiling.visualize
+
+    raw = np.random.default_rng(2).integers(0, 65536, size=(2400, 600), dtype=np.uint16)
+    raw[700:704, 300:380] = 65535  # a bright line across a tile seam
+    monkeypatch.setattr(tiling.visualize, "BAND_PIXELS", 50 * 600)  # a panel's bands, scaled
+    lazy = LazyImage(raw)
+    member = TwoChannels().eval()
+    options = {"tile_size": 64, "stride": 48, "batch_size": 8}
+    in_memory = infer_tiled(member, to_tensor(np.asarray(lazy)), **options)
+    on_disk = infer_tiled(member, lazy, **options, map_folder=tmp_path)
+    assert len(on_disk["anomaly_map"]) == 2 and list(tmp_path.iterdir()) == []  # unnamed files
+    for channel, expected in zip(on_disk["anomaly_map"], in_memory["anomaly_map"]):
+        assert np.array_equal(np.asarray(channel), expected)
+    np.testing.assert_array_equal(on_disk["pred_score"], in_memory["pred_score"])
+    # Scored band by band from disk, no channel is ever read back whole.
+    tracemalloc.start()
+    try:
+        infer_tiled(member, lazy, **options, map_folder=tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < raw.size * 4 / 2, peak
+    # A tile above rows already written cannot be merged any more: an error, not a wrong map.
+    accumulator = MapAccumulator(200, 64, 64, "hann")
+    accumulator.add(np.ones((2, 1, 64, 64)), [[0, 0, 64, 64], [48, 0, 112, 64]])
+    with pytest.raises(ValueError, match="raster order"):
+        accumulator.add(np.ones((1, 1, 64, 64)), [[0, 0, 64, 64]])
 
 
 def test_a_member_set_runs_every_member_on_each_tile_batch(panels_dir):

@@ -8,7 +8,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from artifacts.io import ArtifactError
-from members.base import Member, aggregate_scores, load_member
+from members.base import (
+    SCORE_AGGREGATIONS,
+    Member,
+    ScoreAggregator,
+    aggregate_scores,
+    load_member,
+)
 from members.trainer import FabricTrainer, ShardedEpochSampler
 
 
@@ -195,3 +201,32 @@ def test_score_aggregations():
         aggregate_scores(maps, "median")
     with pytest.raises(ValueError, match="score_aggregation"):
         TinyDenoiser(score_aggregation="median")
+
+
+@pytest.mark.parametrize("method", SCORE_AGGREGATIONS)
+def test_a_map_scored_band_by_band_scores_as_the_whole_map(method):
+    """A panel's map on disk is scored a band of rows at a time: the same score as the whole
+    map's (exactly for max and topk, to float32 rounding for the sums), however it is cut."""
+    generator = torch.Generator().manual_seed(3)
+    maps = torch.rand(2, 1, 97, 61, generator=generator) ** 4  # a few bright pixels
+    maps[1, 0, 40:44, 20:50] += 3.0  # a line, across a band's edge
+    options = {"topk_percent": 0.5, "center_sigma": 0.2}
+    whole = aggregate_scores(maps, method, **options)
+    for cuts in ([97], [10, 30, 57], [1] * 97):
+        aggregator = ScoreAggregator(97, 61, method, **options)
+        top = 0
+        for rows in cuts:
+            aggregator.update(maps[..., top : top + rows, :])
+            top += rows
+        torch.testing.assert_close(aggregator.result(), whole, rtol=1e-6, atol=0)
+        if method in ("max", "topk"):
+            assert torch.equal(aggregator.result(), whole)
+    with pytest.raises(ValueError, match="of the map's 97 rows"):
+        ScoreAggregator(97, 61, method).update(maps[..., :50, :]).result()
+    assert TinyDenoiser(score_aggregation=method).score_aggregator(97, 61).method == method
+
+    class OwnScore(TinyDenoiser):  # a score of its own, not the shared aggregation
+        def compute_anomaly_score(self, anomaly_map):
+            return anomaly_map.flatten(1).median(dim=1).values
+
+    assert OwnScore().score_aggregator(97, 61) is None  # scored on the whole map

@@ -13,8 +13,10 @@ covered only by tile edges, such as image corners, would otherwise get no weight
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -130,55 +132,104 @@ def window(tile_size: int, reduction: str) -> np.ndarray:
 
 
 class MapAccumulator:
-    """Accumulates tile maps into full-resolution float maps; ``result()`` divides by the
-    weights (or takes the maximum). Memory: two ``[C, H, W]`` arrays, whatever the tile count."""
+    """Merges tile maps into full-resolution float32 maps, a band of rows at a time.
+
+    Tiles come in raster order (non-decreasing top row; ``TileGrid.coords`` order). Once a tile
+    starts lower than the rows still open, those rows can get no more tiles: they are divided
+    by their weights (or, for ``max``, taken as they are) and written to ``out``, and the band
+    moves down. Memory: a band ``tile_size`` rows high (float64 sums and weights) besides
+    ``out``, whatever the image's size or tile count. ``out``: one ``[H, W]`` target per channel
+    that takes whole rows (``out[c][rows] = values``: the rows of an array, a
+    ``tiling.visualize.MapOnDisk``); a new float32 ``[C, H, W]`` array by default."""
 
     def __init__(
-        self, height: int, width: int, tile_size: int, reduction: str = "mean", channels: int = 1
+        self,
+        height: int,
+        width: int,
+        tile_size: int,
+        reduction: str = "mean",
+        channels: int = 1,
+        out: Sequence[Any] | None = None,
     ) -> None:
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.reduction = reduction
         self.tile_size = tile_size
+        self.height, self.width = height, width
+        if out is None:
+            out = np.empty((channels, height, width), np.float32)
+        if len(out) != channels or any(tuple(o.shape) != (height, width) for o in out):
+            raise ValueError(f"out must hold {channels} maps of {height} x {width}")
+        self.out = out
+        self.top = 0  # the first row not yet written to ``out``
+        band = min(tile_size, height)
         if reduction == "max":
-            self.values = np.full((channels, height, width), -np.inf, np.float32)
+            self.values = np.full((channels, band, width), -np.inf, np.float32)
             self.weights = None
         else:
-            self.values = np.zeros((channels, height, width), np.float64)
-            self.weights = np.zeros((height, width), np.float64)
+            self.values = np.zeros((channels, band, width), np.float64)
+            self.weights = np.zeros((band, width), np.float64)
         self.window = _window(tile_size, reduction)
 
     def add(self, maps: np.ndarray | torch.Tensor, coords: np.ndarray | torch.Tensor) -> None:
-        """``maps [N, C, t, t]`` at ``coords [N, 4]`` (tiles may reach into the padding)."""
+        """``maps [N, C, t, t]`` at ``coords [N, 4]`` (tiles may reach past the image's edge,
+        into padding). A tile above rows already written is an error."""
         if isinstance(maps, torch.Tensor):
             maps = maps.detach().float().cpu().numpy()
         coords = np.asarray(coords)
-        height, width = self.values.shape[-2:]
-        for tile_map, (y0, x0, y1, x1) in zip(maps, coords):
-            h, w = min(y1, height) - y0, min(x1, width) - x0
+        for k in np.argsort(coords[:, 0], kind="stable"):
+            y0, x0, y1, x1 = (int(v) for v in coords[k])
+            if y0 < self.top:
+                raise ValueError(
+                    f"a tile at row {y0} came after rows up to {self.top} were merged: "
+                    "tiles must come in raster order"
+                )
+            self._write_rows_above(min(y0, self.height))
+            h, w = min(y1, self.height) - y0, min(x1, self.width) - x0
             if h <= 0 or w <= 0:
                 continue
-            region = (slice(None), slice(y0, y0 + h), slice(x0, x0 + w))
-            piece = tile_map[:, :h, :w]
+            band = (slice(None), slice(y0 - self.top, y0 - self.top + h), slice(x0, x0 + w))
+            piece = maps[k][:, :h, :w]
             if self.weights is None:
-                np.maximum(self.values[region], piece, out=self.values[region])
+                np.maximum(self.values[band], piece, out=self.values[band])
             else:
                 weight = self.window[:h, :w]
-                self.values[region] += piece * weight
-                self.weights[region[1:]] += weight
+                self.values[band] += piece * weight
+                self.weights[band[1:]] += weight
 
-    def result(self) -> np.ndarray:
+    def _write_rows_above(self, row: int) -> None:
+        """Write the merged rows from ``top`` down to ``row`` (exclusive) and move the band."""
+        count = row - self.top
+        if count <= 0:
+            return
+        band = self.values.shape[1]
+        for start in range(0, count, band):  # a jump of more than a band: rows no tile covers
+            rows = min(band, count - start)
+            self._write(rows)
+            self.values[:, : band - rows] = self.values[:, rows:].copy()
+            self.values[:, band - rows :] = -np.inf if self.weights is None else 0.0
+            if self.weights is not None:
+                self.weights[: band - rows] = self.weights[rows:].copy()
+                self.weights[band - rows :] = 0.0
+            self.top += rows
+
+    def _write(self, rows: int) -> None:
+        """Write the band's first ``rows`` rows to ``out`` at ``top``."""
+        target = slice(self.top, self.top + rows)
         if self.weights is None:
-            return self.values
-        if (self.weights <= 0).any():
+            for channel, values in zip(self.out, self.values[:, :rows]):
+                channel[target] = values
+            return
+        weights = self.weights[:rows]
+        if (weights <= 0).any():
             raise ValueError("some pixels are covered by no tile")
-        # Divide in row blocks: no full-size float64 temporary next to the two accumulators.
-        merged = np.empty(self.values.shape, np.float32)
-        for top in range(0, merged.shape[1], 512):
-            rows = slice(top, top + 512)
-            quotient = merged[:, rows]
-            np.divide(self.values[:, rows], self.weights[rows], out=quotient, casting="unsafe")
-        return merged
+        for channel, values in zip(self.out, self.values[:, :rows]):
+            channel[target] = (values / weights).astype(np.float32)
+
+    def result(self) -> Sequence[Any]:
+        """``out``, with every row written (call once all tiles are added)."""
+        self._write_rows_above(self.height)
+        return self.out
 
 
 def untile(

@@ -1,9 +1,12 @@
 """Streaming tiled inference for images far larger than one tensor of tiles.
 
-Tiles are cut and sent through the member ``batch_size`` at a time, and their maps accumulate
-into a preallocated full-resolution map plus a weight map. Peak memory is the member, one batch
-of tiles (in and out, plus the member's activations) and the two full-resolution maps,
-whatever the number of tiles; ``estimate_memory`` predicts it.
+Tiles are cut and sent through the member ``batch_size`` at a time, in raster order, and their
+maps merge into a band of rows (``MapAccumulator``) that is written out, divided by its
+weights, as soon as no later tile can reach it: into one float32 full-resolution map per
+channel, in memory, or on disk (``map_folder``: a ``MapOnDisk`` per channel). Peak memory is
+the member, one batch of tiles (in and out, plus the member's activations), the band, and the
+merged maps unless they are on disk, whatever the number of tiles; ``estimate_memory``
+predicts it. An image given as a ``LazyImage`` is converted tile by tile, never whole.
 
 The image score of a tiled image follows the member's ``score_from_tiles`` attribute:
 
@@ -20,6 +23,7 @@ mode per channel, a sequence, and gets one score per channel.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.images import integer_scale
+from data.images import LazyImage, integer_scale, to_tensor
 from tiling.grid import MapAccumulator, TileGrid, pad_image
+from tiling.visualize import MapOnDisk
 
 TILE_SCORES = ("map", "max")
 
@@ -39,10 +44,17 @@ class _TileReader:
     A tensor is used as it is. An array (``[H, W]``, ``[H, W, C]`` or ``[C, H, W]``; a
     ``numpy.memmap`` included) is never converted whole: each tile is sliced, cast and, for
     integer images, scaled to [0, 1] on its own, so a file-backed image is read only as its
-    tiles are needed. Only an image smaller than a tile, which must be padded, is converted whole.
+    tiles are needed. A ``LazyImage`` (``[H, W]`` or ``[H, W, 3]``) gives each tile converted by
+    its own window, three channels as ``to_tensor`` makes them (a grey one's repeated). Only an
+    image smaller than a tile, which must be padded, is converted whole.
     """
 
     def __init__(self, image: Any) -> None:
+        self.lazy = isinstance(image, LazyImage)
+        if self.lazy:
+            self.source = image
+            self.height, self.width = image.shape[:2]
+            return
         if isinstance(image, torch.Tensor):
             source = image[0] if image.ndim == 4 and image.shape[0] == 1 else image
             self.channels_last, self.scale = False, 1.0
@@ -62,8 +74,9 @@ class _TileReader:
     def pad_to(self, grid: TileGrid) -> None:
         """Convert and pad the whole image up to ``grid``'s padded size (only when needed)."""
         if grid.padded_size != (self.height, self.width):
-            self.source = pad_image(self._float(self.source), grid)
-            self.channels_last, self.scale = False, 1.0
+            whole = to_tensor(np.asarray(self.source)) if self.lazy else self._float(self.source)
+            self.source = pad_image(whole, grid)
+            self.lazy, self.channels_last, self.scale = False, False, 1.0
 
     def _float(self, block: Any) -> torch.Tensor:
         if isinstance(block, torch.Tensor):
@@ -74,6 +87,8 @@ class _TileReader:
 
     def read(self, y0: int, x0: int, y1: int, x1: int) -> torch.Tensor:
         """The ``[C, y1 - y0, x1 - x0]`` float32 tile at these coordinates."""
+        if self.lazy:
+            return to_tensor(self.source[y0:y1, x0:x1])
         if self.channels_last:
             return self._float(self.source[y0:y1, x0:x1])
         return self._float(self.source[:, y0:y1, x0:x1])
@@ -107,19 +122,57 @@ def tile_score_modes(member: nn.Module, channels: int) -> list[str]:
     return modes
 
 
+def _channel_aggregator(member: nn.Module, channel: int, channels: int, shape: tuple) -> Any:
+    """The ``ScoreAggregator`` that scores channel ``channel`` of ``member``'s map given in bands
+    (``channel_score_aggregator`` of a ``MemberSet``, ``score_aggregator`` of a one-channel
+    member), or None where it needs the map whole."""
+    if hasattr(member, "channel_score_aggregator"):
+        return member.channel_score_aggregator(channel, *shape)
+    if channels == 1 and hasattr(member, "score_aggregator"):
+        return member.score_aggregator(*shape)
+    return None
+
+
+def _channel_score(member: nn.Module, channel: int, merged: Sequence[Any]) -> float:
+    """The image score of channel ``channel`` of the merged maps, where the module scores a
+    channel on its own (``compute_channel_score``). A map on disk is read a band of rows at a
+    time where the member's score is an aggregation of its pixels, whole otherwise."""
+    channel_map = merged[channel]
+    if not isinstance(channel_map, np.ndarray):
+        aggregator = _channel_aggregator(member, channel, len(merged), channel_map.shape)
+        if aggregator is not None:
+            for band in channel_map.bands():
+                aggregator.update(torch.from_numpy(band)[None, None])
+            return float(aggregator.result()[0])
+        channel_map = np.asarray(channel_map)
+    return float(
+        member.compute_channel_score(channel, torch.from_numpy(channel_map)[None, None])[0]
+    )
+
+
 def _image_scores(
-    member: nn.Module, merged: np.ndarray, modes: Sequence[str], tile_scores: list[torch.Tensor]
+    member: nn.Module,
+    merged: Sequence[Any],
+    modes: Sequence[str],
+    tile_scores: list[torch.Tensor],
 ) -> torch.Tensor:
-    """One image score per map channel of the merged map ``[C, H, W]``."""
+    """One image score per map channel of the merged maps (``[H, W]`` each; arrays or
+    ``MapOnDisk``). A module that scores a channel on its own (``compute_channel_score``, as a
+    ``MemberSet`` does) gets one channel at a time (``_channel_score``)."""
     scores = torch.empty(len(modes), dtype=torch.float64)
-    if "map" in modes:
-        from_map = member.compute_anomaly_score(torch.from_numpy(merged)[None])[0]
-        scores[:] = from_map.reshape(-1).double()
     if "max" in modes:
         from_tiles = torch.cat(tile_scores).amax(0)
-        for channel, mode in enumerate(modes):
-            if mode == "max":
-                scores[channel] = from_tiles[channel]
+    by_channel = hasattr(member, "compute_channel_score")
+    if "map" in modes and not by_channel:
+        stacked = merged if isinstance(merged, np.ndarray) else np.stack(merged)
+        from_map = member.compute_anomaly_score(torch.from_numpy(stacked)[None])[0].reshape(-1)
+    for channel, mode in enumerate(modes):
+        if mode == "max":
+            scores[channel] = from_tiles[channel]
+        elif by_channel:
+            scores[channel] = _channel_score(member, channel, merged)
+        else:
+            scores[channel] = float(from_map[channel])
     return scores
 
 
@@ -135,17 +188,21 @@ def infer_tiled(
     pad_mode: str | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
+    map_folder: str | Path | None = None,
 ) -> dict[str, Any]:
     """Anomaly map of ``image`` at its full resolution, computed tile by tile.
 
     ``image``: ``[C, H, W]`` tensor, or an array (``[H, W]``, ``[H, W, C]``, ``[C, H, W]``;
-    integer arrays are scaled to [0, 1]; a ``numpy.memmap`` is read tile by tile).
+    integer arrays are scaled to [0, 1]; a ``numpy.memmap`` is read tile by tile), or a
+    ``LazyImage`` (converted tile by tile).
     ``resize_to``: feed tiles to the member at this side (for members fitted at a fixed size);
     maps are resized back. Returns ``{"anomaly_map": float32 ndarray [1, H, W],
     "pred_score": float}``, the score being the member's own aggregation of the merged map or,
     for a member with ``score_from_tiles = "max"``, the largest of its per-tile scores.
     A module answering with several map channels (a ``MemberSet``: one per member) gets
-    ``[C, H, W]`` and one score per channel.
+    ``[C, H, W]`` and one score per channel. With ``map_folder``, the map is a list of ``C``
+    ``MapOnDisk`` in temporary files there (a panel's maps stay out of memory; close them when
+    done).
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -169,12 +226,17 @@ def infer_tiled(
         maps, scores = _run(member, tiles.to(device, torch.float32), resize_to)
         if accumulator is None:  # as many channels as the member's maps have
             channels = int(maps.shape[1])
-            accumulator = MapAccumulator(*grid.padded_size, tile_size, reduction, channels=channels)
+            out = None
+            if map_folder is not None:
+                out = [MapOnDisk((height, width), map_folder) for _ in range(channels)]
+            # At the image's size: what tiles add to the padding is never needed.
+            accumulator = MapAccumulator(height, width, tile_size, reduction, channels, out)
             modes = tile_score_modes(member, channels)
         accumulator.add(maps, chunk)
         if "max" in modes:
             tile_scores.append(scores.detach().double().cpu().reshape(len(chunk), -1))
-    merged = np.ascontiguousarray(accumulator.result()[:, :height, :width])
+    merged = accumulator.result()
+    accumulator = None  # its band is not needed to score the maps
     image_scores = _image_scores(member, merged, modes, tile_scores)
     score = float(image_scores) if image_scores.numel() == 1 else image_scores.numpy()
     return {"anomaly_map": merged, "pred_score": score}
@@ -202,9 +264,10 @@ def estimate_memory(
     Model: parameters and buffers of the member; one batch of input tiles (float32, at the fed
     size) and of output maps; the member's activations for one batch, estimated by running one
     tile through it and counting the bytes of every module output (``activation_factor``
-    overrides that with bytes per input byte); the merged map (float64 sum + float64 weights,
-    then the float32 result) at full resolution. The number of tiles does not appear: that is
-    the point of streaming.
+    overrides that with bytes per input byte); the band the tiles merge in (float64 sums and
+    weights, ``tile_size`` rows of the image's width); the merged float32 map at full
+    resolution (none in memory with ``infer_tiled``'s ``map_folder``). The number of tiles does
+    not appear: that is the point of streaming.
     """
     *channels, height, width = image_shape
     c = channels[-1] if channels else 1
@@ -217,13 +280,13 @@ def estimate_memory(
     if activation_factor is None:
         activation_factor = _activation_bytes(member, c, fed) / (c * fed * fed * 4)
     activations = int(activation_factor * batch_in)
-    merged = height * width * (8 + 8 + 4)
     parts = {
         "model": model,
         "batch_input": batch_in,
         "batch_output": batch_out,
         "activations": activations,
-        "merged_maps": merged,
+        "merge_band": min(tile_size, height) * width * (8 + 8),
+        "merged_maps": height * width * 4,
     }
     parts["total"] = sum(parts.values())
     return parts
