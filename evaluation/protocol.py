@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from evaluation.phases import PhaseClock
 from evaluation.scoring import cross_validate_hybrid, evaluate_hybrid, weighed_members
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ def fit_and_evaluate_hybrid(
     fit_workers: int | None = 1,
     supervised: Any = None,
     normal_images: Callable[[], Any] | None = None,
+    clock: PhaseClock | None = None,
 ) -> tuple[Any, dict[str, Any], dict[str, str]]:
     """The saved hybrid, its evaluation on ``test_set`` and the provenance of the figures
     (``fitted_on``, ``scored_on``, ``note``).
@@ -37,8 +39,9 @@ def fit_and_evaluate_hybrid(
     side (None: one per CPU). ``supervised`` (a ``evaluation.supervision.SupervisedFolds``)
     and ``normal_images`` (the members' training images): the supervised member, trained
     inside each fold where labeled defects take part, and skipped, with the reason in the log,
-    where they do not.
+    where they do not. ``clock``: a ``PhaseClock`` that times each phase.
     """
+    clock = clock or PhaseClock()
     defective = sum(entry.label for entry in test_set.entries)
     injected = f"{len(samples) - n_val_images} injected copies"
     if labeled_defects == "cross_validate" or (
@@ -56,6 +59,7 @@ def fit_and_evaluate_hybrid(
             fit_workers=fit_workers,
             supervised=supervised,
             normal_images=normal_images,
+            clock=clock,
         )
         done = evaluation["cross_validation"]["folds"]
         return (
@@ -80,10 +84,12 @@ def fit_and_evaluate_hybrid(
             defective,
             len(test_set) - defective,
         )
-    hybrid = make_hybrid().fit(samples, progress=True)
-    evaluation = evaluate_hybrid(
-        hybrid, test_set, progress=True, contributions=weighed_members(hybrid)
-    )
+    with clock("fusion and grading fit"):
+        hybrid = make_hybrid().fit(samples, progress=True)
+    with clock("test images scored"):
+        evaluation = evaluate_hybrid(
+            hybrid, test_set, progress=True, contributions=weighed_members(hybrid)
+        )
     return (
         hybrid,
         evaluation,

@@ -17,6 +17,7 @@ import torch
 
 from data.images import size_pair, to_tensor
 from data.validation import labeled_defect_sample
+from evaluation.phases import PhaseClock
 from metrics import get_metric
 from metrics.bootstrap import PairedBootstrap
 from metrics.detection import miss_rates
@@ -399,6 +400,7 @@ def cross_validate_hybrid(
     fit_workers: int | None = 1,
     supervised: Any = None,
     normal_images: Callable[[], Iterable[Any]] | None = None,
+    clock: PhaseClock | None = None,
 ) -> tuple[dict[str, Any], Any]:
     """Fit on the dataset's own labeled defects without ever scoring an image with a hybrid
     that saw it.
@@ -419,32 +421,37 @@ def cross_validate_hybrid(
     Returns ``(evaluation, hybrid)``: ``evaluate_hybrid``'s result with a ``cross_validation``
     entry (and ``supervised``: the member against a logistic regression on the same pooled
     features, out of fold), and the hybrid to keep, fitted on ``validation`` and the whole
-    split.
+    split. ``clock``: a ``PhaseClock`` that times each phase (members, supervised heads, fits,
+    scoring).
     """
     from evaluation.supervision import heads_for_fit, with_heads
     from fusion.fitting import fit_hybrids
 
     if supervised is not None and normal_images is None:
         raise ValueError("a supervised member needs the members' training images (normal_images)")
+    clock = clock or PhaseClock()
     probe = make_hybrid()
     started = time.perf_counter()
-    # Where the dataset has masks, each image's own (None: known); without, none is known.
-    known = None if getattr(dataset, "has_masks", True) else False
-    samples = [labeled_defect_sample(dataset[i], known) for i in range(len(dataset))]
-    outputs = probe.member_outputs_many(
-        (to_tensor(s["image"]) for s in samples), batch_size, progress, "test members"
-    )
+    with clock("test images through the members"):
+        # Where the dataset has masks, each image's own (None: known); without, none is known.
+        known = None if getattr(dataset, "has_masks", True) else False
+        samples = [labeled_defect_sample(dataset[i], known) for i in range(len(dataset))]
+        outputs = probe.member_outputs_many(
+            (to_tensor(s["image"]) for s in samples), batch_size, progress, "test members"
+        )
     member_seconds = time.perf_counter() - started
-    validation_outputs = probe.member_outputs_many(
-        (to_tensor(s["image"]) for s in validation), batch_size, progress, "validation members"
-    )
+    with clock("validation images through the members"):
+        validation_outputs = probe.member_outputs_many(
+            (to_tensor(s["image"]) for s in validation), batch_size, progress, "validation members"
+        )
     labels = np.array([s["label"] for s in samples])
     groups = [s.get("group", str(i)) for i, s in enumerate(samples)]
     fold_of = grouped_folds(labels, groups, folds, seed)
     k = int(fold_of.max()) + 1
     heads: dict[frozenset, Any] = {}
     if supervised is not None:
-        supervised.fit(normal_images(), samples, fold_of, validation, progress=progress)
+        with clock("supervised heads"):
+            supervised.fit(normal_images(), samples, fold_of, validation, progress=progress)
         heads = supervised.heads
 
     def sample_set(fold: int | None) -> list[dict[str, Any]]:
@@ -467,27 +474,29 @@ def cross_validate_hybrid(
     # The k folds' hybrids, then the one to keep, fitted on everything.
     hybrids = [make_hybrid(extra(frozenset({fold}))) for fold in range(k)]
     final = make_hybrid(extra(frozenset()))
-    fit_hybrids(
-        [*hybrids, final],
-        [*(sample_set(fold) for fold in range(k)), sample_set(None)],
-        fit_workers,
-        progress,
-        "fits",
-    )
+    with clock(f"fusion and grading fits ({k} folds and the final one)"):
+        fit_hybrids(
+            [*hybrids, final],
+            [*(sample_set(fold) for fold in range(k)), sample_set(None)],
+            fit_workers,
+            progress,
+            "fits",
+        )
     scored = [
         s["member_outputs"]
         for s in with_heads(
             supervised, samples, outputs, "labeled", lambda i: frozenset({int(fold_of[i])})
         )
     ]
-    evaluation = evaluate_hybrid(
-        hybrids[0],
-        dataset,
-        progress,
-        scored,
-        lambda index: hybrids[fold_of[index]],
-        contributions=weighed_members(final),
-    )
+    with clock("test images scored out of fold"):
+        evaluation = evaluate_hybrid(
+            hybrids[0],
+            dataset,
+            progress,
+            scored,
+            lambda index: hybrids[fold_of[index]],
+            contributions=weighed_members(final),
+        )
     evaluation["seconds"] += member_seconds
     evaluation["cross_validation"] = {
         "folds": k,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     from data.sources import make_dataset
     from data.validation import injected_validation_samples
     from evaluation import evaluate_on_unseen_panels, shared_work_cost
+    from evaluation.phases import PhaseClock
     from evaluation.protocol import fit_and_evaluate_hybrid
     from experiments.selection import select_members
     from fusion.build import build_hybrid
@@ -171,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     from members.device import resolve_device
     from reporting.hybrid_report import difference_rows, interval_caption, write_hybrid_report
 
+    started = time.perf_counter()
     args = parse_args(argv)
+    clock = PhaseClock()
     cfg = load_config("ensemble", args.config, [*args.overrides, *overrides_from_flags(args)])
     opts = cfg["ensemble"]
     setup_logging()
@@ -203,22 +207,25 @@ def main(argv: list[str] | None = None) -> int:
         )
     # Images at their own size, as predict reads them: the hybrid resizes them for its members,
     # so regions are measured (and grading is fitted) in the panel's own pixels.
-    val_set = make_dataset(source, category, "val", selection.seed, None)
-    test_set = make_dataset(source, category, "test", selection.seed, None)
-    samples = injected_validation_samples(
-        (val_set[i]["image"] for i in range(len(val_set))),
-        injections_per_image=opts["injections_per_image"],
-        max_injected=opts["max_injected_images"],
-        pixel_pitch_mm=source.pixel_pitch_mm,
-        seed=cfg["seed"],
-    )
+    with clock("validation images and injected defects"):
+        val_set = make_dataset(source, category, "val", selection.seed, None)
+        test_set = make_dataset(source, category, "test", selection.seed, None)
+        samples = injected_validation_samples(
+            (val_set[i]["image"] for i in range(len(val_set))),
+            injections_per_image=opts["injections_per_image"],
+            max_injected=opts["max_injected_images"],
+            pixel_pitch_mm=source.pixel_pitch_mm,
+            seed=cfg["seed"],
+        )
     log.info(
         "validation: %d held-out normal images, %d samples with injected defects",
         len(val_set),
         len(samples) - len(val_set),
     )
     device = resolve_device(cfg["device"]["accelerator"])
-    members = {name: load_member(path, device) for name, path in selection.weights(run_dir).items()}
+    with clock("members loaded"):
+        weights = selection.weights(run_dir)
+        members = {name: load_member(path, device) for name, path in weights.items()}
 
     def make_hybrid(extra_members: Mapping[str, Member] | None = None) -> Hybrid:
         return build_hybrid(
@@ -246,22 +253,24 @@ def main(argv: list[str] | None = None) -> int:
         opts["fit_workers"],
         supervised=supervised,
         normal_images=lambda: (train_set[i]["image"] for i in range(len(train_set))),
+        clock=clock,
     )
     hybrid.save(out_dir / "hybrid")
     log.info("hybrid written to %s", out_dir / "hybrid")
     # What follows measures the saved hybrid: its kept members only.
     hybrid = Hybrid.load(out_dir / "hybrid", device)
-    unseen = evaluate_on_unseen_panels(
-        hybrid,
-        source.data_dir / category,
-        cfg["seed"] + 1,
-        opts["unseen_panels"],
-        source.channels,
-        progress=True,
-    )
-
-    cost_images = [test_set[i]["image"] for i in range(min(8, len(test_set)))]
-    cost = shared_work_cost(hybrid, cost_images)
+    with clock("unseen panels"):
+        unseen = evaluate_on_unseen_panels(
+            hybrid,
+            source.data_dir / category,
+            cfg["seed"] + 1,
+            opts["unseen_panels"],
+            source.channels,
+            progress=True,
+        )
+    with clock("shared-work cost"):
+        cost_images = [test_set[i]["image"] for i in range(min(8, len(test_set)))]
+        cost = shared_work_cost(hybrid, cost_images)
     cost["hybrid_ms_per_image"] = 1000 * evaluation["seconds"] / len(test_set)
     cost["members_benchmark_latency_ms_sum"] = sum(
         job["cost"]["latency_ms"] for job in selection.jobs
@@ -315,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         "cost": cost,
         "cross_validation": evaluation.get("cross_validation"),
         "unseen_panels": unseen,
+        # Wall seconds of each phase, in order (up to the results themselves).
+        "wall_seconds": {**clock.seconds, "total": round(time.perf_counter() - started, 2)},
         "notes": [provenance["note"]],
     }
     atomic_write_json(out_dir / "results.json", results)
@@ -360,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{figures['end_to_end']['level_within_one']:.3f}), type macro-F1 "
             f"{figures['end_to_end']['type_macro_f1']:.3f}"
         )
+    phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in clock.seconds.items())
+    print(f"wall time {results['wall_seconds']['total']:.0f} s: {phases}")
     print(f"\nhybrid: {out_dir / 'hybrid'}\nreport: {report}")
     return 0
 

@@ -56,6 +56,15 @@ def test_members_enter_only_on_cross_validated_evidence(run):
     # The saved hybrid holds the kept members only.
     assert set(Hybrid.load(run["out"] / "hybrid").names) == kept
     assert len(results["cross_validation"]["fold_members"]) == results["cross_validation"]["folds"]
+    # The run's wall time by phase, each phase once, within the whole.
+    wall = dict(results["wall_seconds"])
+    total = wall.pop("total")
+    assert {
+        "test images through the members",
+        "supervised heads",
+        "test images scored out of fold",
+    } <= set(wall)
+    assert all(seconds >= 0 for seconds in wall.values()) and sum(wall.values()) <= total
 
 
 def test_the_hybrid_is_never_lower_than_a_member_by_its_own_intervals(run):

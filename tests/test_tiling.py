@@ -284,9 +284,8 @@ def test_a_panel_merges_band_by_band_into_maps_on_disk(tmp_path, monkeypatch):
     memory held five)."""
     import tracemalloc
 
-    from data.images import LazyImage, to_tensor
-
     import tiling.visualize
+    from data.images import LazyImage, to_tensor
 
     raw = np.random.default_rng(2).integers(0, 65536, size=(2400, 600), dtype=np.uint16)
     raw[700:704, 300:380] = 65535  # a bright line across a tile seam
