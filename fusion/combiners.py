@@ -55,7 +55,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.utils.validation import check_is_fitted
 
 from fusion.normalizers import get_normalizer, has_both_classes
-from metrics.detection import aupro_of_pixels
+from metrics.detection import aupro_of_pixels, binary_auroc
 
 COMBINERS = ("mean", "max", "rank", "weighted", "learned", "auto", "rank_or_member", "forward")
 # The combiners that choose among others by cross-validation.
@@ -94,7 +94,7 @@ def forward_path(
 
     def figure(w: np.ndarray) -> tuple[float, float, float | None]:
         fused = ranks @ w
-        auroc = float(roc_auc_score(y, fused))
+        auroc = binary_auroc(y, fused)
         if regions is None:
             return auroc, auroc, None
         aupro = aupro_of_pixels(fused, y, regions)

@@ -121,6 +121,16 @@ def _coarse(
     width = cols.stop - cols.start
     starts = np.arange(0, width, step)
     widths = np.diff(np.append(starts, width))
+    if isinstance(values, np.ndarray):  # in memory: every band at once, summed in the same order
+        block = values[rows, cols]
+        row_starts = np.arange(0, block.shape[0], step)
+        if reduce == "mean":
+            sums = np.add.reduceat(block.astype(np.float64), row_starts, axis=0)
+            heights = np.diff(np.append(row_starts, block.shape[0]))
+            return np.add.reduceat(sums, starts, axis=1) / (widths * heights[:, None])
+        return np.logical_or.reduceat(
+            np.logical_or.reduceat(block.astype(bool), row_starts, axis=0), starts, axis=1
+        )
     out = np.empty(
         (-(-(rows.stop - rows.start) // step), len(starts)),
         np.float64 if reduce == "mean" else bool,
@@ -147,8 +157,10 @@ def _masked_blur(values: np.ndarray, weights: np.ndarray, sigma: float) -> np.nd
         sigma = sigma / step
     numerator = ndimage.gaussian_filter(values * weights, sigma, mode="nearest")
     denominator = ndimage.gaussian_filter(weights, sigma, mode="nearest")
-    fallback = ndimage.gaussian_filter(values, sigma, mode="nearest")
-    blurred = np.where(denominator > 1e-3, numerator / np.maximum(denominator, 1e-12), fallback)
+    blurred = numerator / np.maximum(denominator, 1e-12)
+    far = denominator <= 1e-3
+    if far.any():  # the plain blur, only where it is needed
+        blurred[far] = ndimage.gaussian_filter(values, sigma, mode="nearest")[far]
     if step == 1:
         return blurred
     zoom = (shape[0] / blurred.shape[0], shape[1] / blurred.shape[1])

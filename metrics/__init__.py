@@ -14,6 +14,7 @@ from metrics.detection import (
     PixelAUROCMetric,
     PixelF1MaxMetric,
     aupro_of_pixels,
+    binary_auroc,
 )
 from metrics.quality import (
     QUALITY_METRICS,
@@ -51,5 +52,6 @@ __all__ = [
     "PixelF1MaxMetric",
     "available_classes",
     "aupro_of_pixels",
+    "binary_auroc",
     "get_metric",
 ]

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from scipy import ndimage
+from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 
@@ -402,6 +403,22 @@ def miss_rate_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray,
     false_alarm = np.array([(scores[~labels] >= t).mean() for t in thresholds])
     missed = np.array([(scores[labels] < t).mean() for t in thresholds])
     return false_alarm, missed
+
+
+def binary_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve of binary ``labels`` ranked by ``scores``, ties counting half:
+    the Mann-Whitney U statistic over the product of the two classes' sizes, from one ranking
+    (Hanley and McNeil 1982). What ``sklearn.metrics.roc_auc_score`` gives (to float64
+    rounding), without its input checks, which cost forward selection's thousands of calls
+    several times the arithmetic."""
+    positive = np.asarray(labels).astype(bool)
+    n_positive = int(positive.sum())
+    n_negative = positive.size - n_positive
+    if n_positive == 0 or n_negative == 0:
+        raise ValueError("AUROC needs both normal and defective samples")
+    ranks = rankdata(np.asarray(scores, dtype=np.float64))
+    u = ranks[positive].sum() - n_positive * (n_positive + 1) / 2.0
+    return float(u / (n_positive * n_negative))
 
 
 def aupro_of_pixels(

@@ -5,7 +5,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-from metrics import aupro_of_pixels, available_classes, get_metric
+from metrics import aupro_of_pixels, available_classes, binary_auroc, get_metric
 
 
 @pytest.fixture
@@ -24,6 +24,19 @@ def test_image_auroc_and_ap_equal_sklearn(image_data):
         ap.update(scores[chunk], labels[chunk])
     assert auroc.compute() == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
     assert ap.compute() == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
+
+
+def test_binary_auroc_is_sklearns_ties_included(image_data):
+    scores, labels = image_data
+    rng = np.random.default_rng(1)
+    coarse = np.round(scores, 1)  # many ties, within and across the classes
+    for y, s in ((labels, scores), (labels, coarse), (labels, -coarse), (labels, np.zeros(200))):
+        assert binary_auroc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    many = rng.integers(0, 2, 50_000)
+    pixels = np.round(rng.random(50_000) + 0.2 * many, 2)
+    assert binary_auroc(many, pixels) == pytest.approx(roc_auc_score(many, pixels), abs=1e-12)
+    with pytest.raises(ValueError, match="both normal and defective"):
+        binary_auroc(np.ones(5), np.arange(5))
 
 
 def test_image_f1_max_is_the_best_threshold(image_data):
