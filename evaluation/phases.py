@@ -27,6 +27,3 @@ class PhaseClock:
             elapsed = time.perf_counter() - started
             self.seconds[name] = round(self.seconds.get(name, 0.0) + elapsed, 2)
             log.info("%s took %.1f s", name, elapsed)
-
-    def total(self) -> float:
-        return round(sum(self.seconds.values()), 2)
