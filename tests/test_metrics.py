@@ -84,6 +84,29 @@ def test_binned_streaming_stays_within_its_stated_bound():
     assert 0 < binned.error_bound < 1e-3
     assert abs(binned.compute() - exact) <= binned.error_bound
 
+def test_binned_pixels_fall_in_the_bin_their_value_names():
+    """Bin k counts edges[k] <= v < edges[k + 1]; values on an edge go to the bin it opens,
+    values beyond the first or last edge to the end bins."""
+    from metrics.detection import PixelScores
+
+    rng = np.random.default_rng(3)
+    scores = PixelScores(max_exact=100, bins=50)
+    scores.add(rng.normal(size=200).astype(np.float32), 0)
+    assert scores.binned
+    edges = scores.edges
+    values = np.concatenate(
+        [
+            rng.normal(scale=3.0, size=5000),  # many beyond the edges on both sides
+            edges[rng.integers(0, len(edges), 200)],  # exactly on edges
+        ]
+    ).astype(np.float32)
+    before = scores.counts[1].copy()
+    scores.add(values, 1)
+    index = [int(np.sum(edges <= v)) - 1 for v in values.astype(np.float64)]
+    expected = np.bincount(np.clip(index, 0, len(edges) - 2), minlength=len(edges) - 1)
+    np.testing.assert_array_equal(scores.counts[1] - before, expected)
+
+
 
 def test_binned_metrics_do_not_depend_on_the_maps_scale():
     """A strictly increasing rescaling (here exp, which stretches the top like a kNN distance's
