@@ -84,6 +84,7 @@ def test_binned_streaming_stays_within_its_stated_bound():
     assert 0 < binned.error_bound < 1e-3
     assert abs(binned.compute() - exact) <= binned.error_bound
 
+
 def test_binned_pixels_fall_in_the_bin_their_value_names():
     """Bin k counts edges[k] <= v < edges[k + 1]; values on an edge go to the bin it opens,
     values beyond the first or last edge to the end bins."""
@@ -105,7 +106,6 @@ def test_binned_pixels_fall_in_the_bin_their_value_names():
     index = [int(np.sum(edges <= v)) - 1 for v in values.astype(np.float64)]
     expected = np.bincount(np.clip(index, 0, len(edges) - 2), minlength=len(edges) - 1)
     np.testing.assert_array_equal(scores.counts[1] - before, expected)
-
 
 
 def test_binned_metrics_do_not_depend_on_the_maps_scale():
