@@ -9,6 +9,9 @@ a folder whose SHA-256 manifest verifies.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import hashlib
 import io
 import json
@@ -71,29 +74,80 @@ def atomic_write_chunks(path: str | os.PathLike, chunks: Iterable[bytes]) -> Pat
     return path
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``, glibc 2.28+); False
+    where the platform or the filesystem cannot, having changed nothing."""
+    rename_exchange = getattr(_libc(), "renameat2", None)
+    if rename_exchange is None:
+        return False
+    if rename_exchange(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE):
+        error = ctypes.get_errno()
+        if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+            return False
+        raise OSError(error, os.strerror(error), str(b))
+    return True
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     """Build a folder in a temporary sibling and move it into place only when the block succeeds.
 
     An existing folder at ``path`` is replaced; it stays untouched if the block raises. Readers
-    never see a half-built folder: they see the old one, or the new one, complete.
+    never see a half-built folder, and ``path`` is never missing: a kill at any point leaves the
+    old folder or the new one, complete. The swap is one ``renameat2(RENAME_EXCHANGE)``. Where
+    the platform or filesystem has no such call, ``path`` is made a symbolic link to a hidden
+    sibling ``.<name>.<random>`` and replaced link for link (``os.replace`` of a link is one
+    step too); a real folder made elsewhere is then moved aside first, the one moment that
+    path is missing. A kill can leave hidden ``.<name>.*`` siblings behind, never in the way.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        if path.exists():
+        fault_point("atomic_folder_built")
+        if path.is_symlink():
+            _swap_link(path, tmp)
+        elif not path.exists():
+            os.replace(tmp, path)
+        elif _exchange(tmp, path):  # tmp now holds the old folder
+            _fsync_dir(path.parent)
+            fault_point("atomic_folder_swapped")
+        else:
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / path.name)
-            os.replace(tmp, path)
+            _swap_link(path, tmp)
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_link(path: Path, built: Path) -> None:
+    """Point the link ``path`` (or a new one) at ``built``, renamed to a hidden version folder;
+    the folder the link named before is removed."""
+    previous = path.resolve() if path.is_symlink() else None
+    version = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.replace(built, version)
+    link = version.with_name(f"{version.name}.link")
+    os.symlink(version.name, link)
+    os.replace(link, path)
+    _fsync_dir(path.parent)
+    fault_point("atomic_folder_swapped")
+    if previous is not None and previous.parent == path.parent.resolve():
+        shutil.rmtree(previous, ignore_errors=True)
 
 
 def fault_point(step: str) -> None:
