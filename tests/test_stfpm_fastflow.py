@@ -72,7 +72,13 @@ def test_shared_teacher_features_give_the_same_map(fitted, test_images):
         features = dict(zip(extractor.layers, extractor(test_images)))
         shared = member.compute_anomaly_map(test_images, features)
         own = member.compute_anomaly_map(test_images)
+        # The shared features are really what the map is made of: other features, another map.
+        other = member.compute_anomaly_map(
+            test_images, {k: v.flip(-1) for k, v in features.items()}
+        )
+    assert own.std() > 0
     assert torch.allclose(shared, own)
+    assert not torch.allclose(other, own)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
