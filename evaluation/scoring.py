@@ -18,6 +18,7 @@ import torch
 from data.images import size_pair, to_tensor
 from data.validation import labeled_defect_sample
 from evaluation.phases import PhaseClock
+from members.device import wait_for
 from metrics import get_metric
 from metrics.bootstrap import PairedBootstrap
 from metrics.detection import miss_rates
@@ -74,6 +75,7 @@ def evaluate(
     for batch in batches:
         started = time.perf_counter()
         scores, maps = predict(batch)
+        wait_for((scores, maps))
         seconds += time.perf_counter() - started
         scores = scores.detach().float().cpu()
         labels = torch.as_tensor(batch["label"]).long().cpu()
@@ -572,7 +574,7 @@ def shared_work_cost(hybrid, images: list[torch.Tensor]) -> dict[str, float]:
         options = infer_tiled_options(tiling)
 
         def run(member_set: MemberSet, count: int) -> None:
-            for image in images[:count]:
+            for image in images[:count]:  # maps come back on the CPU: nothing to wait for
                 infer_tiled(member_set, image, **options)
     elif size is not None:
         # Each image resized to the members' input first: test images may differ in size.
@@ -584,12 +586,12 @@ def shared_work_cost(hybrid, images: list[torch.Tensor]) -> dict[str, float]:
         )
 
         def run(member_set: MemberSet, count: int) -> None:
-            member_set(batch[:count])
+            wait_for(member_set(batch[:count]))
     else:
 
         def run(member_set: MemberSet, count: int) -> None:
             for image in images[:count]:  # native sizes, which may differ: one at a time
-                member_set(image[None])
+                wait_for(member_set(image[None]))
 
     shared = hybrid.member_set
     timings = {}

@@ -23,6 +23,7 @@ from artifacts.io import atomic_write_csv, atomic_write_json
 from data.sources import DataSource, make_dataset, make_loader
 from experiments.job_folder import JOB_FILE, RESULTS_FILE, SCORE_COLUMNS
 from experiments.memory import peak_rss_mb
+from members.device import synchronize, wait_for
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def _latency_ms(predict, dataset, n: int = 5) -> float:
     for i in range(min(n, len(dataset))):
         batch = collate_samples([dataset[i]])
         started = time.perf_counter()
-        predict(batch)
+        wait_for(predict(batch))
         times.append((time.perf_counter() - started) * 1000)
     return statistics.median(times) if times else float("nan")
 
@@ -73,7 +74,6 @@ def _backbone_and_head_speed(member, loader, device) -> tuple[float | None, floa
     answer given those features (what a hybrid pays after its shared backbone pass). None,
     None for members without a backbone."""
     from members.backbones import FeatureExtractor
-    from members.device import synchronize
 
     extractor = getattr(member, "feature_extractor", None)
     if not isinstance(extractor, FeatureExtractor):

@@ -1,5 +1,5 @@
 """Which device a loaded model runs on, from the ``device.accelerator`` setting, and waiting
-for it before a clock is read (``synchronize``).
+for it before a clock is read (``synchronize``, ``wait_for``).
 
 Inference (``predict``, ``ensemble``) runs the members on one device; what is asked for but
 absent falls back to the CPU with a warning that says so, so a plant's script written for a GPU
@@ -9,6 +9,7 @@ server still runs on a CPU one.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
@@ -47,3 +48,17 @@ def synchronize(device: str | torch.device) -> None:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def wait_for(outputs: Any) -> None:
+    """Wait for the devices that hold ``outputs`` (a tensor, or tuples, lists and dicts of them;
+    anything else is ignored): a model's call returns before a GPU has done its work, so a
+    clock read after it without this times the launch."""
+    if isinstance(outputs, torch.Tensor):
+        synchronize(outputs.device)
+    elif isinstance(outputs, (tuple, list)):
+        for item in outputs:
+            wait_for(item)
+    elif isinstance(outputs, dict):
+        for item in outputs.values():
+            wait_for(item)
