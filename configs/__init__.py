@@ -68,6 +68,7 @@ SUPERVISED = ("auto", "never")
 EXECUTORS = ("local", "ray")
 EXPORT_FORMATS = ("onnx", "openvino")  # deploy.export.FORMATS
 RUNTIMES = ("torch", "onnx", "openvino")  # deploy.runtime.RUNTIMES
+PROMOTE_ON = ("margin", "verdict")  # retraining.holdout.PROMOTE_ON
 
 # Keys that moved (the hybrid's options became one section that ensemble and retrain share): a
 # file or override naming the old place is told the new one.
@@ -225,6 +226,7 @@ def _key_table(members: tuple[str, ...]) -> Mapping[str, Key]:
         "retrain.members": Key(list[str], members),
         "retrain.image_size": Key(int | list),
         "retrain.metric": Key(choices=CRITERIA),
+        "retrain.promote_on": Key(choices=PROMOTE_ON),
         "tiling_benchmark.member": Key(choices=members),
     }
     return types.MappingProxyType(table)  # cached: read-only

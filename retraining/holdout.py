@@ -126,3 +126,35 @@ def compare_on_holdout(
         "images": result["images"],
         **result["differences"]["champion"],
     }
+
+
+PROMOTE_ON = ("margin", "verdict")
+
+
+def promotion(
+    score: float,
+    champion_score: float,
+    comparison: Mapping[str, Any] | None,
+    promote_on: str = "margin",
+    margin: float = 0.0,
+) -> tuple[bool, str]:
+    """Whether the challenger replaces the champion, and why. ``margin``: its holdout score
+    (``retrain.metric``) is at least the champion's less ``margin``. ``verdict``: its image
+    AUROC lead on the same holdout images (``compare_on_holdout``) is "higher" by the paired
+    bootstrap: the interval lies above zero, so a lead the holdout's noise could give is not
+    enough; without a comparison (a holdout of one class) it is not promoted."""
+    if promote_on not in PROMOTE_ON:
+        raise ValueError(f"retrain.promote_on: {promote_on!r}; choose one of {PROMOTE_ON}")
+    reason = f"challenger {score:.4f} vs champion {champion_score:.4f}"
+    lead = (comparison or {}).get("image_auroc")
+    if lead:
+        low, high = lead["interval"]
+        reason += (
+            f"; image AUROC lead {lead['difference']:+.4f} [{low:+.4f}, {high:+.4f}] "
+            f"{lead['verdict']}"
+        )
+    if promote_on == "margin":
+        return score >= champion_score - margin, f"{reason} (margin {margin})"
+    if lead is None:
+        return False, f"{reason}; no paired verdict (the holdout needs normal and defective images)"
+    return lead["verdict"] == "higher", f"{reason} (promoted only when higher)"

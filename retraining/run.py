@@ -18,7 +18,8 @@ is its command line).
    the history entry says why.
 5. Score challenger and champion on the holdout, with the challenger's image-level lead and its
    paired bootstrap interval; promote (one atomic switch of ``current``) when there is no
-   champion or the challenger is not worse by more than ``margin``.
+   champion, or (``promote_on``) the challenger is not worse by more than ``margin``, or its
+   paired verdict is "higher".
 6. Write the manifest (the data is consumed) and append the run to ``history.jsonl``.
 
 Under DDP (``device.strategy: ddp`` with several devices or nodes) the other ranks start before
@@ -55,6 +56,7 @@ from retraining.holdout import (
     compare_on_holdout,
     holdout_dataset,
     holdout_score,
+    promotion,
 )
 from retraining.workspace import (
     append_history,
@@ -379,17 +381,9 @@ def _run_on_rank_zero(cfg: Mapping[str, Any], tell_ranks: Any) -> dict[str, Any]
                 records, champion_records, {"challenger": metrics, "champion": champion_metrics}
             )
             entry["comparison"] = comparison
-            promoted = score >= champion_score - opts["margin"]
-            reason = (
-                f"challenger {score:.4f} vs champion {champion_score:.4f} (margin {opts['margin']})"
+            promoted, reason = promotion(
+                score, champion_score, comparison, opts["promote_on"], opts["margin"]
             )
-            if comparison:
-                lead = comparison["image_auroc"]
-                low, high = lead["interval"]
-                reason += (
-                    f"; image AUROC lead {lead['difference']:+.4f} "
-                    f"[{low:+.4f}, {high:+.4f}] {lead['verdict']}"
-                )
         else:
             promoted, reason = True, "no champion yet"
         if promoted:

@@ -244,6 +244,7 @@ def _choice_cases() -> list[tuple[str, str, str, str, tuple[str, ...]]]:
         ("ensemble", "ensemble.labeled_defects", "always", configs.LABELED_DEFECTS),
         ("ensemble", "ensemble.members", "[foo]", members),
         ("retrain", "retrain.metric", "speed", METRICS),
+        ("retrain", "retrain.promote_on", "always", configs.PROMOTE_ON),
         ("retrain", "hybrid.combiner", "vote", COMBINERS),
         ("retrain", "retrain.members", "[foo]", members),
         ("tiling_benchmark", "tiling_benchmark.member", "foo", members),
@@ -355,7 +356,7 @@ def test_config_choices_equal_the_libraries():
     from fusion.combiners import COMBINERS, LEARNERS
     from fusion.normalizers import NORMALIZERS
     from grading.graders import GRADERS, OPERATING_POINTS, THRESHOLD_METHODS
-    from retraining.holdout import METRICS
+    from retraining.holdout import METRICS, PROMOTE_ON
 
     assert set(configs.COMBINERS) == set(COMBINERS)
     assert set(configs.LEARNERS) == set(LEARNERS)
@@ -366,6 +367,7 @@ def test_config_choices_equal_the_libraries():
     assert set(configs.CRITERIA) == set(CRITERIA) == set(METRICS)
     assert set(configs.EXPORT_FORMATS) == set(FORMATS)
     assert set(configs.RUNTIMES) == set(RUNTIMES)
+    assert set(configs.PROMOTE_ON) == set(PROMOTE_ON)
 
 
 def test_accelerator_choices_are_what_fabric_takes():

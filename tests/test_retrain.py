@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from data.images import write_png
@@ -249,3 +250,62 @@ def test_labeled_defects_train_the_supervised_member_and_decide_the_members(tmp_
     overlap = (f"retrain.labeled_dirs=[{tmp_path / 'normal'}]",)
     assert retrain.main(settings(tmp_path, *overlap)) == 1
     assert "overlaps retrain.labeled_dirs" in capsys.readouterr().err
+
+
+def _holdout_records(scores: np.ndarray, labels: np.ndarray) -> list[dict]:
+    return [
+        {"path": f"holdout/{i:03d}.png", "label": int(y), "score": float(s)}
+        for i, (s, y) in enumerate(zip(scores, labels))
+    ]
+
+
+@pytest.mark.parametrize(
+    ("challenger", "by_margin", "by_verdict"),
+    [("really better", True, True), ("seems better", True, False), ("worse", False, False)],
+)
+def test_promotion_by_verdict_needs_a_lead_beyond_the_holdouts_noise(
+    challenger, by_margin, by_verdict
+):
+    """On one holdout of 200 images, against one champion: a challenger that is really better
+    is promoted either way; one whose small lead the holdout's noise could give is promoted by
+    ``margin`` 0 and not by ``verdict``; a worse one by neither."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from retraining.holdout import compare_on_holdout, promotion
+
+    rng = np.random.default_rng(3)  # a draw where added noise happens to lead a little
+    labels = np.repeat([0, 1], 100)
+    champion = labels * 1.0 + rng.normal(size=200)
+    challengers = {
+        "really better": labels * 3.0 + rng.normal(size=200),
+        "seems better": champion + 0.3 * rng.normal(size=200),
+        "worse": labels * 0.3 + rng.normal(size=200),
+    }
+    scores = {"challenger": challengers[challenger], "champion": champion}
+    exact = {
+        who: {
+            "image_auroc": roc_auc_score(labels, values),
+            "image_ap": average_precision_score(labels, values),
+        }
+        for who, values in scores.items()
+    }
+    lead = exact["challenger"]["image_auroc"] - exact["champion"]["image_auroc"]
+    assert {"really better": lead > 0.1, "seems better": 0 < lead < 0.03, "worse": lead < 0}[
+        challenger
+    ], lead
+    comparison = compare_on_holdout(
+        _holdout_records(scores["challenger"], labels),
+        _holdout_records(scores["champion"], labels),
+        exact,
+    )
+    verdict = {"really better": "higher", "seems better": "within noise", "worse": "lower"}
+    assert comparison["image_auroc"]["verdict"] == verdict[challenger]
+    figures = (exact["challenger"]["image_auroc"], exact["champion"]["image_auroc"], comparison)
+    promoted, reason = promotion(*figures, promote_on="margin", margin=0.0)
+    assert promoted == by_margin and "margin 0.0" in reason
+    promoted, reason = promotion(*figures, promote_on="verdict")
+    assert promoted == by_verdict and verdict[challenger] in reason
+    # Without a paired comparison (a holdout of one class) the verdict cannot promote.
+    assert promotion(*figures[:2], None, promote_on="verdict")[0] is False
+    with pytest.raises(ValueError, match="retrain.promote_on"):
+        promotion(*figures, promote_on="always")
