@@ -7,8 +7,9 @@ then read like any MVTec folder.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,46 @@ def resolve_source(
         intensity_percentiles=tuple(data_cfg["intensity_percentiles"]),
         group_pattern=data_cfg.get("group_pattern"),
     )
+
+
+# Where a job folder's record finds its data from the folder itself (a copied tree of runs
+# and data finds it again); ``data_dir`` is absolute.
+FROM_RECORD = "data_dir_from_record"
+
+
+def recorded_source(source: DataSource | Mapping[str, Any], folder: str | os.PathLike) -> dict:
+    """``source`` (or its fields) as ``folder`` records it (JSON): its data folder absolute, and
+    relative to ``folder``, so that the record resolves the same from any working directory."""
+    fields = asdict(source) if isinstance(source, DataSource) else dict(source)
+    data_dir = Path(fields["data_dir"]).resolve()
+    relative = os.path.relpath(data_dir, Path(folder).resolve())
+    return {**fields, "data_dir": str(data_dir), FROM_RECORD: relative}
+
+
+def source_from_record(record: Mapping[str, Any], folder: str | os.PathLike) -> DataSource:
+    """The ``DataSource`` that ``folder`` recorded (``recorded_source``). Its data is looked for
+    beside the folder as it was recorded, then at its absolute path; a record made before
+    both were kept names a path relative to where its run was started, looked for from here
+    and from each folder above ``folder``. Missing everywhere: an error that names the data,
+    every place tried and the record."""
+    folder = Path(folder)
+    fields = {k: v for k, v in record.items() if k != FROM_RECORD}
+    recorded = Path(record["data_dir"])
+    if FROM_RECORD in record:
+        tried = [Path(os.path.normpath(folder / record[FROM_RECORD])), recorded]
+    else:
+        tried = [recorded, *(above / recorded for above in folder.resolve().parents)]
+    found = next((path for path in tried if path.is_dir()), None)
+    if found is None:
+        places = ", ".join(str(p) for p in dict.fromkeys(tried))
+        raise FileNotFoundError(
+            f"{folder}: the data this was made on ({record['name']}, categories "
+            f"{', '.join(record['categories'])}) is missing; looked in {places}. Copy the "
+            "dataset folder to one of these places."
+        )
+    fields["data_dir"] = found
+    fields["categories"] = tuple(fields["categories"])
+    return DataSource(**fields)
 
 
 def make_dataset(

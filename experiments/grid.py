@@ -109,7 +109,8 @@ def plan_jobs(cfg: Mapping[str, Any]) -> list[Job]:
             spec = {
                 "seed": cfg["seed"],
                 "device": cfg["device"],
-                "source": {**asdict(source), "data_dir": str(source.data_dir)},
+                # As the job folder records it (prepare_job: from there too).
+                "source": {**asdict(source), "data_dir": str(Path(source.data_dir).resolve())},
                 "category": category,
                 "image_size": size,
                 "member": member,

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from artifacts.io import atomic_write_csv, atomic_write_json
-from data.sources import DataSource, make_dataset, make_loader
+from data.sources import DataSource, make_dataset, make_loader, source_from_record
 from experiments.job_folder import JOB_FILE, RESULTS_FILE, SCORE_COLUMNS
 from experiments.memory import peak_rss_mb
 from members.device import synchronize, wait_for
@@ -178,7 +178,7 @@ def run_job(job_dir: Path) -> dict[str, Any] | None:
     writer = trainer.is_global_zero
     if writer:
         atomic_write_json(job_dir / "config.json", spec)
-    source = DataSource(**{**spec["source"], "data_dir": Path(spec["source"]["data_dir"])})
+    source = source_from_record(spec["source"], job_dir)
     category, seed = spec["category"], spec["seed"]
     tiling = spec["tiling"]
     train_set = make_dataset(source, category, "train", seed, spec["image_size"])

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 # The pid of the process that started a fresh interpreter, for it alone (it takes it out of its
@@ -31,6 +32,14 @@ class FreshProcessError(RuntimeError):
         super().__init__(f"{call} failed: {reason}")
         self.reason = reason
         self.signal = signal
+
+
+def _code_path() -> str:
+    """PYTHONPATH for the fresh interpreter: the folder this project's packages are imported
+    from first, so that it runs the code this process runs from any working folder (a checkout
+    used without installing it, or installed for another path)."""
+    here = str(Path(__file__).resolve().parents[1])
+    return os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 def call_in_fresh_process(
@@ -55,7 +64,7 @@ def call_in_fresh_process(
             capture_output=True,
             text=True,
             timeout=timeout_s,
-            env={**os.environ, PARENT_VARIABLE: str(os.getpid())},
+            env={**os.environ, PARENT_VARIABLE: str(os.getpid()), "PYTHONPATH": _code_path()},
         )
     except subprocess.TimeoutExpired:
         raise FreshProcessError(call, f"timed out after {timeout_s} s") from None

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from artifacts.io import atomic_write_json
+from data.sources import recorded_source
 from experiments.grid import Job
 from experiments.job_folder import JOB_FILE, RESULTS_FILE, job_is_complete, read_results
 from experiments.process import FreshProcessError, call_in_fresh_process
@@ -33,11 +34,15 @@ def prepare_job(job: Job, run_dir: Path, label: str) -> Path | None:
     job_dir.mkdir(parents=True, exist_ok=True)
     previous = job_dir / JOB_FILE
     # Compared as job.json holds it: tuples (a source's categories) come back as lists.
-    spec = json.loads(json.dumps(job.spec, default=str))
+    spec = json.loads(
+        json.dumps(
+            {**job.spec, "source": recorded_source(job.spec["source"], job_dir)}, default=str
+        )
+    )
     if previous.is_file() and json.loads(previous.read_text()) != spec:
         # The same cell with other settings: its checkpoints belong to the old settings.
         shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)
-    atomic_write_json(job_dir / JOB_FILE, job.spec)
+    atomic_write_json(job_dir / JOB_FILE, spec)
     (job_dir / RESULTS_FILE).unlink(missing_ok=True)
     return job_dir
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data.sources import DataSource
+from data.sources import DataSource, source_from_record
 from experiments.job_folder import JOB_FILE, job_is_complete, read_results
 from metrics.composite import composite
 
@@ -100,6 +100,6 @@ def select_members(
     else:
         chosen = list(best_per_member.values())[:top_k]
     spec = json.loads((jobs_dir / chosen[0]["job_id"] / JOB_FILE).read_text())
-    source = DataSource(**{**spec["source"], "data_dir": Path(spec["source"]["data_dir"])})
+    source = source_from_record(spec["source"], (jobs_dir / chosen[0]["job_id"]))
     tiling = spec["tiling"] if spec["tiling"]["enabled"] else None
     return Selection(key[0], key[1], key[2], tiling, source, spec["seed"], chosen, ranked)
