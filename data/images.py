@@ -2,7 +2,8 @@
 
 Whatever the camera or file server delivers (8- or 16-bit grayscale, RGB, palette, 1-bit,
 RGBA, ``.npy`` arrays) is read fully (a truncated file must fail here, not later) and converted;
-anything unreadable raises ``ImageReadError`` naming the file and what is wrong.
+anything unreadable raises ``ImageReadError`` naming the file and what is wrong. TIFFs are read
+with tifffile (Pillow cuts 16-bit colour to 8 bits), uncompressed ones memory-mapped.
 
 ``read_image`` divides integers by their container's full scale (255 for 8-bit files, 65535 for
 16-bit ones), the same for every file of a type. Cameras often store 10-, 12- or 14-bit counts in
@@ -16,16 +17,20 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tifffile
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFile, UnidentifiedImageError
+from tifffile import PHOTOMETRIC, TIFF
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy")
+TIFF_SUFFIXES = (".tif", ".tiff")
 # Truncated files must be errors, never silently padded.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 Image.MAX_IMAGE_PIXELS = 20_000 * 20_000  # panels reach 9344 x 7000; refuse absurd sizes
@@ -39,6 +44,23 @@ PERCENTILE_PIXELS = 1 << 22
 
 class ImageReadError(ValueError):
     """An image or mask file cannot be read."""
+
+
+# Colour samples of the TIFF photometric interpretations tifffile reads here; the others
+# (palette, min-is-white, CMYK, YCbCr, ...) go to Pillow, which converts them as for other files.
+_TIFF_COLOURS = {PHOTOMETRIC.MINISBLACK: 1, PHOTOMETRIC.RGB: 3}
+# Pillow modes read as the file holds them (in this dtype), then converted by ``_unit_array``.
+_PIL_DTYPES = {
+    "1": np.bool_,
+    "L": np.uint8,
+    "RGB": np.uint8,
+    "I;16": np.uint16,
+    "I;16B": np.uint16,
+    "I;16L": np.uint16,
+    "I;16N": np.uint16,
+    "I": np.int32,
+    "F": np.float32,
+}
 
 
 def _pil_scale(mode: str) -> float:
@@ -57,29 +79,38 @@ def _dtype_scale(dtype: np.dtype) -> float:
     return 255.0 if np.dtype(dtype).itemsize == 1 else 65535.0
 
 
+def _unit_array(array: np.ndarray, path: Path, keep_integers: bool = False) -> np.ndarray:
+    """Decoded pixels as ``read_image`` returns them: 8- and 16-bit unsigned integers divided by
+    their full scale (or kept, with ``keep_integers``), other integers by theirs once checked to
+    fit 16 bits (negatives clipped), 1-bit pixels as 0 and 1, floats clipped to [0, 1] (divided
+    by their maximum where it is above 1)."""
+    kind, scale = array.dtype.kind, _dtype_scale(array.dtype)
+    if kind == "b":
+        return array.astype(np.float32)
+    if kind == "u" and array.dtype.itemsize <= 2:
+        if keep_integers:
+            return array
+        # Converted and scaled in one pass (the same float32 values): a 16-bit panel's float
+        # copy is 262 MB, and a second one for the quotient would double what reading takes.
+        return np.divide(array, scale, dtype=np.float32)
+    if kind in "iu":
+        peak = array.max(initial=0)
+        if peak > scale:
+            raise ImageReadError(
+                f"{path}: {array.dtype.itemsize * 8}-bit integer values up to {peak} exceed "
+                "16 bits; save the image as 16-bit or as a float .npy in [0, 1]"
+            )
+        return np.divide(np.clip(array, 0, None), scale, dtype=np.float32)
+    if kind == "f":
+        array = array.astype(np.float32, copy=False)
+        return np.clip(array, 0.0, 1.0) if array.max(initial=0) <= 1.0 else array / array.max()
+    raise ImageReadError(f"{path}: pixels of type {array.dtype} are not an image")
+
+
 def _from_pil(image: Image.Image, path: Path, keep_integers: bool = False) -> np.ndarray:
     mode = image.mode
-    if keep_integers and mode in ("I;16", "I;16B", "I;16L", "I;16N", "L", "RGB"):
-        return np.asarray(image, dtype=np.uint8 if mode in ("L", "RGB") else np.uint16)
-    # Integers are converted and scaled in one pass (the same float32 values): a 16-bit panel's
-    # float copy is 262 MB, and a second one for the quotient would double what reading takes.
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        return np.divide(np.asarray(image, dtype=np.uint16), 65535.0, dtype=np.float32)
-    if mode == "I":
-        array = np.asarray(image, dtype=np.int64)
-        if array.max(initial=0) > 65535:
-            raise ImageReadError(
-                f"{path}: 32-bit integer values up to {array.max()} exceed 16 bits; save the "
-                "image as 16-bit or as a float .npy in [0, 1]"
-            )
-        return np.clip(array, 0, None).astype(np.float32) / 65535.0
-    if mode == "F":
-        array = np.asarray(image, dtype=np.float32)
-        return np.clip(array, 0.0, 1.0) if array.max(initial=0) <= 1.0 else array / array.max()
-    if mode == "1":
-        return np.asarray(image, dtype=np.float32)
-    if mode in ("L",):
-        return np.divide(np.asarray(image, dtype=np.uint8), 255.0, dtype=np.float32)
+    if mode in _PIL_DTYPES:
+        return _unit_array(np.asarray(image, dtype=_PIL_DTYPES[mode]), path, keep_integers)
     if mode == "LA":
         return np.asarray(image.getchannel("L"), dtype=np.float32) / 255.0
     if mode == "P":
@@ -91,6 +122,93 @@ def _from_pil(image: Image.Image, path: Path, keep_integers: bool = False) -> np
     return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
 
 
+def _read_pil(path: Path, keep_integers: bool) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode everything now: truncation must surface here
+            return _from_pil(image, path, keep_integers)
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise ImageReadError(f"{path}: not an image file PIL can read") from exc
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageReadError(f"{path}: unreadable or truncated image ({exc})") from exc
+
+
+def _tiff_page(tif: tifffile.TiffFile, path: Path) -> tifffile.TiffPage | None:
+    """The first page of a TIFF if tifffile reads it, None where Pillow does: photometric
+    interpretations other than grey and RGB, and compressions (LZW, JPEG, CCITT) or predictors
+    tifffile decodes only with ``imagecodecs``, which is not a dependency. More than 8 bits per
+    colour sample in those is an error: Pillow would cut it to 8."""
+    page = tif.pages[0]
+    if page.photometric not in _TIFF_COLOURS:
+        return None
+    if page.dtype is None:
+        raise ImageReadError(
+            f"{path}: TIFF samples of {page.bitspersample} bits in sample format "
+            f"{page.sampleformat} are not supported"
+        )
+    if page.compression in TIFF.DECOMPRESSORS and page.predictor in TIFF.UNPREDICTORS:
+        return page
+    if page.photometric == PHOTOMETRIC.RGB and page.bitspersample > 8:
+        codec = getattr(page.compression, "name", page.compression)
+        raise ImageReadError(
+            f"{path}: {page.bitspersample}-bit RGB TIFF compressed with {codec} (predictor "
+            f"{page.predictor}): tifffile decodes it only with the imagecodecs package "
+            "(pip install imagecodecs), and Pillow would cut it to 8 bits"
+        )
+    return None
+
+
+@contextmanager
+def _tiff_errors(path: Path) -> Iterator[None]:
+    """Whatever tifffile raises on a file as an ``ImageReadError`` naming it: beyond its own
+    errors and short reads, corrupt tags surface as any Python error (flipped bytes gave
+    TypeError, IndexError, ZeroDivisionError, struct.error, zlib.error)."""
+    try:
+        yield
+    except ImageReadError:
+        raise
+    except Exception as exc:
+        raise ImageReadError(f"{path}: unreadable or truncated TIFF ({exc})") from exc
+
+
+def _read_tiff(path: Path, keep_integers: bool) -> np.ndarray | None:
+    """A TIFF's first page (further pages, such as thumbnails, are not read) as ``read_image``
+    returns it; None where Pillow reads the file instead (``_tiff_page``)."""
+    with _tiff_errors(path), tifffile.TiffFile(path) as tif:
+        page = _tiff_page(tif, path)
+        if page is None:
+            return None
+        planes, depth, height, width, samples = page.shaped
+        colours = _TIFF_COLOURS[page.photometric]
+        if depth != 1 or planes * samples - len(page.extrasamples) != colours:
+            raise ImageReadError(
+                f"{path}: TIFF of {planes * samples} samples per pixel and depth {depth} is "
+                f"not a {'grey' if colours == 1 else 'RGB'} image"
+            )
+        if height * width > Image.MAX_IMAGE_PIXELS:
+            raise ImageReadError(
+                f"{path}: {width} x {height} px exceeds the limit of {Image.MAX_IMAGE_PIXELS} px"
+            )
+        # Uncompressed pixels stored contiguously, as read_image lays them out, are mapped
+        # rather than read: a LazyImage of the map reads only the pages of the windows it
+        # converts (a 65 MP 16-bit panel is 131 MB). Compressed, tiled, planar or alpha
+        # pixels are read whole: tifffile reads tiles lazily only through zarr (aszarr),
+        # not a dependency. A mapped file must not be truncated while it is in use.
+        mapped = (
+            page.is_memmappable
+            and planes == 1
+            and samples == colours
+            and np.dtype(tif.byteorder + page.dtype.char).isnative
+        )
+        raw = tifffile.memmap(path, page=0, mode="r") if mapped else page.asarray()
+        # [H, W, C] of chunky or planar [C, H, W] samples (views of a mapped page), alpha dropped.
+        array = np.moveaxis(raw.reshape(planes, height, width, samples), 0, 2)
+        array = array.reshape(height, width, planes * samples)[..., :colours]
+    return _unit_array(array, path, keep_integers)
+
+
 def integer_scale(dtype: np.dtype) -> float:
     """The divisor that maps an array of ``dtype`` to [0, 1]: the full range of an integer
     type (255 for 8-bit, 65535 for 16-bit camera images), 1 for floats."""
@@ -100,10 +218,12 @@ def integer_scale(dtype: np.dtype) -> float:
 def read_image(path: str | os.PathLike, keep_integers: bool = False) -> np.ndarray:
     """Float32 in [0, 1]: ``[H, W]`` for grayscale, ``[H, W, 3]`` for color (alpha dropped).
 
-    ``keep_integers``: 8-bit grey and RGB files and 16-bit grey ones as the file holds them
-    (uint8, uint16: a quarter or half of float32's memory); ``to_array``, an
+    ``keep_integers``: 8-bit grey and RGB files, 16-bit grey ones and 16-bit RGB TIFFs as the
+    file holds them (uint8, uint16: a quarter or half of float32's memory); ``to_array``, an
     ``IntensityWindow`` or a ``LazyImage`` brings them to the float32 values read without it.
-    Other files are read as float32 either way."""
+    Other files are read as float32 either way. Of an uncompressed grey or RGB TIFF (samples
+    interleaved, no alpha) it is then a read-only ``np.memmap`` of the file, read where it is
+    indexed. Of a multi-page file (TIFF, GIF) only the first page is read."""
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: file not found")
@@ -111,22 +231,16 @@ def read_image(path: str | os.PathLike, keep_integers: bool = False) -> np.ndarr
         raise ImageReadError(f"{path}: empty file (0 bytes)")
     if path.suffix.lower() == ".npy":
         return _read_npy(path)
-    try:
-        with Image.open(path) as image:
-            image.load()  # decode everything now: truncation must surface here
-            array = _from_pil(image, path, keep_integers)
-    except ImageReadError:
-        raise
-    except UnidentifiedImageError as exc:
-        raise ImageReadError(f"{path}: not an image file PIL can read") from exc
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageReadError(f"{path}: unreadable or truncated image ({exc})") from exc
+    array = _read_tiff(path, keep_integers) if path.suffix.lower() in TIFF_SUFFIXES else None
+    if array is None:
+        array = _read_pil(path, keep_integers)
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
     if min(array.shape[:2]) < 1:
         raise ImageReadError(f"{path}: image has no pixels {array.shape}")
     if np.issubdtype(array.dtype, np.integer):
-        return np.ascontiguousarray(array)
+        # A mapped TIFF stays a memmap: it is C-contiguous already.
+        return array if isinstance(array, np.memmap) else np.ascontiguousarray(array)
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
@@ -214,7 +328,9 @@ class LazyImage:
     an ``IntensityWindow`` by default), ``np.asarray(image)`` converts it whole.
 
     ``shape`` and indexing are an array's, ``[H, W]`` or ``[H, W, 3]``; ``luminance()`` is the
-    ``[H, W]`` channel mean of a colour image, converted in the same way."""
+    ``[H, W]`` channel mean of a colour image, converted in the same way. ``raw`` may be the
+    ``np.memmap`` that ``read_image`` gives of an uncompressed TIFF: a window read then reads
+    only that window's pages of the file."""
 
     def __init__(
         self,
@@ -348,8 +464,15 @@ def _container_scale(item: str | os.PathLike | np.ndarray) -> float:
     try:
         if path.suffix.lower() == ".npy":
             return _dtype_scale(np.load(path, mmap_mode="r", allow_pickle=False).dtype)
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            with _tiff_errors(path), tifffile.TiffFile(path) as tif:
+                page = _tiff_page(tif, path)
+                if page is not None:
+                    return _dtype_scale(page.dtype)
         with Image.open(path) as image:
             return _pil_scale(image.mode)
+    except ImageReadError:
+        raise
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as exc:
         raise ImageReadError(f"{path}: not a readable image ({exc})") from exc
 
