@@ -4,7 +4,8 @@ and the intensity window fixed in it.
 
 Workspace layout (``retrain.workspace``)::
 
-    lock                 held while a run works: {"pid", "host", "started"}
+    lock                 flock-ed while a run works (the kernel frees it if the run dies)
+    lock.holder.json     who holds it: {"pid", "host", "started"}, for messages
     manifest.json        SHA-256 of every data file seen by the last completed run
     holdout.json         the fixed holdout (chosen once), so champion and challenger compare fairly
     intensity.json       the intensity window (fitted once), so every hybrid sees the same scaling

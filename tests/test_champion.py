@@ -37,17 +37,17 @@ def test_lock_is_exclusive_while_its_holder_lives(tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    # Its holder is dead now: the lock is stale, cleared and taken.
+    # Its holder is dead now: the kernel freed the lock, and the holder file it left is reported.
     lock = RunLock(path).acquire()
     assert lock.stale_cleared["pid"] == holder.pid
-    assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert json.loads(lock.holder_path.read_text())["pid"] == os.getpid()
     lock.release()
-    assert not path.exists()
+    assert not lock.holder_path.exists() and path.exists()  # the lock file itself stays
 
 
-def test_unreadable_lock_file_counts_as_stale(tmp_path):
+def test_unreadable_holder_file_left_behind_counts_as_stale(tmp_path):
     path = tmp_path / "lock"
-    path.write_text("{half")
+    RunLock(path).holder_path.write_text("{half")
     with RunLock(path) as lock:
         assert lock.stale_cleared == {}
 
