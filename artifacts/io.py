@@ -4,6 +4,11 @@ Every result and model the project writes goes through these functions: the byte
 temporary file beside the target and are renamed over it, so a crash or a full disk never leaves
 a half-written file that a later run would trust. Pickled artifacts (joblib) are only loaded from
 a folder whose SHA-256 manifest verifies.
+
+A manifest proves a folder whole, not where it came from: anyone who can write the folder can
+rewrite it. With a secret key (``artifacts.key_file``, or the file ``OLED_AD_KEY_FILE`` names)
+every manifest is signed with HMAC-SHA256 (RFC 2104) over its entries, and a folder that is
+unsigned, or signed with another key, is refused.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import ctypes
 import errno
 import functools
 import hashlib
+import hmac
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -24,6 +31,12 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST_NAME = "manifest.sha256.json"
+# The file holding the signing key; pipelines set it from ``artifacts.key_file`` for themselves
+# and the processes they start.
+KEY_VARIABLE = "OLED_AD_KEY_FILE"
+MIN_KEY_BYTES = 32
+
+log = logging.getLogger(__name__)
 
 
 class ArtifactError(RuntimeError):
@@ -243,10 +256,60 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def use_key_file(path: str | os.PathLike | None) -> None:
+    """Sign and verify manifests with the key in ``path`` from now on, in this process and the
+    processes it starts (None: as the environment says). The key is checked now."""
+    if path:
+        read_key(path)
+        os.environ[KEY_VARIABLE] = str(Path(path).resolve())
+
+
+def read_key(path: str | os.PathLike) -> bytes:
+    """The signing key in ``path`` (its bytes, surrounding whitespace left out)."""
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ArtifactError(
+            f"{path}: cannot read the signing key ({exc.strerror}); artifacts.key_file or "
+            f"{KEY_VARIABLE} names it"
+        ) from None
+    if len(key) < MIN_KEY_BYTES:
+        raise ArtifactError(
+            f"{path}: a signing key of {len(key)} bytes is too short; write at least "
+            f'{MIN_KEY_BYTES} random bytes into it, e.g. python -c "import secrets; '
+            f'print(secrets.token_hex(32))" > {path}'
+        )
+    return key
+
+
+_said_unsigned = False
+
+
+def _signing_key() -> tuple[bytes, str] | None:
+    """The configured key and the file it came from; None (said once in the log) without one."""
+    global _said_unsigned
+    path = os.environ.get(KEY_VARIABLE)
+    if path:
+        return read_key(path), path
+    if not _said_unsigned:
+        log.info(
+            "model folders are not signed: set artifacts.key_file (or %s) to sign and verify them",
+            KEY_VARIABLE,
+        )
+        _said_unsigned = True
+    return None
+
+
+def _signature(key: bytes, entries: Mapping[str, str]) -> str:
+    text = json.dumps(entries, sort_keys=True, separators=(",", ":"))
+    return hmac.new(key, text.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
 def write_manifest(
     folder: str | os.PathLike, files: Iterable[str | os.PathLike] | None = None
 ) -> Path:
-    """Write ``folder/manifest.sha256.json`` listing the SHA-256 of every file (or of ``files``)."""
+    """Write ``folder/manifest.sha256.json`` listing the SHA-256 of every file (or of ``files``),
+    signed where a key is configured."""
     folder = Path(folder)
     if files is None:
         files = sorted(
@@ -259,20 +322,40 @@ def write_manifest(
         f = Path(f)
         f = f if f.is_absolute() else folder / f
         entries[f.relative_to(folder).as_posix()] = sha256_file(f)
-    return atomic_write_json(folder / MANIFEST_NAME, {"sha256": entries})
+    manifest: dict[str, Any] = {"sha256": entries}
+    signing = _signing_key()
+    if signing is not None:
+        manifest["hmac_sha256"] = _signature(signing[0], entries)
+    return atomic_write_json(folder / MANIFEST_NAME, manifest)
 
 
 def verify_manifest(folder: str | os.PathLike) -> dict[str, str]:
-    """Check every file listed in the folder's manifest; raise ``ArtifactError`` naming the first
-    file that is missing or whose checksum differs. Returns the manifest's entries."""
+    """Check every file listed in the folder's manifest, and its signature where a key is
+    configured; raise ``ArtifactError`` naming the first file that is missing or whose checksum
+    differs, or the manifest that is unsigned or signed otherwise. Returns its entries."""
     folder = Path(folder)
     manifest = folder / MANIFEST_NAME
     if not manifest.is_file():
         raise ArtifactError(f"{folder}: no {MANIFEST_NAME}; the artifact is incomplete or foreign")
     try:
-        entries = json.loads(manifest.read_text())["sha256"]
+        content = json.loads(manifest.read_text())
+        entries = content["sha256"]
     except (ValueError, KeyError, TypeError) as exc:
         raise ArtifactError(f"{manifest}: unreadable manifest ({exc})") from exc
+    signing = _signing_key()
+    if signing is not None:
+        key, key_file = signing
+        signed = content.get("hmac_sha256")
+        if not isinstance(signed, str):
+            raise ArtifactError(
+                f"{manifest}: not signed, and a signing key is configured ({key_file}); "
+                "refusing it. Rebuild or re-export the folder with the key set"
+            )
+        if not hmac.compare_digest(signed, _signature(key, entries)):
+            raise ArtifactError(
+                f"{manifest}: the signature does not match the key in {key_file}; the folder "
+                "was changed or signed with another key. Refusing it"
+            )
     for rel, expected in entries.items():
         target = (folder / rel).resolve()
         if folder.resolve() not in target.parents:

@@ -199,6 +199,7 @@ def _key_table(members: tuple[str, ...]) -> Mapping[str, Key]:
         "benchmark.datasets": Key(list[dict]),  # overlays of the data section
         "benchmark.run_name": name,
         "benchmark.init_from": name,
+        "artifacts.key_file": name,
         "benchmark.job_timeout_s": number,
         "benchmark.executor": Key(choices=EXECUTORS),
         "ensemble.from_run": name,

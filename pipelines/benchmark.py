@@ -20,7 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
-from artifacts.io import atomic_write_json
+from artifacts.io import atomic_write_json, use_key_file
 from configs import Flag, add_config_arguments, load_config, split_names, write_config
 from experiments.grid import config_hash, plan_jobs
 from experiments.job_folder import read_scores
@@ -85,6 +85,7 @@ def overrides_from_flags(args: argparse.Namespace) -> list[Flag]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config("benchmark", args.config, [*args.overrides, *overrides_from_flags(args)])
+    use_key_file(cfg["artifacts"]["key_file"])
     setup_logging()
     jobs = plan_jobs(cfg)
     if args.list:

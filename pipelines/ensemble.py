@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from artifacts.io import atomic_write_csv, atomic_write_json
+from artifacts.io import atomic_write_csv, atomic_write_json, use_key_file
 from configs import Flag, add_config_arguments, load_config, split_names, write_config
 from pipelines.common import (
     PipelineError,
@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     clock = PhaseClock()
     cfg = load_config("ensemble", args.config, [*args.overrides, *overrides_from_flags(args)])
+    use_key_file(cfg["artifacts"]["key_file"])
     opts = cfg["ensemble"]
     setup_logging()
     if not opts["from_run"]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 
+from artifacts.io import use_key_file
 from configs import Flag, add_config_arguments, load_config
 from pipelines.common import PipelineError, main_guard
 
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     cfg = load_config("export", args.config, [*args.overrides, *overrides_from_flags(args)])
+    use_key_file(cfg["artifacts"]["key_file"])
     opts = cfg["export"]
     if not opts["hybrid"]:
         raise PipelineError("no hybrid given: pass --hybrid DIR (or export.hybrid)")

@@ -29,6 +29,7 @@ import logging
 import time
 from pathlib import Path
 
+from artifacts.io import use_key_file
 from configs import ConfigError, Flag, add_config_arguments, load_config
 from pipelines.common import (
     PARTIAL_FAILURE,
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     cfg = load_config("predict", args.config, [*args.overrides, *overrides_from_flags(args)])
+    use_key_file(cfg["artifacts"]["key_file"])
     opts = cfg["predict"]
     if opts["overlay_max_side"] is not None and opts["overlay_max_side"] <= 0:
         raise ConfigError(

@@ -17,6 +17,7 @@ import re
 import time
 from pathlib import Path
 
+from artifacts.io import use_key_file
 from artifacts.lock import LockHeld
 from configs import ConfigError, add_config_arguments, load_config
 from pipelines.common import PipelineError, describe_error, main_guard, setup_rank_logging
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     cfg = load_config("retrain", args.config, args.overrides)
+    use_key_file(cfg["artifacts"]["key_file"])
     if cfg["retrain"]["image_size"] is None:
         raise ConfigError("retrain.image_size must be a positive int or [height, width], got null")
     interval = parse_interval(args.every) if args.every else None

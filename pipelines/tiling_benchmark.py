@@ -21,7 +21,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from artifacts.io import atomic_write_csv, atomic_write_json, csv_text
+from artifacts.io import atomic_write_csv, atomic_write_json, csv_text, use_key_file
 from configs import add_config_arguments, load_config, write_config
 from experiments.process import call_in_fresh_process
 from experiments.tiling_measurements import (
@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config("tiling_benchmark", args.config, args.overrides)
+    use_key_file(cfg["artifacts"]["key_file"])
     bench, tiling = cfg["tiling_benchmark"], cfg["tiling"]
     run_dir = Path(cfg["output_dir"]).resolve() / bench["run_name"]
     run_dir.mkdir(parents=True, exist_ok=True)
