@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from artifacts.io import atomic_write_json, write_manifest
-from data.sources import DataSource
+from data.sources import DataSource, recorded_source
 from experiments.job_folder import JOB_FILE, RESULTS_FILE
 from experiments.selection import select_members
 from metrics.composite import composite
@@ -22,8 +21,10 @@ def finished_job(run: Path, member: str, test: dict, validation: dict | None) ->
     (job / "weights").mkdir(parents=True)
     (job / "weights" / "weights.pt").write_bytes(member.encode())
     write_manifest(job / "weights")
-    source = DataSource("synthetic", "mvtec", Path("/data"), ("panels",), 64)
-    spec = {"source": {**asdict(source), "data_dir": "/data"}, "tiling": {"enabled": False}}
+    data = run.parent / "data"  # the run's data: selection checks that it is there
+    data.mkdir(exist_ok=True)
+    source = DataSource("synthetic", "mvtec", data, ("panels",), 64)
+    spec = {"source": recorded_source(source, job), "tiling": {"enabled": False}}
     atomic_write_json(job / JOB_FILE, {**spec, "seed": 0})
     results = {
         "status": "ok",
