@@ -75,7 +75,7 @@ def test_ddp_retraining_takes_the_lock_once_and_promotes_once(tmp_path):
     workspace = tmp_path / "ws"
     assert [e["action"] for e in read_history(workspace)] == ["promoted"]
     assert len(list((workspace / "hybrids").iterdir())) == 1
-    assert not (workspace / "lock").exists()
+    assert not (workspace / "lock.holder.json").exists()  # released
     Hybrid.load(current_champion(workspace))
 
     # No new data: rank 0 tells the other rank that nothing is trained, and both end.

@@ -102,19 +102,29 @@ def test_the_lock_refuses_a_second_run_and_clears_a_stale_one(tmp_path, capsys):
     add_normals(tmp_path / "normal", 0, 10)
     workspace = tmp_path / "ws"
     workspace.mkdir()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from artifacts.lock import RunLock; "
+            f"RunLock({str(workspace / 'lock')!r}).acquire(); print('held', flush=True); "
+            "time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     try:
-        lock = {"pid": sleeper.pid, "host": os.uname().nodename, "started": 0}
-        (workspace / "lock").write_text(json.dumps(lock))
+        assert holder.stdout.readline().strip() == "held"
         assert retrain.main(settings(tmp_path)) == 1
-        assert f"held by pid {sleeper.pid}" in capsys.readouterr().err
+        assert f"held by pid {holder.pid}" in capsys.readouterr().err
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    # The holder is dead now: its lock is stale, cleared, and the run goes on.
+        holder.kill()
+        holder.wait()
+    # The holder died holding it: the kernel freed the lock, and the run says so and goes on.
     assert retrain.main(settings(tmp_path)) == 0
     assert current_champion(workspace) is not None
-    assert not (workspace / "lock").exists()
+    assert not (workspace / "lock.holder.json").exists()
 
 
 def test_sigkill_at_any_step_leaves_the_champion_intact(tmp_path):
