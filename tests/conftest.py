@@ -5,6 +5,17 @@ from pathlib import Path
 
 import pytest
 
+# The suite runs in pytest-xdist workers (pyproject's addopts: ``-n auto --dist loadfile``; a
+# test file stays in one worker, so its module fixtures are built once). ``-n 0`` runs it in one
+# process. Each worker gets its share of the cores. Without this every worker's torch
+# (and every process it starts) would use all cores, and the workers would slow each other far
+# more than they gain. Set before any test module imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    _threads = str(max(1, len(os.sched_getaffinity(0)) // _workers))
+    for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[_variable] = _threads
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -35,3 +46,13 @@ def panels_dir(tmp_path_factory) -> Path:
     return write_dataset(
         tmp_path_factory.mktemp("panels"), n_train=24, n_test=20, size=128, seed=3
     ).parent
+
+
+# A worker's peak resident memory reaches about 4 GiB (measured, 2026-12-07): no more workers
+# than cores, nor than 6 GiB of memory each allows.
+WORKER_MEMORY = 6 * 2**30
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(1, min(len(os.sched_getaffinity(0)), memory // WORKER_MEMORY))

@@ -21,11 +21,14 @@ def panel_loader(data_dir: Path, split: str, size: int = 128, batch_size: int = 
     )
 
 
-def fit_member(member: Member, data_dir: Path, **trainer_options) -> list[dict]:
+def fit_member(
+    member: Member, data_dir: Path, batch_size: int = 8, **trainer_options
+) -> list[dict]:
     """Fit ``member`` on the panels' training split; its history rows."""
     trainer_options.setdefault("progress", False)
     trainer = FabricTrainer(**trainer_options)
-    return member.fit(panel_loader(data_dir, "train"), None, trainer).history_
+    train = panel_loader(data_dir, "train", batch_size=batch_size)
+    return member.fit(train, None, trainer).history_
 
 
 def fit_supervised(member: Member, data_dir: Path, **trainer_options) -> Member:

@@ -177,13 +177,23 @@ def test_batches_through_the_members_give_the_results_of_one_image_at_a_time(
         argv += ["--set", f"predict.batch_size={size}"]
         assert call(predict.main, argv, capsys)[0] == 0
         results[size] = json.loads((out / "predictions.json").read_text())["images"]
+    threshold = Hybrid.load(tiny_run["hybrid"]).image_threshold_
+    decided_alike = 0
     for one, batched in zip(results[1], results[4]):
-        assert one["path"] == batched["path"] and one["level"] == batched["level"]
+        assert one["path"] == batched["path"]
         # A batched convolution rounds differently from a single one: member scores move by
         # ~1e-6 relative (measured), which the fitted image fusion, steep on this tiny run,
         # turns into up to ~5e-4 of fused score.
         assert batched["score"] == pytest.approx(one["score"], abs=2e-3)
+        if one["label"] != batched["label"]:
+            # Only a score within that rounding of the image threshold may land on either side
+            # (seen with one thread per process: a level 2 in batches, 0 alone).
+            assert one["score"] == pytest.approx(threshold, abs=2e-3), (one, threshold)
+            continue
+        decided_alike += 1
+        assert one["level"] == batched["level"]
         assert [r["bbox"] for r in batched["regions"]] == [r["bbox"] for r in one["regions"]]
+    assert decided_alike >= len(results[1]) - 1
 
 
 def test_the_throughput_measurement_reports_each_figure_per_batch_size(tiny_run, panels):
