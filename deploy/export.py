@@ -172,13 +172,17 @@ def _export_graph(
     what = f"member {spec.member!r}" if spec.member else f"backbone graph {spec.name}"
     try:
         with _quiet_exporter():
+            # Captured here, exactly: left to itself, torch.onnx.export (torch 2.8) falls back
+            # to torch.export's draft mode, which bakes a branch on the data into the graph.
+            program = torch.export.export(
+                module, tuple(inputs), dynamic_shapes=dynamic, strict=False
+            )
             torch.onnx.export(
-                module,
+                program,
                 tuple(inputs),
                 str(path),
                 input_names=spec.inputs,
                 output_names=spec.outputs,
-                dynamic_shapes=dynamic,
                 opset_version=opset,
                 dynamo=True,
                 external_data=False,
