@@ -7,7 +7,8 @@ import pytest
 
 # The suite runs in pytest-xdist workers (pyproject's addopts: ``-n auto --dist loadfile``; a
 # test file stays in one worker, so its module fixtures are built once). ``-n 0`` runs it in one
-# process. Each worker gets its share of the cores. Without this every worker's torch
+# process. ``--max-worker-restart=0``: a crashed worker fails the run at once, since under
+# loadfile a replaced worker can wait forever (pytest-dev/pytest-xdist#784). Each worker gets its share of the cores. Without this every worker's torch
 # (and every process it starts) would use all cores, and the workers would slow each other far
 # more than they gain. Set before any test module imports torch.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):

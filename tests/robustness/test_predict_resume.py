@@ -5,7 +5,6 @@ folder; a folder of another hybrid is refused."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -73,32 +72,48 @@ def test_a_changed_file_is_predicted_again(tiny_run, panels, tmp_path):
     }
 
 
+# Interrupts the second image it is asked for, from inside predict's own process.
+INTERRUPTING = """
+import os
+import signal
+
+from fusion.hybrid import Hybrid
+
+_original, _seen = Hybrid.predict, []
+
+
+def _predict_and_interrupt(self, image, *args, **kwargs):
+    _seen.append(1)
+    if len(_seen) == 2:
+        for _ in range({signals}):
+            os.kill(os.getpid(), signal.SIGINT)
+    return _original(self, image, *args, **kwargs)
+
+
+Hybrid.predict = _predict_and_interrupt
+"""
+
+
 @pytest.mark.parametrize("signals", [1, 2], ids=["once", "twice"])
 def test_ctrl_c_keeps_what_is_done_and_says_how_to_resume(
-    tiny_run, panels, tmp_path, monkeypatch, capsys, signals
+    tiny_run, panels, tmp_path, capsys, signals
 ):
     """Ctrl-C during the second image: once finishes it, twice drops it; exit 130, no
-    traceback, every finished image kept, the same command resumes."""
-    original = Hybrid.predict
-    seen = []
-
-    def predict_and_interrupt(self, image, *args, **kwargs):
-        seen.append(1)
-        if len(seen) == 2:
-            for _ in range(signals):
-                os.kill(os.getpid(), signal.SIGINT)
-        return original(self, image, *args, **kwargs)
-
-    monkeypatch.setattr(Hybrid, "predict", predict_and_interrupt)
+    traceback, every finished image kept, the same command resumes. Run in its own interpreter,
+    as a user's would be: the signal reaches that process only, not the test process (whose
+    other tests may have left signal handlers behind, Ray's among them)."""
+    patch = tmp_path / "patch"
+    patch.mkdir()
+    (patch / "sitecustomize.py").write_text(INTERRUPTING.format(signals=signals))
     out = tmp_path / "out"
     argv = ["--hybrid", tiny_run["hybrid"], "--out", out, *panels]
-    code, stdout, _ = call(predict.main, argv, capsys)
-    assert code == 130
-    assert "Run the same command again to resume" in stdout
+    interrupted = run_module("pipelines.predict", *argv, pythonpath=(patch,))
+    assert interrupted.returncode == 130, interrupted.stderr[-3000:]
+    assert "Run the same command again to resume" in interrupted.stdout
+    assert "Traceback" not in interrupted.stderr
     kept = [e["path"] for e in _lines(out)]
     assert kept == [str(p) for p in panels[: 3 - signals]]
     assert json.loads((out / "predictions.json").read_text())["images"][-1]["path"] == kept[-1]
-    monkeypatch.setattr(Hybrid, "predict", original)
     code, stdout, _ = call(predict.main, argv, capsys)
     assert code == 0 and f"{len(kept)} image(s) already done" in stdout
     assert sorted(e["path"] for e in _lines(out)) == sorted(map(str, panels))
