@@ -31,6 +31,7 @@ IMAGE_COLUMNS = (
     "level",
     "regions",
     "mura_energy_pct",
+    "wavelet_uniformity_pct",
     "delta_e2000_mean",
     "delta_e2000_p99",
     "warning",
