@@ -256,6 +256,12 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def manifest_id(folder: str | os.PathLike) -> str:
+    """What identifies a saved folder (a hybrid, its export): the SHA-256 of its manifest, which
+    lists every file's."""
+    return sha256_file(Path(folder) / MANIFEST_NAME)
+
+
 def use_key_file(path: str | os.PathLike | None) -> None:
     """Sign and verify manifests with the key in ``path`` from now on, in this process and the
     processes it starts (None: as the environment says). The key is checked now."""
@@ -333,12 +339,119 @@ def verify_manifest(folder: str | os.PathLike) -> dict[str, str]:
     """Check every file listed in the folder's manifest, and its signature where a key is
     configured; raise ``ArtifactError`` naming the first file that is missing or whose checksum
     differs, or the manifest that is unsigned or signed otherwise. Returns its entries."""
-    folder = Path(folder)
-    manifest = folder / MANIFEST_NAME
+    return VerifiedFolder.open(folder).verify()
+
+
+def load_joblib_verified(path: str | os.PathLike, root: str | os.PathLike) -> Any:
+    """Load a joblib file only if it lies inside ``root`` and ``root``'s manifest verifies it."""
+    path, root = Path(path).resolve(), Path(root).resolve()
+    if root not in path.parents:
+        raise ArtifactError(f"refusing to load {path}: it is outside the artifact folder {root}")
+    return VerifiedFolder.open(root).load_joblib(path.relative_to(root).as_posix())
+
+
+class VerifiedFolder:
+    """An artifact folder read through its manifest, each file checked once.
+
+    Opening it checks the manifest (and its signature, where a key is configured), that every
+    entry lies inside the folder and that every listed file is there. Each file is then checked
+    as it is read: its SHA-256 is taken of the very bytes that are returned, so nothing changes
+    between the check and the use, and a pickle is unpickled only after its bytes matched.
+    ``verify`` checks the listed files not read yet; ``within`` reads a sub-folder (a member's,
+    inside a hybrid's) through the same manifest.
+
+    ``VerifiedFolder.open(folder)`` checks the manifest and returns the folder to read.
+
+    Args:
+        folder: the folder the entries are relative to.
+        manifest: the manifest they come from (named in errors).
+        entries: relative path -> expected SHA-256.
+        identity: the manifest's SHA-256 (``manifest_id``), of the bytes the entries were read
+            from.
+    """
+
+    def __init__(
+        self, folder: Path, manifest: Path, entries: Mapping[str, str], identity: str
+    ) -> None:
+        self.folder, self.manifest, self.entries = Path(folder), Path(manifest), dict(entries)
+        self.identity = identity
+        self.checked: set[str] = set()
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike) -> VerifiedFolder:
+        """The folder ``folder`` as its manifest ``MANIFEST_NAME`` lists it, once the manifest
+        and its signature are checked and every listed file is there."""
+        folder = Path(folder)
+        manifest = folder / MANIFEST_NAME
+        return cls(folder, manifest, *_manifest_entries(folder, manifest))
+
+    def within(self, sub: str) -> VerifiedFolder:
+        """The files under ``sub`` (a relative folder), checked against this manifest."""
+        prefix = sub.rstrip("/") + "/"
+        entries = {
+            rel[len(prefix) :]: digest
+            for rel, digest in self.entries.items()
+            if rel.startswith(prefix)
+        }
+        return VerifiedFolder(self.folder / sub, self.manifest, entries, self.identity)
+
+    def read_bytes(self, rel: str) -> bytes:
+        """The bytes of the listed file ``rel``, after their SHA-256 matched the manifest."""
+        if rel not in self.entries:
+            raise ArtifactError(
+                f"refusing to load {self.folder / rel}: it is not listed in {self.manifest}"
+            )
+        data = (self.folder / rel).read_bytes()
+        self._check(rel, hashlib.sha256(data).hexdigest())
+        return data
+
+    def read_json(self, rel: str) -> Any:
+        try:
+            return json.loads(self.read_bytes(rel))
+        except ValueError as exc:
+            raise ArtifactError(f"{self.folder / rel}: not JSON ({exc})") from exc
+
+    def load_joblib(self, rel: str) -> Any:
+        import joblib
+
+        return joblib.load(io.BytesIO(self.read_bytes(rel)))
+
+    def load_torch(self, rel: str, map_location: Any = "cpu") -> Any:
+        """A torch file, with ``weights_only=True``; errors name the file."""
+        import torch
+
+        data = self.read_bytes(rel)
+        try:
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        except Exception as exc:  # truncated before the manifest was written, or not torch's
+            raise ArtifactError(f"cannot load weights file {self.folder / rel}: {exc}") from exc
+
+    def verify(self) -> dict[str, str]:
+        """Check every listed file not read yet; returns the entries."""
+        for rel in self.entries:
+            if rel not in self.checked:
+                self._check(rel, sha256_file(self.folder / rel))
+        return dict(self.entries)
+
+    def _check(self, rel: str, actual: str) -> None:
+        expected = self.entries[rel]
+        if actual != expected:
+            raise ArtifactError(
+                f"{self.folder / rel}: SHA-256 {actual[:12]}… does not match the manifest "
+                f"({expected[:12]}…); the artifact was modified"
+            )
+        self.checked.add(rel)
+
+
+def _manifest_entries(folder: Path, manifest: Path) -> tuple[dict[str, str], str]:
+    """The manifest's entries and its own SHA-256, after its signature (where a key is
+    configured), each entry's place inside ``folder`` and each listed file's presence were
+    checked."""
     if not manifest.is_file():
         raise ArtifactError(f"{folder}: no {MANIFEST_NAME}; the artifact is incomplete or foreign")
     try:
-        content = json.loads(manifest.read_text())
+        raw = manifest.read_bytes()
+        content = json.loads(raw)
         entries = content["sha256"]
     except (ValueError, KeyError, TypeError) as exc:
         raise ArtifactError(f"{manifest}: unreadable manifest ({exc})") from exc
@@ -356,29 +469,11 @@ def verify_manifest(folder: str | os.PathLike) -> dict[str, str]:
                 f"{manifest}: the signature does not match the key in {key_file}; the folder "
                 "was changed or signed with another key. Refusing it"
             )
-    for rel, expected in entries.items():
+    root = folder.resolve()
+    for rel in entries:
         target = (folder / rel).resolve()
-        if folder.resolve() not in target.parents:
+        if root not in target.parents:
             raise ArtifactError(f"{manifest}: entry {rel!r} points outside {folder}")
         if not target.is_file():
             raise ArtifactError(f"{folder}: file {rel} listed in the manifest is missing")
-        actual = sha256_file(target)
-        if actual != expected:
-            raise ArtifactError(
-                f"{folder / rel}: SHA-256 {actual[:12]}… does not match the manifest "
-                f"({expected[:12]}…); the artifact was modified"
-            )
-    return entries
-
-
-def load_joblib_verified(path: str | os.PathLike, root: str | os.PathLike) -> Any:
-    """Load a joblib file only if it lies inside ``root`` and ``root``'s manifest verifies it."""
-    import joblib
-
-    path, root = Path(path).resolve(), Path(root).resolve()
-    if root not in path.parents:
-        raise ArtifactError(f"refusing to load {path}: it is outside the artifact folder {root}")
-    entries = verify_manifest(root)
-    if path.relative_to(root).as_posix() not in entries:
-        raise ArtifactError(f"refusing to load {path}: it is not listed in {root / MANIFEST_NAME}")
-    return joblib.load(path)
+    return entries, hashlib.sha256(raw).hexdigest()

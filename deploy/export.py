@@ -1,6 +1,6 @@
 """A saved hybrid's members exported as graphs beside it, in ``DIR/export/<format>/``.
 
-The folder holds one graph per ``deploy.graphs`` spec (ONNX: ``<name>.onnx``; OpenVINO:
+The folder holds one graph per ``graphs.specs`` spec (ONNX: ``<name>.onnx``; OpenVINO:
 ``<name>.xml`` + ``<name>.bin``, converted from the same ONNX graphs), ``export.json`` (the
 graphs, what each takes and gives, the input size, the opset, the exporter, the library
 versions, the hybrid's identity and the parity measured at export) and a SHA-256 manifest. It is
@@ -28,9 +28,11 @@ from typing import Any
 
 import torch
 
-from artifacts.io import atomic_folder, atomic_write_json, write_manifest
+from artifacts.io import atomic_folder, atomic_write_json, manifest_id, write_manifest
 from data.images import size_pair
-from deploy.graphs import (
+from fusion.hybrid import Hybrid
+from graphs.runtime import ExportedMemberSet
+from graphs.specs import (
     EXPORT_FILE,
     FORMAT_VERSION,
     IMAGES,
@@ -42,9 +44,6 @@ from deploy.graphs import (
     refusal_text,
     require,
 )
-from deploy.runtime import ExportedMemberSet
-from fusion.hybrid import Hybrid
-from fusion.persistence import hybrid_id
 from members.member_set import MemberSet
 
 FORMATS = ("onnx", "openvino")
@@ -63,12 +62,12 @@ TOLERANCE = 1e-3
 SPREAD_FLOOR = 1e-2
 
 
-def member_input_size(options: Mapping[str, Any]) -> tuple[int, int]:
+def member_input_size(hybrid: Hybrid) -> tuple[int, int]:
     """``(height, width)`` the hybrid's members take: its tile size, or its ``image_size``."""
-    tiling = options.get("tiling")
+    tiling = hybrid.tiling_options
     if tiling:
         return int(tiling["tile_size"]), int(tiling["tile_size"])
-    size = size_pair(options.get("image_size"))
+    size = size_pair(hybrid.image_size)
     if size is None:
         raise ExportError(
             "this hybrid's members take images at their own size; an export needs one member "
@@ -97,7 +96,7 @@ def export_hybrid(
     refusals = export_refusals(hybrid.member_set)
     if refusals:
         raise ExportError(f"{folder}: {refusal_text(refusals)}")
-    size = member_input_size(hybrid.options)
+    size = member_input_size(hybrid)
     specs = graph_specs(hybrid.member_set)
     target = export_dir(folder, format)
     made_parent = not target.parent.exists()
@@ -109,7 +108,7 @@ def export_hybrid(
             description = {
                 "format_version": FORMAT_VERSION,
                 "format": "onnx",  # until converted
-                "hybrid_id": hybrid_id(folder),
+                "hybrid_id": manifest_id(folder),
                 "members": hybrid.names,
                 "input_size": list(size),
                 "input": f"{IMAGES}: float32 [batch, 3, {size[0]}, {size[1]}], values in [0, 1]",

@@ -185,12 +185,12 @@ def evaluate_hybrid(
         out = model.predict(sample["image"], given() if callable(given) else given)
         seconds += time.perf_counter() - started
         label = torch.tensor([int(sample["label"])])
-        scores = {"hybrid": out["score"], **out["member_scores"]}
-        maps = {"hybrid": out["anomaly_map"], **dict(zip(hybrid.names, out["member_maps"]))}
-        outputs = (np.array(list(out["member_scores"].values())), out["member_maps"])
+        scores = {"hybrid": out.score, **out.member_scores}
+        maps = {"hybrid": out.anomaly_map, **dict(zip(hybrid.names, out.member_maps))}
+        outputs = (np.array(list(out.member_scores.values())), out.member_maps)
         for name, ablation in zip(contributions, ablations):
-            answer = model.without(name, outputs, tuple(out["anomaly_map"].shape))
-            scores[ablation], maps[ablation] = answer or (out["score"], out["anomaly_map"])
+            answer = model.without(name, outputs, tuple(out.anomaly_map.shape))
+            scores[ablation], maps[ablation] = answer or (out.score, out.anomaly_map)
         for name in detectors:
             for metric in image_metrics[name].values():
                 metric.update(torch.tensor([scores[name]]), label)
@@ -202,7 +202,7 @@ def evaluate_hybrid(
                 int(sample["label"]), scores, maps if has_masks else None, sample.get("mask")
             )
         if "level" in sample:
-            levels.append((out["level"], int(sample["level"])))
+            levels.append((out.level, int(sample["level"])))
         if sample["label"] and "mask" in sample:
             # Real datasets: each mask component is a defect of the folder's type, no level.
             labeled = labeled_defect_sample(sample)
@@ -210,12 +210,10 @@ def evaluate_hybrid(
         else:
             instances, defects = None, []
         if defects:
-            stage_pairs += model.grade_truth(
-                sample["image"], instances, defects, out["anomaly_map"]
-            )
+            stage_pairs += model.grade_truth(sample["image"], instances, defects, out.anomaly_map)
             detected_pairs += [
                 (region, truth)
-                for region, truth in match_regions(out["regions"], instances, defects)
+                for region, truth in match_regions(out.regions, instances, defects)
                 if truth is not None
             ]
         records.append(
@@ -223,11 +221,11 @@ def evaluate_hybrid(
                 "path": sample["path"],
                 "label": int(sample["label"]),
                 "defect_type": sample["defect_type"],
-                "score": out["score"],
-                "flagged": out["label"],
-                "level": out["level"],
+                "score": out.score,
+                "flagged": out.label,
+                "level": out.level,
                 "true_level": sample.get("level"),
-                "regions": len(out["regions"]),
+                "regions": len(out.regions),
                 **{f"score_{name}": scores[name] for name in detectors[1:]},
             }
         )
@@ -569,7 +567,7 @@ def shared_work_cost(hybrid, images: list[torch.Tensor]) -> dict[str, float]:
     from members.member_set import MemberSet
     from tiling import infer_tiled, infer_tiled_options
 
-    tiling, size = hybrid.options["tiling"], size_pair(hybrid.options["image_size"])
+    tiling, size = hybrid.tiling_options, size_pair(hybrid.image_size)
     if tiling:
         options = infer_tiled_options(tiling)
 

@@ -14,6 +14,7 @@ import logging
 import statistics
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -163,36 +164,77 @@ def _reconstruction_quality(
     return {"split": "test", "unit": "tile" if tiling["enabled"] else "image", **quality}
 
 
+@dataclass
+class JobData:
+    """A job's splits at the member's input size: training images (tiles, for a tiled job),
+    the held-out share's halves (the member calibrates its maps on ``calibration``; it is
+    chosen for a hybrid on ``val``, with injected defects, which fusion later fits on; None
+    without a held-out share) and the test split."""
+
+    source: DataSource
+    train: Any
+    calibration: Any
+    val: Any
+    test: Any
+
+
 def run_job(job_dir: Path) -> dict[str, Any] | None:
     """Fit and evaluate the job described by ``job_dir/job.json``; write ``results.json`` and
     return the results (None on a DDP rank other than 0, which only helps to fit)."""
     from lightning_fabric.utilities.seed import seed_everything
 
-    from evaluation import evaluate
     from members.build import build_member, build_trainer
 
     spec = json.loads((job_dir / JOB_FILE).read_text())
     seed_everything(spec["seed"], verbose=False)
     trainer = build_trainer(spec["device"], spec["trainer"], seed=spec["seed"], out_dir=job_dir)
     trainer.launch()  # under DDP the other ranks start here, each running this job
-    writer = trainer.is_global_zero
-    if writer:
+    if trainer.is_global_zero:
         atomic_write_json(job_dir / "config.json", spec)
+    data = job_data(spec, job_dir)
+    member = build_member(spec["member"], spec["member_config"], spec.get("init_from"))
+    fit_seconds = fit_job_member(member, data, spec, trainer)
+    if not trainer.is_global_zero:
+        return None  # rank 0 alone saves, evaluates and writes the results
+    peak_fit = peak_rss_mb()
+    member.save(job_dir / "weights")
+    member.eval()
+    device = trainer.fabric.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    figures = evaluate_job_member(member, data, spec, device, job_dir)
+    results = job_results(job_dir, spec, data, member, figures)
+    results["cost"].update(
+        fit_seconds=fit_seconds,
+        peak_rss_mb_fit=peak_fit,
+        peak_rss_mb=peak_rss_mb(),
+        peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+    )
+    # After the cost figures: LPIPS's network is not part of the member's memory.
+    results["reconstruction_quality"] = (
+        _reconstruction_quality(
+            member, data.test, spec["tiling"], spec["batch_size"], spec["num_workers"], device
+        )
+        if member.reconstructs
+        else None
+    )
+    atomic_write_json(job_dir / RESULTS_FILE, results)
+    return results
+
+
+def job_data(spec: Mapping[str, Any], job_dir: Path) -> JobData:
+    """The job's splits (``JobData``); a tiled job trains and calibrates on tiles."""
     source = source_from_record(spec["source"], job_dir)
-    category, seed = spec["category"], spec["seed"]
-    tiling = spec["tiling"]
-    train_set = make_dataset(source, category, "train", seed, spec["image_size"])
-    # The held-out share's two halves: the member calibrates its maps on one; it is chosen for
-    # a hybrid on the other (with injected defects), which fusion later fits on.
+    category, seed, size = spec["category"], spec["seed"], spec["image_size"]
+    train_set = make_dataset(source, category, "train", seed, size)
     calibration_set, val_set = (
         (
-            make_dataset(source, category, "calibration", seed, spec["image_size"]),
-            make_dataset(source, category, "val", seed, spec["image_size"]),
+            make_dataset(source, category, "calibration", seed, size),
+            make_dataset(source, category, "val", seed, size),
         )
         if source.val_fraction
         else (None, None)
     )
-    test_set = make_dataset(source, category, "test", seed, spec["image_size"])
     if calibration_set is not None and len(calibration_set) < 2:
         # Per-pixel statistics need two images at least; members then calibrate without.
         log.warning(
@@ -201,78 +243,103 @@ def run_job(job_dir: Path) -> dict[str, Any] | None:
             len(calibration_set),
         )
         calibration_set = None
+    tiling = spec["tiling"]
     if tiling["enabled"]:
         from tiling import TiledDataset
 
-        train_set = TiledDataset(train_set, tiling["tile_size"], tiling["stride"], mode="all")
+        def tiles(dataset: Any) -> Any:
+            return TiledDataset(dataset, tiling["tile_size"], tiling["stride"], mode="all")
+
+        train_set = tiles(train_set)
         if calibration_set is not None:
-            calibration_set = TiledDataset(
-                calibration_set, tiling["tile_size"], tiling["stride"], mode="all"
-            )
+            calibration_set = tiles(calibration_set)
+    test_set = make_dataset(source, category, "test", seed, size)
+    return JobData(source, train_set, calibration_set, val_set, test_set)
+
+
+def fit_job_member(member: Any, data: JobData, spec: Mapping[str, Any], trainer: Any) -> float:
+    """Fit ``member`` on the training split (calibrating on the calibration split); returns
+    the seconds it took."""
     bs, workers = spec["batch_size"], spec["num_workers"]
-    train_loader = make_loader(train_set, bs, shuffle=True, num_workers=workers)
+    train_loader = make_loader(data.train, bs, shuffle=True, num_workers=workers)
     calibration_loader = (
-        make_loader(calibration_set, bs, shuffle=False, num_workers=workers)
-        if calibration_set
+        make_loader(data.calibration, bs, shuffle=False, num_workers=workers)
+        if data.calibration
         else None
     )
-
-    member = build_member(spec["member"], spec["member_config"], spec.get("init_from"))
     log.info(
         "fitting %s on %s/%s (%d training images, %d process(es))",
         spec["member"],
-        source.name,
-        category,
-        len(train_set),
+        data.source.name,
+        spec["category"],
+        len(data.train),
         trainer.fabric.world_size,
     )
     started = time.perf_counter()
     member.fit(train_loader, calibration_loader, trainer=trainer)
-    fit_seconds = time.perf_counter() - started
-    if not writer:
-        return None  # rank 0 alone saves, evaluates and writes the results
-    peak_fit = peak_rss_mb()
-    member.save(job_dir / "weights")
-    member.eval()
-    if trainer.fabric.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    return time.perf_counter() - started
 
-    predict = tiled_predictor(member, tiling) if tiling["enabled"] else member_predictor(member)
-    test_loader = make_loader(
-        test_set, 1 if tiling["enabled"] else bs, shuffle=False, num_workers=workers
-    )
-    log.info("evaluating on %d test images", len(test_set))
+
+def evaluate_job_member(
+    member: Any, data: JobData, spec: Mapping[str, Any], device: Any, job_dir: Path
+) -> dict[str, Any]:
+    """The fitted member on test (figures, ``scores.csv``, examples), on val with injected
+    defects, and its speed: latency, and the backbone's images/s beside the head's time."""
+    from evaluation import evaluate
+
+    tiled = spec["tiling"]["enabled"]
+    predict = tiled_predictor(member, spec["tiling"]) if tiled else member_predictor(member)
+    bs = 1 if tiled else spec["batch_size"]
+    test_loader = make_loader(data.test, bs, shuffle=False, num_workers=spec["num_workers"])
+    log.info("evaluating on %d test images", len(data.test))
 
     def on_device(batch):
-        return predict({**batch, "image": batch["image"].to(trainer.fabric.device)})
+        return predict({**batch, "image": batch["image"].to(device)})
 
     evaluation = evaluate(
-        on_device, test_loader, pixel_metrics=getattr(test_set, "has_masks", True)
+        on_device, test_loader, pixel_metrics=getattr(data.test, "has_masks", True)
     )
     validation = (
-        _validation_evaluation(on_device, val_set, source, spec, 1 if tiling["enabled"] else bs)
-        if val_set is not None and len(val_set)
+        _validation_evaluation(on_device, data.val, data.source, spec, bs)
+        if data.val is not None and len(data.val)
         else None
     )
-    latency = _latency_ms(on_device, test_set)
+    latency = _latency_ms(on_device, data.test)
     backbone_speed, head_ms = (
-        (None, None)
-        if tiling["enabled"]
-        else _backbone_and_head_speed(member, test_loader, trainer.fabric.device)
+        (None, None) if tiled else _backbone_and_head_speed(member, test_loader, device)
     )
     atomic_write_csv(job_dir / "scores.csv", evaluation.records, SCORE_COLUMNS)
     examples = _save_examples(
-        member, on_device, test_set, evaluation.records, job_dir / "examples", spec["n_examples"]
+        member, on_device, data.test, evaluation.records, job_dir / "examples", spec["n_examples"]
     )
-    results = {
+    return {
+        "evaluation": evaluation,
+        "validation": validation,
+        "latency_ms": latency,
+        "backbone_images_per_second": backbone_speed,
+        "head_ms_per_image": head_ms,
+        "examples": examples,
+    }
+
+
+def job_results(
+    job_dir: Path,
+    spec: Mapping[str, Any],
+    data: JobData,
+    member: Any,
+    figures: Mapping[str, Any],
+) -> dict[str, Any]:
+    """``results.json`` but the fit's time and the peak memories (``run_job`` adds them)."""
+    evaluation, validation = figures["evaluation"], figures["validation"]
+    return {
         "status": "ok",
         "job_id": job_dir.name,
-        "dataset": source.name,
-        "category": category,
+        "dataset": data.source.name,
+        "category": spec["category"],
         "member": spec["member"],
         "backbone": spec["member_config"].get("backbone"),
         "image_size": spec["image_size"],
-        "tiling": tiling["enabled"],
+        "tiling": spec["tiling"]["enabled"],
         # Test figures report the member; validation figures choose it for a hybrid.
         "metrics": evaluation.metrics,
         "validation_metrics": validation.metrics if validation else {},
@@ -281,42 +348,26 @@ def run_job(job_dir: Path) -> dict[str, Any] | None:
         "splits": {
             "metrics": f"test ({evaluation.images} images)",
             "validation_metrics": (
-                f"val ({len(val_set)} held-out normal images and "
-                f"{validation.images - len(val_set)} copies with injected defects)"
+                f"val ({len(data.val)} held-out normal images and "
+                f"{validation.images - len(data.val)} copies with injected defects)"
                 if validation
                 else "none: data.val_fraction is 0"
             ),
         },
         "notes": evaluation.notes,
         "cost": {
-            "fit_seconds": fit_seconds,
-            "train_images": len(train_set),
+            "train_images": len(data.train),
             "test_images": evaluation.images,
             "images_per_second": evaluation.images_per_second,
             # The same test images through the member's backbone alone, in the same process.
-            "backbone_images_per_second": backbone_speed,
+            "backbone_images_per_second": figures["backbone_images_per_second"],
             # The member after its backbone, on the same images: what sharing cannot save.
-            "head_ms_per_image": head_ms,
-            "latency_ms": latency,
-            "peak_rss_mb_fit": peak_fit,
-            "peak_rss_mb": peak_rss_mb(),
-            "peak_gpu_mb": (
-                torch.cuda.max_memory_allocated() / 2**20
-                if trainer.fabric.device.type == "cuda"
-                else None
-            ),
+            "head_ms_per_image": figures["head_ms_per_image"],
+            "latency_ms": figures["latency_ms"],
             "model_bytes": _folder_bytes(job_dir / "weights"),
             # What a member measures of its own fit (e.g. PatchCore's coreset time).
             **{f"fit_{k}": v for k, v in getattr(member, "fit_stats", {}).items()},
         },
-        "examples": examples,
+        "examples": figures["examples"],
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    # After the cost figures: LPIPS's network is not part of the member's memory.
-    results["reconstruction_quality"] = (
-        _reconstruction_quality(member, test_set, tiling, bs, workers, trainer.fabric.device)
-        if member.reconstructs
-        else None
-    )
-    atomic_write_json(job_dir / RESULTS_FILE, results)
-    return results

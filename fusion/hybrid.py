@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
-from sklearn.base import clone
+from sklearn.base import BaseEstimator, clone
 
-from data.images import LazyImage, size_pair, to_tensor
+from data.images import IntensityWindow, LazyImage, size_pair, to_tensor
+from data.maps import MapOnDisk, band_rows
 from fusion.combiners import CHOOSING, ScoreFusion
-from fusion.persistence import FITTED_STATE, load_hybrid, save_hybrid
+from fusion.persistence import FITTED_STATE, read_hybrid, save_hybrid
 from grading.describer import RegionDescriber
 from grading.graders import (
     GRADERS,
@@ -47,16 +49,46 @@ from grading.graders import (
 )
 from grading.matching import match_regions, truth_regions
 from grading.regions import Region, find_regions
+from graphs.runtime import RUNTIMES, export_id, exported_member_set
+from graphs.specs import ExportError
 from members.base import Member
 from members.member_set import MemberSet
 from metrics.severity import DEFECT_TYPES
-from tiling.visualize import MapOnDisk, band_rows
 
 # A panel shrunk more than this many times to the members' input is said to lose small defects.
 SHRINK_WARNING_FACTOR = 4
 
 
-class Hybrid:
+@dataclass
+class Prediction:
+    """One image's result (``Hybrid.predict``, ``Hybrid.predict_batch``).
+
+    Attributes:
+        score: the fused image score.
+        label: 1 where ``score`` reaches the image threshold (defective), else 0.
+        level: the highest severity level of its regions (0 without any).
+        regions: the defect regions found, each with its type and level.
+        anomaly_map: the fused map ``[H, W]`` at the image's resolution (a ``MapOnDisk`` with a
+            map folder).
+        member_scores: each member's raw image score, by name.
+        member_maps: the member maps ``[M, H, W]`` at the image's resolution, or None where
+            left out.
+        warning: ``Hybrid.shrink_warning`` of the image, or None.
+        pixel_threshold: the fused map's threshold the regions were found at.
+    """
+
+    score: float
+    label: int
+    level: int
+    regions: list[Region]
+    anomaly_map: np.ndarray | MapOnDisk
+    member_scores: dict[str, float]
+    member_maps: np.ndarray | MemberMaps | None
+    warning: str | None
+    pixel_threshold: float
+
+
+class Hybrid(BaseEstimator):
     """See the module docstring.
 
     Fitted state (after ``fit`` or ``load``): ``selected_`` (the members the fusion weighs,
@@ -109,6 +141,29 @@ class Hybrid:
         pixel_threshold: str = "region",
         seed: int = 0,
     ) -> None:
+        # Stored as given (scikit-learn's convention: get_params and clone read them back).
+        self.members = members
+        self.image_size = image_size
+        self.tiling = tiling
+        self.combiner = combiner
+        self.pixel_combiner = pixel_combiner
+        self.normalizer = normalizer
+        self.learner = learner
+        self.grader = grader
+        self.level_rules = level_rules
+        self.semu_edges = semu_edges
+        self.type_confidence = type_confidence
+        self.pixel_pitch_mm = pixel_pitch_mm
+        self.describer_backbone = describer_backbone
+        self.weights_dir = weights_dir
+        self.pixel_samples = pixel_samples
+        # The members' intensity window (data.images.IntensityWindow.to_dict), fitted on their
+        # training images; predict_batch applies it to every image it is given.
+        self.intensity = intensity
+        self.operating_point = operating_point
+        self.false_alarm_rate = false_alarm_rate
+        self.pixel_threshold = pixel_threshold
+        self.seed = seed
         if grader not in GRADERS:
             raise ValueError(f"grader must be one of {GRADERS}, got {grader!r}")
         if operating_point not in OPERATING_POINTS:
@@ -119,31 +174,29 @@ class Hybrid:
             raise ValueError(f"false_alarm_rate must be in [0, 1), got {false_alarm_rate!r}")
         if not members:
             raise ValueError("a hybrid needs at least one member")
+        # What runs the members: a MemberSet (PyTorch, backbones shared) or an exported one.
         self.member_set = MemberSet(dict(members))
-        self.options = {
-            "image_size": image_size,
-            "tiling": dict(tiling) if tiling and tiling.get("enabled") else None,
-            "combiner": combiner,
-            "pixel_combiner": pixel_combiner,
-            "normalizer": normalizer,
-            "learner": learner,
-            "grader": grader,
-            "level_rules": level_rules,
-            "semu_edges": list(semu_edges),
-            "type_confidence": type_confidence,
-            "pixel_pitch_mm": pixel_pitch_mm,
-            "describer_backbone": describer_backbone,
-            "weights_dir": weights_dir,
-            "pixel_samples": pixel_samples,
-            # The members' intensity window (data.images.IntensityWindow.to_dict), fitted on
-            # their training images; predict applies it to every image it reads.
-            "intensity": dict(intensity) if intensity else None,
-            "operating_point": operating_point,
-            "false_alarm_rate": false_alarm_rate,
-            "pixel_threshold": pixel_threshold,
-            "seed": seed,
-        }
         self.describer = RegionDescriber(describer_backbone, weights_dir=weights_dir)
+
+    def set_params(self, **params: Any) -> Hybrid:
+        """scikit-learn's ``set_params``, but for ``members`` and the describer's parameters,
+        which build the member set and the describer: those only a new Hybrid takes."""
+        fixed = {"members", "describer_backbone", "weights_dir"} & set(params)
+        if fixed:
+            raise ValueError(f"{sorted(fixed)} can only be set by constructing a new Hybrid")
+        return super().set_params(**params)
+
+    @property
+    def tiling_options(self) -> dict[str, Any] | None:
+        """The tiling section where tiling is enabled, else None."""
+        return dict(self.tiling) if self.tiling and self.tiling.get("enabled") else None
+
+    @property
+    def intensity_window(self) -> IntensityWindow:
+        """The intensity window the members were trained with (fitted on their training
+        images), never one fitted on the images predicted. Hybrids saved without one: integers
+        / their type's maximum."""
+        return IntensityWindow.from_dict(self.intensity) if self.intensity else IntensityWindow()
 
     @property
     def names(self) -> list[str]:
@@ -162,7 +215,7 @@ class Hybrid:
         members' resolution (``fuse_map`` brings them to the image's band by band: a panel's
         full-size member maps would be gigabytes). A tiled hybrid reads a ``LazyImage`` tile by
         tile and, with ``map_folder``, writes its maps there (``MemberMaps`` of ``MapOnDisk``)."""
-        tiling = self.options["tiling"]
+        tiling = self.tiling_options
         if tiling:
             from tiling import infer_tiled, infer_tiled_options
 
@@ -187,7 +240,7 @@ class Hybrid:
         """``member_outputs`` of several images, those of one member input size in one batch
         through the members (a shared backbone once per batch). Tiled hybrids run image by
         image (each image's tiles are their batches)."""
-        if self.options["tiling"]:
+        if self.tiling_options:
             return [self.member_outputs(image, at_image_size, map_folder) for image in images]
         tensors = [_image_tensor(image) for image in images]
         inputs = self.member_inputs(tensors)
@@ -233,7 +286,7 @@ class Hybrid:
         """Each image as the members take it: ``[1, 3, h, w]`` float32 at the members' input
         size (its own where none is set). Images: ``[H, W]`` or ``[H, W, C]`` arrays or
         ``[C, H, W]`` tensors; a grey one is resized once and seen as three channels."""
-        size = size_pair(self.options["image_size"])
+        size = size_pair(self.image_size)
         inputs = []
         for image in images:
             batch = _image_tensor(image)[None]
@@ -248,8 +301,8 @@ class Hybrid:
         """What a panel of ``shape`` (height, width, ...) loses to this hybrid, where it is shrunk
         by more than ``SHRINK_WARNING_FACTOR`` to the members' input (a hybrid that neither
         tiles nor keeps native size); None where it is not."""
-        size = size_pair(self.options["image_size"])
-        if self.options["tiling"] or size is None:
+        size = size_pair(self.image_size)
+        if self.tiling_options or size is None:
             return None
         factor = max(shape[0] / size[0], shape[1] / size[1])
         if factor <= SHRINK_WARNING_FACTOR:
@@ -284,7 +337,7 @@ class Hybrid:
         fusion: ScoreFusion | None = None,
     ) -> np.ndarray | MapOnDisk:
         """Fused ``[H, W]`` map of member maps ``[M, h, w]``, in row chunks (bounded memory;
-        ``rows_per_chunk`` None: ``tiling.visualize.band_rows``, as many pixels per chunk for a
+        ``rows_per_chunk`` None: ``data.maps.band_rows``, as many pixels per chunk for a
         wide panel as for a narrow image), written into ``out`` (a new array by default; a
         ``MapOnDisk`` keeps it out of memory). Maps of another size than ``shape`` (default:
         their own) are resized bilinearly chunk by chunk, as ``F.interpolate(...,
@@ -342,10 +395,17 @@ class Hybrid:
         ``defects`` (truth dicts with ``id``, ``type``, ``level``). Samples with ``split`` =
         ``"test"`` (a labeled split's images, under cross-validation) train everything but the
         pixel normalizers, which come from the others where at least two of them are normal."""
+        data = self._validation_data(list(samples), progress)
+        fusions = self._fit_fusion(data)
+        fused_maps = self._fit_thresholds(data)
+        examples = self._grading_examples(data, fused_maps)
+        self._fit_grading(examples)
+        self.validation_ = self._validation_summary(data, examples, fusions)
+        return self
 
-        opts = self.options
-        rng = np.random.default_rng(opts["seed"])
-        samples = list(samples)
+    def _validation_data(self, samples: list[Mapping[str, Any]], progress: bool) -> _Validation:
+        """The samples with their member outputs (computed in batches where not given) and
+        masks, and what the fits read of them."""
         missing = [s for s in samples if s.get("member_outputs") is None]
         computed = iter(
             self.member_outputs_many(
@@ -354,12 +414,10 @@ class Hybrid:
             if missing
             else ()
         )
-        cache = []
+        data = _Validation()
         for sample in samples:
-            image = to_tensor(sample["image"])
             outputs = sample.get("member_outputs")
-            if outputs is None:
-                outputs = next(computed)
+            outputs = next(computed) if outputs is None else outputs
             scores, maps = outputs() if callable(outputs) else outputs
             mask = sample.get("mask")
             if mask is not None:
@@ -367,52 +425,32 @@ class Hybrid:
             elif not sample["label"]:
                 mask = np.zeros(maps.shape[1:], bool)
             # else: a labeled defect whose mask is unknown (None) teaches image scores only.
-            cache.append((sample, image, scores, maps, mask))
-        if not cache:
+            data.add(sample, to_tensor(sample["image"]), scores, maps, mask)
+        if not data.samples:
             raise ValueError("fitting a hybrid needs validation samples")
-        labels = np.array([int(s["label"]) for s, *_ in cache])
-        scores = np.stack([c[2] for c in cache])
-        # Cross-validation inside the fit keeps the images of one part (or one held-out image
-        # and its injected copies) in one fold.
-        groups = np.array([str(s.get("group", f"image-{k}")) for k, (s, *_) in enumerate(cache)])
-        # Where real labeled defects exist, the auto combiner chooses on real images only
-        # (normal ones and those): injected defects can rank members unlike real ones do.
-        real = np.array(
-            [
-                not s.get("defects") or any(d.get("source") == "labeled" for d in s["defects"])
-                for s, *_ in cache
-            ]
-        )
-        choose_on = real if real[labels == 1].any() else None
-        # Pixel normalizers come from the held-out images (and their injected copies), not from
-        # a labeled test split's images: every cross-validation fold's hybrid then maps pixels
-        # alike (a member chosen alone ranks pooled out-of-fold pixels as the member does), and
-        # a few held-out images give thousands of normal pixels. An image is one row of the
-        # image normalizer: there every normal image counts.
-        held_out = np.array([s.get("split") != "test" for s, *_ in cache])
-        if (labels[held_out] == 0).sum() < 2:
-            held_out[:] = True
+        return data.finish()
 
-        fusion = ScoreFusion(
-            opts["combiner"], opts["normalizer"], None, opts["learner"], opts["seed"]
-        )
+    def _fit_fusion(self, data: _Validation) -> dict[str, ScoreFusion]:
+        """The image and pixel fusions; members neither weighs are left out of the hybrid
+        (``selected_``). Returns both as fitted on every member, for the selection report."""
+        fusion = ScoreFusion(self.combiner, self.normalizer, None, self.learner, self.seed)
         self.selected_ = None
-        image_fusion = clone(fusion).fit(scores, labels, groups, choose_on)
-        masked = np.array([k for k, c in enumerate(cache) if c[4] is not None], dtype=int)
-        pixel_rows, pixel_labels, pixel_images, pixel_regions = sample_pixel_rows(
-            ((cache[k][3], cache[k][4]) for k in masked), opts["pixel_samples"], rng
+        image_fusion = clone(fusion).fit(data.scores, data.labels, data.groups, data.choose_on)
+        rows, labels, images, regions = sample_pixel_rows(
+            ((data.maps[k], data.masks[k]) for k in data.masked),
+            self.pixel_samples,
+            np.random.default_rng(self.seed),
         )
-        pixel_images = masked[pixel_images]
-        pixel_fusion = clone(fusion).set_params(combiner=opts["pixel_combiner"] or opts["combiner"])
+        images = data.masked[images]
+        pixel_fusion = clone(fusion).set_params(combiner=self.pixel_combiner or self.combiner)
         pixel_fusion.fit(
-            pixel_rows,
-            pixel_labels,
-            groups[pixel_images],
-            None if choose_on is None else choose_on[pixel_images],
-            held_out[pixel_images],
-            pixel_regions,
+            rows,
+            labels,
+            data.groups[images],
+            None if data.choose_on is None else data.choose_on[images],
+            data.held_out[images],
+            regions,
         )
-        # Members that neither level's fusion weighs are left out of the hybrid.
         used = np.zeros(len(self.names), bool)
         for fitted in (image_fusion, pixel_fusion):
             used |= getattr(fitted, "used_members_", np.ones(len(self.names), bool))
@@ -420,81 +458,84 @@ class Hybrid:
         self.image_fusion_ = image_fusion.restricted(columns)
         self.pixel_fusion_ = pixel_fusion.restricted(columns)
         self.selected_ = [self.names[c] for c in columns]
-        scores = scores[:, columns]
+        return {"image": image_fusion, "pixel": pixel_fusion}
+
+    def _fit_thresholds(self, data: _Validation) -> list[np.ndarray]:
+        """The image threshold on the fused scores and the pixel threshold on the fused maps of
+        the images with a mask; returns every image's fused map."""
+        scores = data.scores[:, self.fused_columns(len(self.names))]
         fused_scores = self.image_fusion_.transform(scores)
         self.image_threshold_ = image_threshold(
-            fused_scores, labels, opts["operating_point"], opts["false_alarm_rate"]
+            fused_scores, data.labels, self.operating_point, self.false_alarm_rate
         )
-        fused_maps = [self.fuse_map(maps) for _, _, _, maps, _ in cache]
-        calibrator = ThresholdCalibrator(opts["pixel_threshold"]).fit(
-            [fused_maps[k] for k in masked], [cache[k][4] for k in masked]
+        fused_maps = [self.fuse_map(maps) for maps in data.maps]
+        self.calibrator_ = ThresholdCalibrator(self.pixel_threshold).fit(
+            [fused_maps[k] for k in data.masked], [data.masks[k] for k in data.masked]
         )
-        self.calibrator_ = calibrator
+        return fused_maps
 
-        # Grading learns from two views of every known defect: the region the detector found
-        # (what it sees in use) and the region of the true mask (clean, and present even where
-        # detection missed it). Levels come from defects that have one. Types: where the
-        # dataset's labeled defects have type names of their own, the classifier knows those.
-        graded, levels, defect_ids, type_rows = [], [], [], []
-        for (sample, image, *_), fused in zip(cache, fused_maps):
+    def _grading_examples(self, data: _Validation, fused_maps: list[np.ndarray]) -> _Examples:
+        """Grading learns from two views of every known defect: the region the detector found
+        (what it sees in use) and the region of the true mask (clean, and present even where
+        detection missed it). Levels come from defects that have one."""
+        examples = _Examples()
+        for sample, image, fused in zip(data.samples, data.images, fused_maps):
             if not sample.get("defects"):
                 continue
             instances, defects = sample["instances"], sample["defects"]
             pairs = match_regions(self.regions(image, fused), instances, defects)
-            pairs += truth_regions(image.numpy(), fused, instances, defects, opts["pixel_pitch_mm"])
+            pairs += truth_regions(image.numpy(), fused, instances, defects, self.pixel_pitch_mm)
             pairs = [(region, truth) for region, truth in pairs if truth is not None]
             if not pairs:
                 continue
             descriptors = self.describer(image, [region for region, _ in pairs])
             for (region, truth), row in zip(pairs, descriptors):
                 region.type = truth["type"]
-                type_rows.append((row, str(truth["type"]), truth.get("source") == "labeled"))
-                if truth.get("level") is not None:
-                    graded.append(region)
-                    levels.append(int(truth["level"]))
-                    defect_ids.append(id(truth))
-        labeled_types = {kind for _, kind, labeled in type_rows if labeled}
-        if labeled_types - set(DEFECT_TYPES):
-            # The dataset names its own types: injected defects count only where they match.
-            type_rows = [r for r in type_rows if r[1] in labeled_types]
-        types = [kind for _, kind, _ in type_rows]
+                examples.add(region, truth, row)
+        return examples.finish()
+
+    def _fit_grading(self, examples: _Examples) -> None:
+        """The type classifier (None with fewer than two types, but where the dataset's one
+        labeled type names every region) and the grader."""
         self.type_classifier_ = None
-        # A dataset with one labeled defect type names every region with it.
-        if len(set(types)) >= 2 or (labeled_types and len(types) >= 2):
-            X = np.stack([row for row, *_ in type_rows])
-            self.type_classifier_ = TypeClassifier(opts["type_confidence"], seed=opts["seed"]).fit(
-                X, types
-            )
+        types = examples.types
+        if len(set(types)) >= 2 or (examples.labeled_types and len(types) >= 2):
+            classifier = TypeClassifier(self.type_confidence, seed=self.seed)
+            self.type_classifier_ = classifier.fit(examples.descriptors(), types)
         self.grader_, self.grader_report_ = fit_grader(
-            graded,
-            levels,
-            defect_ids,
-            grader=opts["grader"],
-            semu_edges=opts["semu_edges"],
-            rules=opts["level_rules"],
-            seed=opts["seed"],
+            examples.graded,
+            examples.levels,
+            examples.defect_ids,
+            grader=self.grader,
+            semu_edges=self.semu_edges,
+            rules=self.level_rules,
+            seed=self.seed,
         )
-        self.validation_ = {
-            "images": len(cache),
-            "defective_images": int(labels.sum()),
-            "regions_for_levels": len(graded),
-            "regions_for_types": len(type_rows),
+
+    def _validation_summary(
+        self, data: _Validation, examples: _Examples, fusions: Mapping[str, ScoreFusion]
+    ) -> dict[str, Any]:
+        """What the hybrid was fitted on and what it chose (``validation_``)."""
+        on_real = data.choose_on is not None
+        return {
+            "images": len(data.samples),
+            "defective_images": int(data.labels.sum()),
+            "regions_for_levels": len(examples.graded),
+            "regions_for_types": len(examples.type_rows),
             "labeled_defect_images": sum(
-                any(d.get("source") == "labeled" for d in s.get("defects") or []) for s, *_ in cache
+                any(d.get("source") == "labeled" for d in s.get("defects") or [])
+                for s in data.samples
             ),
-            "types": sorted(set(types)),
+            "types": sorted(set(examples.types)),
             "image_threshold": self.image_threshold_,
-            "pixel_threshold": calibrator.threshold_,
-            "pixel_threshold_method": calibrator.method_,
+            "pixel_threshold": self.calibrator_.threshold_,
+            "pixel_threshold_method": self.calibrator_.method_,
             "fusion_choice": {
-                level: self.fusion_choice(getattr(self, f"{level}_fusion_"), choose_on is not None)
+                level: self.fusion_choice(getattr(self, f"{level}_fusion_"), on_real)
                 for level in ("image", "pixel")
             },
-            "member_selection": self.member_selection(
-                {"image": image_fusion, "pixel": pixel_fusion}, choose_on is not None
-            ),
+            "member_selection": self.member_selection(fusions, on_real),
         }
-        return self
 
     def member_selection(
         self, fusions: Mapping[str, ScoreFusion], on_real: bool
@@ -568,7 +609,7 @@ class Hybrid:
             _regions_image(image),
             fused,
             self.calibrator_.threshold_,
-            self.options["pixel_pitch_mm"],
+            self.pixel_pitch_mm,
         )
 
     def grade_truth(
@@ -583,9 +624,7 @@ class Hybrid:
         tensor = _image_tensor(image)
         if fused is None:
             fused = self.fuse_map(self.member_outputs(tensor)[1])
-        pairs = truth_regions(
-            tensor.numpy(), fused, instances, defects, self.options["pixel_pitch_mm"]
-        )
+        pairs = truth_regions(tensor.numpy(), fused, instances, defects, self.pixel_pitch_mm)
         self.classify(tensor, [region for region, _ in pairs])
         return pairs
 
@@ -595,14 +634,13 @@ class Hybrid:
         member_outputs: tuple[np.ndarray, np.ndarray] | None = None,
         member_maps: bool = True,
         map_folder: str | Path | None = None,
-    ) -> dict[str, Any]:
-        """``{"score", "label", "level", "regions": [Region], "anomaly_map": [H, W],
-        "member_scores": {name: raw score}, "member_maps": [M, H, W], "warning": str | None}`` for
-        one image (``member_outputs``: this image's ``member_outputs``, if already computed;
-        ``warning``: ``shrink_warning``).
+    ) -> Prediction:
+        """One image's ``Prediction`` (``member_outputs``: this image's ``member_outputs``, if
+        already computed). The image is the members' input as it is (float ``[H, W]`` or
+        ``[H, W, C]`` in [0, 1], a ``[C, H, W]`` tensor, or a ``LazyImage``, converted window by
+        window); ``predict_batch`` takes images as their files hold them.
         ``member_maps=False`` keeps the member maps at the members' resolution and leaves them
-        out (``None``): what predict does, so that a full panel's memory stays bounded; so does
-        a ``LazyImage`` (the image as its file holds it, converted window by window). With
+        out (``None``): what predict does, so that a full panel's memory stays bounded. With
         ``map_folder``, the fused map is a ``MapOnDisk`` in a temporary file there, written and
         read a band at a time (close it when done), not an array in memory."""
         # A LazyImage stays one: regions and crops convert only the windows they read.
@@ -620,16 +658,59 @@ class Hybrid:
         if label and not regions:
             regions = self._strongest_region(view, fused)
         self.classify(view, regions)
-        return {
-            "score": score,
-            "label": label,
-            "level": max((r.level for r in regions), default=0),
-            "regions": regions,
-            "anomaly_map": fused,
-            "member_scores": dict(zip(self._output_names(len(scores)), map(float, scores))),
-            "member_maps": maps if member_maps else None,
-            "warning": self.shrink_warning(shape),
-        }
+        return Prediction(
+            score=score,
+            label=label,
+            level=max((r.level for r in regions), default=0),
+            regions=regions,
+            anomaly_map=fused,
+            member_scores=dict(zip(self._output_names(len(scores)), map(float, scores))),
+            member_maps=maps if member_maps else None,
+            warning=self.shrink_warning(shape),
+            pixel_threshold=float(self.calibrator_.threshold_),
+        )
+
+    def predict_batch(
+        self, images: Sequence[np.ndarray], map_folder: str | Path | None = None
+    ) -> Iterator[Prediction | Exception]:
+        """Each of ``images``, as their files hold them (``[H, W]`` or ``[H, W, C]``, integers or
+        floats), predicted in order and yielded as soon as it is done.
+
+        The hybrid's intensity window (``intensity_window``) is applied window by window, so an
+        image stays in its file's dtype; the members see the whole batch at once (a shared
+        backbone once per batch; a tiled hybrid tile batch by tile batch, its member maps in
+        ``map_folder``), then each image is fused and graded at its own resolution. Member maps
+        are left out (see ``predict``); with ``map_folder`` each fused map is a ``MapOnDisk``
+        there (close it when done: ``with prediction.anomaly_map: ...``). An image that cannot
+        be predicted yields its error (a ``ValueError`` or ``RuntimeError``) in its place, and
+        the others go on."""
+        window = self.intensity_window
+        prepared = [LazyImage(image, window) for image in images]
+        outputs = self._member_outputs_apart(prepared, map_folder)
+        for image, output in zip(prepared, outputs):
+            if not isinstance(output, Exception):
+                try:
+                    output = self.predict(image, output, member_maps=False, map_folder=map_folder)
+                except (ValueError, RuntimeError) as exc:
+                    output = exc
+            yield output
+
+    def _member_outputs_apart(
+        self, images: list[LazyImage], map_folder: str | Path | None
+    ) -> list[tuple[np.ndarray, np.ndarray | MemberMaps] | Exception]:
+        """Each image's member outputs at the members' resolution, in one batched pass; where
+        that fails, image by image, so that one bad image gets its own error and the others go
+        on."""
+        try:
+            return self.member_outputs_batch(images, False, map_folder)
+        except (ValueError, RuntimeError):
+            found: list = []
+            for image in images:
+                try:
+                    found += self.member_outputs_batch([image], False, map_folder)
+                except (ValueError, RuntimeError) as exc:
+                    found.append(exc)
+            return found
 
     def without(
         self, name: str, member_outputs: tuple[np.ndarray, np.ndarray], shape: tuple[int, int]
@@ -663,7 +744,7 @@ class Hybrid:
             _regions_image(image),
             np.where(labels == peak, fused, -np.inf),
             level,
-            self.options["pixel_pitch_mm"],
+            self.pixel_pitch_mm,
         )
         return found[:1]
 
@@ -699,14 +780,115 @@ class Hybrid:
     def save(self, folder: str | Path) -> Path:
         """Save to a hybrid folder (``fusion.persistence``)."""
         members = {name: self.member_set.members[name] for name in self.fused_names}
-        return save_hybrid(folder, members, self.options, self.fitted_state())
+        options = {k: v for k, v in self.get_params().items() if k != "members"}
+        return save_hybrid(folder, members, options, self.fitted_state())
 
     @classmethod
-    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> Hybrid:
-        """Load a saved hybrid, its members on ``device`` (fusion and grading run on the CPU);
-        every file is checked against the manifest first."""
-        members, options, fitted = load_hybrid(folder, device)
-        return cls(members, **options).set_fitted_state(fitted)
+    def load(
+        cls, folder: str | Path, device: str | torch.device = "cpu", runtime: str = "torch"
+    ) -> Hybrid:
+        """The hybrid saved in ``folder``, the one way to load one. Each file is checked
+        against the manifest once, as it is read. ``runtime``: ``torch`` runs the members with
+        PyTorch on ``device``; ``onnx`` / ``openvino`` run their export in that format
+        (``pipelines.export``) under ONNX Runtime / OpenVINO Runtime on the CPU
+        (``graphs.runtime``), refused with the reason where it is missing, changed or another
+        hybrid's. Fusion and grading run on the CPU.
+
+        Set on the loaded hybrid: ``folder_``, ``runtime_`` and ``model_id_``, what its results
+        record as the model that made them: the hybrid's identity (its manifest's SHA-256) and,
+        for an exported runtime, the export's, so results of two runtimes (equal only within
+        the export's tolerance) never mix in one output folder."""
+        if runtime not in RUNTIMES:
+            raise ExportError(f"unknown runtime {runtime!r}; choose one of {RUNTIMES}")
+        saved = read_hybrid(folder, device if runtime == "torch" else "cpu")
+        hybrid = cls(saved.members, **saved.options).set_fitted_state(saved.fitted)
+        hybrid.folder_, hybrid.runtime_, hybrid.model_id_ = Path(folder), runtime, saved.identity
+        if runtime != "torch":
+            hybrid.run_members_with(exported_member_set(folder, runtime, hybrid.member_set))
+            hybrid.model_id_ += f"+{runtime}:{export_id(folder, runtime)}"
+        return hybrid
+
+
+class _Validation:
+    """A hybrid fit's validation images: each sample with its image, member outputs and mask
+    (None: a labeled defect whose mask is unknown), then (``finish``) what the fits read."""
+
+    def __init__(self) -> None:
+        self.samples: list[Mapping[str, Any]] = []
+        self.images: list[torch.Tensor] = []
+        self.maps: list[np.ndarray] = []
+        self.masks: list[np.ndarray | None] = []
+        self._scores: list[np.ndarray] = []
+
+    def add(
+        self,
+        sample: Mapping[str, Any],
+        image: torch.Tensor,
+        scores: np.ndarray,
+        maps: np.ndarray,
+        mask: np.ndarray | None,
+    ) -> None:
+        self.samples.append(sample)
+        self.images.append(image)
+        self._scores.append(np.asarray(scores))
+        self.maps.append(maps)
+        self.masks.append(mask)
+
+    def finish(self) -> _Validation:
+        samples = self.samples
+        self.labels = np.array([int(s["label"]) for s in samples])
+        self.scores = np.stack(self._scores)
+        self.masked = np.array([k for k, m in enumerate(self.masks) if m is not None], dtype=int)
+        # Cross-validation inside the fit keeps the images of one part (or one held-out image
+        # and its injected copies) in one fold.
+        self.groups = np.array([str(s.get("group", f"image-{k}")) for k, s in enumerate(samples)])
+        # Where real labeled defects exist, choosing combiners choose on real images only
+        # (normal ones and those): injected defects can rank members unlike real ones do.
+        real = np.array(
+            [
+                not s.get("defects") or any(d.get("source") == "labeled" for d in s["defects"])
+                for s in samples
+            ]
+        )
+        self.choose_on = real if real[self.labels == 1].any() else None
+        # Pixel normalizers come from the held-out images (and their injected copies), not from
+        # a labeled test split's images: every cross-validation fold's hybrid then maps pixels
+        # alike (a member chosen alone ranks pooled out-of-fold pixels as the member does), and
+        # a few held-out images give thousands of normal pixels. An image is one row of the
+        # image normalizer: there every normal image counts.
+        self.held_out = np.array([s.get("split") != "test" for s in samples])
+        if (self.labels[self.held_out] == 0).sum() < 2:
+            self.held_out[:] = True
+        return self
+
+
+class _Examples:
+    """The grading's examples: each defect region with its truth and descriptor row."""
+
+    def __init__(self) -> None:
+        self.graded: list[Region] = []
+        self.levels: list[int] = []
+        self.defect_ids: list[int] = []
+        # (descriptor row, type name, from a labeled defect)
+        self.type_rows: list[tuple[np.ndarray, str, bool]] = []
+
+    def add(self, region: Region, truth: Mapping[str, Any], row: np.ndarray) -> None:
+        self.type_rows.append((row, str(truth["type"]), truth.get("source") == "labeled"))
+        if truth.get("level") is not None:
+            self.graded.append(region)
+            self.levels.append(int(truth["level"]))
+            self.defect_ids.append(id(truth))
+
+    def finish(self) -> _Examples:
+        self.labeled_types = {kind for _, kind, labeled in self.type_rows if labeled}
+        if self.labeled_types - set(DEFECT_TYPES):
+            # The dataset names its own types: injected defects count only where they match.
+            self.type_rows = [r for r in self.type_rows if r[1] in self.labeled_types]
+        self.types = [kind for _, kind, _ in self.type_rows]
+        return self
+
+    def descriptors(self) -> np.ndarray:
+        return np.stack([row for row, *_ in self.type_rows])
 
 
 class MemberMaps:

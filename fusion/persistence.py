@@ -4,26 +4,25 @@ The folder holds ``hybrid.json`` (format version, member names, the hybrid's con
 options, the image threshold, what it was fitted on, the grader choice), ``members/<name>/``
 (each member's own saved folder), ``fusion.joblib`` (the image and pixel ``ScoreFusion``),
 ``grading.joblib`` (pixel threshold calibrator, type classifier, grader) and the manifest.
+``Hybrid.save`` writes it with ``save_hybrid``; ``Hybrid.load``, the one way in, reads it with
+``read_hybrid``, which checks each file once, on the bytes it then uses.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from artifacts.io import (
-    MANIFEST_NAME,
     ArtifactError,
+    VerifiedFolder,
     atomic_folder,
     atomic_joblib_dump,
     atomic_write_json,
-    load_joblib_verified,
-    sha256_file,
-    verify_manifest,
     write_manifest,
 )
 from members.base import Member, load_member
@@ -39,11 +38,6 @@ GRADING_STATE = ("calibrator", "type_classifier", "grader")
 # members could be left out, where it is every member.
 DESCRIBED_STATE = ("image_threshold", "validation", "grader_report", "selected")
 FITTED_STATE = FUSION_STATE + GRADING_STATE + DESCRIBED_STATE
-
-
-def hybrid_id(folder: str | Path) -> str:
-    """What identifies a saved hybrid: the SHA-256 of its manifest (which lists every file's)."""
-    return sha256_file(Path(folder) / MANIFEST_NAME)
 
 
 def save_hybrid(
@@ -76,27 +70,41 @@ def save_hybrid(
     return folder
 
 
-def load_hybrid(
-    folder: str | Path, device: str | torch.device = "cpu"
-) -> tuple[dict[str, Member], dict[str, Any], dict[str, Any]]:
-    """A saved hybrid's members by name (on ``device``), constructor options and fitted state
-    (as ``save_hybrid`` takes them); every file is checked against the manifest first."""
+@dataclass
+class SavedHybrid:
+    """What a hybrid folder holds, as ``save_hybrid`` took it, and its identity (``manifest_id``:
+    the SHA-256 of its manifest)."""
+
+    members: dict[str, Member]
+    options: dict[str, Any]
+    fitted: dict[str, Any]
+    identity: str
+
+
+def read_hybrid(folder: str | Path, device: str | torch.device = "cpu") -> SavedHybrid:
+    """A saved hybrid's members (on ``device``), constructor options and fitted state. Each file
+    is checked against the manifest once, as it is read (nothing is unpickled before its bytes
+    matched), and the files not read are checked at the end."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ArtifactError(f"{folder}: no such hybrid folder")
-    verify_manifest(folder)
+    files = VerifiedFolder.open(folder)
     try:
-        meta = json.loads((folder / HYBRID_FILE).read_text())
+        meta = files.read_json(HYBRID_FILE)
         names, options = meta["members"], meta["options"]
-    except (OSError, ValueError, KeyError) as exc:
+    except (KeyError, TypeError) as exc:
         raise ArtifactError(f"{folder / HYBRID_FILE}: not a hybrid description ({exc})") from exc
     if meta.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{folder}: hybrid format {meta.get('format_version')} unsupported")
-    members = {name: load_member(folder / "members" / name, device) for name in names}
+    members = {
+        name: load_member(folder / "members" / name, device, files.within(f"members/{name}"))
+        for name in names
+    }
     fitted = {
-        **load_joblib_verified(folder / FUSION_FILE, folder),
-        **load_joblib_verified(folder / GRADING_FILE, folder),
+        **files.load_joblib(FUSION_FILE),
+        **files.load_joblib(GRADING_FILE),
         **{k: meta[k] for k in DESCRIBED_STATE if k != "selected"},
         "selected": meta.get("selected") or names,
     }
-    return members, options, fitted
+    files.verify()  # the members' own manifests, anything else listed
+    return SavedHybrid(members, options, fitted, files.identity)

@@ -32,8 +32,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from data.images import LazyImage
+from data.maps import MapOnDisk, band_rows
 from metrics.severity import semu
-from tiling.visualize import MapOnDisk, band_rows
 
 
 @dataclass

@@ -218,6 +218,7 @@ class ReconstructionMember(Member):
 
     trainable = True
     reconstructs = True
+    option_choices = {"map_metric": MAP_METRICS, "lr_schedule": LR_SCHEDULES}
     map_metric: str
     map_sigma: float
 
@@ -397,6 +398,8 @@ class Autoencoder(ReconstructionMember):
         backbone, layers, pretrained, weights_dir: the frozen encoder of the backbone variant
             (ignored by the others); ``layers`` are timm feature indices.
     """
+
+    option_choices = {"variant": AUTOENCODER_VARIANTS, "corruption": CORRUPTIONS}
 
     def __init__(
         self,

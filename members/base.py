@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -40,11 +39,10 @@ from torch import nn
 
 from artifacts.io import (
     ArtifactError,
+    VerifiedFolder,
     atomic_folder,
     atomic_torch_save,
     atomic_write_json,
-    torch_load,
-    verify_manifest,
     write_manifest,
 )
 from members.backbones import FeatureExtractor
@@ -104,6 +102,24 @@ def create_member(name: str, **cfg: Any) -> Member:
     return cls(**cfg)
 
 
+def member_choices(name: str) -> dict[str, tuple[Any, ...]]:
+    """The values each option of member ``name`` may take, where it declares them: every class
+    from ``Member`` down declares its own options' (``option_choices``)."""
+    choices: dict[str, tuple[Any, ...]] = {}
+    for klass in reversed(member_class(name).__mro__):
+        choices.update(vars(klass).get("option_choices", {}))
+    return choices
+
+
+def member_text_options(name: str) -> tuple[str, ...]:
+    """The options of member ``name`` that take text or null (their null default cannot say
+    so), as its classes declare them (``text_options``)."""
+    names: list[str] = []
+    for klass in reversed(member_class(name).__mro__):
+        names += vars(klass).get("text_options", ())
+    return tuple(names)
+
+
 def member_parameters(name: str) -> dict[str, Any]:
     """Constructor options of member ``name`` with their defaults (the member's own and the
     shared score-aggregation options)."""
@@ -124,6 +140,13 @@ class Member(nn.Module):
     member_name: ClassVar[str] = "member"
     trainable: ClassVar[bool] = False
     reconstructs: ClassVar[bool] = False
+    # What the defaults cannot say of a class's own options, declared beside the code that reads
+    # them (``member_choices``, ``member_text_options``; the configuration's schema reads them):
+    # the values an option may take, and the options that take text or null.
+    option_choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {
+        "score_aggregation": SCORE_AGGREGATIONS
+    }
+    text_options: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -348,8 +371,14 @@ class Member(nn.Module):
         return folder
 
 
-def load_member(folder: str | Path, map_location: str | torch.device = "cpu") -> Member:
-    """Load a member saved with ``Member.save``; the manifest is verified first.
+def load_member(
+    folder: str | Path,
+    map_location: str | torch.device = "cpu",
+    files: VerifiedFolder | None = None,
+) -> Member:
+    """Load a member saved with ``Member.save``; each file is checked against the manifest as
+    it is read (``files``: the member's folder as an enclosing manifest lists it, a hybrid's;
+    by default its own manifest).
 
     The saved ``weights.pt`` holds every tensor, pretrained backbones included, so nothing is
     looked up in ``backbones/``: a member loads from any working directory. Members saved by an
@@ -357,12 +386,13 @@ def load_member(folder: str | Path, map_location: str | torch.device = "cpu") ->
     where it changed.
     """
     folder = Path(folder)
-    verify_manifest(folder)
+    own_manifest = files is None
+    files = VerifiedFolder.open(folder) if files is None else files
     try:
-        meta = json.loads((folder / MEMBER_FILE).read_text())
+        meta = files.read_json(MEMBER_FILE)
         name, config = meta["member"], meta["config"]
         version = int(meta.get("format_version", 1))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{folder / MEMBER_FILE}: not a saved member ({exc})") from exc
     _check_format(folder, name, config, version)
     # Build without reading a weights file; the state dict below brings the weights.
@@ -373,7 +403,7 @@ def load_member(folder: str | Path, map_location: str | torch.device = "cpu") ->
         member.hparams["pretrained"] = pretrained
         if hasattr(member, "pretrained"):
             member.pretrained = pretrained
-    state = torch_load(folder / WEIGHTS_FILE, map_location=map_location)
+    state = files.load_torch(WEIGHTS_FILE, map_location)
     _resize_buffers_to(member, state)
     try:
         member.load_state_dict(state, strict=True)
@@ -383,6 +413,8 @@ def load_member(folder: str | Path, map_location: str | torch.device = "cpu") ->
         ) from exc
     member.to(map_location)
     member.eval()
+    if own_manifest:
+        files.verify()  # whatever else the member's manifest lists
     return member
 
 

@@ -93,6 +93,7 @@ class Draem(Member):
 
     trainable = True
     reconstructs = True
+    text_options = ("texture_dir",)
 
     def __init__(
         self,

@@ -203,6 +203,8 @@ class EfficientAD(Member):
     """
 
     trainable = True
+    option_choices = {"model_size": MODEL_SIZES}
+    text_options = ("penalty_dir",)
 
     def __init__(
         self,

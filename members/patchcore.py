@@ -49,12 +49,13 @@ import torch.nn.functional as F
 from members.backbones import load_backbone
 from members.base import Member, gaussian_blur, register, upsample_map
 from members.coreset import METHODS, coreset_indices, coverage_comparison
-from members.nearest_neighbours import NearestNeighbourIndex
+from members.nearest_neighbours import SEARCH_METHODS, NearestNeighbourIndex
 
 
 @register("patchcore")
 class PatchCore(Member):
     trainable = False
+    option_choices = {"coreset_method": METHODS, "search": SEARCH_METHODS}
 
     def __init__(
         self,

@@ -80,6 +80,7 @@ class STFPM(Member):
     """
 
     trainable = True
+    option_choices = {"map_combination": MAP_COMBINATIONS}
 
     def __init__(
         self,

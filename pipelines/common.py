@@ -20,6 +20,7 @@ OWN_ERRORS = {
     "data",
     "deploy",
     "experiments",
+    "graphs",
     "members",
     "pipelines",
     "prediction",

@@ -75,7 +75,7 @@ def supervised_folds(cfg: Mapping[str, Any], members: Mapping[str, Any], probe: 
 
     if cfg["ensemble"]["supervised"] == "never":
         return None
-    if probe.options["tiling"] or probe.options["image_size"] is None:
+    if probe.tiling_options or probe.image_size is None:
         log.info(
             "supervised member skipped: it is trained on images resized to one input size "
             "(data.image_size), not tiled or at their native sizes"
@@ -88,7 +88,7 @@ def supervised_folds(cfg: Mapping[str, Any], members: Mapping[str, Any], probe: 
         cfg["device"],
         probe.member_inputs,
         cfg["ensemble"]["supervised_injections"],
-        probe.options["pixel_pitch_mm"],
+        probe.pixel_pitch_mm,
         cfg["seed"],
         device,
         workers=cfg["ensemble"]["fit_workers"],
@@ -159,27 +159,64 @@ def print_summary(results: Mapping[str, Any]) -> None:
         print(f"supervised member skipped: {supervised['skipped']}")
 
 
+@dataclasses.dataclass
+class FusionData:
+    """The images a hybrid is fitted and scored on: the run's source (its parts as this command
+    names them) and category, the held-out normal images, the test split, and the fusion
+    samples (the held-out images and copies of them with injected defects)."""
+
+    source: Any
+    category: str
+    val_set: Any
+    test_set: Any
+    samples: list[dict[str, Any]]
+
+
 @main_guard
 def main(argv: list[str] | None = None) -> int:
-    from data.sources import make_dataset
-    from data.validation import injected_validation_samples
-    from evaluation import evaluate_on_unseen_panels, shared_work_cost
     from evaluation.phases import PhaseClock
-    from evaluation.protocol import fit_and_evaluate_hybrid
-    from experiments.selection import select_members
-    from fusion.build import build_hybrid
     from fusion.hybrid import Hybrid
-    from members.base import Member, load_member
+    from members.base import load_member
     from members.device import resolve_device
-    from reporting.hybrid_report import difference_rows, interval_caption, write_hybrid_report
 
     started = time.perf_counter()
     args = parse_args(argv)
     clock = PhaseClock()
     cfg = load_config("ensemble", args.config, [*args.overrides, *overrides_from_flags(args)])
     use_key_file(cfg["artifacts"]["key_file"])
-    opts = cfg["ensemble"]
     setup_logging()
+    selection, out_dir = choose_candidates(cfg)
+    data = read_fusion_data(cfg, selection, clock)
+    device = resolve_device(cfg["device"]["accelerator"])
+    with clock("members loaded"):
+        weights = selection.weights(Path(cfg["ensemble"]["from_run"]))
+        members = {name: load_member(path, device) for name, path in weights.items()}
+    hybrid, evaluation, provenance = fit_hybrid(cfg, selection, data, members, device, clock)
+    hybrid.save(out_dir / "hybrid")
+    log.info("hybrid written to %s", out_dir / "hybrid")
+    # What follows measures the saved hybrid: its kept members only.
+    hybrid = Hybrid.load(out_dir / "hybrid", device)
+    unseen, cost = measure_saved_hybrid(hybrid, cfg, selection, data, evaluation, clock)
+    results = ensemble_results(cfg, selection, hybrid, evaluation, provenance, unseen, cost)
+    results["wall_seconds"] = {**clock.seconds, "total": round(time.perf_counter() - started, 2)}
+    atomic_write_json(out_dir / "results.json", results)
+    atomic_write_csv(out_dir / "scores.csv", evaluation["records"])
+    from reporting.hybrid_report import write_hybrid_report
+
+    report = write_hybrid_report(results, evaluation["records"], out_dir / "report.html")
+    print_results(results, evaluation)
+    phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in clock.seconds.items())
+    print(f"wall time {results['wall_seconds']['total']:.0f} s: {phases}")
+    print(f"\nhybrid: {out_dir / 'hybrid'}\nreport: {report}")
+    return 0
+
+
+def choose_candidates(cfg: Mapping[str, Any]) -> tuple[Any, Path]:
+    """The candidate members' jobs (``experiments.selection.select_members``) and the output
+    folder, made, with its log and configuration."""
+    from experiments.selection import select_members
+
+    opts = cfg["ensemble"]
     if not opts["from_run"]:
         raise PipelineError("no benchmark run given: pass --from RUN (or ensemble.from_run)")
     run_dir = Path(opts["from_run"])
@@ -197,7 +234,17 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(out_dir / "log.txt")
     write_config(cfg, out_dir / "config.yaml")
     log.info("candidate members (by validation %s): %s", opts["criterion"], ", ".join(names))
+    return selection, out_dir
 
+
+def read_fusion_data(cfg: Mapping[str, Any], selection: Any, clock: Any) -> FusionData:
+    """The run's held-out and test images, at their own size as predict reads them (the hybrid
+    resizes them for its members, so regions are measured, and grading is fitted, in the
+    panel's own pixels), and the fusion samples with injected defects."""
+    from data.sources import make_dataset
+    from data.validation import injected_validation_samples
+
+    opts = cfg["ensemble"]
     source, category = selection.source, selection.category
     if cfg["data"]["group_pattern"]:  # the parts, as this command names them
         source = dataclasses.replace(source, group_pattern=cfg["data"]["group_pattern"])
@@ -206,8 +253,6 @@ def main(argv: list[str] | None = None) -> int:
             "the benchmark run held out no validation images (data.val_fraction = 0); "
             "fusion and grading need them"
         )
-    # Images at their own size, as predict reads them: the hybrid resizes them for its members,
-    # so regions are measured (and grading is fitted) in the panel's own pixels.
     with clock("validation images and injected defects"):
         val_set = make_dataset(source, category, "val", selection.seed, None)
         test_set = make_dataset(source, category, "test", selection.seed, None)
@@ -223,30 +268,45 @@ def main(argv: list[str] | None = None) -> int:
         len(val_set),
         len(samples) - len(val_set),
     )
-    device = resolve_device(cfg["device"]["accelerator"])
-    with clock("members loaded"):
-        weights = selection.weights(run_dir)
-        members = {name: load_member(path, device) for name, path in weights.items()}
+    return FusionData(source, category, val_set, test_set, samples)
 
-    def make_hybrid(extra_members: Mapping[str, Member] | None = None) -> Hybrid:
+
+def fit_hybrid(
+    cfg: Mapping[str, Any],
+    selection: Any,
+    data: FusionData,
+    members: Mapping[str, Any],
+    device: Any,
+    clock: Any,
+) -> tuple[Any, dict[str, Any], dict[str, str]]:
+    """The hybrid fitted (under cross-validation where labeled defects take part, with the
+    supervised member inside each fold), its evaluation on test and the figures' provenance
+    (``evaluation.protocol.fit_and_evaluate_hybrid``)."""
+    from data.sources import make_dataset
+    from evaluation.protocol import fit_and_evaluate_hybrid
+    from fusion.build import build_hybrid
+
+    opts = cfg["ensemble"]
+
+    def make_hybrid(extra_members: Mapping[str, Any] | None = None) -> Any:
         return build_hybrid(
             {**members, **(extra_members or {})},
             selection.image_size,
             selection.tiling,
             hybrid_cfg=cfg["hybrid"],
             grading_cfg=cfg["grading"],
-            pixel_pitch_mm=source.pixel_pitch_mm,
-            intensity=val_set.intensity.to_dict(),
+            pixel_pitch_mm=data.source.pixel_pitch_mm,
+            intensity=data.val_set.intensity.to_dict(),
             seed=cfg["seed"],
         )
 
     supervised = supervised_folds(cfg, members, make_hybrid(), device)
-    train_set = make_dataset(source, category, "train", selection.seed, None)
-    hybrid, evaluation, provenance = fit_and_evaluate_hybrid(
+    train_set = make_dataset(data.source, data.category, "train", selection.seed, None)
+    return fit_and_evaluate_hybrid(
         make_hybrid,
-        samples,
-        len(val_set),
-        test_set,
+        data.samples,
+        len(data.val_set),
+        data.test_set,
         opts["labeled_defects"],
         opts["folds"],
         cfg["seed"],
@@ -256,31 +316,57 @@ def main(argv: list[str] | None = None) -> int:
         normal_images=lambda: (train_set[i]["image"] for i in range(len(train_set))),
         clock=clock,
     )
-    hybrid.save(out_dir / "hybrid")
-    log.info("hybrid written to %s", out_dir / "hybrid")
-    # What follows measures the saved hybrid: its kept members only.
-    hybrid = Hybrid.load(out_dir / "hybrid", device)
+
+
+def measure_saved_hybrid(
+    hybrid: Any,
+    cfg: Mapping[str, Any],
+    selection: Any,
+    data: FusionData,
+    evaluation: Mapping[str, Any],
+    clock: Any,
+) -> tuple[dict[str, Any] | None, dict[str, float]]:
+    """The saved hybrid on freshly generated panels (None where the data is not the
+    generator's) and what its members cost together against apart."""
+    from evaluation import evaluate_on_unseen_panels, shared_work_cost
+
     with clock("unseen panels"):
         unseen = evaluate_on_unseen_panels(
             hybrid,
-            source.data_dir / category,
+            data.source.data_dir / data.category,
             cfg["seed"] + 1,
-            opts["unseen_panels"],
-            source.channels,
+            cfg["ensemble"]["unseen_panels"],
+            data.source.channels,
             progress=True,
         )
     with clock("shared-work cost"):
-        cost_images = [test_set[i]["image"] for i in range(min(8, len(test_set)))]
-        cost = shared_work_cost(hybrid, cost_images)
+        test_set = data.test_set
+        cost = shared_work_cost(
+            hybrid, [test_set[i]["image"] for i in range(min(8, len(test_set)))]
+        )
     cost["hybrid_ms_per_image"] = 1000 * evaluation["seconds"] / len(test_set)
     cost["members_benchmark_latency_ms_sum"] = sum(
         job["cost"]["latency_ms"] for job in selection.jobs
     )
-    results = {
-        "run": str(run_dir),
+    return unseen, cost
+
+
+def ensemble_results(
+    cfg: Mapping[str, Any],
+    selection: Any,
+    hybrid: Any,
+    evaluation: Mapping[str, Any],
+    provenance: Mapping[str, str],
+    unseen: Mapping[str, Any] | None,
+    cost: Mapping[str, float],
+) -> dict[str, Any]:
+    """``results.json`` (but its ``wall_seconds``): every figure with the split it is on."""
+    opts = cfg["ensemble"]
+    return {
+        "run": str(Path(opts["from_run"])),
         "dataset": selection.dataset,
-        "category": category,
-        "members": names,
+        "category": selection.category,
+        "members": [job["member"] for job in selection.jobs],
         "selection": [
             {
                 "member": j["member"],
@@ -325,13 +411,15 @@ def main(argv: list[str] | None = None) -> int:
         "cost": cost,
         "cross_validation": evaluation.get("cross_validation"),
         "unseen_panels": unseen,
-        # Wall seconds of each phase, in order (up to the results themselves).
-        "wall_seconds": {**clock.seconds, "total": round(time.perf_counter() - started, 2)},
         "notes": [provenance["note"]],
     }
-    atomic_write_json(out_dir / "results.json", results)
-    atomic_write_csv(out_dir / "scores.csv", evaluation["records"])
-    report = write_hybrid_report(results, evaluation["records"], out_dir / "report.html")
+
+
+def print_results(results: Mapping[str, Any], evaluation: Mapping[str, Any]) -> None:
+    """The figures on the console: each detector, the hybrid's lead over each member, grading,
+    the operating point, the plant's summary and the unseen panels."""
+    from reporting.hybrid_report import difference_rows, interval_caption
+
     print(f"\n{'detector':<16}{'image AUROC':>13}{'pixel AUROC':>13}{'AUPRO':>9}")
     for name, values in evaluation["metrics"].items():
         print(
@@ -351,17 +439,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{grading['type_macro_f1']:.3f} ({grading['n']} defects)"
     )
     point = results["operating_point"]
+    interval = point.get("miss_rate_interval")
     print(
         f"operating point ({point['operating_point']}): {point['false_alarm_rate']:.1%} of "
         f"{point['normal_images']} defect-free test images flagged, {point['miss_rate']:.1%} "
         f"of {point['defective_images']} defective ones missed"
-        + (
-            " [{:.1%}, {:.1%}]".format(*point["miss_rate_interval"])
-            if point.get("miss_rate_interval")
-            else ""
-        )
+        + (" [{:.1%}, {:.1%}]".format(*interval) if interval else "")
     )
     print_summary(results)
+    unseen = results["unseen_panels"]
     if unseen is not None:
         figures = unseen["grading"]
         print(
@@ -372,10 +458,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{figures['end_to_end']['level_within_one']:.3f}), type macro-F1 "
             f"{figures['end_to_end']['type_macro_f1']:.3f}"
         )
-    phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in clock.seconds.items())
-    print(f"wall time {results['wall_seconds']['total']:.0f} s: {phases}")
-    print(f"\nhybrid: {out_dir / 'hybrid'}\nreport: {report}")
-    return 0
 
 
 if __name__ == "__main__":

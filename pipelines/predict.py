@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from artifacts.io import use_key_file
-from configs import ConfigError, Flag, add_config_arguments, load_config
+from configs import Flag, add_config_arguments, load_config
 from pipelines.common import (
     PARTIAL_FAILURE,
     PipelineError,
@@ -72,7 +72,7 @@ def overrides_from_flags(args: argparse.Namespace) -> list[Flag]:
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     from artifacts.lock import LockHeld, RunLock
-    from deploy.runtime import load_hybrid, results_id
+    from fusion.hybrid import Hybrid
     from members.device import resolve_device
     from prediction.inputs import expand_inputs
     from prediction.results import (
@@ -84,27 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         read_stream,
         write_reports,
     )
-    from prediction.run import StopRequest, hybrid_window, predict_files, predict_options
+    from prediction.run import StopRequest, predict_files, predict_options
 
     args = parse_args(argv)
     cfg = load_config("predict", args.config, [*args.overrides, *overrides_from_flags(args)])
     use_key_file(cfg["artifacts"]["key_file"])
     opts = cfg["predict"]
-    if opts["overlay_max_side"] is not None and opts["overlay_max_side"] <= 0:
-        raise ConfigError(
-            "predict.overlay_max_side must be a positive number or null, "
-            f"got {opts['overlay_max_side']}"
-        )
-    for key in ("batch_size", "batch_megapixels"):
-        if opts[key] <= 0:
-            raise ConfigError(f"predict.{key} must be positive, got {opts[key]}")
-    if opts["read_ahead"] < 0:
-        raise ConfigError(f"predict.read_ahead must be 0 or more, got {opts['read_ahead']}")
-    if opts["executor"] == "ray" and opts["runtime"] != "torch":
-        raise ConfigError(
-            f"predict.runtime {opts['runtime']} runs in this process only: the Ray actors run "
-            "the members with PyTorch (use predict.executor local, or predict.runtime torch)"
-        )
     if not opts["hybrid"]:
         raise PipelineError("no hybrid given: pass --hybrid DIR (or predict.hybrid)")
     out = Path(opts["out"] or f"predictions-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -127,12 +112,10 @@ def main(argv: list[str] | None = None) -> int:
                     opts["runtime"],
                     accelerator,
                 )
-        hybrid = load_hybrid(opts["hybrid"], opts["runtime"], device)
-        ref = results_id(opts["hybrid"], opts["runtime"])
+        hybrid = Hybrid.load(opts["hybrid"], device, opts["runtime"])
         merge_shards(out)  # what a killed Ray run's actors streamed, whichever executor resumes
-        done = finished(read_stream(out / STREAM_NAME), ref)
-        window = hybrid_window(hybrid)
-        log.info("intensity window: %s", window.describe())
+        done = finished(read_stream(out / STREAM_NAME), hybrid.model_id_)
+        log.info("intensity window: %s", hybrid.intensity_window.describe())
         files, missing = expand_inputs(args.paths)
         interrupted = False
         with ResultStream(out / STREAM_NAME) as stream, StopRequest() as stop:
@@ -147,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                             missing,
                             out,
                             stream,
-                            hybrid_ref=ref,
+                            hybrid_ref=hybrid.model_id_,
                             done=done,
                             accelerator=cfg["device"]["accelerator"],
                             options=opts,
@@ -161,9 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                         missing,
                         out,
                         stream,
-                        hybrid_ref=ref,
                         done=done,
-                        prepare=window,
                         stop=stop,
                         **predict_options(opts),
                     )

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from artifacts.io import use_key_file
 from artifacts.lock import LockHeld
-from configs import ConfigError, add_config_arguments, load_config
+from configs import add_config_arguments, load_config
 from pipelines.common import PipelineError, describe_error, main_guard, setup_rank_logging
 
 log = logging.getLogger("pipelines.retrain")
@@ -71,8 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config("retrain", args.config, args.overrides)
     use_key_file(cfg["artifacts"]["key_file"])
-    if cfg["retrain"]["image_size"] is None:
-        raise ConfigError("retrain.image_size must be a positive int or [height, width], got null")
     interval = parse_interval(args.every) if args.every else None
     workspace = Path(cfg["retrain"]["workspace"])
     workspace.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,6 @@ from prediction.results import SHARD_DIR, ResultStream, finished, merge_shards, 
 from prediction.run import (
     PredictionCounts,
     StopRequest,
-    hybrid_window,
     predict_files,
     predict_options,
     record_missing,
@@ -68,8 +67,12 @@ class PredictActor:
         if os.path.isdir(cwd):
             os.chdir(cwd)  # relative input paths mean what they mean to the driver
         self.hybrid = Hybrid.load(hybrid_dir, resolve_device(accelerator))
-        self.window = hybrid_window(self.hybrid)
-        self.hybrid_ref, self.options, self.out = hybrid_ref, dict(options), Path(out)
+        if self.hybrid.model_id_ != hybrid_ref:
+            raise RuntimeError(
+                f"{hybrid_dir} changed after the run started (identity "
+                f"{self.hybrid.model_id_[:12]}…, the run's is {hybrid_ref[:12]}…)"
+            )
+        self.options, self.out = dict(options), Path(out)
         path = self.out / SHARD_DIR / f"{name}.jsonl"
         # An actor restarted after its process was lost skips what it streamed before (those
         # images then count as done earlier).
@@ -84,9 +87,7 @@ class PredictActor:
             [],
             self.out,
             self.stream,
-            hybrid_ref=self.hybrid_ref,
             done={**done, **self.streamed},
-            prepare=self.window,
             progress=False,
             **predict_options(self.options),
         )

@@ -133,7 +133,7 @@ def _json_default(obj: Any) -> Any:
 
 def finished(entries: Iterable[Mapping[str, Any]], hybrid_id: str) -> dict[str, str]:
     """path -> SHA-256 of the images already done by the hybrid ``hybrid_id`` (with its runtime:
-    ``deploy.runtime.results_id``). Results of another hybrid or runtime in the same folder are
+    ``Hybrid.model_id_``). Results of another hybrid or runtime in the same folder are
     an error: mixing them would make one report of two models."""
     done: dict[str, str] = {}
     for entry in entries:

@@ -2,8 +2,9 @@
 already done skipped on a re-run, Ctrl-C honoured between images.
 
 The loop reads top to bottom: for each file, its SHA-256 (a file done before with the same bytes
-by the same hybrid is skipped), the image, the panel's uniformity figures, the hybrid's result,
-the overlay and map files, one line in the stream.
+by the same hybrid is skipped) and the image; for each batch, the hybrid's results
+(``Hybrid.predict_batch``); for each image, the panel's uniformity figures, the overlay and map
+files, one line in the stream.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 from artifacts.io import fault_point
+from fusion.hybrid import Hybrid, Prediction
 from prediction.inputs import InputImage, Skipped, read_ahead
 from prediction.results import ResultStream
 
@@ -57,16 +58,6 @@ class PredictionCounts:
     skipped_paths: list[tuple[str, str]] = field(default_factory=list)
 
 
-def hybrid_window(hybrid: Any) -> Any:
-    """The intensity window the hybrid's members were trained with (fitted on their training
-    images), never one fitted on the images predicted. Hybrids saved without one: integers /
-    their type's maximum."""
-    from data.images import IntensityWindow
-
-    saved = hybrid.options.get("intensity")
-    return IntensityWindow.from_dict(saved) if saved else IntensityWindow()
-
-
 def record_missing(
     missing: Sequence[Skipped], stream: ResultStream, hybrid_ref: str
 ) -> PredictionCounts:
@@ -101,15 +92,13 @@ def predict_options(section: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def predict_files(
-    hybrid: Any,
+    hybrid: Hybrid,
     files: Sequence[Path],
     missing: Sequence[Skipped],
     out: Path,
     stream: ResultStream,
     *,
-    hybrid_ref: str,
     done: Mapping[str, str],
-    prepare: Callable[[Any], Any],
     overlays: bool = True,
     overlay_max_side: int | None = None,
     save_maps: bool = False,
@@ -122,21 +111,18 @@ def predict_files(
     """Predict ``files`` with ``hybrid`` and append each result to ``stream`` (``missing``: the
     paths given that were not image files, recorded as skipped).
 
-    ``done`` maps path -> SHA-256 of images finished by this hybrid (``hybrid_ref``) before:
-    those are skipped. ``prepare`` turns the image as read into the members' input (the hybrid's
-    intensity window): elementwise, as it is applied window by window (``LazyImage``: a panel
-    stays in its file's dtype). ``read_ahead_images``: how many files are read and decoded ahead.
-    Images go through the members ``batch_size`` at a time (fewer once a batch holds
-    ``batch_megapixels``); fusion, grading and files follow image by image.
+    ``hybrid``: loaded with ``Hybrid.load`` (its results record its ``model_id_``). ``done`` maps
+    path -> SHA-256 of images finished by that model before: those are skipped.
+    ``read_ahead_images``: how many files are read and decoded ahead. Images go to
+    ``Hybrid.predict_batch`` ``batch_size`` at a time (fewer once a batch holds
+    ``batch_megapixels``); its results, the quality figures and the files follow image by image.
     """
     from tqdm.auto import tqdm
 
-    from data.images import LazyImage
     from metrics.quality import panel_quality
     from tiling import save_anomaly_map, save_heatmap_overlay
 
-    threshold = hybrid.calibrator_.threshold_
-    counts = record_missing(missing, stream, hybrid_ref)
+    counts = record_missing(missing, stream, hybrid.model_id_)
     warned = False
 
     def record(item: InputImage, entry: dict[str, Any]) -> None:
@@ -151,49 +137,40 @@ def predict_files(
         fault_point("predict_image_done")
 
     def predict_batch(batch: list[InputImage]) -> None:
-        """The batch's member pass at once, then each image's fusion, grading and files; a
+        """The batch's results from the hybrid, then each image's figures, files and line; a
         stop request ends it after the image in hand."""
         nonlocal warned
-        prepared = {
-            k: LazyImage(item.image, prepare)
-            for k, item in enumerate(batch)
-            if item.image is not None
-        }
-        outputs = _member_outputs(hybrid, prepared, out)
-        for k, item in enumerate(batch):
+        images = [item.image for item in batch if item.image is not None]
+        # The fused maps go to files in the output folder, read back in bands.
+        results = hybrid.predict_batch(images, map_folder=out)
+        for item in batch:
             entry: dict[str, Any] = {
                 "path": str(item.path),
-                "hybrid_id": hybrid_ref,
+                "hybrid_id": hybrid.model_id_,
                 "sha256": item.sha256,
             }
+            result = next(results) if item.skipped is None else None
             if item.skipped is not None:
                 entry.update(status="skipped", error=item.skipped)
-            elif isinstance(outputs[k], Exception):
-                entry.update(status="skipped", error=str(outputs[k]))
+            elif isinstance(result, Exception):
+                entry.update(status="skipped", error=str(result))
             else:
-                try:
-                    quality = panel_quality(item.image)  # as read, before the members' window
-                    # The fused map goes to a file in the output folder, read back in bands.
-                    result = hybrid.predict(
-                        prepared[k], outputs[k], member_maps=False, map_folder=out
-                    )
-                except (ValueError, RuntimeError) as exc:
-                    entry.update(status="skipped", error=str(exc))
-                else:
-                    with result["anomaly_map"]:
-                        entry.update(_result_entry(item.image, result, quality))
-                        entry.update(write_files(item, result))
-                    if result["warning"] and not warned:  # each result holds it; the log once
-                        log.warning("%s: %s", item.path, result["warning"])
-                        warned = True
+                with result.anomaly_map:
+                    # As read, before the members' intensity window.
+                    entry.update(_result_entry(item.image, result, panel_quality(item.image)))
+                    entry.update(write_files(item, result))
+                if result.warning and not warned:  # each result holds it; the log once
+                    log.warning("%s: %s", item.path, result.warning)
+                    warned = True
             record(item, entry)
             if stop is not None and stop.requested:
+                results.close()
                 return
 
-    def write_files(item: InputImage, result: Mapping[str, Any]) -> dict[str, str]:
+    def write_files(item: InputImage, result: Prediction) -> dict[str, str]:
         files: dict[str, str] = {}
         stem = f"{item.path.stem}-{item.sha256[:10]}"
-        fused = result["anomaly_map"]
+        fused = result.anomaly_map
         if overlays:
             files["overlay"] = str(
                 save_heatmap_overlay(
@@ -202,7 +179,7 @@ def predict_files(
                     out / "overlays" / f"{stem}.png",
                     max_preview_side=overlay_max_side or max(fused.shape),
                     vmin=0.0,
-                    vmax=max(2 * threshold, float(fused.max())),
+                    vmax=max(2 * result.pixel_threshold, float(fused.max())),
                 )
             )
         if save_maps:
@@ -228,33 +205,15 @@ def predict_files(
     return counts
 
 
-def _member_outputs(hybrid: Any, images: Mapping[int, Any], map_folder: Path) -> dict[int, Any]:
-    """Each image's member outputs, in one batched pass; where that fails, image by image, so
-    that one bad image is skipped with its own error and the others go on. A tiled hybrid's
-    member maps go to temporary files in ``map_folder``, as the fused map does."""
-    batch = partial(hybrid.member_outputs_batch, at_image_size=False, map_folder=map_folder)
-    try:
-        outputs = batch(list(images.values()))
-        return dict(zip(images, outputs))
-    except (ValueError, RuntimeError):
-        found: dict[int, Any] = {}
-        for k, image in images.items():
-            try:
-                found[k] = batch([image])[0]
-            except (ValueError, RuntimeError) as exc:
-                found[k] = exc
-        return found
-
-
-def _result_entry(image: Any, result: Mapping[str, Any], quality: Mapping[str, Any]) -> dict:
+def _result_entry(image: Any, result: Prediction, quality: Mapping[str, Any]) -> dict:
     return {
         "status": "ok",
         "width": int(image.shape[1]),
         "height": int(image.shape[0]),
-        "score": result["score"],
-        "label": result["label"],
-        "level": result["level"],
-        "regions": [r.to_dict() for r in result["regions"]],
+        "score": result.score,
+        "label": result.label,
+        "level": result.level,
+        "regions": [r.to_dict() for r in result.regions],
         **quality,
-        **({"warning": result["warning"]} if result["warning"] else {}),
+        **({"warning": result.warning} if result.warning else {}),
     }

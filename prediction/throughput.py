@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from data.images import LazyImage
+from fusion.hybrid import Hybrid
 from members.device import synchronize
 
 
@@ -37,13 +39,17 @@ def _images_per_second(
 
 
 def measure_throughput(
-    hybrid: Any, images: Sequence[np.ndarray], batch_sizes: Sequence[int] = (1, 4)
+    hybrid: Hybrid, images: Sequence[np.ndarray], batch_sizes: Sequence[int] = (1, 4)
 ) -> dict[str, float]:
     """``{"<what>_batch<b>": images/s}``, best of two passes each: the ceiling (the shared
     backbones' forward on the members' inputs; only where members share a backbone), the
-    members' pass and the whole hybrid."""
+    members' pass and the whole hybrid (``predict_batch``), on ``images`` as their files hold
+    them."""
     member_set = hybrid.member_set
     device = getattr(member_set, "device", "cpu")
+
+    def window(image: np.ndarray) -> LazyImage:  # as predict_batch prepares it
+        return LazyImage(image, hybrid.intensity_window)
 
     def batches(items: Sequence[Any], size: int):
         return (items[k : k + size] for k in range(0, len(items), size))
@@ -54,19 +60,19 @@ def measure_throughput(
         def ceiling(items: Sequence[Any], size: int = size) -> None:
             with torch.no_grad():
                 for chunk in batches(items, size):
-                    x = torch.cat(hybrid.member_inputs(chunk))
+                    x = torch.cat(hybrid.member_inputs([window(image) for image in chunk]))
                     for extractor in member_set.extractors:
                         extractor(x.to(member_set.device))
 
         def members(items: Sequence[Any], size: int = size) -> None:
             for chunk in batches(items, size):
-                hybrid.member_outputs_batch(chunk, at_image_size=False)
+                hybrid.member_outputs_batch([window(image) for image in chunk], False)
 
         def whole(items: Sequence[Any], size: int = size) -> None:
             for chunk in batches(items, size):
-                outputs = hybrid.member_outputs_batch(chunk, at_image_size=False)
-                for image, output in zip(chunk, outputs):
-                    hybrid.predict(image, output, member_maps=False)
+                for result in hybrid.predict_batch(chunk):
+                    if isinstance(result, Exception):
+                        raise result
 
         if len(member_set.extractors):
             figures[f"backbone_ceiling_batch{size}"] = _images_per_second(ceiling, images, device)
@@ -76,10 +82,8 @@ def measure_throughput(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data.images import LazyImage
-    from deploy.runtime import RUNTIMES, load_hybrid
+    from graphs.runtime import RUNTIMES
     from prediction.inputs import expand_inputs, read_input
-    from prediction.run import hybrid_window
 
     parser = argparse.ArgumentParser(prog="python -m prediction.throughput", description=__doc__)
     parser.add_argument("--hybrid", required=True)
@@ -88,14 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", nargs="+")
     args = parser.parse_args(argv)
     files, _ = expand_inputs(args.paths)
-    hybrid = load_hybrid(Path(args.hybrid), args.runtime)
-    # As predict holds them: in their files' dtype, through the hybrid's intensity window.
-    window = hybrid_window(hybrid)
-    images = [
-        LazyImage(image, window)
-        for image in map(read_input, files)
-        if isinstance(image, np.ndarray)
-    ]
+    hybrid = Hybrid.load(Path(args.hybrid), runtime=args.runtime)
+    # As predict holds them: in their files' dtype (the hybrid applies its intensity window).
+    images = [image for image in map(read_input, files) if isinstance(image, np.ndarray)]
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     figures = measure_throughput(hybrid, images, sizes)
     rounded = {k: round(v, 2) for k, v in figures.items()}

@@ -5,7 +5,8 @@ import re
 import pytest
 import yaml
 
-import configs
+import configs.loader
+import configs.schema
 from configs import (
     CONFIG_DIR,
     PIPELINES,
@@ -219,6 +220,7 @@ def _choice_cases() -> list[tuple[str, str, str, str, tuple[str, ...]]]:
     from grading.graders import GRADERS, OPERATING_POINTS, THRESHOLD_METHODS
     from members.autoencoder import AUTOENCODER_VARIANTS
     from members.base import SCORE_AGGREGATIONS
+    from members.nearest_neighbours import SEARCH_METHODS
     from members.trainer import PRECISIONS
     from retraining.holdout import METRICS
     from tiling.grid import PAD_MODES, REDUCTIONS
@@ -235,23 +237,24 @@ def _choice_cases() -> list[tuple[str, str, str, str, tuple[str, ...]]]:
         ("benchmark", "benchmark.members", "[patchcore, foo]", members),
         ("benchmark", "members.autoencoder.variant", "resnet", AUTOENCODER_VARIANTS),
         ("benchmark", "members.padim.score_aggregation", "median", SCORE_AGGREGATIONS),
+        ("benchmark", "members.patchcore.search", "ivf", SEARCH_METHODS),
         ("ensemble", "hybrid.combiner", "vote", COMBINERS),
         ("ensemble", "hybrid.normalizer", "robust", tuple(NORMALIZERS)),
         ("ensemble", "hybrid.learner", "svm", LEARNERS),
         ("ensemble", "hybrid.grader", "learned", GRADERS),
         ("ensemble", "hybrid.pixel_threshold", "otsu", THRESHOLD_METHODS),
         ("ensemble", "ensemble.criterion", "speed", CRITERIA),
-        ("ensemble", "ensemble.labeled_defects", "always", configs.LABELED_DEFECTS),
+        ("ensemble", "ensemble.labeled_defects", "always", configs.schema.LABELED_DEFECTS),
         ("ensemble", "ensemble.members", "[foo]", members),
         ("retrain", "retrain.metric", "speed", METRICS),
-        ("retrain", "retrain.promote_on", "always", configs.PROMOTE_ON),
+        ("retrain", "retrain.promote_on", "always", configs.schema.PROMOTE_ON),
         ("retrain", "hybrid.combiner", "vote", COMBINERS),
         ("retrain", "retrain.members", "[foo]", members),
         ("tiling_benchmark", "tiling_benchmark.member", "foo", members),
-        ("benchmark", "benchmark.executor", "dask", configs.EXECUTORS),
-        ("predict", "predict.executor", "dask", configs.EXECUTORS),
-        ("predict", "predict.runtime", "tensorrt", configs.RUNTIMES),
-        ("export", "export.format", "tflite", configs.EXPORT_FORMATS),
+        ("benchmark", "benchmark.executor", "dask", configs.schema.EXECUTORS),
+        ("predict", "predict.executor", "dask", configs.schema.EXECUTORS),
+        ("predict", "predict.runtime", "tensorrt", configs.schema.RUNTIMES),
+        ("export", "export.format", "tflite", configs.schema.EXPORT_FORMATS),
     ]
 
 
@@ -325,13 +328,56 @@ def test_a_moved_key_names_its_new_place(tmp_path, pipeline, old, new):
         assert f"{old!r} has moved: it is {new!r} now" in str(info.value)
 
 
+def test_a_new_member_declares_its_options_once_and_the_configuration_follows():
+    """A member registered with its options' choices and its text options: the configuration
+    checks them from the registry, with nothing written in configs."""
+    from members import base
+
+    class Chooser(base.Member):
+        option_choices = {"mode": ("fast", "exact")}
+        text_options = ("notes_dir",)
+
+        def __init__(self, mode: str = "fast", notes_dir: str | None = None, **common) -> None:
+            super().__init__(**common)
+            self.mode, self.notes_dir = mode, notes_dir
+
+    base.register("_chooser")(Chooser)
+    try:
+        with pytest.raises(ConfigError, match="members._chooser.mode must be fast or exact"):
+            load_config("benchmark", overrides=["members._chooser.mode=slow"])
+        with pytest.raises(ConfigError, match="score_aggregation must be max, mean"):
+            load_config("benchmark", overrides=["members._chooser.score_aggregation=median"])
+        cfg = load_config("benchmark", overrides=["members._chooser.notes_dir=01"])
+        assert cfg["members"]["_chooser"] == {
+            **member_parameters("_chooser"),
+            "notes_dir": "01",  # text, as typed: YAML would have read the number 1
+            "trainer": {},
+        }
+        with pytest.raises(ConfigError, match="members._chooser.notes_dir must be str"):
+            load_config("benchmark", overrides=["members._chooser.notes_dir=[1]"])
+    finally:
+        base._REGISTRY.pop("_chooser")
+
+
+def test_numbers_below_their_range_are_refused_naming_the_key():
+    for pipeline, override, message in (
+        ("predict", "predict.batch_megapixels=0", "predict.batch_megapixels must be a positive"),
+        ("predict", "predict.read_ahead=-1", "predict.read_ahead must be 0 or more, got -1"),
+        ("predict", "predict.overlay_max_side=0", "predict.overlay_max_side must be a positive"),
+        ("ensemble", "ensemble.fit_workers=0", "ensemble.fit_workers must be a positive"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(pipeline, overrides=[override])
+    assert load_config("predict", overrides=["predict.overlay_max_side=null"])
+
+
 def test_every_key_has_a_type():
     """Every null default and every empty list has a declared type, and the table names only
     keys that exist (a typo in it would silently check nothing)."""
     leaves: dict[str, object] = {}
     for pipeline in PIPELINES:
         tree = default_tree(pipeline)
-        for path in configs._leaf_paths(tree):
+        for path in configs.loader._leaf_paths(tree):
             node = tree
             for part in path.split("."):
                 node = node[part]
@@ -340,7 +386,7 @@ def test_every_key_has_a_type():
     untyped = [
         path
         for path, default in leaves.items()
-        if (default is None or default == []) and configs._key(path).type is None
+        if (default is None or default == []) and configs.schema._key(path).type is None
     ]
     assert not untyped, f"declare these in configs.key_table: {untyped}"
     for path in key_table():
@@ -351,23 +397,23 @@ def test_every_key_has_a_type():
 def test_config_choices_equal_the_libraries():
     """configs writes these lists out (their modules are above it or pull in scikit-learn)."""
     from deploy.export import FORMATS
-    from deploy.runtime import RUNTIMES
     from experiments.selection import CRITERIA
     from fusion.combiners import COMBINERS, LEARNERS
     from fusion.normalizers import NORMALIZERS
     from grading.graders import GRADERS, OPERATING_POINTS, THRESHOLD_METHODS
+    from graphs.runtime import RUNTIMES
     from retraining.holdout import METRICS, PROMOTE_ON
 
-    assert set(configs.COMBINERS) == set(COMBINERS)
-    assert set(configs.LEARNERS) == set(LEARNERS)
-    assert set(configs.NORMALIZERS) == set(NORMALIZERS)
-    assert set(configs.GRADERS) == set(GRADERS)
-    assert set(configs.OPERATING_POINTS) == set(OPERATING_POINTS)
-    assert set(configs.PIXEL_THRESHOLDS) == set(THRESHOLD_METHODS)
-    assert set(configs.CRITERIA) == set(CRITERIA) == set(METRICS)
-    assert set(configs.EXPORT_FORMATS) == set(FORMATS)
-    assert set(configs.RUNTIMES) == set(RUNTIMES)
-    assert set(configs.PROMOTE_ON) == set(PROMOTE_ON)
+    assert set(configs.schema.COMBINERS) == set(COMBINERS)
+    assert set(configs.schema.LEARNERS) == set(LEARNERS)
+    assert set(configs.schema.NORMALIZERS) == set(NORMALIZERS)
+    assert set(configs.schema.GRADERS) == set(GRADERS)
+    assert set(configs.schema.OPERATING_POINTS) == set(OPERATING_POINTS)
+    assert set(configs.schema.PIXEL_THRESHOLDS) == set(THRESHOLD_METHODS)
+    assert set(configs.schema.CRITERIA) == set(CRITERIA) == set(METRICS)
+    assert set(configs.schema.EXPORT_FORMATS) == set(FORMATS)
+    assert set(configs.schema.RUNTIMES) == set(RUNTIMES)
+    assert set(configs.schema.PROMOTE_ON) == set(PROMOTE_ON)
 
 
 def test_accelerator_choices_are_what_fabric_takes():

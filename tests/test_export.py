@@ -16,9 +16,8 @@ from artifacts.io import ArtifactError, write_manifest
 from data.images import read_image, write_png
 from data.synthetic import PanelGenerator
 from deploy.export import TOLERANCE, export_hybrid, map_difference, score_difference
-from deploy.graphs import EXPORT_FILE, ExportError, export_dir
-from deploy.runtime import load_hybrid
 from fusion.hybrid import Hybrid
+from graphs.specs import EXPORT_FILE, ExportError, export_dir
 from members import available_members, create_member
 from members.base import member_class
 from pipelines import predict
@@ -88,14 +87,14 @@ def test_every_member_exports_and_matches_pytorch_on_panels(fitted, panels_dir):
     assert heads == set(available_members())
     # The members on the shared efficientnet_lite0 take its maps from one backbone graph, run
     # once per batch, as MemberSet runs them.
-    reference = load_hybrid(folder, "torch")
+    reference = Hybrid.load(folder, runtime="torch")
     (backbone,) = [g for g in description["graphs"] if g["kind"] == "backbone"]
     sharing = [n for n in reference.names if reference.member_set.backbone_keys[n] is not None]
     assert backbone["members"] == sharing and {"patchcore", "padim", "fastflow"} <= set(sharing)
     assert all(max(p.values()) <= description["tolerance"] for p in description["parity"].values())
     # The command said what it wrote.
     assert "member-patchcore.onnx" in fitted["stdout"] and EXPORT_FILE in fitted["stdout"]
-    _assert_members_agree(load_hybrid(folder, "onnx"), reference, _panels(panels_dir))
+    _assert_members_agree(Hybrid.load(folder, runtime="onnx"), reference, _panels(panels_dir))
 
 
 @pytest.mark.slow
@@ -105,7 +104,9 @@ def test_exported_members_match_pytorch_on_kolektorsdd(fitted, kolektorsdd_dir):
     paths = sorted((test / "crack").glob("*.jpg"))[:2] + sorted((test / "good").glob("*.jpg"))[:2]
     images = [read_image(p) for p in paths]
     folder = fitted["folder"]
-    _assert_members_agree(load_hybrid(folder, "onnx"), load_hybrid(folder, "torch"), images)
+    _assert_members_agree(
+        Hybrid.load(folder, runtime="onnx"), Hybrid.load(folder, runtime="torch"), images
+    )
 
 
 def test_predict_with_onnx_runtime_gives_the_torch_scores_and_labels(
@@ -172,7 +173,7 @@ def tiled(fitted, tmp_path_factory) -> Path:
 def test_a_tiled_hybrid_exports_at_its_tile_size(tiled):
     _, description = export_hybrid(tiled)
     assert description["input_size"] == [128, 128]
-    exported, reference = load_hybrid(tiled, "onnx"), load_hybrid(tiled, "torch")
+    exported, reference = Hybrid.load(tiled, runtime="onnx"), Hybrid.load(tiled, runtime="torch")
     # 3 x 3 tiles in batches of 4: the last batch holds one tile.
     image = PanelGenerator(size=256, seed=5).generate_defective(0)["image"]
     (onnx_scores, onnx_maps), (torch_scores, torch_maps) = (
@@ -243,7 +244,7 @@ def test_a_member_the_exporter_cannot_trace_is_named(fitted, tmp_path, monkeypat
 def test_a_missing_stale_or_tampered_export_is_refused(fitted, tmp_path):
     missing = copy_hybrid(fitted["folder"], tmp_path / "missing")
     with pytest.raises(ExportError, match="no onnx export.*python -m pipelines.export --hybrid"):
-        load_hybrid(missing, "onnx")
+        Hybrid.load(missing, runtime="onnx")
 
     # The hybrid changed after its export (a new threshold, re-signed): the export is stale.
     stale = Path(shutil.copytree(fitted["folder"], tmp_path / "stale"))
@@ -253,18 +254,18 @@ def test_a_missing_stale_or_tampered_export_is_refused(fitted, tmp_path):
     listed = json.loads((stale / "manifest.sha256.json").read_text())["sha256"]
     write_manifest(stale, list(listed))
     with pytest.raises(ExportError, match="exported from another hybrid.*export it again"):
-        load_hybrid(stale, "onnx")
+        Hybrid.load(stale, runtime="onnx")
     # Another hybrid's export copied in is refused alike.
     foreign = copy_hybrid(stale, tmp_path / "foreign")
     shutil.copytree(export_dir(fitted["folder"], "onnx"), export_dir(foreign, "onnx"))
     with pytest.raises(ExportError, match="exported from another hybrid"):
-        load_hybrid(foreign, "onnx")
+        Hybrid.load(foreign, runtime="onnx")
 
     tampered = Path(shutil.copytree(fitted["folder"], tmp_path / "tampered"))
     graph = export_dir(tampered, "onnx") / "member-padim.onnx"
     graph.write_bytes(graph.read_bytes()[:-1])
     with pytest.raises(ArtifactError, match="member-padim.onnx"):
-        load_hybrid(tampered, "onnx")
+        Hybrid.load(tampered, runtime="onnx")
 
 
 def test_openvino_without_its_package_is_refused_naming_it(tiled, tmp_path, monkeypatch, capsys):

@@ -162,7 +162,7 @@ def test_auto_pixel_fusion_chooses_on_auroc_and_aupro_of_the_true_regions(run):
     generator = PanelGenerator(size=128, seed=97)
     panels = [labeled_defect_sample(generator.generate(i, i % 2 == 1)) for i in range(12)]
     hybrid = Hybrid.load(run["out"] / "hybrid")
-    hybrid.options.update(combiner="auto", pixel_combiner="auto")
+    hybrid.set_params(combiner="auto", pixel_combiner="auto")
     choice = hybrid.fit(panels).validation_["fusion_choice"]
     assert choice["image"]["chosen_by"] == "AUROC" and choice["image"]["cv_aupro"] == {}
     pixel = choice["pixel"]
@@ -212,8 +212,8 @@ def test_predict_writes_results_overlays_and_skips_bad_files(run, tmp_path):
     hybrid = Hybrid.load(run["out"] / "hybrid")
     image = np.asarray(Image.open(done[0]["path"]), dtype=np.float32) / 65535.0
     again = hybrid.predict(image)
-    assert again["score"] == pytest.approx(done[0]["score"], rel=1e-6)
-    assert again["level"] == done[0]["level"]
+    assert again.score == pytest.approx(done[0]["score"], rel=1e-6)
+    assert again.level == done[0]["level"]
 
 
 def test_images_of_other_sizes_are_resized_for_the_members(run):
@@ -225,7 +225,7 @@ def test_images_of_other_sizes_are_resized_for_the_members(run):
         rng.random((h, w, 3), dtype=np.float32) * 0.1 + 0.4 for h, w in [(128, 128), (120, 136)]
     ]
     for image in images:
-        assert hybrid.predict(image)["anomaly_map"].shape == image.shape[:2]
+        assert hybrid.predict(image).anomaly_map.shape == image.shape[:2]
     cost = shared_work_cost(hybrid, [torch.from_numpy(image).permute(2, 0, 1) for image in images])
     assert cost["members_together_ms"] > 0 and cost["members_sum_ms"] > 0
 
@@ -241,12 +241,12 @@ def test_a_large_panel_is_fused_band_by_band_as_from_full_size_member_maps(run):
     image = np.kron(small, np.ones((3, 3), np.float32))[:500, :700]  # 3x the members' input
     full = hybrid.predict(image)
     banded = hybrid.predict(image, member_maps=False)
-    assert full["member_maps"].shape[-2:] == image.shape and banded["member_maps"] is None
-    difference = np.abs(banded["anomaly_map"] - full["anomaly_map"])
+    assert full.member_maps.shape[-2:] == image.shape and banded.member_maps is None
+    difference = np.abs(banded.anomaly_map - full.anomaly_map)
     assert difference.mean() < 1e-5 and difference.max() < 1e-2
-    assert banded["score"] == full["score"] and banded["level"] == full["level"]
-    assert [r.bbox for r in banded["regions"]] == [r.bbox for r in full["regions"]]
-    assert full["regions"], "the panel's defect is found"
+    assert banded.score == full.score and banded.level == full.level
+    assert [r.bbox for r in banded.regions] == [r.bbox for r in full.regions]
+    assert full.regions, "the panel's defect is found"
 
 
 def test_images_batched_through_the_members_get_the_maps_they_get_alone(run):
@@ -278,7 +278,7 @@ def test_the_type_classifier_gives_its_forests_probabilities(run):
     for path in sorted(p for p in cache.rglob("*.png") if "good" not in p.parts):
         image = torch.from_numpy(np.asarray(Image.open(path), np.float32) / 65535.0)
         image = image[None].expand(3, -1, -1)
-        regions = hybrid.predict(image)["regions"]
+        regions = hybrid.predict(image).regions
         if regions:
             rows.append(hybrid.describer(image, regions))
     X = np.concatenate(rows)
@@ -297,7 +297,7 @@ def test_a_tampered_hybrid_folder_is_refused(run, tmp_path):
     first, second = Hybrid.load(original), Hybrid.load(original)
     image = np.random.default_rng(0).random((128, 128), dtype=np.float32) * 0.1 + 0.4
     a, b = first.predict(image), second.predict(image)
-    assert a["score"] == b["score"] and np.array_equal(a["anomaly_map"], b["anomaly_map"])
+    assert a.score == b.score and np.array_equal(a.anomaly_map, b.anomaly_map)
     for target in ("grading.joblib", "members/padim/weights.pt", "hybrid.json"):
         copy = tmp_path / target.replace("/", "_")
         shutil.copytree(original, copy)
@@ -310,6 +310,75 @@ def test_a_tampered_hybrid_folder_is_refused(run, tmp_path):
     (missing / "fusion.joblib").unlink()
     with pytest.raises(ArtifactError, match="fusion.joblib"):
         Hybrid.load(missing)
+
+
+def test_loading_a_hybrid_checks_each_file_once_on_the_bytes_it_uses(run, monkeypatch):
+    """Hybrid.load is the one way in: every file the manifest lists is checked exactly once (it
+    was four times for a member's weights), and what it loads is what was checked."""
+    import artifacts.io
+
+    checked: list[Path] = []
+    original = artifacts.io.VerifiedFolder._check
+
+    def counting(self, rel, actual):
+        checked.append((self.folder / rel).resolve())
+        return original(self, rel, actual)
+
+    monkeypatch.setattr(artifacts.io.VerifiedFolder, "_check", counting)
+    folder = run["out"] / "hybrid"
+    hybrid = Hybrid.load(folder)
+    listed = json.loads((folder / "manifest.sha256.json").read_text())["sha256"]
+    assert sorted(checked) == sorted((folder / rel).resolve() for rel in listed)
+    assert any(path.name == "weights.pt" for path in checked)
+    assert hybrid.model_id_ == artifacts.io.manifest_id(folder) and hybrid.runtime_ == "torch"
+
+
+def test_the_hybrid_is_an_estimator_whose_parameters_clone(run):
+    """Parameters are constructor attributes: get_params gives them back, sklearn's clone makes
+    an unfitted hybrid of the same parameters, and with the fitted state put back it answers as
+    the original; the fusion and grading estimators clone too."""
+    from sklearn.base import clone
+
+    hybrid = Hybrid.load(run["out"] / "hybrid")
+    params = hybrid.get_params()
+    assert params["combiner"] == "rank" and params["image_size"] == [128, 112]
+    assert set(params["members"]) == set(hybrid.names)
+    copy = clone(hybrid)
+    assert not hasattr(copy, "image_fusion_")
+    copied = copy.get_params()
+    assert {k: v for k, v in copied.items() if k != "members"} == {
+        k: v for k, v in params.items() if k != "members"
+    }
+    assert copied["members"] is not params["members"]  # members are copied, not shared
+    copy.set_fitted_state(hybrid.fitted_state())
+    image = np.random.default_rng(3).random((128, 128), dtype=np.float32) * 0.1 + 0.4
+    assert copy.predict(image).score == hybrid.predict(image).score
+    for fitted in (hybrid.image_fusion_, hybrid.pixel_fusion_, hybrid.calibrator_, hybrid.grader_):
+        assert clone(fitted).get_params() == fitted.get_params()
+    assert hybrid.set_params(false_alarm_rate=0.05).false_alarm_rate == 0.05
+    with pytest.raises(ValueError, match="members"):
+        hybrid.set_params(members={})
+
+
+def test_predict_batch_takes_images_as_their_files_hold_them_and_isolates_a_bad_one(run):
+    """predict_batch applies the hybrid's own intensity window to 16-bit panels, answers each as
+    predict answers its float image, and a broken image yields its error in its place while
+    the others are predicted."""
+    hybrid = Hybrid.load(run["out"] / "hybrid")
+    cache = next((run["root"] / "cache").iterdir()) / "panel" / "test"
+    paths = sorted(cache.rglob("*.png"))[:2]
+    raw = [np.asarray(Image.open(p)) for p in paths]
+    assert raw[0].dtype == np.uint16
+    broken = np.zeros((64, 64, 5), np.uint16)  # five channels: no image the members take
+    results = list(hybrid.predict_batch([raw[0], broken, raw[1]]))
+    assert isinstance(results[1], ValueError)
+    window = hybrid.intensity_window
+    for image, result in zip(raw, (results[0], results[2])):
+        expected = hybrid.predict(window(image), member_maps=False)
+        assert result.score == pytest.approx(expected.score, rel=1e-5)
+        assert (result.label, result.level) == (expected.label, expected.level)
+        assert result.anomaly_map.shape == image.shape and result.member_maps is None
+        assert result.pixel_threshold == hybrid.calibrator_.threshold_
 
 
 def test_real_labeled_defects_train_the_hybrid_under_cross_validation(tmp_path):

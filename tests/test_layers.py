@@ -3,11 +3,12 @@ lowest floor its imports allow (one above the highest package it imports; 0 if i
 so the table says what the code does.
 
 Floors, lowest first: ``artifacts`` (atomic writes, manifests, guarded loading: every floor
-saves and loads through it), ``metrics`` (figures), ``data`` (images, datasets, the generator),
-``members``, ``tiling`` (detectors and how they run over large images) and ``reporting`` (HTML
-reports and charts), ``grading`` (regions, levels, types) and ``configs`` (the configuration
-and its schema, which reads the members' registry), ``fusion`` (the hybrid), ``evaluation``
-(scoring detectors on labeled splits) and ``deploy`` (members exported as graphs),
+saves and loads through it), ``metrics`` (figures), ``data`` (images, maps on disk, datasets,
+the generator), ``members``, ``tiling`` (detectors and how they run over large images) and
+``reporting`` (HTML reports and charts), ``grading`` (regions, levels, types), ``configs`` (the
+configuration and its schema, which reads the members' registry) and ``graphs`` (members as
+graphs, and running an export of them), ``fusion`` (the hybrid), ``evaluation`` (scoring
+detectors on labeled splits) and ``deploy`` (writing an export, checked against PyTorch),
 ``prediction`` (applying a hybrid to many images, results streamed) and ``retraining`` (the
 scheduled retraining), ``experiments`` (the benchmark's job grid, its runner and ranking),
 ``pipelines`` (the entry points). Imports inside functions count too: hiding one there does not
@@ -29,6 +30,7 @@ FLOORS = {
     "reporting": 3,
     "grading": 4,
     "configs": 4,
+    "graphs": 4,
     "fusion": 5,
     "evaluation": 6,
     "deploy": 6,

@@ -18,7 +18,7 @@ from members import create_member
 from metrics.quality import panel_quality
 from prediction.inputs import read_ahead
 from prediction.results import STREAM_NAME, ResultStream, read_stream
-from prediction.run import hybrid_window, predict_files
+from prediction.run import predict_files
 from tests.helpers import fit_member
 from tiling import save_heatmap_overlay
 
@@ -89,8 +89,8 @@ def test_a_panel_predicted_band_by_band_gets_the_answer_of_the_whole_image(
     band at a time) to files and reads them back in bands (here 7 rows: a full panel's would
     take 262 MB each): the same score, label, level, regions (measured on blocks too), map and
     overlay as the float image and its whole maps in memory; no temporary map is left behind."""
+    import data.maps
     import grading.regions
-    import tiling.visualize
 
     hybrid = request.getfixturevalue(which)
 
@@ -103,43 +103,42 @@ def test_a_panel_predicted_band_by_band_gets_the_answer_of_the_whole_image(
         path = write_png(tmp_path / "panel.png", panel, bits=16)
         image = read_image(path)
         expected = hybrid.predict(image, member_maps=False)  # as predict did it before
-        if expected["label"] == 1 and len(expected["regions"]) >= 2:
+        if expected.label == 1 and len(expected.regions) >= 2:
             break
-    assert expected["label"] == 1 and len(expected["regions"]) >= 2
-    monkeypatch.setattr(tiling.visualize, "BAND_PIXELS", 7 * 800)
+    assert expected.label == 1 and len(expected.regions) >= 2
+    monkeypatch.setattr(data.maps, "BAND_PIXELS", 7 * 800)
     out = tmp_path / "out"
+    loaded = Hybrid.load(hybrid.save(tmp_path / "hybrid"))  # predict's hybrid is a saved one
     with ResultStream(out / STREAM_NAME) as stream:
-        predict_files(
-            hybrid,
-            [path],
-            [],
-            out,
-            stream,
-            hybrid_ref="h",
-            done={},
-            prepare=hybrid_window(hybrid),
-            save_maps=True,
-            progress=False,
-        )
+        predict_files(loaded, [path], [], out, stream, done={}, save_maps=True, progress=False)
     (entry,) = read_stream(out / STREAM_NAME)
     assert entry["status"] == "ok", entry
+    assert entry["hybrid_id"] == loaded.model_id_
     assert (entry["score"], entry["label"], entry["level"]) == (
-        expected["score"],
-        expected["label"],
-        expected["level"],
+        expected.score,
+        expected.label,
+        expected.level,
     )
-    regions = [json.loads(json.dumps(r.to_dict())) for r in expected["regions"]]
+    regions = [json.loads(json.dumps(r.to_dict())) for r in expected.regions]
     assert entry["regions"] == regions
     # 800 px shrunk to the resizing hybrid's 128: said in the result, as the hybrid says it.
-    assert entry.get("warning") == expected["warning"] == hybrid.shrink_warning(image.shape)
+    assert entry.get("warning") == expected.warning == hybrid.shrink_warning(image.shape)
     assert entry["mura_energy_pct"] == panel_quality(image)["mura_energy_pct"]
-    fused = expected["anomaly_map"]
+    fused = expected.anomaly_map
     assert np.array_equal(np.load(entry["map"]), fused)
     vmax = max(2 * hybrid.calibrator_.threshold_, float(fused.max()))
     whole = save_heatmap_overlay(image, fused, tmp_path / "whole.png", 800, vmin=0.0, vmax=vmax)
     with Image.open(entry["overlay"]) as banded, Image.open(whole) as reference:
         assert np.array_equal(np.asarray(banded), np.asarray(reference))
     assert sorted(p.name for p in out.iterdir()) == ["maps", "overlays", STREAM_NAME]
+    # predict_batch, on the panel as its file holds it, yields that same result.
+    (again,) = loaded.predict_batch([image])
+    assert (again.score, again.label, again.level) == (
+        expected.score,
+        expected.label,
+        expected.level,
+    )
+    assert np.array_equal(again.anomaly_map, fused)
 
 
 def test_a_panel_shrunk_more_than_4x_is_said_to_lose_small_defects(hybrid):
@@ -152,8 +151,8 @@ def test_a_panel_shrunk_more_than_4x_is_said_to_lose_small_defects(hybrid):
     assert "9344 x 7000 px" in warning and "shrunk 73.0x" in warning
     assert "smaller than about 73 px" in warning and "configs/datasets/highres.yaml" in warning
     panel = PanelGenerator(size=(600, 520), seed=2).generate_normal(0)["image"]
-    assert "shrunk 4.7x" in hybrid.predict(panel, member_maps=False)["warning"]
-    assert hybrid.predict(panel[:256, :256], member_maps=False)["warning"] is None
+    assert "shrunk 4.7x" in hybrid.predict(panel, member_maps=False).warning
+    assert hybrid.predict(panel[:256, :256], member_maps=False).warning is None
     tiled = Hybrid(hybrid.member_set.members, None, {"enabled": True, "tile_size": 128})
     assert tiled.shrink_warning((7000, 9344)) is None
 
@@ -178,12 +177,12 @@ def test_a_panel_below_the_image_threshold_pays_no_region_work(hybrid, monkeypat
     monkeypatch.setattr(hybrid, "describer", counted("describer", describer))
     generator = PanelGenerator(size=128, seed=21)
     normal = [generator.generate_normal(i, split="test")["image"] for i in range(6)]
-    clean = [r for r in map(hybrid.predict, normal) if r["label"] == 0]
+    clean = [r for r in map(hybrid.predict, normal) if r.label == 0]
     assert len(clean) >= 4 and calls == {"regions": 0, "describer": 0}
-    assert all(r["regions"] == [] and r["level"] == 0 for r in clean)
-    assert all(r["anomaly_map"].shape == (128, 128) for r in clean)
+    assert all(r.regions == [] and r.level == 0 for r in clean)
+    assert all(r.anomaly_map.shape == (128, 128) for r in clean)
     defective = [generator.generate_defective(i, split="test")["image"] for i in range(6)]
-    flagged = [r for r in map(hybrid.predict, defective) if r["label"] == 1]
+    flagged = [r for r in map(hybrid.predict, defective) if r.label == 1]
     assert flagged and calls["regions"] >= len(flagged)
     assert hybrid.type_classifier_ is not None and calls["describer"] == len(flagged)
-    assert all(r["regions"] and r["regions"][0].type for r in flagged)
+    assert all(r.regions and r.regions[0].type for r in flagged)

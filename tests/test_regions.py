@@ -7,6 +7,7 @@ import pytest
 from scipy import ndimage
 
 from data.images import LazyImage
+from data.maps import MapOnDisk
 from grading.regions import (
     _masked_blur,
     find_regions,
@@ -15,7 +16,6 @@ from grading.regions import (
     measure_detection,
     measure_region,
 )
-from tiling import MapOnDisk
 
 
 def smooth_panel(height: int = 600, width: int = 480) -> np.ndarray:
@@ -229,7 +229,7 @@ def test_regions_found_band_by_band_are_those_of_the_whole_map(monkeypatch, tmp_
     """Components are found a few rows at a time (here 7: a panel's label image would be 262
     MB) and joined across the bands' edges: the same regions, in the same order, measured the
     same, as with one label image, from a map in memory or on disk and an image as read."""
-    import tiling.visualize
+    import data.maps
 
     rng = np.random.default_rng(4)
     rows, cols = np.mgrid[:600, :800]
@@ -259,7 +259,7 @@ def test_regions_found_band_by_band_are_those_of_the_whole_map(monkeypatch, tmp_
     expected = whole_map_regions(image, fused, 0.5)
     assert len(expected) == 50  # the defects and the noise's strongest blobs
     assert len({r.score for r in expected}) < 25
-    monkeypatch.setattr(tiling.visualize, "BAND_PIXELS", 7 * 800)
+    monkeypatch.setattr(data.maps, "BAND_PIXELS", 7 * 800)
     assert_same_regions(find_regions(image, fused, 0.5, 0.1), expected)
     on_disk = MapOnDisk(fused.shape, tmp_path)
     on_disk[:] = fused
@@ -274,8 +274,8 @@ def test_a_panel_wide_detection_band_by_band_is_measured_as_from_the_whole_map(
 ):
     """A map above threshold everywhere, read from disk a few rows at a time, on a 16-bit image
     as read: the particle in it found and measured as from the map and image in memory."""
+    import data.maps
     import grading.regions
-    import tiling.visualize
 
     monkeypatch.setattr(grading.regions, "MEASURE_PIXELS", 150 * 150)
     image = smooth_panel(600, 800)
@@ -283,7 +283,7 @@ def test_a_panel_wide_detection_band_by_band_is_measured_as_from_the_whole_map(
     fused = (1 + 0.1 * np.random.default_rng(5).random((600, 800))).astype(np.float32)
     expected = whole_map_regions(np.asarray(as_read(image)), fused, 0.5)
     assert len(expected) == 1 and expected[0].area_px == 36
-    monkeypatch.setattr(tiling.visualize, "BAND_PIXELS", 7 * 800)
+    monkeypatch.setattr(data.maps, "BAND_PIXELS", 7 * 800)
     on_disk = MapOnDisk(fused.shape, tmp_path)
     on_disk[:] = fused
     assert_same_regions(find_regions(as_read(image), on_disk, 0.5, 0.1), expected)

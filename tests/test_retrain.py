@@ -63,7 +63,7 @@ def test_promotion_rejection_and_no_new_data(tmp_path, capsys):
     assert first is not None and "promoted" in capsys.readouterr().out
     hybrid = Hybrid.load(first)  # complete and verified
     saved_window = json.loads((workspace / "intensity.json").read_text())
-    assert hybrid.options["intensity"] == saved_window  # predict applies the same scaling
+    assert hybrid.intensity == saved_window  # predict applies the same scaling
 
     assert retrain.main(settings(tmp_path)) == 0
     assert "no new data" in capsys.readouterr().out
@@ -208,9 +208,9 @@ def test_retrain_builds_its_hybrid_with_every_option_of_the_hybrid_section():
         intensity=None,
         seed=3,
     )
-    assert {k: hybrid.options[k] for k in chosen} == chosen
-    assert (hybrid.options["operating_point"], hybrid.options["false_alarm_rate"]) == ("f1", 0.05)
-    assert (hybrid.options["pixel_pitch_mm"], hybrid.options["seed"]) == (0.05, 3)
+    assert {k: hybrid.get_params()[k] for k in chosen} == chosen
+    assert (hybrid.operating_point, hybrid.false_alarm_rate) == ("f1", 0.05)
+    assert (hybrid.pixel_pitch_mm, hybrid.seed) == (0.05, 3)
 
 
 def add_labeled(folder: Path, count: int, with_masks: int) -> None:

@@ -195,7 +195,7 @@ def test_a_panel_overlay_and_map_written_band_by_band_are_those_of_the_whole_ima
     """A real 8-bit image as its file holds it and its map on disk, written a few rows at a time
     (a panel's RGB overlay would be hundreds of megabytes): the overlay is the blend computed on
     the whole image, the .npy map is the map, and the temporary map file leaves nothing behind."""
-    import tiling.visualize
+    import data.maps
     from data.images import read_image
 
     path = sorted((kolektorsdd_dir / "test" / "crack").iterdir())[0]
@@ -204,7 +204,7 @@ def test_a_panel_overlay_and_map_written_band_by_band_are_those_of_the_whole_ima
     assert raw.dtype == np.uint8 and np.array_equal(raw / np.float32(255), image)
     rows, cols = np.mgrid[: image.shape[0], : image.shape[1]]
     heat = np.exp(-((rows - 600.0) ** 2 + (cols - 250.0) ** 2) / 80.0**2).astype(np.float32)
-    monkeypatch.setattr(tiling.visualize, "BAND_PIXELS", 7 * image.shape[1])
+    monkeypatch.setattr(data.maps, "BAND_PIXELS", 7 * image.shape[1])
     folder = tmp_path / "maps"
     folder.mkdir()
     with MapOnDisk(heat.shape, folder) as on_disk:
@@ -284,12 +284,12 @@ def test_a_panel_merges_band_by_band_into_maps_on_disk(tmp_path, monkeypatch):
     memory held five)."""
     import tracemalloc
 
-    import tiling.visualize
+    import data.maps
     from data.images import LazyImage, to_tensor
 
     raw = np.random.default_rng(2).integers(0, 65536, size=(2400, 600), dtype=np.uint16)
     raw[700:704, 300:380] = 65535  # a bright line across a tile seam
-    monkeypatch.setattr(tiling.visualize, "BAND_PIXELS", 50 * 600)  # a panel's bands, scaled
+    monkeypatch.setattr(data.maps, "BAND_PIXELS", 50 * 600)  # a panel's bands, scaled
     lazy = LazyImage(raw)
     member = TwoChannels().eval()
     options = {"tile_size": 64, "stride": 48, "batch_size": 8}

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from data.images import LazyImage, integer_scale, to_tensor
+from data.maps import MapOnDisk
 from tiling.grid import MapAccumulator, TileGrid, pad_image
-from tiling.visualize import MapOnDisk
 
 TILE_SCORES = ("map", "max")
 

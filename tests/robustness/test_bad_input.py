@@ -239,4 +239,4 @@ def test_a_one_row_color_image_keeps_its_layout(tiny_run):
 
     image = np.full((1, 40, 3), 0.47, dtype=np.float32)  # one row of RGB pixels
     result = Hybrid.load(tiny_run["hybrid"]).predict(image)
-    assert result["anomaly_map"].shape == (1, 40)
+    assert result.anomaly_map.shape == (1, 40)

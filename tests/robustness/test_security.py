@@ -38,6 +38,7 @@ PACKAGES = (
     "prediction",
     "retraining",
     "deploy",
+    "graphs",
 )
 
 

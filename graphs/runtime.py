@@ -1,8 +1,8 @@
-"""A saved hybrid run with its members' exported graphs: ONNX Runtime or OpenVINO Runtime in
-place of PyTorch.
+"""A hybrid's members run as their exported graphs: ONNX Runtime or OpenVINO Runtime in place of
+PyTorch.
 
-``load_hybrid(folder, "onnx")`` (or ``"openvino"``) loads the hybrid as ``Hybrid.load`` does
-(its members on the CPU), checks its export in that format (files against their manifest,
+``Hybrid.load(folder, runtime="onnx")`` (or ``"openvino"``) loads the hybrid with its members on
+the CPU, checks its export in that format (``read_export``: files against their manifest,
 exported from this very hybrid) and runs its members through an ``ExportedMemberSet``: each
 shared backbone's graph once per batch, then each member's head graph under the format's runtime
 (ONNX Runtime's CPUExecutionProvider, or OpenVINO Runtime's CPU plugin at float32 precision),
@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from artifacts.io import MANIFEST_NAME, sha256_file, verify_manifest
-from deploy.graphs import (
+from artifacts.io import manifest_id, verify_manifest
+from graphs.specs import (
     EXPORT_FILE,
     FORMAT_VERSION,
     IMAGES,
@@ -32,12 +32,10 @@ from deploy.graphs import (
     refusal_text,
     require,
 )
-from fusion.hybrid import Hybrid
-from fusion.persistence import hybrid_id
 from members.base import Member
 from members.member_set import MemberSet
 
-# "onnx" and "openvino" run the export of the same name (``deploy.export``).
+# "onnx" and "openvino" run the export of the same name (``deploy.export`` writes it).
 RUNTIMES = ("torch", "onnx", "openvino")
 
 
@@ -139,15 +137,15 @@ class ExportedMemberSet(MemberSet):
         return answers
 
 
-def read_export(folder: str | Path, format: str, hybrid: Hybrid) -> dict[str, Any]:
-    """The description of the ``format`` export of the hybrid saved in ``folder`` (loaded as
-    ``hybrid``), after its files verified and its identity matched the hybrid's; an
+def read_export(folder: str | Path, format: str, member_set: MemberSet) -> dict[str, Any]:
+    """The description of the ``format`` export of the hybrid saved in ``folder`` (whose members
+    ``member_set`` runs), after its files verified and its identity matched the hybrid's; an
     ``ExportError`` that says what to do when it is missing, stale or another hybrid's."""
     folder = Path(folder)
     target = export_dir(folder, format)
     command = f"python -m pipelines.export --hybrid {folder} --format {format}"
     if not (target / EXPORT_FILE).is_file():
-        refusals = export_refusals(hybrid.member_set)
+        refusals = export_refusals(member_set)
         if refusals:
             raise ExportError(f"{folder} has no {format} export: {refusal_text(refusals)}")
         raise ExportError(f"{folder} has no {format} export in {target}; write it with: {command}")
@@ -160,7 +158,7 @@ def read_export(folder: str | Path, format: str, hybrid: Hybrid) -> dict[str, An
         raise ExportError(f"{target / EXPORT_FILE}: not an export description ({exc})") from exc
     if version != FORMAT_VERSION:
         raise ExportError(f"{target}: export format {version} unsupported; export again: {command}")
-    current = hybrid_id(folder)
+    current = manifest_id(folder)
     if exported_from != current:
         raise ExportError(
             f"{target} was exported from another hybrid (identity {exported_from[:12]}…; this "
@@ -169,28 +167,16 @@ def read_export(folder: str | Path, format: str, hybrid: Hybrid) -> dict[str, An
     return description
 
 
-def load_hybrid(
-    folder: str | Path, runtime: str = "torch", device: str | torch.device = "cpu"
-) -> Hybrid:
-    """The hybrid saved in ``folder`` with its members run by ``runtime``: ``torch`` on
-    ``device``, or ``onnx`` / ``openvino``: its export in that format under ONNX Runtime /
-    OpenVINO Runtime on the CPU (see the module docstring), refused with the reason when the
-    export is missing, changed or another hybrid's."""
-    if runtime not in RUNTIMES:
+def exported_member_set(folder: str | Path, runtime: str, member_set: MemberSet) -> MemberSet:
+    """The members of the hybrid saved in ``folder`` (``member_set``, on the CPU) run as their
+    ``runtime`` export (see the module docstring), refused with the reason when the export is
+    missing, changed or another hybrid's."""
+    if runtime not in GRAPH_RUNNERS:
         raise ExportError(f"unknown runtime {runtime!r}; choose one of {RUNTIMES}")
-    if runtime == "torch":
-        return Hybrid.load(folder, device)
-    hybrid = Hybrid.load(folder, "cpu")
-    description = read_export(folder, runtime, hybrid)
-    graphs = ExportedMemberSet(hybrid.member_set.members, export_dir(folder, runtime), description)
-    return hybrid.run_members_with(graphs)
+    description = read_export(folder, runtime, member_set)
+    return ExportedMemberSet(member_set.members, export_dir(folder, runtime), description)
 
 
-def results_id(folder: str | Path, runtime: str = "torch") -> str:
-    """What a prediction's results record as the model that made them: the hybrid's identity,
-    and for an exported runtime also its export's (the graphs' manifest), so results of two
-    runtimes (equal only within the export's tolerance) never mix in one output folder."""
-    if runtime == "torch":
-        return hybrid_id(folder)
-    graphs = sha256_file(export_dir(folder, runtime) / MANIFEST_NAME)
-    return f"{hybrid_id(folder)}+{runtime}:{graphs}"
+def export_id(folder: str | Path, runtime: str) -> str:
+    """What identifies the hybrid's ``runtime`` export: its manifest's SHA-256."""
+    return manifest_id(export_dir(folder, runtime))
