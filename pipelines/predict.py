@@ -31,6 +31,7 @@ from pathlib import Path
 
 from artifacts.io import use_key_file
 from configs import Flag, add_config_arguments, load_config
+from experiments.logs import setup_logging
 from pipelines.common import (
     PARTIAL_FAILURE,
     PipelineError,
@@ -38,7 +39,6 @@ from pipelines.common import (
     device_flags,
     main_guard,
     ray_session,
-    setup_logging,
 )
 
 log = logging.getLogger("pipelines.predict")
