@@ -368,14 +368,25 @@ class VerifiedFolder:
         entries: relative path -> expected SHA-256.
         identity: the manifest's SHA-256 (``manifest_id``), of the bytes the entries were read
             from.
+        prefix, checked: a view's folder relative to the manifest, and the set of what was
+            checked that it shares with the folder it is a view of (``within``).
     """
 
     def __init__(
-        self, folder: Path, manifest: Path, entries: Mapping[str, str], identity: str
+        self,
+        folder: Path,
+        manifest: Path,
+        entries: Mapping[str, str],
+        identity: str,
+        prefix: str = "",
+        checked: set[str] | None = None,
     ) -> None:
         self.folder, self.manifest, self.entries = Path(folder), Path(manifest), dict(entries)
         self.identity = identity
-        self.checked: set[str] = set()
+        # What was checked, by path relative to the manifest: shared with the views ``within``
+        # makes (``prefix``: a view's folder in the manifest's terms).
+        self.prefix = prefix
+        self.checked: set[str] = set() if checked is None else checked
 
     @classmethod
     def open(cls, folder: str | os.PathLike) -> VerifiedFolder:
@@ -393,7 +404,14 @@ class VerifiedFolder:
             for rel, digest in self.entries.items()
             if rel.startswith(prefix)
         }
-        return VerifiedFolder(self.folder / sub, self.manifest, entries, self.identity)
+        return VerifiedFolder(
+            self.folder / sub,
+            self.manifest,
+            entries,
+            self.identity,
+            self.prefix + prefix,
+            self.checked,
+        )
 
     def read_bytes(self, rel: str) -> bytes:
         """The bytes of the listed file ``rel``, after their SHA-256 matched the manifest."""
@@ -429,7 +447,7 @@ class VerifiedFolder:
     def verify(self) -> dict[str, str]:
         """Check every listed file not read yet; returns the entries."""
         for rel in self.entries:
-            if rel not in self.checked:
+            if self.prefix + rel not in self.checked:
                 self._check(rel, sha256_file(self.folder / rel))
         return dict(self.entries)
 
@@ -440,7 +458,7 @@ class VerifiedFolder:
                 f"{self.folder / rel}: SHA-256 {actual[:12]}… does not match the manifest "
                 f"({expected[:12]}…); the artifact was modified"
             )
-        self.checked.add(rel)
+        self.checked.add(self.prefix + rel)
 
 
 def _manifest_entries(folder: Path, manifest: Path) -> tuple[dict[str, str], str]:

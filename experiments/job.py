@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import statistics
+import sys
 import time
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ import torch
 from artifacts.io import atomic_write_csv, atomic_write_json
 from data.sources import DataSource, make_dataset, make_loader, source_from_record
 from experiments.job_folder import JOB_FILE, RESULTS_FILE, SCORE_COLUMNS
+from experiments.logs import describe_error, setup_rank_logging
 from experiments.memory import peak_rss_mb
 from members.device import synchronize, wait_for
 
@@ -176,6 +179,26 @@ class JobData:
     calibration: Any
     val: Any
     test: Any
+
+
+def run_job_process(job_dir: str) -> int:
+    """Run one job in this process (a fresh one, ``experiments.process``; ``python -m
+    pipelines.jobs JOB_DIR`` from a shell): 0 when ``results.json`` is written; on a failure,
+    the error recorded there (by rank 0) and on stderr, and 1."""
+    folder = Path(job_dir)
+    writer = setup_rank_logging(folder / "log.txt")
+    try:
+        run_job(folder)
+    except Exception as exc:
+        log.error("job failed:\n%s", traceback.format_exc())
+        if writer:
+            atomic_write_json(
+                folder / RESULTS_FILE,
+                {"status": "failed", "job_id": folder.name, "error": describe_error(exc)},
+            )
+        print(f"error: {describe_error(exc)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def run_job(job_dir: Path) -> dict[str, Any] | None:

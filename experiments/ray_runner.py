@@ -17,11 +17,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from experiments.grid import Job
+from experiments.job import run_job_process
 from experiments.job_folder import read_results
 from experiments.process import FreshProcessError, call_in_fresh_process
 from experiments.runner import finish_job, job_label, prepare_job
@@ -34,9 +35,7 @@ class JobKilled(RuntimeError):
     """A job's process was killed by a signal from outside: the task is worth retrying."""
 
 
-def run_job_task(
-    job_main: Callable[[list[str]], int], job_dir: str, cwd: str, timeout_s: float | None
-) -> tuple[int | None, str, float]:
+def run_job_task(job_dir: str, cwd: str, timeout_s: float | None) -> tuple[int | None, str, float]:
     """The body of one job's Ray task: the job in a fresh process started in ``cwd`` (the
     driver's folder, where relative paths in the job's spec point). Returns its exit status
     (None when it did not return), why it did not, and its seconds."""
@@ -44,7 +43,7 @@ def run_job_task(
         os.chdir(cwd)
     started = time.perf_counter()
     try:
-        status, crash = call_in_fresh_process(job_main, [job_dir], timeout_s=timeout_s), ""
+        status, crash = call_in_fresh_process(run_job_process, job_dir, timeout_s=timeout_s), ""
     except FreshProcessError as exc:
         if exc.signal is not None:
             raise JobKilled(exc.reason) from None
@@ -55,7 +54,6 @@ def run_job_task(
 def run_jobs_on_ray(
     jobs: list[Job],
     run_dir: Path,
-    job_main: Callable[[list[str]], int],
     ray_cfg: Mapping[str, Any],
     timeout_s: float | None = None,
 ) -> list[dict]:
@@ -78,7 +76,7 @@ def run_jobs_on_ray(
         if job_dir is None:
             outcomes[index] = {**job.identity(), **read_results(job.folder(run_dir))}
             continue
-        ref = task.remote(job_main, str(job_dir.resolve()), cwd, timeout_s)
+        ref = task.remote(str(job_dir.resolve()), cwd, timeout_s)
         pending[ref] = (index, job_dir, label)
     log.info("%d job(s) submitted to Ray (%s)", len(pending), _resources())
     while pending:

@@ -11,13 +11,13 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from artifacts.io import atomic_write_json
 from data.sources import recorded_source
 from experiments.grid import Job
+from experiments.job import run_job_process
 from experiments.job_folder import JOB_FILE, RESULTS_FILE, job_is_complete, read_results
 from experiments.process import FreshProcessError, call_in_fresh_process
 
@@ -67,18 +67,10 @@ def job_label(number: int, jobs: list[Job]) -> str:
     return f"[{number}/{len(jobs)}] {jobs[number - 1].job_id}"
 
 
-def run_jobs(
-    jobs: list[Job],
-    run_dir: Path,
-    job_main: Callable[[list[str]], int],
-    timeout_s: float | None = None,
-) -> list[dict]:
-    """Run every job not finished yet, each in its own process; a failed or killed job is
-    recorded with its error and the others go on. Returns every job's results.
-
-    ``job_main``: the entry point that runs one job in that process, ``job_main([job_dir])``
-    (``pipelines.jobs.main``); it returns 0 and writes the job's ``results.json``, or records
-    the job's failure there and returns 1."""
+def run_jobs(jobs: list[Job], run_dir: Path, timeout_s: float | None = None) -> list[dict]:
+    """Run every job not finished yet, each in its own process (``run_job_process``, which
+    writes the job's ``results.json`` or records its failure there); a failed or killed job is
+    recorded with its error and the others go on. Returns every job's results."""
     outcomes = []
     for number, job in enumerate(jobs, 1):
         label = job_label(number, jobs)
@@ -89,7 +81,8 @@ def run_jobs(
         log.info("%s: running", label)
         started = time.perf_counter()
         try:
-            status, crash = call_in_fresh_process(job_main, [str(job_dir)], timeout_s=timeout_s), ""
+            status = call_in_fresh_process(run_job_process, str(job_dir), timeout_s=timeout_s)
+            crash = ""
         except FreshProcessError as exc:
             status, crash = None, exc.reason
         outcomes.append(

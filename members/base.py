@@ -102,6 +102,14 @@ def create_member(name: str, **cfg: Any) -> Member:
     return cls(**cfg)
 
 
+def check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+# --- what the reconstruction members share -------------------------------------------------
+
+
 def member_choices(name: str) -> dict[str, tuple[Any, ...]]:
     """The values each option of member ``name`` may take, where it declares them: every class
     from ``Member`` down declares its own options' (``option_choices``)."""

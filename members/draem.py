@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from data.images import folder_images, random_folder_images
-from members.autoencoder import (
+from members.base import Member, gaussian_blur, register
+from members.layers import (
     Decoder,
     Encoder,
     as_three_channels,
@@ -57,7 +58,6 @@ from members.autoencoder import (
     pad_to_multiple,
     ssim_map,
 )
-from members.base import Member, gaussian_blur, register
 from members.perlin import augment_textures, synthesize_anomalies
 
 ANOMALY_PRIOR = 0.01

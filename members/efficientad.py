@@ -67,9 +67,9 @@ from torch import nn
 
 from artifacts.io import ArtifactError, torch_load
 from data.images import folder_images, random_folder_images
-from members.autoencoder import as_three_channels, check_choice
 from members.backbones import IMAGENET_MEAN, IMAGENET_STD, load_backbone
-from members.base import Member, register, upsample_map
+from members.base import Member, check_choice, register, upsample_map
+from members.layers import as_three_channels
 
 if TYPE_CHECKING:
     from members.trainer import FabricTrainer

@@ -34,16 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from members.autoencoder import (
-    MAP_METRICS,
-    Decoder,
-    Encoder,
-    ReconstructionMember,
-    check_choice,
-    level_widths,
-    pad_to_multiple,
-)
-from members.base import gaussian_blur, register, upsample_map
+from members.autoencoder import MAP_METRICS, ReconstructionMember
+from members.base import check_choice, gaussian_blur, register, upsample_map
+from members.layers import Decoder, Encoder, level_widths, pad_to_multiple
 
 
 @register("vae")

@@ -24,16 +24,10 @@ from artifacts.io import atomic_write_json, use_key_file
 from configs import Flag, add_config_arguments, load_config, split_names, write_config
 from experiments.grid import config_hash, plan_jobs
 from experiments.job_folder import read_scores
+from experiments.logs import setup_logging
 from experiments.ranking import format_table, leaderboard, write_leaderboard_csv
 from experiments.runner import run_jobs
-from pipelines import jobs as job_entry_point
-from pipelines.common import (
-    PARTIAL_FAILURE,
-    PipelineError,
-    main_guard,
-    ray_session,
-    setup_logging,
-)
+from pipelines.common import PARTIAL_FAILURE, PipelineError, main_guard, ray_session
 from reporting.benchmark_report import write_html_report
 
 log = logging.getLogger("pipelines.benchmark")
@@ -104,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         from experiments.ray_runner import run_jobs_on_ray
 
         with ray_session(cfg["ray"]):
-            results = run_jobs_on_ray(jobs, run_dir, job_entry_point.main, cfg["ray"], timeout_s)
+            results = run_jobs_on_ray(jobs, run_dir, cfg["ray"], timeout_s)
     else:
-        results = run_jobs(jobs, run_dir, job_entry_point.main, timeout_s)
+        results = run_jobs(jobs, run_dir, timeout_s)
     board = leaderboard(results)
     write_leaderboard_csv(board, run_dir / "leaderboard.csv")
     atomic_write_json(run_dir / "results.json", {"jobs": results, "overall": board["overall"]})

@@ -23,13 +23,8 @@ from typing import Any
 
 from artifacts.io import atomic_write_csv, atomic_write_json, use_key_file
 from configs import Flag, add_config_arguments, load_config, split_names, write_config
-from pipelines.common import (
-    PipelineError,
-    add_device_argument,
-    device_flags,
-    main_guard,
-    setup_logging,
-)
+from experiments.logs import setup_logging
+from pipelines.common import PipelineError, add_device_argument, device_flags, main_guard
 
 log = logging.getLogger("pipelines.ensemble")
 

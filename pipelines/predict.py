@@ -6,7 +6,8 @@ Writes, in ``--out``: ``predictions.jsonl`` (one line per image, appended as soo
 done), and rebuilt from it at the end: ``predictions.json`` (per image: score, label, level, its
 regions with type, level, bbox, area, contrast, SEMU, score, and the panel's uniformity figures
 from ``metrics.quality.panel_quality``), ``predictions.csv`` (one row per image),
-``regions.csv`` (one row per region); ``overlays/`` (heatmap overlay PNGs at the original
+``regions.csv`` (one row per region), ``report.html`` (counts, levels, quality distributions, a
+gallery of the flagged panels by level); ``overlays/`` (heatmap overlay PNGs at the original
 resolution) and ``skipped`` entries for files that could not be read: a bad file is reported and
 skipped, the others are still processed.
 
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from artifacts.io import use_key_file
 from configs import Flag, add_config_arguments, load_config
+from experiments.logs import setup_logging
 from pipelines.common import (
     PARTIAL_FAILURE,
     PipelineError,
@@ -38,7 +40,6 @@ from pipelines.common import (
     device_flags,
     main_guard,
     ray_session,
-    setup_logging,
 )
 
 log = logging.getLogger("pipelines.predict")
@@ -165,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{counts.already_done} image(s) already done in {out} (same file, same hybrid)")
     print(
         f"{counts.predicted} image(s) predicted, {counts.skipped} skipped; "
-        f"{counts.defective} defective\nresults: {out / 'predictions.json'}"
+        f"{counts.defective} defective\nresults: {out / 'predictions.json'}\n"
+        f"report: {out / 'report.html'}"
     )
     for path, reason in counts.skipped_paths:
         print(f"skipped {path}: {reason}")

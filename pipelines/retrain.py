@@ -20,7 +20,8 @@ from pathlib import Path
 from artifacts.io import use_key_file
 from artifacts.lock import LockHeld
 from configs import add_config_arguments, load_config
-from pipelines.common import PipelineError, describe_error, main_guard, setup_rank_logging
+from experiments.logs import describe_error, setup_rank_logging
+from pipelines.common import PipelineError, main_guard
 
 log = logging.getLogger("pipelines.retrain")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

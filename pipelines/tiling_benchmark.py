@@ -23,6 +23,7 @@ from pathlib import Path
 
 from artifacts.io import atomic_write_csv, atomic_write_json, csv_text, use_key_file
 from configs import add_config_arguments, load_config, write_config
+from experiments.logs import setup_logging
 from experiments.process import call_in_fresh_process
 from experiments.tiling_measurements import (
     fit_member_on_tiles,
@@ -30,7 +31,7 @@ from experiments.tiling_measurements import (
     merge_errors,
     write_panel,
 )
-from pipelines.common import main_guard, setup_logging
+from pipelines.common import main_guard
 from tiling import infer_tiled_options
 
 log = logging.getLogger("pipelines.tiling_benchmark")

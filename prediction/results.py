@@ -1,8 +1,8 @@
 """Predict's results as a stream that survives: one JSON line per image, appended and flushed as
 soon as the image is done, so a killed run keeps every finished image and a re-run resumes.
 
-``predictions.jsonl`` is the record; ``predictions.json``, ``predictions.csv`` and
-``regions.csv`` are rebuilt from it (atomically) at the end of each run. Workers that predict
+``predictions.jsonl`` is the record; ``predictions.json``, ``predictions.csv``, ``regions.csv``
+and ``report.html`` are rebuilt from it (atomically) at the end of each run. Workers that predict
 in parallel (``prediction.ray_executor``) each stream into their own file under ``shards/``;
 ``merge_shards`` moves those entries into the record, at the end of such a run and at the start
 of any run (so a run killed before its merge resumes under either executor).
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from artifacts.io import atomic_write_csv, atomic_write_json
+from reporting.predict_report import write_predict_report
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +158,12 @@ def latest_per_image(entries: Iterable[Mapping[str, Any]]) -> list[dict[str, Any
 
 
 def write_reports(out: str | os.PathLike, hybrid: str, entries: list[dict[str, Any]]) -> None:
-    """``predictions.json``, ``predictions.csv`` and ``regions.csv`` from the stream's entries."""
+    """``predictions.json``, ``predictions.csv``, ``regions.csv`` and the HTML report
+    ``report.html`` (``reporting.predict_report``) from the stream's entries."""
     out = Path(out)
     atomic_write_json(out / "predictions.json", {"hybrid": hybrid, "images": entries})
     image_rows = [{**e, "regions": len(e.get("regions", []))} for e in entries]
     atomic_write_csv(out / "predictions.csv", image_rows, IMAGE_COLUMNS)
     region_rows = [{"path": e["path"], **r} for e in entries for r in e.get("regions", [])]
     atomic_write_csv(out / "regions.csv", region_rows, REGION_COLUMNS)
+    write_predict_report(out, hybrid, entries)

@@ -106,20 +106,28 @@ def line_chart(
     return _svg(x0 + w + 220, y0 + h + 40, "".join(body), title)
 
 
-def histogram(normal: Sequence[float], defect: Sequence[float], title: str, bins: int = 20) -> str:
-    """Overlaid score histograms of normal (blue) and defective (red) test images."""
-    values = np.asarray(list(normal) + list(defect), dtype=float)
+def _histogram_svg(
+    groups: Sequence[tuple[Sequence[float], str, str]],
+    title: str,
+    xlabel: str,
+    bins: int,
+    w: int,
+    h: int,
+) -> str:
+    """Overlaid histograms of ``groups`` (values, colour, legend label; an empty label draws no
+    legend) on common bins over the values' range."""
+    values = np.asarray([v for vs, _, _ in groups for v in vs], dtype=float)
     lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
     if hi <= lo:
         hi = lo + 1.0
     edges = np.linspace(lo, hi, bins + 1)
-    counts = [np.histogram(np.asarray(v, dtype=float), edges)[0] for v in (normal, defect)]
+    counts = [np.histogram(np.asarray(vs, dtype=float), edges)[0] for vs, _, _ in groups]
     top = max(1, max(int(c.max()) for c in counts))
-    x0, y0, w, h = 45, 25, 300, 140
+    x0, y0 = 45, 25
     body = [f'<text x="{x0}" y="16" font-size="12" font-weight="bold">{html.escape(title)}</text>']
-    body.append(_axes(x0, y0, w, h, "image score", "images", (lo, hi), (0, top)))
+    body.append(_axes(x0, y0, w, h, xlabel, "images", (lo, hi), (0, top)))
     bw = w / bins
-    for colour, c in zip(("#1f77b4", "#d62728"), counts):
+    for (_, colour, _), c in zip(groups, counts):
         for i, n in enumerate(c):
             if n:
                 bh = h * n / top
@@ -127,13 +135,24 @@ def histogram(normal: Sequence[float], defect: Sequence[float], title: str, bins
                     f'<rect x="{x0 + i * bw:.1f}" y="{y0 + h - bh:.1f}" width="{bw:.1f}" '
                     f'height="{bh:.1f}" fill="{colour}" fill-opacity="0.5"/>'
                 )
-    body.append(
-        f'<text x="{x0 + w - 90}" y="{y0 + 12}" font-size="10" fill="#1f77b4">normal</text>'
-    )
-    body.append(
-        f'<text x="{x0 + w - 45}" y="{y0 + 12}" font-size="10" fill="#d62728">defect</text>'
-    )
+    labelled = [(colour, label) for _, colour, label in groups if label]
+    for i, (colour, label) in enumerate(labelled):
+        body.append(
+            f'<text x="{x0 + w - 45 * (len(labelled) - i)}" y="{y0 + 12}" font-size="10" '
+            f'fill="{colour}">{html.escape(label)}</text>'
+        )
     return _svg(x0 + w + 10, y0 + h + 40, "".join(body), title)
+
+
+def histogram(normal: Sequence[float], defect: Sequence[float], title: str, bins: int = 20) -> str:
+    """Overlaid score histograms of normal (blue) and defective (red) test images."""
+    groups = [(normal, "#1f77b4", "normal"), (defect, "#d62728", "defect")]
+    return _histogram_svg(groups, title, "image score", bins, 300, 140)
+
+
+def value_histogram(values: Sequence[float], title: str, xlabel: str, bins: int = 12) -> str:
+    """A small histogram of one figure over images (a distribution beside its table)."""
+    return _histogram_svg([(values, "#1f77b4", "")], title, xlabel, bins, 220, 90)
 
 
 def bar_chart(values: dict[str, float], title: str, unit: str) -> str:

@@ -25,8 +25,9 @@ def html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], css: str 
     return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def html_page(title: str, sections: Sequence[str]) -> str:
-    """A self-contained HTML page of ``sections`` (HTML fragments) with the reports' style."""
+def html_page(title: str, sections: Sequence[str], css: str = "") -> str:
+    """A self-contained HTML page of ``sections`` (HTML fragments) with the reports' style, and
+    ``css``: rules of the page's own."""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -36,7 +37,7 @@ th, td {{ border: 1px solid #ccc; padding: 3px 7px; text-align: right; }}
 th {{ background: #f3f3f3; }} td:nth-child(2) {{ text-align: left; }}
 .row {{ display: flex; flex-wrap: wrap; gap: 12px; align-items: flex-start; }}
 figure {{ margin: 0; font-size: 11px; max-width: 230px; }}
-</style></head><body>
+{css}</style></head><body>
 {"".join(sections)}
 </body></html>
 """

@@ -121,3 +121,29 @@ def run_module(
         timeout=timeout,
         start_new_session=start_new_session,
     )
+
+
+def find_browser() -> str | None:
+    """A headless-capable Chromium on the PATH (``.ci/run`` installs Debian's), or None."""
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def browser_flags(profile: Path) -> list[str]:
+    """Chromium's flags for opening a report offline and headless, its profile in ``profile``."""
+    return [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+    ]

@@ -208,6 +208,8 @@ def test_predict_writes_results_overlays_and_skips_bad_files(run, tmp_path):
     assert {"mura_energy_pct", "delta_e2000_mean", "delta_e2000_p99"} <= set(
         table.splitlines()[0].split(",")
     )
+    report = (out / "report.html").read_text()  # the gallery links each flagged panel's overlay
+    assert all(f"overlays/{Path(e['overlay']).name}" in report for e in done if e["label"] == 1)
     # The same image through a second load of the hybrid gives the same answer.
     hybrid = Hybrid.load(run["out"] / "hybrid")
     image = np.asarray(Image.open(done[0]["path"]), dtype=np.float32) / 65535.0
@@ -369,7 +371,7 @@ def test_predict_batch_takes_images_as_their_files_hold_them_and_isolates_a_bad_
     paths = sorted(cache.rglob("*.png"))[:2]
     raw = [np.asarray(Image.open(p)) for p in paths]
     assert raw[0].dtype == np.uint16
-    broken = np.zeros((64, 64, 5), np.uint16)  # five channels: no image the members take
+    broken = np.zeros((2, 64, 64, 3), np.uint16)  # a stack of two: no image the members take
     results = list(hybrid.predict_batch([raw[0], broken, raw[1]]))
     assert isinstance(results[1], ValueError)
     window = hybrid.intensity_window

@@ -8,9 +8,9 @@ the generator), ``members``, ``tiling`` (detectors and how they run over large i
 ``reporting`` (HTML reports and charts), ``grading`` (regions, levels, types), ``configs`` (the
 configuration and its schema, which reads the members' registry) and ``graphs`` (members as
 graphs, and running an export of them), ``fusion`` (the hybrid), ``evaluation`` (scoring
-detectors on labeled splits) and ``deploy`` (writing an export, checked against PyTorch),
-``prediction`` (applying a hybrid to many images, results streamed) and ``retraining`` (the
-scheduled retraining), ``experiments`` (the benchmark's job grid, its runner and ranking),
+detectors on labeled splits), ``deploy`` (writing an export, checked against PyTorch) and
+``prediction`` (applying a hybrid to many images, results streamed), ``retraining`` (the
+scheduled retraining) and ``experiments`` (the benchmark's job grid, its runner and ranking),
 ``pipelines`` (the entry points). Imports inside functions count too: hiding one there does not
 change which floor depends on which.
 """
@@ -34,10 +34,10 @@ FLOORS = {
     "fusion": 5,
     "evaluation": 6,
     "deploy": 6,
-    "prediction": 7,
+    "prediction": 6,
     "retraining": 7,
-    "experiments": 8,
-    "pipelines": 9,
+    "experiments": 7,
+    "pipelines": 8,
 }
 
 

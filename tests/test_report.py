@@ -2,7 +2,6 @@
 
 import csv
 import math
-import shutil
 import subprocess
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 from experiments.ranking import format_table, leaderboard, write_leaderboard_csv
 from metrics.composite import composite
 from reporting.benchmark_report import write_html_report
+from tests.helpers import browser_flags, find_browser
 
 
 def result(member, dataset="synthetic", category="panel", status="ok", **metrics):
@@ -89,16 +89,8 @@ def test_csv_and_html_are_written(tmp_path):
     assert "Leaderboard" in page and "boom" in page
 
 
-def _browser() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
 def test_report_renders_in_a_headless_browser(tmp_path):
-    browser = _browser()
+    browser = find_browser()
     if browser is None:
         pytest.skip(
             "no Chromium installed (.ci/run installs Debian's chromium); cannot open the report"
@@ -114,17 +106,7 @@ def test_report_renders_in_a_headless_browser(tmp_path):
         {"synthetic-panel-a": records},
         {"run": "x"},
     )
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}",
-    ]
+    flags = browser_flags(tmp_path / "profile")
     dom = subprocess.run(
         [browser, *flags, "--dump-dom", report.as_uri()],
         capture_output=True,

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from data.maps import MapOnDisk
 from members.base import ScoreAggregator, aggregate_scores
 from tiling import (
     REDUCTIONS,
     MapAccumulator,
-    MapOnDisk,
     TiledDataset,
     TileGrid,
     colormap,
@@ -358,7 +358,7 @@ def test_a_member_set_runs_every_member_on_each_tile_batch(panels_dir):
     # shared backbone (a warm-up image, then every image), each member alone only its own.
     passes.clear()
     tiling = {"tile_size": 128, "stride": 96, "batch_size": 4, "reduction": "hann"}
-    hybrid = SimpleNamespace(options={"tiling": tiling, "image_size": None}, member_set=member_set)
+    hybrid = SimpleNamespace(tiling_options=tiling, image_size=None, member_set=member_set)
     cost = shared_work_cost(hybrid, [image[:, :150, :200], image])
     assert set(cost) >= {"members_together_ms", "patchcore_alone_ms", "padim_alone_ms"}
     every_image = batches(150, 200) + batches(200, 300)
