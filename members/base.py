@@ -45,7 +45,7 @@ from artifacts.io import (
     atomic_write_json,
     write_manifest,
 )
-from members.backbones import FeatureExtractor
+from members.backbones import FeatureExtractor, load_backbone
 
 if TYPE_CHECKING:
     from members.trainer import FabricTrainer
@@ -129,16 +129,22 @@ def member_text_options(name: str) -> tuple[str, ...]:
 
 
 def member_parameters(name: str) -> dict[str, Any]:
-    """Constructor options of member ``name`` with their defaults (the member's own and the
-    shared score-aggregation options)."""
+    """Constructor options of member ``name`` with their defaults: those of every class from
+    ``Member`` down that takes its own (the shared score aggregation, a backbone member's
+    backbone options, the member's own), with the defaults its class sets
+    (``option_defaults``)."""
     cls = member_class(name)
     params: dict[str, Any] = {}
-    for klass in (Member, cls):
+    for klass in reversed(cls.__mro__):
+        if not (isinstance(klass, type) and issubclass(klass, Member)):
+            continue
+        if "__init__" not in vars(klass):
+            continue
         for pname, p in inspect.signature(klass.__init__).parameters.items():
             if pname == "self" or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
                 continue
             params[pname] = None if p.default is inspect.Parameter.empty else p.default
-    return params
+    return {**params, **cls.option_defaults()}
 
 
 class Member(nn.Module):
@@ -155,6 +161,17 @@ class Member(nn.Module):
         "score_aggregation": SCORE_AGGREGATIONS
     }
     text_options: ClassVar[tuple[str, ...]] = ()
+    # Options a base class takes and records even when left at their defaults (``hparams``).
+    recorded_options: ClassVar[tuple[str, ...]] = (
+        "score_aggregation",
+        "topk_percent",
+        "center_sigma",
+    )
+
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        """Defaults this class sets for options a base class takes (``member_parameters``)."""
+        return {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -177,9 +194,10 @@ class Member(nn.Module):
                         hparams[pname] = value
                 self.__dict__["hparams"] = hparams
                 init(self, *args, **kw)
-                # The shared options, also when left at their defaults.
-                for name in ("score_aggregation", "topk_percent", "center_sigma"):
-                    hparams.setdefault(name, getattr(self, name))
+                # The base classes' options, also when left at their defaults.
+                for klass in type(self).__mro__:
+                    for name in vars(klass).get("recorded_options", ()):
+                        hparams.setdefault(name, getattr(self, name))
             else:
                 init(self, *args, **kw)
 
@@ -377,6 +395,41 @@ class Member(nn.Module):
             atomic_torch_save(self.state_dict(), tmp / WEIGHTS_FILE)
             write_manifest(tmp)
         return folder
+
+
+class BackboneMember(Member):
+    """A member that reads a pretrained backbone's feature maps (``load_backbone``: frozen, and
+    run once per batch for every member of a hybrid that reads the same one). Its four options
+    are declared here once; a member says which levels it reads by default (``default_layers``).
+
+    Args:
+        backbone: timm name of the backbone.
+        layers: the feature levels read, timm indices (None: ``default_layers``).
+        pretrained: the backbone's pretrained weights (from ``weights_dir`` or a package that ships
+            them); False for random ones.
+        weights_dir: where pretrained weights are looked up.
+    """
+
+    default_layers: ClassVar[tuple[int, ...]] = (1, 2, 3)
+    recorded_options = ("backbone", "layers", "pretrained", "weights_dir")
+
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        return {"layers": cls.default_layers}
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        layers: Sequence[int] | None = None,
+        pretrained: bool = True,
+        weights_dir: str = "backbones",
+        **common: Any,
+    ) -> None:
+        super().__init__(**common)
+        self.backbone = backbone
+        self.layers = tuple(self.default_layers if layers is None else layers)
+        self.pretrained, self.weights_dir = pretrained, weights_dir
+        self.feature_extractor = load_backbone(backbone, self.layers, pretrained, weights_dir)
 
 
 def load_member(

@@ -40,8 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from members.backbones import load_backbone
-from members.base import Member, gaussian_blur, register, upsample_map
+from members.base import BackboneMember, gaussian_blur, register, upsample_map
 
 
 class AffineCoupling(nn.Module):
@@ -108,12 +107,12 @@ class Flow2d(nn.Module):
 
 
 @register("fastflow")
-class FastFlow(Member):
+class FastFlow(BackboneMember):
     """2D normalizing flows on frozen backbone features; the map is the feature likelihood.
 
     Args:
         backbone, layers, pretrained, weights_dir: the frozen feature extractor
-            (``load_backbone``); ``layers`` are timm feature indices, one flow per layer.
+            (``BackboneMember``); ``layers`` are timm feature indices, one flow per layer.
         flow_steps: coupling blocks per flow.
         hidden_ratio: subnet hidden channels as a multiple of its input channels.
         clamp: soft bound of the per-step log-scale.
@@ -124,13 +123,10 @@ class FastFlow(Member):
     """
 
     trainable = True
+    default_layers = (1, 2, 3)
 
     def __init__(
         self,
-        backbone: str = "efficientnet_lite0",
-        layers: tuple[int, ...] = (1, 2, 3),
-        pretrained: bool = True,
-        weights_dir: str = "backbones",
         flow_steps: int = 8,
         hidden_ratio: float = 1.0,
         clamp: float = 2.0,
@@ -139,9 +135,9 @@ class FastFlow(Member):
         lr: float = 1e-3,
         weight_decay: float = 1e-5,
         seed: int = 0,
-        **common: Any,
+        **options: Any,
     ) -> None:
-        super().__init__(**common)
+        super().__init__(**options)
         if flow_steps < 1 or hidden_ratio <= 0 or clamp <= 0:
             raise ValueError(
                 f"flow_steps must be >= 1 and hidden_ratio, clamp > 0, got {flow_steps}, "
@@ -150,7 +146,6 @@ class FastFlow(Member):
         self.map_sigma = map_sigma
         self.lr = lr
         self.weight_decay = weight_decay
-        self.feature_extractor = load_backbone(backbone, tuple(layers), pretrained, weights_dir)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.flows = nn.ModuleList(

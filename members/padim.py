@@ -18,29 +18,24 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from members.backbones import load_backbone
-from members.base import Member, gaussian_blur, register, upsample_map
+from members.base import BackboneMember, gaussian_blur, register, upsample_map
 
 
 @register("padim")
-class PaDiM(Member):
+class PaDiM(BackboneMember):
     trainable = False
+    default_layers = (1, 2, 3)
 
     def __init__(
         self,
-        backbone: str = "efficientnet_lite0",
-        layers: tuple[int, ...] = (1, 2, 3),
-        pretrained: bool = True,
-        weights_dir: str = "backbones",
         n_features: int = 100,
         eps: float = 0.01,
         blur_sigma: float = 4.0,
         position_chunk: int = 1024,
         seed: int = 0,
-        **common: Any,
+        **options: Any,
     ) -> None:
-        super().__init__(**common)
-        self.feature_extractor = load_backbone(backbone, tuple(layers), pretrained, weights_dir)
+        super().__init__(**options)
         total = sum(self.feature_extractor.channels)
         if not 0 < n_features <= total:
             raise ValueError(

@@ -46,23 +46,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from members.backbones import load_backbone
-from members.base import Member, gaussian_blur, register, upsample_map
+from members.base import BackboneMember, gaussian_blur, register, upsample_map
 from members.coreset import METHODS, coreset_indices, coverage_comparison
 from members.nearest_neighbours import SEARCH_METHODS, NearestNeighbourIndex
 
 
 @register("patchcore")
-class PatchCore(Member):
+class PatchCore(BackboneMember):
     trainable = False
+    default_layers = (2, 3)
     option_choices = {"coreset_method": METHODS, "search": SEARCH_METHODS}
 
     def __init__(
         self,
-        backbone: str = "efficientnet_lite0",
-        layers: tuple[int, ...] = (2, 3),
-        pretrained: bool = True,
-        weights_dir: str = "backbones",
         feature_dim: int = 1024,
         target_dim: int = 1024,
         coreset_ratio: float = 0.1,
@@ -77,9 +73,9 @@ class PatchCore(Member):
         hnsw_ef_search: int = 16,
         blur_sigma: float = 4.0,
         seed: int = 0,
-        **common: Any,
+        **options: Any,
     ) -> None:
-        super().__init__(**common)
+        super().__init__(**options)
         if feature_dim < 1 or target_dim < 1:
             raise ValueError(
                 f"feature_dim and target_dim must be >= 1, got {feature_dim}, {target_dim}"
@@ -88,7 +84,6 @@ class PatchCore(Member):
             raise ValueError(f"coreset_method must be one of {METHODS}, got {coreset_method!r}")
         if num_neighbors < 1:
             raise ValueError(f"num_neighbors must be >= 1, got {num_neighbors}")
-        self.feature_extractor = load_backbone(backbone, tuple(layers), pretrained, weights_dir)
         self.feature_dim = feature_dim
         self.target_dim = target_dim
         self.coreset_ratio = coreset_ratio

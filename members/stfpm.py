@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from members.backbones import FeatureExtractor, load_backbone
-from members.base import Member, gaussian_blur, register, upsample_map
+from members.base import BackboneMember, gaussian_blur, register, upsample_map
 from members.trainer import FabricTrainer
 
 MAP_COMBINATIONS = ("product", "sum")
@@ -67,12 +67,12 @@ def layer_distances(teacher: list[torch.Tensor], student: list[torch.Tensor]) ->
 
 
 @register("stfpm")
-class STFPM(Member):
+class STFPM(BackboneMember):
     """Student-teacher feature pyramid matching; the map is the teacher-student discrepancy.
 
     Args:
-        backbone, layers, pretrained, weights_dir: the teacher (``load_backbone``); the student
-            is the same architecture with the same ``layers``, randomly initialised.
+        backbone, layers, pretrained, weights_dir: the teacher (``BackboneMember``); the
+            student is the same architecture with the same ``layers``, randomly initialised.
         map_combination: ``"product"`` (the paper) or ``"sum"`` of the per-layer maps.
         map_sigma: Gaussian smoothing of the map in pixels (0: none, the paper).
         lr, momentum, weight_decay: SGD on the student.
@@ -80,23 +80,20 @@ class STFPM(Member):
     """
 
     trainable = True
+    default_layers = (1, 2, 3)
     option_choices = {"map_combination": MAP_COMBINATIONS}
 
     def __init__(
         self,
-        backbone: str = "efficientnet_lite0",
-        layers: tuple[int, ...] = (1, 2, 3),
-        pretrained: bool = True,
-        weights_dir: str = "backbones",
         map_combination: str = "product",
         map_sigma: float = 0.0,
         lr: float = 0.4,
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
         seed: int = 0,
-        **common: Any,
+        **options: Any,
     ) -> None:
-        super().__init__(**common)
+        super().__init__(**options)
         if map_combination not in MAP_COMBINATIONS:
             raise ValueError(
                 f"map_combination must be one of {MAP_COMBINATIONS}, got {map_combination!r}"
@@ -106,11 +103,14 @@ class STFPM(Member):
         self.lr = lr
         self.momentum = momentum
         self.weight_decay = weight_decay
-        self.feature_extractor = load_backbone(backbone, tuple(layers), pretrained, weights_dir)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.student = load_backbone(
-                backbone, tuple(layers), pretrained=False, weights_dir=weights_dir, frozen=False
+                self.backbone,
+                self.layers,
+                pretrained=False,
+                weights_dir=self.weights_dir,
+                frozen=False,
             )
         freeze_past_last_layer(self.student)
 

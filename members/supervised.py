@@ -43,37 +43,32 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from members.backbones import load_backbone
-from members.base import Member, register, upsample_map
+from members.base import BackboneMember, register, upsample_map
 
 log = logging.getLogger(__name__)
 
 
 @register("supervised")
-class SupervisedHead(Member):
+class SupervisedHead(BackboneMember):
     trainable = True
+    default_layers = (2, 3)
     # The image score is the decision head's, not an aggregation of the map: under tiling,
     # the largest tile score.
     score_from_tiles = "max"
 
     def __init__(
         self,
-        backbone: str = "efficientnet_lite0",
-        layers: tuple[int, ...] = (2, 3),
-        pretrained: bool = True,
-        weights_dir: str = "backbones",
         hidden: int = 16,
         decision_channels: int = 16,
         lr: float = 0.002,
         weight_decay: float = 0.0001,
-        **common: Any,
+        **options: Any,
     ) -> None:
-        super().__init__(**common)
+        super().__init__(**options)
         if hidden < 1 or decision_channels < 1:
             raise ValueError(
                 f"hidden and decision_channels must be >= 1, got {hidden}, {decision_channels}"
             )
-        self.feature_extractor = load_backbone(backbone, tuple(layers), pretrained, weights_dir)
         channels = self.feature_extractor.channels
         self.lr, self.weight_decay = lr, weight_decay
         self.register_buffer("feature_mean", torch.zeros(sum(channels)))

@@ -83,3 +83,37 @@ def test_members_saved_before_whose_computation_is_unchanged_still_load(panels_d
     loaded = load_member(folder)
     images = torch.rand(2, 3, 128, 128)
     assert outputs_equal(member, loaded, images)
+
+
+def test_the_backbone_options_are_declared_once_for_every_member_that_reads_a_backbone(
+    saved_padim, tmp_path
+):
+    """PaDiM, PatchCore, STFPM, FastFlow and the supervised head take backbone, layers,
+    pretrained and weights_dir from BackboneMember: none declares them again, the configuration
+    shows each member's own default layers, and a member records them (defaults too), so that it
+    is rebuilt with the backbone it was fitted on."""
+    import inspect
+
+    from members.base import BackboneMember, available_members, member_class, member_parameters
+
+    readers = {n for n in available_members() if issubclass(member_class(n), BackboneMember)}
+    assert readers == {"padim", "patchcore", "stfpm", "fastflow", "supervised"}
+    for name in readers:
+        cls = member_class(name)
+        assert "backbone" not in inspect.signature(cls.__init__).parameters, name
+        options = member_parameters(name)
+        assert options["layers"] == cls.default_layers and options["pretrained"] is True, name
+    assert member_parameters("patchcore")["layers"] == (2, 3)
+    assert member_parameters("padim")["layers"] == (1, 2, 3)
+    head = create_member("patchcore", pretrained=False, layers=[3])
+    assert head.feature_extractor.layers == (3,)
+    assert {k: head.hparams[k] for k in ("backbone", "layers", "pretrained", "weights_dir")} == {
+        "backbone": "efficientnet_lite0",
+        "layers": [3],
+        "pretrained": False,
+        "weights_dir": "backbones",
+    }
+    member, folder = saved_padim
+    saved = json.loads((folder / MEMBER_FILE).read_text())["config"]
+    assert saved["layers"] == [1, 2, 3] and saved["backbone"] == "efficientnet_lite0"
+    assert load_member(folder).feature_extractor.layers == member.feature_extractor.layers
