@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from evaluation.phases import PhaseClock
@@ -26,6 +27,7 @@ def fit_and_evaluate_hybrid(
     supervised: Any = None,
     normal_images: Callable[[], Any] | None = None,
     clock: PhaseClock | None = None,
+    review_folder: Path | None = None,
 ) -> tuple[Any, dict[str, Any], dict[str, str]]:
     """The saved hybrid, its evaluation on ``test_set`` and the provenance of the figures
     (``fitted_on``, ``scored_on``, ``note``).
@@ -39,7 +41,8 @@ def fit_and_evaluate_hybrid(
     side (None: one per CPU). ``supervised`` (a ``evaluation.supervision.SupervisedFolds``)
     and ``normal_images`` (the members' training images): the supervised member, trained
     inside each fold where labeled defects take part, and skipped, with the reason in the log,
-    where they do not. ``clock``: a ``PhaseClock`` that times each phase.
+    where they do not. ``clock``: a ``PhaseClock`` that times each phase. ``review_folder``:
+    where the overlays of the test images to review go (``evaluate_hybrid``).
     """
     clock = clock or PhaseClock()
     defective = sum(entry.label for entry in test_set.entries)
@@ -60,6 +63,7 @@ def fit_and_evaluate_hybrid(
             supervised=supervised,
             normal_images=normal_images,
             clock=clock,
+            review_folder=review_folder,
         )
         done = evaluation["cross_validation"]["folds"]
         return (
@@ -88,7 +92,11 @@ def fit_and_evaluate_hybrid(
         hybrid = make_hybrid().fit(samples, progress=True)
     with clock("test images scored"):
         evaluation = evaluate_hybrid(
-            hybrid, test_set, progress=True, contributions=weighed_members(hybrid)
+            hybrid,
+            test_set,
+            progress=True,
+            contributions=weighed_members(hybrid),
+            review_folder=review_folder,
         )
     return (
         hybrid,

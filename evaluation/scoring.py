@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -139,6 +140,7 @@ def evaluate_hybrid(
     hybrid_for: Callable[[int], Any] | None = None,
     intervals: bool = True,
     contributions: Sequence[str] = (),
+    review_folder: Path | None = None,
 ) -> dict[str, Any]:
     """The hybrid and each of its members on a labeled split, from one pass over the images.
 
@@ -157,11 +159,19 @@ def evaluate_hybrid(
     weight set to 0 (``Hybrid.without``; the hybrid itself where it does not weigh the member,
     or weighs it alone), so the hybrid minus it, with its paired interval, is what the member
     adds.
+
+    Each record also holds the image's panel quality (``metrics.quality.panel_quality``) and,
+    for each member that reconstructs images, ``<member> <figure>`` of
+    ``metrics.quality.reconstruction_figures``; ``quality`` says which members and why LPIPS
+    is missing where it is. ``review_folder``: where the overlays of the worst misses and the
+    false alarms go (``evaluation.review.ReviewCases``; ``review`` lists them).
     """
     from tqdm.auto import tqdm
 
+    from evaluation.review import ReviewCases
     from grading.evaluation import grading_figures, grading_scores
     from grading.matching import match_regions
+    from metrics.quality import lpips_or_reason, panel_quality, reconstruction_figures
 
     ablations = [f"without {name}" for name in contributions]
     detectors = ["hybrid", *hybrid.names, *ablations]
@@ -177,6 +187,14 @@ def evaluate_hybrid(
     has_masks = bool(getattr(dataset, "has_masks", True))
     records, stage_pairs, detected_pairs, levels = [], [], [], []
     seconds = 0.0
+    review = ReviewCases()
+    # A tiled hybrid's members reconstruct tiles (the benchmark's jobs measure those).
+    reconstructing = {
+        name: member
+        for name, member in hybrid.members.items()
+        if getattr(member, "reconstructs", False) and not hybrid.tiling_options
+    }
+    lpips, lpips_missing = lpips_or_reason() if reconstructing else (None, None)
     for index in tqdm(range(len(dataset)), desc="test", disable=not progress):
         sample = dataset[index]
         model = hybrid_for(index) if hybrid_for else hybrid
@@ -216,6 +234,16 @@ def evaluate_hybrid(
                 for region, truth in match_regions(out.regions, instances, defects)
                 if truth is not None
             ]
+        review.offer(index, int(sample["label"]), out)
+        image = to_tensor(sample["image"])
+        quality = panel_quality(image.permute(1, 2, 0).squeeze(-1).numpy())
+        if reconstructing:
+            (seen,) = hybrid.member_inputs([image])  # what the members take: their size, RGB
+        for name, member in reconstructing.items():
+            with torch.no_grad():
+                rebuilt = member.reconstruct_images(seen.to(hybrid.member_set.device)).cpu()
+            (figures,) = reconstruction_figures(seen, rebuilt, lpips)
+            quality.update({f"{name} {key}": value for key, value in figures.items()})
         records.append(
             {
                 "path": sample["path"],
@@ -227,6 +255,7 @@ def evaluate_hybrid(
                 "true_level": sample.get("level"),
                 "regions": len(out.regions),
                 **{f"score_{name}": scores[name] for name in detectors[1:]},
+                **quality,
             }
         )
     labels_seen = {r["label"] for r in records}
@@ -281,6 +310,14 @@ def evaluate_hybrid(
         "operating_point": operating_point_figures(records),
         "records": records,
         "seconds": seconds,
+        "quality": {
+            "reconstructing_members": list(reconstructing),
+            "lpips_unavailable": lpips_missing,
+        },
+        "review": {
+            "counts": review.counts,
+            "cases": review.write(dataset, review_folder) if review_folder else [],
+        },
     }
 
 
@@ -401,6 +438,7 @@ def cross_validate_hybrid(
     supervised: Any = None,
     normal_images: Callable[[], Iterable[Any]] | None = None,
     clock: PhaseClock | None = None,
+    review_folder: Path | None = None,
 ) -> tuple[dict[str, Any], Any]:
     """Fit on the dataset's own labeled defects without ever scoring an image with a hybrid
     that saw it.
@@ -422,7 +460,7 @@ def cross_validate_hybrid(
     entry (and ``supervised``: the member against a logistic regression on the same pooled
     features, out of fold), and the hybrid to keep, fitted on ``validation`` and the whole
     split. ``clock``: a ``PhaseClock`` that times each phase (members, supervised heads, fits,
-    scoring).
+    scoring). ``review_folder``: as ``evaluate_hybrid``'s.
     """
     from evaluation.supervision import heads_for_fit, with_heads
     from fusion.fitting import fit_hybrids
@@ -496,6 +534,7 @@ def cross_validate_hybrid(
             scored,
             lambda index: hybrids[fold_of[index]],
             contributions=weighed_members(final),
+            review_folder=review_folder,
         )
     evaluation["seconds"] += member_seconds
     evaluation["cross_validation"] = {

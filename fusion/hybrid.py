@@ -54,6 +54,7 @@ from graphs.specs import ExportError
 from members.base import Member
 from members.member_set import MemberSet
 from metrics.severity import DEFECT_TYPES
+from tiling.visualize import Decision
 
 # A panel shrunk more than this many times to the members' input is said to lose small defects.
 SHRINK_WARNING_FACTOR = 4
@@ -86,6 +87,15 @@ class Prediction:
     member_maps: np.ndarray | MemberMaps | None
     warning: str | None
     pixel_threshold: float
+
+    def decision(self, truth: Any = None) -> Decision:
+        """What this result's overlay draws (``tiling.Decision``): the pixel threshold's
+        contour, each region's box labelled with its type and level, and ``truth`` (the true
+        mask, in evaluation) as an outline."""
+        boxes = [
+            (region.bbox, f"{region.type or 'untyped'} L{region.level}") for region in self.regions
+        ]
+        return Decision(self.pixel_threshold, boxes, truth)
 
 
 class Hybrid(BaseEstimator):

@@ -17,9 +17,13 @@ Every ``XxxMetric`` averages a per-image value over the images given to ``update
   transform of the luminance, in percent of the mean luminance (``wavelet_bands`` gives every
   level and orientation): banding and mura at that band's scale.
 
-Two functions give the pipelines their figures: ``panel_quality`` (one panel's mura energy,
-wavelet uniformity and colour uniformity, for ``predict``) and ``reconstruction_quality``
-(PSNR, SSIM and LPIPS of a reconstruction member, for the benchmark's jobs).
+Each figure is one named function, which its metric class calls: ``psnr``, ``ssim_index``
+(SSIM and MS-SSIM), ``LPIPSMetric.distance``, ``delta_e_2000``, ``mura_energy`` and
+``wavelet_uniformity``. Three functions give the pipelines their figures: ``panel_quality``
+(one panel's mura energy, wavelet uniformity and colour uniformity, for ``predict`` and the
+hybrid's report), ``reconstruction_figures`` (per image: PSNR, SSIM, MS-SSIM and LPIPS against
+a reconstruction member's output) and ``reconstruction_quality`` (their means, for the
+benchmark's jobs).
 """
 
 from __future__ import annotations
@@ -73,12 +77,37 @@ class MeanOverImages(Metric):
         return float(np.mean(self._values))
 
 
+# MS-SSIM's five scales of an 11-px window need images of more than this many pixels a side.
+MS_SSIM_MIN_SIDE = 160
+
+
+def psnr(images: Any, references: Any) -> torch.Tensor:
+    """Peak signal-to-noise ratio per image in dB, ``10 log10(1 / MSE)`` for images in [0, 1]
+    (``[B, C, H, W]`` or ``[B, H, W]``): ``[B]``."""
+    mse = ((image_batch(images) - image_batch(references)) ** 2).flatten(1).mean(1).double()
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-20))
+
+
+def ssim_index(images: Any, references: Any, multiscale: bool = False) -> torch.Tensor:
+    """SSIM per image (Wang et al. 2004), or MS-SSIM (Wang, Simoncelli & Bovik 2003) with
+    ``multiscale``, through pytorch-msssim: Gaussian window 11 px, sigma 1.5, data range 1:
+    ``[B]``. MS-SSIM needs images of more than ``MS_SSIM_MIN_SIDE`` px a side."""
+    from pytorch_msssim import ms_ssim, ssim
+
+    a, b = image_batch(images), image_batch(references)
+    if multiscale and min(a.shape[-2:]) <= MS_SSIM_MIN_SIDE:
+        raise ValueError(
+            f"MS-SSIM needs images of more than {MS_SSIM_MIN_SIDE} px a side, got "
+            f"{a.shape[-1]}x{a.shape[-2]}"
+        )
+    return (ms_ssim if multiscale else ssim)(a, b, data_range=1.0, size_average=False)
+
+
 class PSNRMetric(MeanOverImages):
     name = "psnr"
 
     def update(self, images: Any, references: Any) -> None:
-        mse = ((image_batch(images) - image_batch(references)) ** 2).flatten(1).mean(1).double()
-        self._add(10 * torch.log10(1.0 / mse.clamp_min(1e-20)))
+        self._add(psnr(images, references))
 
 
 class SSIMMetric(MeanOverImages):
@@ -86,18 +115,11 @@ class SSIMMetric(MeanOverImages):
     multiscale = False
 
     def update(self, images: Any, references: Any) -> None:
-        from pytorch_msssim import ms_ssim, ssim
-
-        function = ms_ssim if self.multiscale else ssim
-        self._add(
-            function(
-                image_batch(images), image_batch(references), data_range=1.0, size_average=False
-            )
-        )
+        self._add(ssim_index(images, references, self.multiscale))
 
 
 class MSSSIMMetric(SSIMMetric):
-    """MS-SSIM needs images of at least 161 px per side (five scales of an 11-px window)."""
+    """MS-SSIM needs images of more than ``MS_SSIM_MIN_SIDE`` px per side."""
 
     name = "ms_ssim"
     multiscale = True
@@ -130,12 +152,16 @@ class LPIPSMetric(MeanOverImages):
         self.model.net.load_state_dict(mapped, strict=True)
         super().__init__()
 
-    def update(self, images: Any, references: Any) -> None:
+    def distance(self, images: Any, references: Any) -> torch.Tensor:
+        """LPIPS per image (Zhang et al. 2018) of images in [0, 1]: ``[B]``."""
         a, b = image_batch(images), image_batch(references)
         if a.shape[1] == 1:
             a, b = a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1)
         with torch.no_grad():
-            self._add(self.model(a, b, normalize=True).flatten())
+            return self.model(a, b, normalize=True).flatten()
+
+    def update(self, images: Any, references: Any) -> None:
+        self._add(self.distance(images, references))
 
 
 def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
@@ -470,44 +496,68 @@ def panel_quality(image: np.ndarray) -> dict[str, float | None]:
     return figures
 
 
+RECONSTRUCTION_FIGURES = ("psnr_db", "ssim", "ms_ssim", "lpips")
+
+
+def lpips_or_reason(
+    net: str = "alex", weights_dir: str | os.PathLike = "backbones"
+) -> tuple[LPIPSMetric | None, str | None]:
+    """An ``LPIPSMetric``, or None and why not (its backbone file missing from ``weights_dir``,
+    naming the file to put there, or the lpips package missing). Nothing is downloaded."""
+    try:
+        return LPIPSMetric(net, weights_dir), None
+    except (FileNotFoundError, ImportError) as exc:
+        return None, str(exc)
+
+
+def reconstruction_figures(
+    images: Any, reconstructions: Any, lpips: LPIPSMetric | None = None
+) -> list[dict[str, float | None]]:
+    """How closely each image is reconstructed: per image ``psnr_db`` (``psnr``), ``ssim`` and
+    ``ms_ssim`` (``ssim_index``; None for images of at most ``MS_SSIM_MIN_SIDE`` px a side)
+    and ``lpips`` (``LPIPSMetric.distance``; None without ``lpips``).
+
+    ``images`` and ``reconstructions``: ``[B, C, H, W]`` in [0, 1]; one-channel images against
+    three-channel reconstructions are compared as three equal channels (what the
+    reconstruction members are trained to reproduce)."""
+    reconstructions = image_batch(reconstructions)
+    images = image_batch(images).expand(-1, reconstructions.shape[1], -1, -1)
+    columns = {
+        "psnr_db": psnr(reconstructions, images),
+        "ssim": ssim_index(reconstructions, images),
+    }
+    if min(images.shape[-2:]) > MS_SSIM_MIN_SIDE:
+        columns["ms_ssim"] = ssim_index(reconstructions, images, multiscale=True)
+    if lpips is not None:
+        columns["lpips"] = lpips.distance(reconstructions, images)
+    return [
+        {key: float(columns[key][i]) if key in columns else None for key in RECONSTRUCTION_FIGURES}
+        for i in range(len(images))
+    ]
+
+
 def reconstruction_quality(
     pairs: Iterable[tuple[Any, Any]],
     lpips_net: str = "alex",
     weights_dir: str | os.PathLike = "backbones",
 ) -> dict[str, Any]:
-    """How closely a member reconstructs its input: ``psnr_db`` (dB), ``ssim`` and ``lpips``,
-    each the mean over images of its value between an image and its reconstruction, and
-    ``count``, the number of images.
-
-    ``pairs``: batches ``(images, reconstructions)``, ``[B, C, H, W]`` in [0, 1]; one-channel
-    images against three-channel reconstructions are compared as three equal channels (what
-    the reconstruction members are trained to reproduce). LPIPS needs its backbone file in
-    ``weights_dir`` (``LPIPS_BACKBONE_FILES``) and the lpips package; nothing is downloaded:
-    without them ``lpips`` is None and ``lpips_unavailable`` says why.
-    """
-    psnr, ssim = PSNRMetric(), SSIMMetric()
-    lpips: LPIPSMetric | None = None
-    unavailable = None
-    try:
-        lpips = LPIPSMetric(lpips_net, weights_dir)
-    except (FileNotFoundError, ImportError) as exc:
-        unavailable = str(exc)
-    count = 0
-    for images, reconstructions in pairs:
-        reconstructions = image_batch(reconstructions)
-        images = image_batch(images).expand(-1, reconstructions.shape[1], -1, -1)
-        for metric in (psnr, ssim, lpips):
-            if metric is not None:
-                metric.update(reconstructions, images)
-        count += len(images)
-    if not count:
+    """How closely a member reconstructs its input: the mean over images of each of
+    ``reconstruction_figures`` (None where no image has it), and ``count``, the number of
+    images. ``pairs``: batches ``(images, reconstructions)``. LPIPS needs its backbone file in
+    ``weights_dir`` (``LPIPS_BACKBONE_FILES``) and the lpips package; without them ``lpips`` is
+    None and ``lpips_unavailable`` says why."""
+    lpips, unavailable = lpips_or_reason(lpips_net, weights_dir)
+    rows = [
+        row
+        for images, reconstructions in pairs
+        for row in reconstruction_figures(images, reconstructions, lpips)
+    ]
+    if not rows:
         raise ValueError("reconstruction_quality: no images were given")
-    figures = {
-        "count": count,
-        "psnr_db": psnr.compute(),
-        "ssim": ssim.compute(),
-        "lpips": lpips.compute() if lpips is not None else None,
-    }
+    figures: dict[str, Any] = {"count": len(rows)}
+    for key in RECONSTRUCTION_FIGURES:
+        values = [row[key] for row in rows if row[key] is not None]
+        figures[key] = float(np.mean(values)) if values else None
     if unavailable is not None:
         figures["lpips_unavailable"] = unavailable
     return figures

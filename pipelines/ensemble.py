@@ -8,7 +8,8 @@ of them with injected synthetic defects and, where the test split has labeled de
 too, under k-fold cross-validation so no test image is scored by a hybrid fitted on it),
 evaluates the hybrid against each member on the test split, and writes ``<run>/<name>/``:
 ``hybrid/`` (the self-contained model with its SHA-256 manifest), ``results.json``,
-``scores.csv``, ``config.yaml`` and ``report.html``.
+``scores.csv`` (with each test image's panel quality), ``config.yaml``, ``report.html`` and
+``review/`` (the overlays of the worst misses and the false alarms the report shows).
 """
 
 from __future__ import annotations
@@ -170,6 +171,7 @@ class FusionData:
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     from evaluation.phases import PhaseClock
+    from evaluation.review import REVIEW_FOLDER
     from fusion.hybrid import Hybrid
     from members.base import load_member
     from members.device import resolve_device
@@ -186,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     with clock("members loaded"):
         weights = selection.weights(Path(cfg["ensemble"]["from_run"]))
         members = {name: load_member(path, device) for name, path in weights.items()}
-    hybrid, evaluation, provenance = fit_hybrid(cfg, selection, data, members, device, clock)
+    hybrid, evaluation, provenance = fit_hybrid(
+        cfg, selection, data, members, device, clock, out_dir / REVIEW_FOLDER
+    )
     hybrid.save(out_dir / "hybrid")
     log.info("hybrid written to %s", out_dir / "hybrid")
     # What follows measures the saved hybrid: its kept members only.
@@ -273,10 +277,12 @@ def fit_hybrid(
     members: Mapping[str, Any],
     device: Any,
     clock: Any,
+    review_folder: Path,
 ) -> tuple[Any, dict[str, Any], dict[str, str]]:
     """The hybrid fitted (under cross-validation where labeled defects take part, with the
     supervised member inside each fold), its evaluation on test and the figures' provenance
-    (``evaluation.protocol.fit_and_evaluate_hybrid``)."""
+    (``evaluation.protocol.fit_and_evaluate_hybrid``); the overlays of the test images to
+    review go to ``review_folder``."""
     from data.sources import make_dataset
     from evaluation.protocol import fit_and_evaluate_hybrid
     from fusion.build import build_hybrid
@@ -310,6 +316,7 @@ def fit_hybrid(
         supervised=supervised,
         normal_images=lambda: (train_set[i]["image"] for i in range(len(train_set))),
         clock=clock,
+        review_folder=review_folder,
     )
 
 
@@ -404,6 +411,11 @@ def ensemble_results(
             "split": provenance["scored_on"],
         },
         "cost": cost,
+        # Each test image's panel quality is in scores.csv; which members gave reconstruction
+        # figures, and why LPIPS is missing where it is.
+        "quality": {**evaluation["quality"], "split": provenance["scored_on"]},
+        # The worst misses and the false alarms at the operating point, with their overlays.
+        "review": {**evaluation["review"], "split": provenance["scored_on"]},
         "cross_validation": evaluation.get("cross_validation"),
         "unseen_panels": unseen,
         "notes": [provenance["note"]],

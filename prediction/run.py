@@ -180,6 +180,7 @@ def predict_files(
                     max_preview_side=overlay_max_side or max(fused.shape),
                     vmin=0.0,
                     vmax=max(2 * result.pixel_threshold, float(fused.max())),
+                    decision=result.decision(),
                 )
             )
         if save_maps:

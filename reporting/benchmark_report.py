@@ -53,9 +53,9 @@ def write_html_report(
     sections.append("<h2>All jobs</h2>")
     sections.append(
         "<p>val_composite: the composite on the validation split, on which the ensemble "
-        "chooses members. psnr_db, ssim, lpips: reconstruction members only, input against "
-        "reconstruction on the test split (PSNR in dB; LPIPS empty where its backbone file is "
-        "absent).</p>"
+        "chooses members. psnr_db, ssim, ms_ssim, lpips: reconstruction members only, input "
+        "against reconstruction on the test split (PSNR in dB; MS-SSIM empty for images of at "
+        "most 160 px a side; LPIPS empty where its backbone file is absent).</p>"
     )
     sections.append(html_table(board["rows"], [*JOB_COLUMNS, "error"], "jobs"))
 

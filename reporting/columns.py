@@ -21,7 +21,7 @@ COST_COLUMNS = (
     "model_bytes",
 )
 # Reconstruction members' figures on the test split (``reconstruction_quality`` of a job).
-RECONSTRUCTION_COLUMNS = ("psnr_db", "ssim", "lpips")
+RECONSTRUCTION_COLUMNS = ("psnr_db", "ssim", "ms_ssim", "lpips")
 # A job's row in leaderboard.csv and in the report's job table: the test composite beside the
 # validation one (the ensemble chooses members on it), then its figures.
 JOB_COLUMNS = (

@@ -9,7 +9,18 @@ from typing import Any
 from artifacts.io import atomic_write_text
 from metrics.detection import FALSE_ALARM_BUDGETS, miss_rate_curve, miss_rate_key
 from reporting.charts import bar_chart, histogram, line_chart, roc_points
-from reporting.page import html_page, html_table
+from reporting.page import gallery_card, html_page, html_table, html_value
+from reporting.predict_report import CSS, QUALITY_FIGURES, quality_sections
+
+# Names of ``metrics.quality.reconstruction_figures``' figures in the report.
+RECONSTRUCTION_NAMES = {
+    "psnr_db": "PSNR (dB)",
+    "ssim": "SSIM",
+    "ms_ssim": "MS-SSIM",
+    "lpips": "LPIPS",
+}
+# At most this many misses and as many false alarms (``evaluation.review.ReviewCases``).
+REVIEW_PER_KIND = 8
 
 
 def write_hybrid_report(results: dict[str, Any], records: list[dict[str, Any]], path: Path) -> Path:
@@ -39,6 +50,7 @@ def write_hybrid_report(results: dict[str, Any], records: list[dict[str, Any]], 
         )
     )
     sections.extend(_miss_rate_sections(results, records))
+    sections.extend(_review_sections(results))
     level_rows = [
         {"level given to a defect-free test image": level, "images": count}
         for level, count in point["levels_of_normal_images"].items()
@@ -62,6 +74,7 @@ def write_hybrid_report(results: dict[str, Any], records: list[dict[str, Any]], 
         )
         sections.append(html_table([unseen["metrics"]], list(unseen["metrics"])))
         sections.extend(_grading_sections(unseen["grading"]))
+    sections.extend(_quality_sections(results, records))
     sections.extend(_membership_sections(results))
     sections.append("<h2>Validation and grader choice</h2>")
     validation = {k: v for k, v in results["validation"].items() if not isinstance(v, dict)}
@@ -117,7 +130,7 @@ def write_hybrid_report(results: dict[str, Any], records: list[dict[str, Any]], 
     if cost:
         sections.append(bar_chart(cost, "Milliseconds per image", "ms"))
     sections.append(html_table([results["cost"]], list(results["cost"])))
-    return atomic_write_text(path, html_page("Hybrid report", sections))
+    return atomic_write_text(path, html_page("Hybrid report", sections, CSS))
 
 
 def _confusion_table(table: dict[str, dict[str, int]], true_name: str) -> str:
@@ -136,6 +149,7 @@ def _grading_sections(grading: dict[str, Any]) -> list[str]:
         html_table([facts], list(facts)),
     ]
     recall = grading.get("detection_recall_by_level") or {}
+    no_levels = "no test defect has a true level (real datasets label defects without one)"
     if recall:
         out.append("<h3>Defects found, per true level (end to end)</h3>")
         out.append(
@@ -144,12 +158,18 @@ def _grading_sections(grading: dict[str, Any]) -> list[str]:
                 ["true level", "recall"],
             )
         )
+    else:
+        out.append(f"<p>Defects found per true level: left out, {no_levels}.</p>")
     if grading.get("level_confusion"):
         out.append("<h3>Level confusion (rows: true level, columns: given level)</h3>")
         out.append(_confusion_table(grading["level_confusion"], "true level"))
+    else:
+        out.append(f"<p>Level confusion: left out, {no_levels}.</p>")
     if grading.get("type_confusion"):
         out.append("<h3>Type confusion (rows: true type, columns: given type)</h3>")
         out.append(_confusion_table(grading["type_confusion"], "true type"))
+    else:
+        out.append("<p>Type confusion: left out, no region was matched to a typed defect.</p>")
     measurement = grading.get("measurement") or {}
     rows = [
         {
@@ -165,6 +185,11 @@ def _grading_sections(grading: dict[str, Any]) -> list[str]:
     if rows:
         out.append("<h3>Measured area and contrast against the truth</h3>")
         out.append(html_table(rows, list(rows[0])))
+    else:
+        out.append(
+            "<p>Measured area and contrast: left out, no region has a measured truth to "
+            "compare with.</p>"
+        )
     medians = grading.get("median_level_by_true_level") or {}
     if medians:
         out.append("<h3>Median level given to the images of each true level</h3>")
@@ -174,6 +199,77 @@ def _grading_sections(grading: dict[str, Any]) -> list[str]:
                 ["true level", "median level given"],
             )
         )
+    else:
+        out.append(f"<p>Median level per true level: left out, {no_levels}.</p>")
+    return out
+
+
+def _review_sections(results: dict[str, Any]) -> list[str]:
+    """The worst misses and the false alarms at the operating point, as a gallery of their
+    overlays (``evaluation.review``)."""
+    review = results.get("review")
+    if not review:
+        return []
+    counts, cases = review["counts"], review["cases"]
+    out = [
+        f"<h2>Test images to review ({html.escape(str(review.get('split', 'test')))})</h2>",
+        f"<p>At the operating point, {counts['missed']} defective test image(s) were missed and "
+        f"{counts['false alarm']} defect-free one(s) flagged. Shown: the worst misses (lowest "
+        "score first) and the false alarms (highest score first), at most "
+        f"{REVIEW_PER_KIND} of each. Each overlay is the hybrid's map over the image, with the "
+        "pixel threshold's contour in white, the regions found in magenta boxes labelled with "
+        "type and level, and the true mask's outline in green; each thumbnail opens it.</p>",
+    ]
+    if not cases:
+        out.append(
+            "<p>Nothing to review: no defective image was missed and no defect-free one "
+            "flagged.</p>"
+        )
+        return out
+    for kind, title in (("missed", "Missed defects"), ("false alarm", "False alarms")):
+        shown = [c for c in cases if c["kind"] == kind]
+        if not shown:
+            out.append(f"<p>{title}: none.</p>")
+            continue
+        cards = [
+            gallery_card(
+                case["overlay"],
+                f"overlay of {Path(case['path']).name}",
+                f"<b>{html.escape(Path(case['path']).name)}</b><br>score "
+                f"{html_value(case['score'])} · level {html_value(case['level'])} · "
+                + (html.escape(", ".join(case["regions"])) or "no region found"),
+            )
+            for case in shown
+        ]
+        out.append(f'<h3>{title}</h3><div class="row gallery">{"".join(cards)}</div>')
+    return out
+
+
+def _quality_sections(results: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
+    """Each test image's panel quality and, per member that reconstructs images, how closely it
+    does (``evaluation.scoring.evaluate_hybrid``'s records)."""
+    quality = results.get("quality")
+    if not quality or not records:
+        return []
+    figures = dict(QUALITY_FIGURES)
+    for member in quality["reconstructing_members"]:
+        figures.update(
+            {f"{member} {key}": f"{member} {name}" for key, name in RECONSTRUCTION_NAMES.items()}
+        )
+    columns = {
+        "truth": lambda r: "defective" if r["label"] else "defect-free",
+        "flagged": lambda r: "yes" if r.get("flagged") == 1 else "no",
+        "level": lambda r: r.get("level"),
+    }
+    out = quality_sections(records, figures, columns, "each test image as the members take it")
+    if not quality["reconstructing_members"]:
+        out.append(
+            "<p>PSNR, SSIM, MS-SSIM and LPIPS: left out, no member of this hybrid reconstructs "
+            "its input (autoencoder, vae and draem do); they compare an image with its "
+            "reconstruction.</p>"
+        )
+    elif quality.get("lpips_unavailable"):
+        out.append(f"<p>LPIPS: left out, {html.escape(quality['lpips_unavailable'])}.</p>")
     return out
 
 

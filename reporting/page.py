@@ -6,6 +6,7 @@ import html
 import math
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import quote
 
 
 def html_value(value: Any, digits: int = 4) -> str:
@@ -23,6 +24,18 @@ def html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], css: str 
         for r in rows
     )
     return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def gallery_card(link: str | None, alt: str, caption: str) -> str:
+    """A gallery's card: a thumbnail of the image at ``link`` (relative to the page) opening it
+    at full size, over ``caption`` (HTML); the caption alone without a link."""
+    if link is None:
+        return f"<figure><figcaption>{caption}</figcaption></figure>"
+    target = html.escape(quote(link))
+    return (
+        f'<figure><a href="{target}"><img src="{target}" alt="{html.escape(alt)}" '
+        f'loading="lazy"></a><figcaption>{caption}</figcaption></figure>'
+    )
 
 
 def html_page(title: str, sections: Sequence[str], css: str = "") -> str:

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import html
 from collections import Counter
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import numpy as np
 
 from artifacts.io import atomic_write_text
 from reporting.charts import value_histogram
 from reporting.columns import finite
-from reporting.page import html_page, html_table, html_value
+from reporting.page import gallery_card, html_page, html_table, html_value
 
 # The quality figures of ``metrics.quality.panel_quality`` in an entry, and their names here.
 QUALITY_FIGURES = {
@@ -98,7 +98,7 @@ def _overlay_link(out: Path, entry: dict[str, Any]) -> str | None:
     name = Path(entry["overlay"]).name
     if not (out / OVERLAY_DIR / name).is_file():
         return None
-    return f"{OVERLAY_DIR}/{quote(name)}"
+    return f"{OVERLAY_DIR}/{name}"
 
 
 def _gallery_sections(out: Path, flagged: list[dict[str, Any]]) -> list[str]:
@@ -127,16 +127,9 @@ def _gallery_sections(out: Path, flagged: list[dict[str, Any]]) -> list[str]:
             f"{len(regions)} region(s)" + (f": {html.escape(', '.join(types))}" if types else "")
         )
         link = _overlay_link(out, entry)
-        if link is None:
-            if entry.get("overlay"):
-                caption += "<br>(overlay file missing)"
-            cards.append(f"<figure><figcaption>{caption}</figcaption></figure>")
-        else:
-            alt = html.escape(f"overlay of {Path(entry['path']).name}")
-            cards.append(
-                f'<figure><a href="{html.escape(link)}"><img src="{html.escape(link)}" '
-                f'alt="{alt}" loading="lazy"></a><figcaption>{caption}</figcaption></figure>'
-            )
+        if link is None and entry.get("overlay"):
+            caption += "<br>(overlay file missing)"
+        cards.append(gallery_card(link, f"overlay of {Path(entry['path']).name}", caption))
     out_sections.append(f'<div class="row gallery">{"".join(cards)}</div>')
     if len(ordered) > len(shown):
         out_sections.append(
@@ -146,28 +139,35 @@ def _gallery_sections(out: Path, flagged: list[dict[str, Any]]) -> list[str]:
     return out_sections
 
 
-def _quality_sections(ok: list[dict[str, Any]]) -> list[str]:
-    if not ok:
-        return ["<p>Panel quality: left out, no image was predicted.</p>"]
+def quality_sections(
+    rows: list[dict[str, Any]],
+    figures: Mapping[str, str],
+    columns: Mapping[str, Callable[[dict[str, Any]], Any]],
+    what: str,
+) -> list[str]:
+    """The panel-quality section: each of ``figures`` (key -> name) over ``rows`` (one per
+    image: its distribution and a per-image table with ``columns``, name -> value of a row);
+    figures no image has are left out with one line saying why. ``what``: the images, for the
+    section's first line."""
     sections = [
         "<h2>Panel quality</h2>",
-        "<p>Uniformity of each predicted panel as read (higher is less uniform): FFT mura energy "
+        f"<p>Uniformity of {html.escape(what)} (higher is less uniform): FFT mura energy "
         "(RMS deviation from the smooth background, periods 4 to 32 px, in % of it), wavelet "
         "uniformity (the largest Haar detail band's energy, in % of the mean luminance), "
         "ΔE2000 mean and 99th percentile (CIEDE2000 to the panel's mean colour).</p>",
     ]
     present, reasons = [], []
-    for key, name in QUALITY_FIGURES.items():
-        if any(finite(e.get(key)) for e in ok):
+    for key, name in figures.items():
+        if any(finite(r.get(key)) for r in rows):
             present.append(key)
         else:
             reasons.append(ABSENT_REASONS.get(key, f"{name}: not measured on any image"))
-    rows, charts = [], []
+    table, charts = [], []
     for key in present:
-        values = np.array([e[key] for e in ok if finite(e.get(key))], dtype=float)
-        rows.append(
+        values = np.array([r[key] for r in rows if finite(r.get(key))], dtype=float)
+        table.append(
             {
-                "figure": QUALITY_FIGURES[key],
+                "figure": figures[key],
                 "images": len(values),
                 "min": float(values.min()),
                 "median": float(np.median(values)),
@@ -175,32 +175,41 @@ def _quality_sections(ok: list[dict[str, Any]]) -> list[str]:
                 "max": float(values.max()),
             }
         )
-        charts.append(value_histogram(values, QUALITY_FIGURES[key], "value per image"))
+        charts.append(value_histogram(values, figures[key], "value per image"))
     sections.append(
-        html_table(rows, ["figure", "images", "min", "median", "95th percentile", "max"], "left")
+        html_table(table, ["figure", "images", "min", "median", "95th percentile", "max"], "left")
     )
     sections.append(f'<div class="row">{"".join(charts)}</div>')
     # The two ΔE2000 figures share their reason: one line for both.
     sections.extend(f"<p>Left out — {html.escape(r)}.</p>" for r in dict.fromkeys(reasons))
-    listed = ok
-    if len(ok) > QUALITY_TABLE_ALL:
-        listed = _least_uniform(ok, QUALITY_TABLE_WORST)
+    listed = rows
+    if len(rows) > QUALITY_TABLE_ALL:
+        listed = _least_uniform(rows, QUALITY_TABLE_WORST)
         sections.append(
-            f"<p>{len(ok)} images: the {len(listed)} least uniform (highest wavelet uniformity "
-            "or mura energy) are listed; predictions.csv holds every image.</p>"
+            f"<p>{len(rows)} images: the {len(listed)} least uniform (highest wavelet "
+            "uniformity or mura energy) are listed; the CSV holds every image.</p>"
         )
-    columns = ["path", *(QUALITY_FIGURES[k] for k in present), "flagged", "level"]
-    table = [
+    names = ["path", *(figures[k] for k in present), *columns]
+    per_image = [
         {
-            "path": e["path"],
-            **{QUALITY_FIGURES[k]: e.get(k) for k in present},
-            "flagged": "yes" if e.get("label") == 1 else "no",
-            "level": e.get("level"),
+            "path": r["path"],
+            **{figures[k]: r.get(k) for k in present},
+            **{name: value(r) for name, value in columns.items()},
         }
-        for e in listed
+        for r in listed
     ]
-    sections.append(html_table(table, columns, "left"))
+    sections.append(html_table(per_image, names, "left"))
     return sections
+
+
+def _quality_sections(ok: list[dict[str, Any]]) -> list[str]:
+    if not ok:
+        return ["<p>Panel quality: left out, no image was predicted.</p>"]
+    columns = {
+        "flagged": lambda e: "yes" if e.get("label") == 1 else "no",
+        "level": lambda e: e.get("level"),
+    }
+    return quality_sections(ok, QUALITY_FIGURES, columns, "each predicted panel as read")
 
 
 def _least_uniform(ok: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:

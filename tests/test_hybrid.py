@@ -3,8 +3,10 @@ the hybrid folder's round trip and tamper check."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from fusion.hybrid import Hybrid
 from grading.evaluation import grading_scores
 from pipelines import benchmark, ensemble, predict
 from pipelines.common import PARTIAL_FAILURE
+from tests.helpers import browser_flags, find_browser
 
 pytestmark = pytest.mark.slow
 
@@ -95,6 +98,51 @@ def test_rank_fusion_of_two_members_is_above_the_worse_and_near_the_better(run):
     assert point["operating_point"] == "false_alarm" and point["false_alarm_rate"] <= 0.25
     assert point["miss_rate"] <= 0.5
     assert sum(point["levels_of_normal_images"].values()) == point["normal_images"] > 0
+
+
+def test_the_report_shows_the_test_images_to_review_and_their_quality(run, tmp_path):
+    results = json.loads((run["out"] / "results.json").read_text())
+    with open(run["out"] / "scores.csv") as handle:
+        records = list(csv.DictReader(handle))
+    missed = [r for r in records if r["label"] == "1" and r["flagged"] == "0"]
+    alarms = [r for r in records if r["label"] == "0" and r["flagged"] == "1"]
+    review = results["review"]
+    assert review["counts"] == {"missed": len(missed), "false alarm": len(alarms)}
+    cases = review["cases"]
+    # The worst misses (lowest score first) and the false alarms (highest first), at most 8.
+    for kind, wrong, worst_first in (("missed", missed, 1), ("false alarm", alarms, -1)):
+        shown = [c for c in cases if c["kind"] == kind]
+        expected = sorted(wrong, key=lambda r: worst_first * float(r["score"]))[:8]
+        assert [Path(c["path"]).name for c in shown] == [Path(r["path"]).name for r in expected]
+    report = (run["out"] / "report.html").read_text()
+    assert "Test images to review" in report
+    for case in cases:
+        overlay = run["out"] / case["overlay"]
+        assert f'src="{case["overlay"]}"' in report and overlay.is_file()
+        with Image.open(overlay) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        assert pixels.shape[:2] == (128, 128)  # the test panel's size
+        # A miss shows its true mask's outline in green; a false alarm has none, and each
+        # overlay shows the regions found as magenta boxes.
+        green = np.all(pixels == (0, 255, 0), axis=-1).any()
+        assert green == (case["kind"] == "missed"), case
+        assert np.all(pixels == (255, 0, 255), axis=-1).any() == bool(case["regions"]), case
+    # Each test image's panel quality, in scores.csv and as the report's distributions.
+    assert all(float(r["wavelet_uniformity_pct"]) > 0 for r in records)
+    assert "Panel quality" in report and "wavelet uniformity" in report
+    assert results["quality"]["reconstructing_members"] == []
+    assert "no member of this hybrid reconstructs" in report
+    browser = find_browser()
+    if browser is None:
+        pytest.skip("no Chromium installed (.ci/run installs Debian's chromium)")
+    flags = [*browser_flags(tmp_path / "profile"), "--virtual-time-budget=5000"]
+    dom = subprocess.run(
+        [browser, *flags, "--dump-dom", (run["out"] / "report.html").as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "Hybrid report" in dom.stdout and dom.stdout.count('src="review/') == len(cases)
 
 
 def test_grading_levels_and_types_on_synthetic_panels(run):

@@ -1,6 +1,18 @@
 """Heatmap overlays at original resolution (with a downsampled preview for huge images),
 full-resolution maps saved losslessly. A panel's overlay and map are written a band of rows at a
-time (``data.maps.band_rows``), never whole in memory."""
+time (``data.maps.band_rows``), never whole in memory.
+
+An overlay can show the decision drawn over the heatmap (``Decision``), in colours the heatmap
+does not use, each drawn opaque over the blend:
+
+- the pixel threshold's contour, white: the outermost pixels of the map at or above it (the
+  pixels region finding starts from);
+- the true mask's outline, green (evaluation, where a mask is known);
+- each region's box, magenta, with its label (type and level) on a magenta tag above the box
+  (inside it where the box touches the top edge).
+
+Lines are ``line_width(size)`` pixels wide, so they stay visible on a full panel viewed whole.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +20,15 @@ import io
 import os
 import struct
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
 
 from artifacts.io import atomic_write_bytes, atomic_write_chunks
 from data.images import integer_scale, to_array
@@ -41,6 +56,113 @@ def colormap(values: np.ndarray) -> np.ndarray:
     return _ANCHORS[low] * (1 - frac) + _ANCHORS[low + 1] * frac
 
 
+CONTOUR_RGB = (255, 255, 255)
+TRUTH_RGB = (0, 255, 0)
+BOX_RGB = (255, 0, 255)
+LABEL_TEXT_RGB = (0, 0, 0)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What an overlay draws over its heatmap (see the module docstring).
+
+    Attributes:
+        threshold: the pixel threshold on the map's values; its contour is drawn (None: none).
+        boxes: ``(bbox, label)`` per region, ``bbox = [x0, y0, x1, y1]`` in the map's pixels
+            with exclusive ends (``grading.regions.Region.bbox``).
+        truth: the true defect mask ``[H, W]`` (nonzero: defect) at the map's size, or None.
+    """
+
+    threshold: float | None = None
+    boxes: Sequence[tuple[Sequence[int], str]] = ()
+    truth: Any = None
+
+
+def line_width(size: tuple[int, int]) -> int:
+    """Pixels per drawn line on an overlay of ``size``: 1 up to 1024 px a side, then one more
+    per 1024 px, so a line keeps about the same width on screen when a panel is fitted to it."""
+    return max(1, round(max(size) / 1024))
+
+
+@lru_cache(maxsize=256)
+def _label_tag(text: str, height: int) -> np.ndarray:
+    """A region's label: ``text`` in black on a magenta tag ``height`` pixels high, RGB uint8."""
+    font = ImageFont.load_default(size=max(8, height - 4))
+    left, top, right, bottom = font.getbbox(text)
+    tag = Image.new("RGB", (right - left + 4, height), BOX_RGB)
+    ImageDraw.Draw(tag).text(
+        (2 - left, (height - (bottom - top)) // 2 - top), text, LABEL_TEXT_RGB, font
+    )
+    return np.asarray(tag)
+
+
+def _outline(inside: np.ndarray, width: int) -> np.ndarray:
+    """The pixels of ``inside`` (bool) within ``width`` steps (up, down, left, right) of a pixel
+    outside it or of the array's edge: at width 1, a line without gaps one pixel wide."""
+    cross = ndimage.generate_binary_structure(2, 1)
+    return inside & ~ndimage.binary_erosion(inside, cross, iterations=width, border_value=0)
+
+
+class _DecisionPainter:
+    """Draws a ``Decision`` onto bands of an overlay of ``size`` made from a map of
+    ``map_shape``: box coordinates scale with it, the mask is reduced with it (a pixel of the
+    preview is inside where any of its pixels is)."""
+
+    def __init__(self, decision: Decision, map_shape: tuple[int, int], size: tuple[int, int]):
+        self.decision = decision
+        self.size = size
+        self.width = line_width(size)
+        scale_y, scale_x = size[0] / map_shape[0], size[1] / map_shape[1]
+        self.truth = None
+        if decision.truth is not None:
+            truth = np.asarray(decision.truth)
+            if truth.shape != tuple(map_shape):
+                raise ValueError(f"true mask {truth.shape} and anomaly map {map_shape} differ")
+            truth = truth.astype(bool)
+            self.truth = truth if size == map_shape else _resize(truth.astype(np.float32), size) > 0
+        self.boxes = []
+        tag_height = max(12, 11 + 3 * self.width)
+        for bbox, label in decision.boxes:
+            x0, y0, x1, y1 = bbox
+            x0, x1 = (
+                int(np.floor(x0 * scale_x)),
+                max(int(np.ceil(x1 * scale_x)), int(np.floor(x0 * scale_x)) + 1),
+            )
+            y0, y1 = (
+                int(np.floor(y0 * scale_y)),
+                max(int(np.ceil(y1 * scale_y)), int(np.floor(y0 * scale_y)) + 1),
+            )
+            tag = _label_tag(label, tag_height)
+            # Above the box where there is room, else inside its top; shifted left to fit.
+            tag_y = y0 - len(tag) if y0 >= len(tag) else y0
+            tag_x = max(0, min(x0, size[1] - tag.shape[1]))
+            self.boxes.append(((x0, y0, min(x1, size[1]), min(y1, size[0])), tag, tag_y, tag_x))
+
+    def paint(self, band: np.ndarray, start: int, heat: Any) -> None:
+        """Draw onto ``band`` (rows ``start`` on of the overlay, ``[n, W, 3]`` uint8); ``heat``
+        is the map at the overlay's size (rows around the band are read for the contour)."""
+        stop = start + len(band)
+        width = self.width
+        context = slice(max(0, start - width), min(self.size[0], stop + width))
+        rows = slice(start - context.start, start - context.start + len(band))
+        if self.decision.threshold is not None:
+            contour = _outline(np.asarray(heat[context]) >= self.decision.threshold, width)[rows]
+            band[contour] = CONTOUR_RGB
+        if self.truth is not None:
+            band[_outline(self.truth[context], width)[rows]] = TRUTH_RGB
+        for (x0, y0, x1, y1), _, _, _ in self.boxes:
+            for top, bottom in ((y0, min(y0 + width, y1)), (max(y1 - width, y0), y1)):
+                band[max(top, start) - start : max(min(bottom, stop) - start, 0), x0:x1] = BOX_RGB
+            side_rows = slice(max(y0, start) - start, max(min(y1, stop) - start, 0))
+            band[side_rows, x0 : min(x0 + width, x1)] = BOX_RGB
+            band[side_rows, max(x1 - width, x0) : x1] = BOX_RGB
+        for _, tag, tag_y, tag_x in self.boxes:
+            top, bottom = max(tag_y, start), min(tag_y + len(tag), stop)
+            if top < bottom:
+                part = tag[top - tag_y : bottom - tag_y, : self.size[1] - tag_x]
+                band[top - start : bottom - start, tag_x : tag_x + part.shape[1]] = part
+
+
 def _resize(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Area-averaging resize of ``[H, W]`` or ``[H, W, 3]`` floats to ``size = (H, W)``."""
     if array.shape[:2] == size:
@@ -58,9 +180,10 @@ def save_heatmap_overlay(
     alpha: float = 0.45,
     vmin: float | None = None,
     vmax: float | None = None,
+    decision: Decision | None = None,
 ) -> Path:
     """Write a PNG of ``image`` with ``anomaly_map`` (an array or a ``MapOnDisk``) blended over
-    it in colour.
+    it in colour, and ``decision`` drawn over both (see the module docstring).
 
     Images larger than ``max_preview_side`` are written as a downsampled preview (save the map
     itself with ``save_anomaly_map``). The colour scale runs from ``vmin`` to ``vmax`` (the
@@ -87,6 +210,7 @@ def save_heatmap_overlay(
         picture = picture[..., None]  # grey: the same value in each colour channel
     low = float(heat.min()) if vmin is None else vmin
     high = float(heat.max()) if vmax is None else vmax
+    painter = _DecisionPainter(decision, (height, width), size) if decision else None
 
     def bands() -> Iterator[np.ndarray]:
         step = band_rows(size[1])
@@ -97,7 +221,10 @@ def save_heatmap_overlay(
             if np.issubdtype(values.dtype, np.integer):
                 values = np.divide(values, integer_scale(values.dtype), dtype=np.float32)
             blended = (1 - alpha) * np.clip(values, 0, 1) + alpha * colormap(normalized)
-            yield np.round(blended * 255).astype(np.uint8)
+            band = np.round(blended * 255).astype(np.uint8)
+            if painter:
+                painter.paint(band, start, heat)
+            yield band
 
     return atomic_write_chunks(path, _png_chunks(size, bands()))
 
