@@ -415,3 +415,67 @@ def test_hybrid_rank_fusion_of_members_blind_to_each_others_defects_beats_both()
     for key, margin in (("image_auroc", 0.05), ("pixel_auroc", 0.25), ("aupro", 0.3)):
         best = max(metrics[name][key] for name in members)
         assert metrics["hybrid"][key] > best + margin, (key, metrics)
+
+
+def test_a_reconstructing_member_gives_each_test_image_its_reconstruction_figures():
+    """A member that reconstructs (here: the local mean, which smooths a spot away) gives each
+    test image PSNR, SSIM and LPIPS against its reconstruction, and the report shows them:
+    a defect the reconstruction leaves out lowers PSNR and SSIM."""
+    import torch
+    import torch.nn.functional as F
+
+    from evaluation import evaluate_hybrid
+    from fusion.hybrid import Hybrid
+    from members.base import Member
+    from metrics.quality import LPIPS_BACKBONE_FILES
+    from reporting.hybrid_report import _quality_sections
+
+    class LocalMean(Member):
+        reconstructs = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fitted.fill_(True)
+
+        def reconstruct_images(self, images):
+            return F.avg_pool2d(images, 9, stride=1, padding=4, count_include_pad=False)
+
+        def compute_anomaly_map(self, images, features=None):
+            return (images - self.reconstruct_images(images)).abs().mean(1, keepdim=True)
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for k in range(16):
+        image = 0.5 + rng.normal(0, 0.01, (48, 48))
+        mask = np.zeros((48, 48), bool)
+        if k % 2:
+            mask[20:28, 20:28] = True
+            image[mask] += 0.2
+        samples.append(
+            {
+                "image": torch.from_numpy(image).float()[None],
+                "mask": torch.from_numpy(mask).float()[None],
+                "label": k % 2,
+                "path": f"{k}.png",
+                "defect_type": "spot" if k % 2 else None,
+            }
+        )
+    hybrid = Hybrid({"mean": LocalMean()}, image_size=None, describer_backbone=None)
+    validation = [
+        {"image": s["image"][0].numpy(), "mask": s["mask"][0].numpy(), "label": s["label"]}
+        for s in samples
+    ]
+    evaluation = evaluate_hybrid(hybrid.fit(validation), samples, intervals=False)
+    records = evaluation["records"]
+    psnr = {label: [r["mean psnr_db"] for r in records if r["label"] == label] for label in (0, 1)}
+    ssim = {label: [r["mean ssim"] for r in records if r["label"] == label] for label in (0, 1)}
+    assert max(psnr[1]) < min(psnr[0]) and max(ssim[1]) < min(ssim[0])
+    # 48 px is too small for MS-SSIM's five scales; LPIPS has no backbone file here.
+    assert all(r["mean ms_ssim"] is None and r["mean lpips"] is None for r in records)
+    assert all(r["wavelet_uniformity_pct"] > 0 for r in records)
+    quality = evaluation["quality"]
+    assert quality["reconstructing_members"] == ["mean"]
+    assert LPIPS_BACKBONE_FILES["alex"] in quality["lpips_unavailable"]
+    page = "".join(_quality_sections({"quality": quality}, records))
+    assert "mean PSNR (dB)" in page and "mean SSIM" in page
+    assert "LPIPS: left out" in page and LPIPS_BACKBONE_FILES["alex"] in page
