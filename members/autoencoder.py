@@ -50,7 +50,7 @@ CPUs (``base_width=8``); wider networks fit on a GPU.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -90,7 +90,9 @@ class ReconstructionMember(Member):
     (``image_mean`` / ``image_std``, measured before training) and the per-pixel map
     standardization (``map_mean`` / ``map_std``, measured after it). Subclasses call
     ``init_reconstruction`` in their constructor, implement ``reconstruct`` (standardized images
-    in, standardized reconstruction out) and may extend ``raw_map``.
+    in, standardized reconstruction out) and may extend ``raw_map``. Their ``backbone``
+    variants encode with a frozen pretrained backbone through ``init_backbone_encoder`` and
+    ``backbone_code``.
     """
 
     trainable = True
@@ -167,6 +169,40 @@ class ReconstructionMember(Member):
                 "(resize or tile to that size, or set standardize_map=False)"
             )
         return (anomaly_map - self.map_mean) / self.map_std
+
+    def init_backbone_encoder(
+        self,
+        backbone: str,
+        layers: Sequence[int],
+        pretrained: bool,
+        weights_dir: str,
+        base_width: int,
+    ) -> tuple[list[int], int]:
+        """Make a frozen pretrained backbone the encoder (``feature_extractor``, so that a hybrid
+        shares its pass, ``shared_backbone_key``) and pad inputs to its stride; returns the
+        decoder's level widths, as many levels as the backbone's finest reduction needs
+        (``level_widths`` from ``base_width``), and the channels of ``backbone_code``."""
+        self.feature_extractor = load_backbone(
+            backbone, tuple(layers), pretrained, weights_dir, frozen=True
+        )
+        reductions = self.feature_extractor.reductions
+        self.input_multiple = max(reductions)
+        widths = level_widths(base_width, int(math.log2(min(reductions))) + 1)
+        return widths, sum(self.feature_extractor.channels)
+
+    def backbone_code(
+        self, images: torch.Tensor, features: dict[int, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The backbone's ``layers`` of ``images`` (in [0, 1], padded to its stride) resized to
+        the finest one and concatenated: ``[B, channels, h, w]``. ``features``, a hybrid's shared
+        pass over the unpadded images, are used where no padding was needed."""
+        # The backbone normalizes its [0, 1] input itself (its published mean and std).
+        padded = pad_to_multiple(as_three_channels(images), self.input_multiple)
+        maps = self.backbone_features(
+            padded, None if padded.shape[-2:] != images.shape[-2:] else features
+        )
+        size = maps[0].shape[-2:]
+        return torch.cat([F.interpolate(m, size=size, mode="bilinear") for m in maps], 1)
 
     def on_fit_start(self, trainer: FabricTrainer, train_loader: Iterable) -> None:
         """The image statistics of ``train_loader``, and the trainer's epochs for the schedule."""
@@ -309,13 +345,9 @@ class Autoencoder(ReconstructionMember):
         self.ssim_weight = ssim_weight
         self.init_reconstruction(standardize_map, lr, weight_decay, lr_schedule)
         if variant == "backbone":
-            self.feature_extractor = load_backbone(
-                backbone, tuple(layers), pretrained, weights_dir, frozen=True
+            widths, features_channels = self.init_backbone_encoder(
+                backbone, layers, pretrained, weights_dir, base_width
             )
-            reductions = self.feature_extractor.reductions
-            self.input_multiple = max(reductions)
-            widths = level_widths(base_width, int(math.log2(min(reductions))) + 1)
-            features_channels = sum(self.feature_extractor.channels)
             self.encoder = None
         else:
             widths = level_widths(base_width, depth)
@@ -332,13 +364,7 @@ class Autoencoder(ReconstructionMember):
     ) -> torch.Tensor:
         height, width = images.shape[-2:]
         if self.encoder is None:
-            # The backbone standardizes its [0, 1] input itself (ImageNet statistics).
-            padded = pad_to_multiple(as_three_channels(images), self.input_multiple)
-            maps = self.backbone_features(
-                padded, None if padded.shape[-2:] != images.shape[-2:] else features
-            )
-            size = maps[0].shape[-2:]
-            code = torch.cat([F.interpolate(m, size=size, mode="bilinear") for m in maps], 1)
+            code = self.backbone_code(images, features)
             skips = None
         else:
             skips = self.encoder(pad_to_multiple(self.standardize(images), self.input_multiple))

@@ -1,6 +1,7 @@
 """Network blocks and image helpers the reconstruction members share (``members.autoencoder``,
 ``members.vae``, ``members.draem``, ``members.efficientad``): conv blocks, a U-Net style encoder
-and decoder, a 1x1 bottleneck, padding to a multiple of the network's stride, and local SSIM."""
+and decoder, a 1x1 bottleneck and latent expansion, padding to a multiple of the network's
+stride, and local SSIM."""
 
 from __future__ import annotations
 
@@ -101,17 +102,22 @@ class Decoder(nn.Module):
         return self.head(x)
 
 
+def expand_latent(latent_channels: int, out_channels: int) -> nn.Sequential:
+    """A 1x1 conv-BN-ReLU from a latent code to a decoder level's ``out_channels``."""
+    return nn.Sequential(
+        nn.Conv2d(latent_channels, out_channels, 1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
 class Bottleneck(nn.Module):
     """A linear 1x1 projection to ``latent_channels`` per position and back."""
 
     def __init__(self, channels: int, latent_channels: int, out_channels: int) -> None:
         super().__init__()
         self.encode = nn.Conv2d(channels, latent_channels, 1)
-        self.decode = nn.Sequential(
-            nn.Conv2d(latent_channels, out_channels, 1, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
-        )
+        self.decode = expand_latent(latent_channels, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))

@@ -1,40 +1,61 @@
-"""Autoencoder and VAE: training, separation on panels, map standardization, persistence and
-mixed precision; and the ``reconstruct_images`` hook they share with DRAEM."""
+"""Autoencoder and VAE (its three architectures): training, separation on panels, map
+standardization, persistence and mixed precision; and the ``reconstruct_images`` hook they share
+with DRAEM."""
 
 from __future__ import annotations
 
+import copy
+import json
 from collections.abc import Callable
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from artifacts.io import write_manifest
 from data.datasets import collate_samples
 from data.synthetic import PanelGenerator
 from members import FabricTrainer, Member, create_member, load_member
 from members.autoencoder import MAP_STD_FLOOR
-from members.base import member_class
+from members.backbones import load_backbone
+from members.base import MEMBER_FILE, member_class
+from members.member_set import MemberSet
 from metrics.quality import reconstruction_quality
 from tests.helpers import fit_member, outputs_equal, panel_loader, separation
 
 # The configs' epochs; about 11 CPU-seconds per member on the 24 training panels at 128 px.
 EPOCHS = 12
 MEMBERS = ("autoencoder", "vae")
+# The VAE's other architectures, tiny and trained for fewer epochs (vanilla is "vae").
+VAE_ARCHITECTURES = {
+    "vae-unet": {"architecture": "unet", "base_width": 4, "latent_channels": 4},
+    "vae-backbone": {"architecture": "backbone", "base_width": 4, "latent_channels": 4},
+}
+SHORT_EPOCHS = 6
+CASES = (*MEMBERS, *VAE_ARCHITECTURES)
+
+
+def create_case(case: str) -> Member:
+    """The member of ``case`` (a name of ``CASES``) with its initial weights seeded."""
+    torch.manual_seed(0)
+    if case in VAE_ARCHITECTURES:
+        return create_member("vae", **VAE_ARCHITECTURES[case])
+    return create_member(case)
 
 
 @pytest.fixture(scope="module")
 def fitted(panels_dir) -> Callable[[str], tuple[Member, list[dict]]]:
-    """``fitted(name)``: the default member fitted once per module, and its history. Its
+    """``fitted(case)``: the member of ``case`` fitted once per module, and its history. Its
     initial weights are seeded: drawn from whatever state earlier tests in the same process left,
     they gave the autoencoder an image AUROC of 0.82 once."""
     cache: dict[str, tuple[Member, list[dict]]] = {}
 
-    def get(name: str) -> tuple[Member, list[dict]]:
-        if name not in cache:
-            torch.manual_seed(0)
-            member = create_member(name)
-            cache[name] = (member, fit_member(member, panels_dir, max_epochs=EPOCHS))
-        return cache[name]
+    def get(case: str) -> tuple[Member, list[dict]]:
+        if case not in cache:
+            member = create_case(case)
+            epochs = SHORT_EPOCHS if case in VAE_ARCHITECTURES else EPOCHS
+            cache[case] = (member, fit_member(member, panels_dir, max_epochs=epochs))
+        return cache[case]
 
     return get
 
@@ -46,8 +67,9 @@ def test_options_are_validated():
         ("autoencoder", {"map_metric": "l1"}),
         ("vae", {"lr_schedule": "step"}),
         ("vae", {"beta": -1.0}),
+        ("vae", {"architecture": "ladder"}),
     ):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=next(iter(options))):
             create_member(name, **options)
 
 
@@ -63,13 +85,14 @@ def test_loss_decreases_under_a_decaying_learning_rate(fitted, name):
     assert epochs[-1]["lr"] < 0.05 * epochs[0]["lr"]
 
 
-@pytest.mark.parametrize("name", MEMBERS)
+@pytest.mark.parametrize("name", CASES)
 def test_member_separates_defective_from_defect_free_panels(fitted, panels_dir, name):
     member, _ = fitted(name)
     image_auroc, pixel_auroc = separation(member, panels_dir)
     # Measured with the initial weights seeded 0-2, one thread (2026-12-07): autoencoder
     # 0.93-1.0 / 0.963-0.974, VAE 1.0 / 0.951-0.959 (before image and map standardization:
-    # 0.5-0.7 / 0.3-0.8).
+    # 0.5-0.7 / 0.3-0.8); two threads: the tiny VAEs after 6 epochs, unet 0.92-0.95 /
+    # 0.968-0.975, backbone 0.91-0.92 / 0.969-0.971.
     assert image_auroc >= 0.85, image_auroc
     assert pixel_auroc >= 0.9, pixel_auroc
 
@@ -92,10 +115,25 @@ def test_maps_are_z_scores_on_the_images_the_statistics_came_from(fitted, panels
         member.predict(images[:1, :, :96, :96])
 
 
-@pytest.mark.parametrize("name", MEMBERS)
+@pytest.mark.parametrize("name", CASES)
 def test_member_round_trips(fitted, panels_dir, tmp_path, name):
     member, _ = fitted(name)
     loaded = load_member(member.save(tmp_path / name))
+    images = next(iter(panel_loader(panels_dir, "test")))["image"][:4]
+    assert outputs_equal(member, loaded, images)
+    assert getattr(loaded, "architecture", None) == getattr(member, "architecture", None)
+
+
+def test_a_vae_saved_before_its_architectures_loads_as_vanilla(fitted, panels_dir, tmp_path):
+    member, _ = fitted("vae")
+    folder = member.save(tmp_path / "vae")
+    meta = json.loads((folder / MEMBER_FILE).read_text())
+    for key in ("architecture", "backbone", "layers", "pretrained", "weights_dir"):
+        del meta["config"][key]
+    (folder / MEMBER_FILE).write_text(json.dumps(meta))
+    write_manifest(folder)
+    loaded = load_member(folder)
+    assert loaded.architecture == "vanilla"
     images = next(iter(panel_loader(panels_dir, "test")))["image"][:4]
     assert outputs_equal(member, loaded, images)
 
@@ -250,6 +288,82 @@ def test_backbone_variant_trains_its_decoder_on_a_frozen_encoder(panels_dir):
     assert frozen and all(torch.equal(after[key], before[key]) for key in frozen)
     trained = [key for key in before if key.startswith(("bottleneck.", "decoder."))]
     assert any(not torch.equal(after[key], before[key]) for key in trained)
+
+
+def test_unet_vae_passes_every_skip_through_its_own_gaussian_latent(fitted, panels_dir):
+    """The unet VAE's skips carry samples of per-level latents, never the encoder's maps: the
+    training KL sums every level's, the decoder reads each level's sample in training, and
+    inference decodes the posterior means."""
+    # Training steps below move batch-norm statistics: a copy keeps the fixture's member intact.
+    member = copy.deepcopy(fitted("vae-unet")[0]).train()
+    images = next(iter(panel_loader(panels_dir, "train")))["image"]
+    size = tuple(images.shape[-2:])
+    with torch.no_grad():
+        posteriors = member.encode(images)
+        # The coarsest latent, then one per skipped level, finest first (depth 4, 128 px).
+        assert [tuple(mean.shape[-2:]) for mean, _ in posteriors] == [
+            (16, 16),
+            (128, 128),
+            (64, 64),
+            (32, 32),
+        ]
+        levels = [float(member.kl_map(*posterior).sum()) / len(images) for posterior in posteriors]
+        total = float(member.training_step({"image": images})["kl"])
+        assert total == pytest.approx(sum(levels), rel=1e-4)
+        # A skip level's posterior set to the prior (mean 0, log-variance 0) drops its term.
+        for level, head in enumerate(member.skip_posteriors, start=1):
+            handle = head.register_forward_hook(lambda *args: torch.zeros_like(args[2]))
+            try:
+                kl = float(member.training_step({"image": images})["kl"])
+            finally:
+                handle.remove()
+            # Measured after 6 epochs: 210-6600 nats per image (finest level most).
+            assert levels[level] > 1.0, levels
+            assert kl == pytest.approx(total - levels[level], rel=1e-4)
+        # The reconstruction changes with each skip level's sample alone.
+        means = [mean for mean, _ in posteriors]
+        decoded = member.decode(means, size)
+        for level in range(1, len(posteriors)):
+            mean, log_var = posteriors[level]
+            sample = mean + torch.randn(mean.shape) * (0.5 * log_var).exp()
+            change = member.decode([*means[:level], sample, *means[level + 1 :]], size) - decoded
+            # Measured: 0.03-0.07 standardized units.
+            assert float(change.abs().mean()) > 1e-3, (level, float(change.abs().mean()))
+    # Inference decodes the means: the same answer whatever the random state.
+    member.eval()
+    answers = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        answers.append(member.predict(images[:4])["anomaly_map"])
+    assert torch.equal(*answers)
+
+
+def test_backbone_vae_trains_on_a_frozen_encoder_and_reads_shared_features(fitted, panels_dir):
+    member, _ = fitted("vae-backbone")
+    initial = create_case("vae-backbone").state_dict()  # the fitted member's seeded start
+    after = member.state_dict()
+    assert member.encoder is None
+    assert not any(p.requires_grad for p in member.feature_extractor.parameters())
+    frozen = [key for key in initial if key.startswith("feature_extractor.")]
+    assert frozen and all(torch.equal(after[key], initial[key]) for key in frozen)
+    trained = [key for key in initial if key.endswith("weight") and key not in frozen]
+    assert trained and all(not torch.equal(after[key], initial[key]) for key in trained)
+    # A hybrid's shared backbone pass gives the member's own answer, and is what it reads.
+    images = next(iter(panel_loader(panels_dir, "test")))["image"][:4]
+    extractor = member.feature_extractor
+    with torch.no_grad():
+        shared = dict(zip(extractor.layers, extractor(images)))
+        other = dict(zip(extractor.layers, extractor(images.flip(-1))))
+    own = member.predict(images)
+    assert torch.equal(member.predict(images, shared)["anomaly_map"], own["anomaly_map"])
+    assert not torch.allclose(member.predict(images, other)["anomaly_map"], own["anomaly_map"])
+    hybrid = MemberSet({"vae": member, "twin": copy.deepcopy(member)})
+    assert len(hybrid.group_keys) == 1  # one backbone pass for both
+    scores = hybrid.predict(images)["pred_score"]
+    assert torch.allclose(scores, own["pred_score"][:, None].expand(-1, 2), atol=1e-5)
+    # Loaded with pretrained weights, as the member's frozen encoder was.
+    reference = load_backbone(extractor.name, extractor.layers, pretrained=True)
+    assert extractor.weights_key() == reference.weights_key()
 
 
 @pytest.mark.parametrize("name", MEMBERS)
