@@ -42,7 +42,8 @@ def fit_and_evaluate_hybrid(
     and ``normal_images`` (the members' training images): the supervised member, trained
     inside each fold where labeled defects take part, and skipped, with the reason in the log,
     where they do not. ``clock``: a ``PhaseClock`` that times each phase. ``review_folder``:
-    where the overlays of the test images to review go (``evaluate_hybrid``).
+    where the overlays of the test images to review go (``evaluate_hybrid``, which also gives
+    each test image's panel quality here).
     """
     clock = clock or PhaseClock()
     defective = sum(entry.label for entry in test_set.entries)
@@ -64,6 +65,7 @@ def fit_and_evaluate_hybrid(
             normal_images=normal_images,
             clock=clock,
             review_folder=review_folder,
+            quality=True,
         )
         done = evaluation["cross_validation"]["folds"]
         return (
@@ -97,6 +99,7 @@ def fit_and_evaluate_hybrid(
             progress=True,
             contributions=weighed_members(hybrid),
             review_folder=review_folder,
+            quality=True,
         )
     return (
         hybrid,

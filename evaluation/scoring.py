@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.images import size_pair, to_tensor
+from data.images import size_pair, to_array, to_tensor
 from data.validation import labeled_defect_sample
 from evaluation.phases import PhaseClock
 from members.device import wait_for
@@ -141,6 +141,7 @@ def evaluate_hybrid(
     intervals: bool = True,
     contributions: Sequence[str] = (),
     review_folder: Path | None = None,
+    quality: bool = False,
 ) -> dict[str, Any]:
     """The hybrid and each of its members on a labeled split, from one pass over the images.
 
@@ -160,11 +161,13 @@ def evaluate_hybrid(
     or weighs it alone), so the hybrid minus it, with its paired interval, is what the member
     adds.
 
-    Each record also holds the image's panel quality (``metrics.quality.panel_quality``) and,
-    for each member that reconstructs images, ``<member> <figure>`` of
-    ``metrics.quality.reconstruction_figures``; ``quality`` says which members and why LPIPS
-    is missing where it is. ``review_folder``: where the overlays of the worst misses and the
-    false alarms go (``evaluation.review.ReviewCases``; ``review`` lists them).
+    ``quality``: each record also holds the image's panel quality
+    (``metrics.quality.panel_quality``, on the image as the split gives it) and, for each
+    member that reconstructs images, ``<member> <figure>`` of
+    ``metrics.quality.reconstruction_figures`` (on the image as the members take it);
+    ``quality`` then says which members, and why figures are missing where they are.
+    ``review_folder``: where the overlays of the worst misses and the false alarms go
+    (``evaluation.review.ReviewCases``; ``review`` lists them).
     """
     from tqdm.auto import tqdm
 
@@ -187,14 +190,25 @@ def evaluate_hybrid(
     has_masks = bool(getattr(dataset, "has_masks", True))
     records, stage_pairs, detected_pairs, levels = [], [], [], []
     seconds = 0.0
-    review = ReviewCases()
-    # A tiled hybrid's members reconstruct tiles (the benchmark's jobs measure those).
-    reconstructing = {
-        name: member
-        for name, member in hybrid.members.items()
-        if getattr(member, "reconstructs", False) and not hybrid.tiling_options
-    }
+    review = ReviewCases(review_folder) if review_folder else None
+    quality_notes: dict[str, Any] | None = None
+    reconstructing = {}
+    if quality:
+        reconstructing = {
+            name: member
+            for name, member in hybrid.members.items()
+            if getattr(member, "reconstructs", False)
+        }
+        quality_notes = {"reconstructing_members": list(reconstructing)}
+        if reconstructing and hybrid.tiling_options:
+            quality_notes["reconstruction_unavailable"] = (
+                "a tiled hybrid's members reconstruct tiles: each benchmark job gives their "
+                "figures per tile (reconstruction_quality)"
+            )
+            reconstructing = {}
     lpips, lpips_missing = lpips_or_reason() if reconstructing else (None, None)
+    if lpips_missing:
+        quality_notes["lpips_unavailable"] = lpips_missing
     for index in tqdm(range(len(dataset)), desc="test", disable=not progress):
         sample = dataset[index]
         model = hybrid_for(index) if hybrid_for else hybrid
@@ -234,16 +248,16 @@ def evaluate_hybrid(
                 for region, truth in match_regions(out.regions, instances, defects)
                 if truth is not None
             ]
-        review.offer(index, int(sample["label"]), out)
-        image = to_tensor(sample["image"])
-        quality = panel_quality(image.permute(1, 2, 0).squeeze(-1).numpy())
+        if review:
+            review.offer(index, sample, out)
+        figures = panel_quality(to_array(sample["image"])) if quality else {}
         if reconstructing:
-            (seen,) = hybrid.member_inputs([image])  # what the members take: their size, RGB
+            (seen,) = hybrid.member_inputs([sample["image"]])  # their input size, RGB
         for name, member in reconstructing.items():
             with torch.no_grad():
                 rebuilt = member.reconstruct_images(seen.to(hybrid.member_set.device)).cpu()
-            (figures,) = reconstruction_figures(seen, rebuilt, lpips)
-            quality.update({f"{name} {key}": value for key, value in figures.items()})
+            (rebuilt_figures,) = reconstruction_figures(seen, rebuilt, lpips)
+            figures.update({f"{name} {key}": value for key, value in rebuilt_figures.items()})
         records.append(
             {
                 "path": sample["path"],
@@ -255,7 +269,7 @@ def evaluate_hybrid(
                 "true_level": sample.get("level"),
                 "regions": len(out.regions),
                 **{f"score_{name}": scores[name] for name in detectors[1:]},
-                **quality,
+                **figures,
             }
         )
     labels_seen = {r["label"] for r in records}
@@ -310,14 +324,8 @@ def evaluate_hybrid(
         "operating_point": operating_point_figures(records),
         "records": records,
         "seconds": seconds,
-        "quality": {
-            "reconstructing_members": list(reconstructing),
-            "lpips_unavailable": lpips_missing,
-        },
-        "review": {
-            "counts": review.counts,
-            "cases": review.write(dataset, review_folder) if review_folder else [],
-        },
+        "quality": quality_notes,
+        "review": review and review.summary(),
     }
 
 
@@ -439,6 +447,7 @@ def cross_validate_hybrid(
     normal_images: Callable[[], Iterable[Any]] | None = None,
     clock: PhaseClock | None = None,
     review_folder: Path | None = None,
+    quality: bool = False,
 ) -> tuple[dict[str, Any], Any]:
     """Fit on the dataset's own labeled defects without ever scoring an image with a hybrid
     that saw it.
@@ -460,7 +469,7 @@ def cross_validate_hybrid(
     entry (and ``supervised``: the member against a logistic regression on the same pooled
     features, out of fold), and the hybrid to keep, fitted on ``validation`` and the whole
     split. ``clock``: a ``PhaseClock`` that times each phase (members, supervised heads, fits,
-    scoring). ``review_folder``: as ``evaluate_hybrid``'s.
+    scoring). ``review_folder``, ``quality``: as ``evaluate_hybrid``'s.
     """
     from evaluation.supervision import heads_for_fit, with_heads
     from fusion.fitting import fit_hybrids
@@ -535,6 +544,7 @@ def cross_validate_hybrid(
             lambda index: hybrids[fold_of[index]],
             contributions=weighed_members(final),
             review_folder=review_folder,
+            quality=quality,
         )
     evaluation["seconds"] += member_seconds
     evaluation["cross_validation"] = {

@@ -542,8 +542,9 @@ def reconstruction_quality(
     weights_dir: str | os.PathLike = "backbones",
 ) -> dict[str, Any]:
     """How closely a member reconstructs its input: the mean over images of each of
-    ``reconstruction_figures`` (None where no image has it), and ``count``, the number of
-    images. ``pairs``: batches ``(images, reconstructions)``. LPIPS needs its backbone file in
+    ``reconstruction_figures`` (over the images that have it: ``ms_ssim`` leaves out images of
+    at most ``MS_SSIM_MIN_SIDE`` px a side; None where none has it), and ``count``, the number
+    of images. ``pairs``: batches ``(images, reconstructions)``. LPIPS needs its backbone file in
     ``weights_dir`` (``LPIPS_BACKBONE_FILES``) and the lpips package; without them ``lpips`` is
     None and ``lpips_unavailable`` says why."""
     lpips, unavailable = lpips_or_reason(lpips_net, weights_dir)

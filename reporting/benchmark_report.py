@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from artifacts.io import atomic_write_text
+from metrics.quality import LPIPS_BACKBONE_FILES, MS_SSIM_MIN_SIDE
 from reporting.charts import bar_chart, histogram, line_chart, pr_points, roc_points
 from reporting.columns import JOB_COLUMNS, variant_name
 from reporting.page import html_page, html_table, html_value
@@ -55,7 +56,8 @@ def write_html_report(
         "<p>val_composite: the composite on the validation split, on which the ensemble "
         "chooses members. psnr_db, ssim, ms_ssim, lpips: reconstruction members only, input "
         "against reconstruction on the test split (PSNR in dB; MS-SSIM empty for images of at "
-        "most 160 px a side; LPIPS empty where its backbone file is absent).</p>"
+        f"most {MS_SSIM_MIN_SIDE} px a side; LPIPS empty where its backbone file is absent: put "
+        f"{LPIPS_BACKBONE_FILES['alex']} into backbones/).</p>"
     )
     sections.append(html_table(board["rows"], [*JOB_COLUMNS, "error"], "jobs"))
 

@@ -19,8 +19,6 @@ RECONSTRUCTION_NAMES = {
     "ms_ssim": "MS-SSIM",
     "lpips": "LPIPS",
 }
-# At most this many misses and as many false alarms (``evaluation.review.ReviewCases``).
-REVIEW_PER_KIND = 8
 
 
 def write_hybrid_report(results: dict[str, Any], records: list[dict[str, Any]], path: Path) -> Path:
@@ -216,11 +214,11 @@ def _review_sections(results: dict[str, Any]) -> list[str]:
         f"<p>At the operating point, {counts['missed']} defective test image(s) were missed and "
         f"{counts['false alarm']} defect-free one(s) flagged. Shown: the worst misses (lowest "
         "score first) and the false alarms (highest score first), at most "
-        f"{REVIEW_PER_KIND} of each. Each overlay is the hybrid's map over the image, with the "
-        "pixel threshold's contour in white, the regions found in magenta boxes labelled with "
-        "type and level, and the true mask's outline in green; each thumbnail opens it.</p>",
+        f"{review['per_kind']} of each. Each overlay is the hybrid's map over the image, with "
+        "the pixel threshold's contour in white, the regions found in magenta boxes labelled "
+        "with type and level, and the true mask's outline in green; each thumbnail opens it.</p>",
     ]
-    if not cases:
+    if not any(counts.values()):
         out.append(
             "<p>Nothing to review: no defective image was missed and no defect-free one "
             "flagged.</p>"
@@ -261,15 +259,28 @@ def _quality_sections(results: dict[str, Any], records: list[dict[str, Any]]) ->
         "flagged": lambda r: "yes" if r.get("flagged") == 1 else "no",
         "level": lambda r: r.get("level"),
     }
-    out = quality_sections(records, figures, columns, "each test image as the members take it")
-    if not quality["reconstructing_members"]:
+    out = quality_sections(
+        records, figures, columns, "each test image (at its own size, after the intensity window)"
+    )
+    if quality.get("reconstruction_unavailable"):
+        out.append(
+            "<p>PSNR, SSIM, MS-SSIM and LPIPS: left out, "
+            f"{html.escape(quality['reconstruction_unavailable'])}.</p>"
+        )
+    elif not quality["reconstructing_members"]:
         out.append(
             "<p>PSNR, SSIM, MS-SSIM and LPIPS: left out, no member of this hybrid reconstructs "
             "its input (autoencoder, vae and draem do); they compare an image with its "
             "reconstruction.</p>"
         )
-    elif quality.get("lpips_unavailable"):
-        out.append(f"<p>LPIPS: left out, {html.escape(quality['lpips_unavailable'])}.</p>")
+    else:
+        out.append(
+            "<p>PSNR (dB), SSIM and MS-SSIM (higher: closer) and LPIPS (lower: closer) compare "
+            "each image, as the members take it (their input size, three channels), with the "
+            "named member's reconstruction of it.</p>"
+        )
+        if quality.get("lpips_unavailable"):
+            out.append(f"<p>LPIPS: left out, {html.escape(quality['lpips_unavailable'])}.</p>")
     return out
 
 

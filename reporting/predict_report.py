@@ -151,7 +151,7 @@ def quality_sections(
     section's first line."""
     sections = [
         "<h2>Panel quality</h2>",
-        f"<p>Uniformity of {html.escape(what)} (higher is less uniform): FFT mura energy "
+        f"<p>Uniformity of {html.escape(what)} (higher: less uniform): FFT mura energy "
         "(RMS deviation from the smooth background, periods 4 to 32 px, in % of it), wavelet "
         "uniformity (the largest Haar detail band's energy, in % of the mean luminance), "
         "ΔE2000 mean and 99th percentile (CIEDE2000 to the panel's mean colour).</p>",

@@ -18,8 +18,11 @@ from metrics.quality import (
     delta_e_2000,
     mura_energy,
     panel_quality,
+    psnr,
+    reconstruction_figures,
     reconstruction_quality,
     srgb_to_lab,
+    ssim_index,
 )
 
 SHARMA = Path(__file__).parent / "data" / "ciede2000_sharma.txt"
@@ -175,3 +178,25 @@ def test_reconstruction_quality_reports_lpips_as_unavailable_without_its_backbon
     for figures in (good, bad):
         assert figures["lpips"] is None
         assert LPIPS_BACKBONE_FILES["alex"] in figures["lpips_unavailable"]
+
+
+def test_psnr_ssim_and_ms_ssim_are_named_functions_the_metrics_call():
+    generator = torch.Generator().manual_seed(0)
+    images = 0.4 + 0.2 * torch.rand(2, 3, 192, 192, generator=generator)
+    shifted = images + 0.1  # mean squared error 0.01: 20 dB
+    assert psnr(shifted, images).tolist() == pytest.approx([20.0, 20.0], abs=1e-4)
+    noisy = [images + s * torch.randn(images.shape, generator=generator) for s in (0.01, 0.1)]
+    for multiscale in (False, True):
+        same, close, far = (ssim_index(x, images, multiscale) for x in (images, *noisy))
+        assert same.tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+        assert (close > far).all() and (far < 0.99).all()
+    metric = get_metric("ms_ssim")
+    metric.update(noisy[0], images)
+    assert metric.compute() == pytest.approx(float(ssim_index(noisy[0], images, True).mean()))
+    with pytest.raises(ValueError, match="MS-SSIM needs images of more than 160 px"):
+        ssim_index(images[..., :160, :160], images[..., :160, :160], multiscale=True)
+    # Per image, MS-SSIM only where the image is large enough for its five scales.
+    large = reconstruction_figures(images, noisy[0])
+    small = reconstruction_figures(images[..., :64, :64], noisy[0][..., :64, :64])
+    assert all(0 < row["ms_ssim"] < 1 and row["lpips"] is None for row in large)
+    assert all(row["ms_ssim"] is None and row["psnr_db"] > 30 for row in small)

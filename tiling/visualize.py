@@ -3,15 +3,18 @@ full-resolution maps saved losslessly. A panel's overlay and map are written a b
 time (``data.maps.band_rows``), never whole in memory.
 
 An overlay can show the decision drawn over the heatmap (``Decision``), in colours the heatmap
-does not use, each drawn opaque over the blend:
+does not use, each drawn opaque over the blend and around what it marks, never over it (a
+defect of a few pixels stays in view):
 
-- the pixel threshold's contour, white: the outermost pixels of the map at or above it (the
-  pixels region finding starts from);
-- the true mask's outline, green (evaluation, where a mask is known);
-- each region's box, magenta, with its label (type and level) on a magenta tag above the box
-  (inside it where the box touches the top edge).
+- the pixel threshold's contour, white: a line just outside the pixels at or above it (those
+  region finding starts from);
+- the true mask's outline, green (evaluation, where a mask is known), drawn the same way;
+- each region's box, magenta, just outside the region's bounding box, with its label (type and
+  level) on a magenta tag above the box (below it, or over its top, where there is no room).
 
 Lines are ``line_width(size)`` pixels wide, so they stay visible on a full panel viewed whole.
+In a downsampled preview, a preview pixel is at or above the threshold, or in the mask, where
+any of its pixels is.
 """
 
 from __future__ import annotations
@@ -79,15 +82,19 @@ class Decision:
 
 
 def line_width(size: tuple[int, int]) -> int:
-    """Pixels per drawn line on an overlay of ``size``: 1 up to 1024 px a side, then one more
-    per 1024 px, so a line keeps about the same width on screen when a panel is fitted to it."""
+    """Pixels per drawn line on an overlay of ``size``: ``max(size) / 1024`` rounded (1 up to
+    1535 px a side), so a line keeps about the same width on screen when a panel is fitted to
+    it."""
     return max(1, round(max(size) / 1024))
 
 
 @lru_cache(maxsize=256)
 def _label_tag(text: str, height: int) -> np.ndarray:
     """A region's label: ``text`` in black on a magenta tag ``height`` pixels high, RGB uint8."""
-    font = ImageFont.load_default(size=max(8, height - 4))
+    try:
+        font = ImageFont.load_default(size=height - 4)
+    except (TypeError, ImportError):  # Pillow before 10.1, or built without FreeType
+        font = ImageFont.load_default()
     left, top, right, bottom = font.getbbox(text)
     tag = Image.new("RGB", (right - left + 4, height), BOX_RGB)
     ImageDraw.Draw(tag).text(
@@ -96,66 +103,89 @@ def _label_tag(text: str, height: int) -> np.ndarray:
     return np.asarray(tag)
 
 
-def _outline(inside: np.ndarray, width: int) -> np.ndarray:
-    """The pixels of ``inside`` (bool) within ``width`` steps (up, down, left, right) of a pixel
-    outside it or of the array's edge: at width 1, a line without gaps one pixel wide."""
+def _ring(inside: np.ndarray, width: int) -> np.ndarray:
+    """The pixels outside ``inside`` (bool) within ``width`` steps (up, down, left, right) of it:
+    a line drawn around a region leaves the region's own pixels, however small, in view."""
     cross = ndimage.generate_binary_structure(2, 1)
-    return inside & ~ndimage.binary_erosion(inside, cross, iterations=width, border_value=0)
+    return ndimage.binary_dilation(inside, cross, iterations=width) & ~inside
+
+
+def _shrink(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``mask`` at ``size``: a pixel of the smaller mask is set where any pixel under it is, so
+    a defect smaller than a preview pixel still shows."""
+    return mask if mask.shape == size else _resize(mask.astype(np.float32), size) > 0
 
 
 class _DecisionPainter:
-    """Draws a ``Decision`` onto bands of an overlay of ``size`` made from a map of
-    ``map_shape``: box coordinates scale with it, the mask is reduced with it (a pixel of the
-    preview is inside where any of its pixels is)."""
+    """Draws a ``Decision`` onto bands of an overlay of ``size`` made from ``anomaly_map``. In a
+    preview, the pixels at or above the threshold and the true mask are shrunk as ``_shrink``
+    does (a small region keeps its contour), and box coordinates scale."""
 
-    def __init__(self, decision: Decision, map_shape: tuple[int, int], size: tuple[int, int]):
-        self.decision = decision
+    def __init__(self, decision: Decision, anomaly_map: Any, size: tuple[int, int]) -> None:
+        self.threshold = decision.threshold
         self.size = size
-        self.width = line_width(size)
-        scale_y, scale_x = size[0] / map_shape[0], size[1] / map_shape[1]
+        self.width = width = line_width(size)
+        map_shape = tuple(anomaly_map.shape)
+        preview = size != map_shape
+        # Layers as bool arrays at the overlay's size; at full size the threshold's is made from
+        # each band's rows as they are read (``paint``).
+        self.above = None
+        if preview and self.threshold is not None:
+            self.above = _shrink(np.asarray(anomaly_map) >= self.threshold, size)
         self.truth = None
         if decision.truth is not None:
             truth = np.asarray(decision.truth)
-            if truth.shape != tuple(map_shape):
+            if truth.shape != map_shape:
                 raise ValueError(f"true mask {truth.shape} and anomaly map {map_shape} differ")
-            truth = truth.astype(bool)
-            self.truth = truth if size == map_shape else _resize(truth.astype(np.float32), size) > 0
+            self.truth = _shrink(truth.astype(bool), size)
+        scale_y, scale_x = size[0] / map_shape[0], size[1] / map_shape[1]
+        tag_height = 11 + 3 * width
         self.boxes = []
-        tag_height = max(12, 11 + 3 * self.width)
-        for bbox, label in decision.boxes:
-            x0, y0, x1, y1 = bbox
-            x0, x1 = (
-                int(np.floor(x0 * scale_x)),
-                max(int(np.ceil(x1 * scale_x)), int(np.floor(x0 * scale_x)) + 1),
-            )
-            y0, y1 = (
-                int(np.floor(y0 * scale_y)),
-                max(int(np.ceil(y1 * scale_y)), int(np.floor(y0 * scale_y)) + 1),
+        for (x0, y0, x1, y1), label in decision.boxes:
+            x0, y0 = int(np.floor(x0 * scale_x)), int(np.floor(y0 * scale_y))
+            x1, y1 = (
+                max(int(np.ceil(x1 * scale_x)), x0 + 1),
+                max(int(np.ceil(y1 * scale_y)), y0 + 1),
             )
             tag = _label_tag(label, tag_height)
-            # Above the box where there is room, else inside its top; shifted left to fit.
-            tag_y = y0 - len(tag) if y0 >= len(tag) else y0
-            tag_x = max(0, min(x0, size[1] - tag.shape[1]))
-            self.boxes.append(((x0, y0, min(x1, size[1]), min(y1, size[0])), tag, tag_y, tag_x))
+            # Above the box's line where there is room, else below it, else over the box's top.
+            if y0 - width >= len(tag):
+                tag_y = y0 - width - len(tag)
+            elif y1 + width + len(tag) <= size[0]:
+                tag_y = y1 + width
+            else:
+                tag_y = max(0, y0)
+            tag_x = max(0, min(x0 - width, size[1] - tag.shape[1]))
+            self.boxes.append(((x0, y0, x1, y1), tag, tag_y, tag_x))
 
-    def paint(self, band: np.ndarray, start: int, heat: Any) -> None:
-        """Draw onto ``band`` (rows ``start`` on of the overlay, ``[n, W, 3]`` uint8); ``heat``
-        is the map at the overlay's size (rows around the band are read for the contour)."""
-        stop = start + len(band)
-        width = self.width
-        context = slice(max(0, start - width), min(self.size[0], stop + width))
-        rows = slice(start - context.start, start - context.start + len(band))
-        if self.decision.threshold is not None:
-            contour = _outline(np.asarray(heat[context]) >= self.decision.threshold, width)[rows]
-            band[contour] = CONTOUR_RGB
+    def paint(self, band: np.ndarray, start: int, context: slice, block: np.ndarray) -> None:
+        """Draw onto ``band`` (rows ``start`` on of the overlay, ``[n, W, 3]`` uint8).
+        ``block``: the map's rows ``context`` at the overlay's size, the band's and ``width``
+        more on each side where there are (a line reaches that far)."""
+        width, stop = self.width, start + len(band)
+        rows = slice(start - context.start, stop - context.start)
+        layers = []
+        if self.threshold is not None:
+            above = block >= self.threshold if self.above is None else self.above[context]
+            layers.append((above, CONTOUR_RGB))
         if self.truth is not None:
-            band[_outline(self.truth[context], width)[rows]] = TRUTH_RGB
+            layers.append((self.truth[context], TRUTH_RGB))
+        for inside, colour in layers:
+            if inside.any():
+                band[_ring(inside, width)[rows]] = colour
         for (x0, y0, x1, y1), _, _, _ in self.boxes:
-            for top, bottom in ((y0, min(y0 + width, y1)), (max(y1 - width, y0), y1)):
-                band[max(top, start) - start : max(min(bottom, stop) - start, 0), x0:x1] = BOX_RGB
-            side_rows = slice(max(y0, start) - start, max(min(y1, stop) - start, 0))
-            band[side_rows, x0 : min(x0 + width, x1)] = BOX_RGB
-            band[side_rows, max(x1 - width, x0) : x1] = BOX_RGB
+            outer_x0, outer_x1 = x0 - width, x1 + width
+            strips = (
+                (y0 - width, y0, outer_x0, outer_x1),  # top
+                (y1, y1 + width, outer_x0, outer_x1),  # bottom
+                (y0, y1, outer_x0, x0),  # left
+                (y0, y1, x1, outer_x1),  # right
+            )
+            for top, bottom, left, right in strips:
+                top, bottom = max(top, start), min(bottom, stop)
+                left, right = max(left, 0), min(right, self.size[1])
+                if top < bottom and left < right:
+                    band[top - start : bottom - start, left:right] = BOX_RGB
         for _, tag, tag_y, tag_x in self.boxes:
             top, bottom = max(tag_y, start), min(tag_y + len(tag), stop)
             if top < bottom:
@@ -204,26 +234,34 @@ def save_heatmap_overlay(
     height, width = heat.shape
     scale = min(1.0, max_preview_side / max(height, width))
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    full = heat
     if size != heat.shape:
-        picture, heat = _resize(to_array(picture), size), _resize(np.asarray(heat), size)
+        full = np.asarray(heat)
+        picture, heat = _resize(to_array(picture), size), _resize(full, size)
     if picture.ndim == 2:
         picture = picture[..., None]  # grey: the same value in each colour channel
     low = float(heat.min()) if vmin is None else vmin
     high = float(heat.max()) if vmax is None else vmax
-    painter = _DecisionPainter(decision, (height, width), size) if decision else None
+    painter = _DecisionPainter(decision, full, size) if decision else None
+    reach = painter.width if painter else 0
 
     def bands() -> Iterator[np.ndarray]:
         step = band_rows(size[1])
         for start in range(0, size[0], step):
-            rows = slice(start, start + step)
-            normalized = (heat[rows] - low) / max(high - low, 1e-12)
-            values = picture[rows]
+            stop = min(start + step, size[0])
+            # The band's rows and the painter's reach around them, read once.
+            context = slice(max(0, start - reach), min(size[0], stop + reach))
+            block = np.asarray(heat[context])
+            normalized = (block[start - context.start : stop - context.start] - low) / max(
+                high - low, 1e-12
+            )
+            values = picture[start:stop]
             if np.issubdtype(values.dtype, np.integer):
                 values = np.divide(values, integer_scale(values.dtype), dtype=np.float32)
             blended = (1 - alpha) * np.clip(values, 0, 1) + alpha * colormap(normalized)
             band = np.round(blended * 255).astype(np.uint8)
             if painter:
-                painter.paint(band, start, heat)
+                painter.paint(band, start, context, block)
             yield band
 
     return atomic_write_chunks(path, _png_chunks(size, bands()))
