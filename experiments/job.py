@@ -106,9 +106,10 @@ def _folder_bytes(folder: Path) -> int:
 
 def _save_examples(member, predict, dataset, records, folder: Path, n: int) -> list[dict]:
     """Heatmap overlays of the ``n`` best and ``n`` worst cases: defective images scored
-    highest/lowest and normal images scored lowest/highest."""
+    highest/lowest and normal images scored lowest/highest; a defective image's true mask is
+    outlined (``tiling.Decision``)."""
     from data.datasets import collate_samples
-    from tiling import save_heatmap_overlay
+    from tiling import Decision, save_heatmap_overlay
 
     if n <= 0:
         return []
@@ -123,7 +124,11 @@ def _save_examples(member, predict, dataset, records, folder: Path, n: int) -> l
         sample = dataset[by_path[record["path"]]]
         _, maps = predict(collate_samples([sample]))
         name = f"{kind}-{k:02d}-{Path(record['path']).stem}.png"
-        save_heatmap_overlay(sample["image"], maps[0], folder / name)
+        mask = sample.get("mask") if record["label"] == 1 else None
+        truth = None if mask is None else torch.as_tensor(mask).reshape(maps.shape[-2:])
+        save_heatmap_overlay(
+            sample["image"], maps[0], folder / name, decision=Decision(truth=truth)
+        )
         examples.append({**record, "kind": kind, "file": f"examples/{name}"})
     return examples
 

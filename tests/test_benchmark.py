@@ -6,7 +6,9 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from pipelines import benchmark
 from pipelines.common import PARTIAL_FAILURE
@@ -62,6 +64,12 @@ def test_a_run_resumes_records_failures_and_starts_from_other_weights(tmp_path, 
     assert "patchcore" in capsys.readouterr().out  # the printed ranking
     for name in ("leaderboard.csv", "report.html"):
         assert (run / name).is_file()
+    # The best and worst cases' overlays: a defective image's true mask outlined in green.
+    assert {e["label"] for e in good["examples"]} == {0, 1}
+    for example in good["examples"]:
+        with Image.open(job / example["file"]) as overlay:
+            green = np.all(np.asarray(overlay.convert("RGB")) == (0, 255, 0), axis=-1)
+        assert green.any() == (example["label"] == 1), example
     low, high = good["intervals"]["intervals"]["image_auroc"]
     assert f"{low:.3f}-{high:.3f}" in (run / "leaderboard.csv").read_text()
 
