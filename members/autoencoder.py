@@ -90,9 +90,8 @@ class ReconstructionMember(Member):
     (``image_mean`` / ``image_std``, measured before training) and the per-pixel map
     standardization (``map_mean`` / ``map_std``, measured after it). Subclasses call
     ``init_reconstruction`` in their constructor, implement ``reconstruct`` (standardized images
-    in, standardized reconstruction out) and may extend ``raw_map``. Their ``backbone``
-    variants encode with a frozen pretrained backbone through ``init_backbone_encoder`` and
-    ``backbone_code``.
+    in, standardized reconstruction out) and may extend ``raw_map``. ``init_encoder`` makes their
+    encoder: a trained one, or a frozen pretrained backbone read through ``backbone_code``.
     """
 
     trainable = True
@@ -170,21 +169,32 @@ class ReconstructionMember(Member):
             )
         return (anomaly_map - self.map_mean) / self.map_std
 
-    def init_backbone_encoder(
+    def init_encoder(
         self,
+        frozen_backbone: bool,
+        base_width: int,
+        depth: int,
         backbone: str,
         layers: Sequence[int],
         pretrained: bool,
         weights_dir: str,
-        base_width: int,
     ) -> tuple[list[int], int]:
-        """Make a frozen pretrained backbone the encoder (``feature_extractor``, so that a hybrid
-        shares its pass, ``shared_backbone_key``) and pad inputs to its stride; returns the
-        decoder's level widths, as many levels as the backbone's finest reduction needs
-        (``level_widths`` from ``base_width``), and the channels of ``backbone_code``."""
+        """Make the encoder and pad inputs to its stride; returns the decoder's level widths and
+        the channels of the code the encoder gives.
+
+        ``frozen_backbone``: a frozen pretrained backbone (``feature_extractor``, so that a
+        hybrid shares its pass, ``shared_backbone_key``; ``encoder`` is None), with as many
+        decoder levels as its finest reduction needs and ``backbone_code`` as the code. Else a
+        trained ``Encoder`` of ``depth`` levels, its coarsest level the code."""
+        if not frozen_backbone:
+            widths = level_widths(base_width, depth)
+            self.input_multiple = 2 ** (depth - 1)
+            self.encoder = Encoder(3, widths)
+            return widths, widths[-1]
         self.feature_extractor = load_backbone(
             backbone, tuple(layers), pretrained, weights_dir, frozen=True
         )
+        self.encoder = None
         reductions = self.feature_extractor.reductions
         self.input_multiple = max(reductions)
         widths = level_widths(base_width, int(math.log2(min(reductions))) + 1)
@@ -344,17 +354,10 @@ class Autoencoder(ReconstructionMember):
         self.map_sigma = map_sigma
         self.ssim_weight = ssim_weight
         self.init_reconstruction(standardize_map, lr, weight_decay, lr_schedule)
-        if variant == "backbone":
-            widths, features_channels = self.init_backbone_encoder(
-                backbone, layers, pretrained, weights_dir, base_width
-            )
-            self.encoder = None
-        else:
-            widths = level_widths(base_width, depth)
-            self.input_multiple = 2 ** (depth - 1)
-            features_channels = widths[-1]
-            self.encoder = Encoder(3, widths)
-        self.bottleneck = Bottleneck(features_channels, latent_channels, widths[-1])
+        widths, code_channels = self.init_encoder(
+            variant == "backbone", base_width, depth, backbone, layers, pretrained, weights_dir
+        )
+        self.bottleneck = Bottleneck(code_channels, latent_channels, widths[-1])
         self.decoder = Decoder(widths, 3, skip_connections=variant == "unet")
         # Standardized targets have mean 0 (Decoder's default bias is mid-gray for [0, 1]).
         nn.init.zeros_(self.decoder.head.bias)

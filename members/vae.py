@@ -65,7 +65,7 @@ from torch import nn
 
 from members.autoencoder import MAP_METRICS, ReconstructionMember
 from members.base import check_choice, gaussian_blur, register, upsample_map
-from members.layers import Decoder, Encoder, expand_latent, level_widths, pad_to_multiple
+from members.layers import Decoder, expand_latent, pad_to_multiple
 
 VAE_ARCHITECTURES = ("vanilla", "unet", "backbone")
 
@@ -133,16 +133,9 @@ class VAE(ReconstructionMember):
         self.map_metric = map_metric
         self.map_sigma = map_sigma
         self.init_reconstruction(standardize_map, lr, weight_decay, lr_schedule)
-        if architecture == "backbone":
-            widths, code_channels = self.init_backbone_encoder(
-                backbone, layers, pretrained, weights_dir, base_width
-            )
-            self.encoder = None
-        else:
-            widths = level_widths(base_width, depth)
-            self.input_multiple = 2 ** (depth - 1)
-            code_channels = widths[-1]
-            self.encoder = Encoder(3, widths)
+        widths, code_channels = self.init_encoder(
+            architecture == "backbone", base_width, depth, backbone, layers, pretrained, weights_dir
+        )
         self.posterior = nn.Conv2d(code_channels, 2 * latent_channels, 1)  # mean and log-variance
         self.latent_decoder = expand_latent(latent_channels, widths[-1])
         self.decoder = Decoder(widths, 3, skip_connections=architecture == "unet")

@@ -1,9 +1,11 @@
-"""Helpers the member tests share: fit a member on the small panel set and score it."""
+"""Helpers the tests share: fit a member on the small panel set and score it, run scripts and
+modules, find a browser, and the uniformity test patterns (banding, blotchy mura)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -147,3 +149,24 @@ def browser_flags(profile: Path) -> list[str]:
         "--disable-sync",
         f"--user-data-dir={profile}",
     ]
+
+
+def banding(size: int, period: float, contrast_pct: float, rows: bool = True) -> np.ndarray:
+    """Sinusoidal banding as a relative luminance change ``1 + c sin(2 pi x / period)``: rows
+    (varying down the panel) or columns."""
+    x = np.arange(size, dtype=np.float64)
+    wave = 1 + contrast_pct / 100 * np.sin(2 * np.pi * x / period)
+    return np.broadcast_to(wave[:, None] if rows else wave[None, :], (size, size))
+
+
+def mura_field(size: int, sigma: float, spacing: int) -> np.ndarray:
+    """Blotchy mura: Gaussian blobs of ``sigma`` px about every ``spacing`` px (jittered by a
+    fixed seed), peak 1: the profile ``p`` of a relative change ``1 - c p``."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    field = np.zeros((size, size))
+    for cy in np.arange(spacing / 2, size, spacing):
+        for cx in np.arange(spacing / 2, size, spacing):
+            dy, dx = rng.uniform(-spacing / 4, spacing / 4, 2)
+            field += np.exp(-((yy - cy - dy) ** 2 + (xx - cx - dx) ** 2) / (2 * sigma**2))
+    return field / field.max()

@@ -127,7 +127,10 @@ def test_a_panel_predicted_band_by_band_gets_the_answer_of_the_whole_image(
     fused = expected.anomaly_map
     assert np.array_equal(np.load(entry["map"]), fused)
     vmax = max(2 * hybrid.calibrator_.threshold_, float(fused.max()))
-    whole = save_heatmap_overlay(image, fused, tmp_path / "whole.png", 800, vmin=0.0, vmax=vmax)
+    # The decision drawn (threshold contour, boxes, labels) is the same band by band too.
+    whole = save_heatmap_overlay(
+        image, fused, tmp_path / "whole.png", 800, vmin=0.0, vmax=vmax, decision=expected.decision()
+    )
     with Image.open(entry["overlay"]) as banded, Image.open(whole) as reference:
         assert np.array_equal(np.asarray(banded), np.asarray(reference))
     assert sorted(p.name for p in out.iterdir()) == ["maps", "overlays", STREAM_NAME]

@@ -22,6 +22,7 @@ from metrics.quality import (
     wavelet_uniformity,
 )
 from prediction.results import IMAGE_COLUMNS, write_reports
+from tests.helpers import banding, mura_field
 
 HORIZONTAL = WAVELET_ORIENTATIONS.index("horizontal")
 VERTICAL = WAVELET_ORIENTATIONS.index("vertical")
@@ -32,27 +33,6 @@ def _clean_panel(size: int = SIZE, seed: int = 0) -> tuple[PanelGenerator, np.nd
     """A defect-free synthetic panel: its smooth non-uniformity, vignetting and pixel noise."""
     generator = PanelGenerator(size=size, seed=seed)
     return generator, generator.generate_normal(0)["image"]
-
-
-def _banding(size: int, period: float, contrast_pct: float, rows: bool = True) -> np.ndarray:
-    """Sinusoidal banding as a relative luminance change ``1 + c sin(2 pi x / period)``: rows
-    (varying down the panel) or columns."""
-    x = np.arange(size, dtype=np.float64)
-    wave = 1 + contrast_pct / 100 * np.sin(2 * np.pi * x / period)
-    return np.broadcast_to(wave[:, None] if rows else wave[None, :], (size, size))
-
-
-def _mura_field(size: int, sigma: float, spacing: int) -> np.ndarray:
-    """Blotchy mura: Gaussian blobs of ``sigma`` px about every ``spacing`` px (jittered by a
-    fixed seed), peak 1: the profile ``p`` of a relative change ``1 - c p``."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:size, :size]
-    field = np.zeros((size, size))
-    for cy in np.arange(spacing / 2, size, spacing):
-        for cx in np.arange(spacing / 2, size, spacing):
-            dy, dx = rng.uniform(-spacing / 4, spacing / 4, 2)
-            field += np.exp(-((yy - cy - dy) ** 2 + (xx - cx - dx) ** 2) / (2 * sigma**2))
-    return field / field.max()
 
 
 def _own_band(pattern: np.ndarray) -> tuple[int, int]:
@@ -87,7 +67,7 @@ def test_band_energies_are_contrasts_in_percent_of_the_mean_luminance():
     # A sinusoid of contrast c has an RMS of c / sqrt(2): spread over its bands, their squares
     # add up to it (Parseval, orthonormal Haar); most of it at the level of its period.
     for level, period in enumerate((4, 8, 16), start=2):
-        bands = wavelet_bands(0.5 * _banding(SIZE, period, 4.0))
+        bands = wavelet_bands(0.5 * banding(SIZE, period, 4.0))
         assert np.sqrt(np.sum(bands**2)) == pytest.approx(4.0 / np.sqrt(2), rel=1e-9), period
         assert np.argmax(bands[:, HORIZONTAL]) + 1 == (1 if period == 4 else level)
         assert np.abs(bands[:, 1:]).max() < 1e-9  # row banding is horizontal detail only
@@ -101,7 +81,7 @@ def test_band_energies_are_contrasts_in_percent_of_the_mean_luminance():
 @pytest.mark.parametrize("rows", [True, False], ids=["row-banding", "column-banding"])
 def test_banding_raises_its_band_and_the_figure_with_contrast(rows):
     _, clean = _clean_panel()
-    patterns = [_banding(SIZE, 8, contrast, rows) for contrast in (0.5, 1.0, 2.0, 4.0)]
+    patterns = [banding(SIZE, 8, contrast, rows) for contrast in (0.5, 1.0, 2.0, 4.0)]
     # Period 8 px: level 3, in the banding's orientation.
     assert _own_band(patterns[-1]) == (2, HORIZONTAL if rows else VERTICAL)
     _assert_rises_at_its_scale(clean, patterns)
@@ -109,7 +89,7 @@ def test_banding_raises_its_band_and_the_figure_with_contrast(rows):
 
 def test_blotchy_mura_raises_its_band_and_the_figure_with_contrast():
     _, clean = _clean_panel()
-    field = _mura_field(SIZE, sigma=4, spacing=16)
+    field = mura_field(SIZE, sigma=4, spacing=16)
     assert _own_band(1 - 0.08 * field)[0] == 3  # blobs of 4 px sigma: level 4
     _assert_rises_at_its_scale(clean, [1 - c / 100 * field for c in (1.0, 2.0, 4.0, 8.0)])
 
@@ -135,7 +115,7 @@ def test_the_generators_defects_raise_the_figure_with_their_contrast(defect_type
 
 def test_the_figure_does_not_change_with_a_global_gain():
     _, clean = _clean_panel()
-    banded = clean.astype(np.float64) * _banding(128, 16, 2.0)
+    banded = clean.astype(np.float64) * banding(128, 16, 2.0)
     for gain in (0.5, 0.8, 2.0):
         assert np.allclose(wavelet_bands(gain * banded), wavelet_bands(banded), rtol=1e-9)
         assert wavelet_uniformity(gain * banded) == pytest.approx(
@@ -145,7 +125,7 @@ def test_the_figure_does_not_change_with_a_global_gain():
 
 def test_float_and_integer_images_of_the_same_panel_agree():
     _, clean = _clean_panel()
-    banded = np.clip(clean * _banding(128, 16, 2.0), 0, 1)
+    banded = np.clip(clean * banding(128, 16, 2.0), 0, 1)
     as_uint16 = np.round(banded * 65535).astype(np.uint16)
     assert np.allclose(wavelet_bands(as_uint16), wavelet_bands(banded), rtol=1e-3)
     assert wavelet_uniformity(as_uint16) == pytest.approx(wavelet_uniformity(banded), rel=1e-3)
@@ -159,7 +139,7 @@ def test_a_large_panel_is_measured_on_a_reduced_grid():
     _, clean = _clean_panel(size=256, seed=1)
     reduced_figures = []
     for contrast in (1.0, 2.0, 4.0, 8.0):
-        panel = clean * _banding(256, 32, contrast)  # period 32 px: level 5
+        panel = clean * banding(256, 32, contrast)  # period 32 px: level 5
         full = wavelet_bands(panel, levels=5, max_pixels=None)
         # 64 x 64 px at most: reduced 4x, levels 1-2 (periods of 4 px and less) are not
         # measured, and the coarser ones are those of the full resolution (Haar's approximation
@@ -206,7 +186,7 @@ def test_the_registered_metric_gives_the_functions_figure():
     assert QUALITY_METRICS["wavelet_uniformity"] is WaveletUniformityMetric
     assert available_classes["wavelet_uniformity"] is WaveletUniformityMetric
     _, clean = _clean_panel()
-    panels = [clean, clean * _banding(128, 16, 2.0)]
+    panels = [clean, clean * banding(128, 16, 2.0)]
     metric = get_metric("wavelet_uniformity")
     # [B, C, H, W] images: the channel mean is the luminance.
     metric.update(
@@ -218,7 +198,7 @@ def test_the_registered_metric_gives_the_functions_figure():
 
 def test_panel_quality_and_predicts_tables_carry_the_figure(tmp_path):
     _, clean = _clean_panel()
-    banded = np.clip(clean * _banding(128, 16, 2.0), 0, 1).astype(np.float32)
+    banded = np.clip(clean * banding(128, 16, 2.0), 0, 1).astype(np.float32)
     figures = panel_quality(banded)
     assert set(figures) == {
         "mura_energy_pct",

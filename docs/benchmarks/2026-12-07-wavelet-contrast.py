@@ -10,28 +10,11 @@ import numpy as np
 
 from data.synthetic import PanelGenerator
 from metrics.quality import wavelet_uniformity
+from tests.helpers import banding, mura_field
 
 SIZE = 256
 CONTRASTS = [0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c"]
-
-
-def blotches(size: int, sigma: float = 4.0, spacing: int = 16) -> np.ndarray:
-    """Gaussian blobs of ``sigma`` px about every ``spacing`` px (jittered, seed 0), peak 1."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:size, :size]
-    field = np.zeros((size, size))
-    for cy in np.arange(spacing / 2, size, spacing):
-        for cx in np.arange(spacing / 2, size, spacing):
-            dy, dx = rng.uniform(-spacing / 4, spacing / 4, 2)
-            field += np.exp(-((yy - cy - dy) ** 2 + (xx - cx - dx) ** 2) / (2 * sigma**2))
-    return field / field.max()
-
-
-def banding(size: int, period: float, contrast_pct: float) -> np.ndarray:
-    """A relative change of luminance down the panel: ``1 + c sin(2 pi y / period)``."""
-    wave = 1 + contrast_pct / 100 * np.sin(2 * np.pi * np.arange(size) / period)
-    return wave[:, None]
 
 
 def svg_plot(series: dict[str, list[float]]) -> str:
@@ -88,7 +71,7 @@ def svg_plot(series: dict[str, list[float]]) -> str:
 
 def main() -> None:
     clean = PanelGenerator(size=SIZE, seed=0).generate_normal(0)["image"].astype(np.float64)
-    mura = blotches(SIZE)
+    mura = mura_field(SIZE, sigma=4, spacing=16)
     patterns = {
         "row banding, period 4 px": lambda c: banding(SIZE, 4, c),
         "row banding, period 16 px": lambda c: banding(SIZE, 16, c),
