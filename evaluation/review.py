@@ -86,7 +86,7 @@ class ReviewCases:
             "path": str(sample["path"]),
             "score": prediction.score,
             "level": prediction.level,
-            "regions": [f"{r.type or 'untyped'} L{r.level}" for r in prediction.regions],
+            "regions": [region.label for region in prediction.regions],
             "overlay": f"{self.folder.name}/{name}",
         }
         try:

@@ -92,9 +92,7 @@ class Prediction:
         """What this result's overlay draws (``tiling.Decision``): the pixel threshold's
         contour, each region's box labelled with its type and level, and ``truth`` (the true
         mask, in evaluation) as an outline."""
-        boxes = [
-            (region.bbox, f"{region.type or 'untyped'} L{region.level}") for region in self.regions
-        ]
+        boxes = [(region.bbox, region.label) for region in self.regions]
         return Decision(self.pixel_threshold, boxes, truth)
 
 

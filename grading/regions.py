@@ -53,6 +53,11 @@ class Region:
     type_confidence: float | None = None
     level: int | None = None
 
+    @property
+    def label(self) -> str:
+        """Its type and level as an overlay and a report show them: ``"spot_mura L3"``."""
+        return f"{self.type or 'untyped'} L{self.level}"
+
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k not in ("mask", "features")}
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in out.items()}

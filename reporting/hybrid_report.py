@@ -9,8 +9,8 @@ from typing import Any
 from artifacts.io import atomic_write_text
 from metrics.detection import FALSE_ALARM_BUDGETS, miss_rate_curve, miss_rate_key
 from reporting.charts import bar_chart, histogram, line_chart, roc_points
-from reporting.page import gallery_card, html_page, html_table, html_value
-from reporting.predict_report import CSS, QUALITY_FIGURES, quality_sections
+from reporting.page import REPORT_CSS, gallery_card, html_page, html_table, html_value
+from reporting.quality import QUALITY_FIGURES, quality_sections
 
 # Names of ``metrics.quality.reconstruction_figures``' figures in the report.
 RECONSTRUCTION_NAMES = {
@@ -128,7 +128,7 @@ def write_hybrid_report(results: dict[str, Any], records: list[dict[str, Any]], 
     if cost:
         sections.append(bar_chart(cost, "Milliseconds per image", "ms"))
     sections.append(html_table([results["cost"]], list(results["cost"])))
-    return atomic_write_text(path, html_page("Hybrid report", sections, CSS))
+    return atomic_write_text(path, html_page("Hybrid report", sections, REPORT_CSS))
 
 
 def _confusion_table(table: dict[str, dict[str, int]], true_name: str) -> str:

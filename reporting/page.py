@@ -8,6 +8,15 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
 
+# Table classes: "left", a name then figures; "num", figures only; "text", text only (the page's
+# default style left-aligns the second column).
+REPORT_CSS = """
+.left td:first-child, .text td { text-align: left; }
+.left td:nth-child(2), .num td { text-align: right; }
+.gallery figure { border: 1px solid #ddd; padding: 4px; }
+.gallery img { width: 220px; height: auto; display: block; }
+"""
+
 
 def html_value(value: Any, digits: int = 4) -> str:
     """A figure as escaped text: floats to ``digits`` significant digits, nan as a dash."""

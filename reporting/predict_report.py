@@ -8,42 +8,16 @@ from __future__ import annotations
 
 import html
 from collections import Counter
-from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from artifacts.io import atomic_write_text
-from reporting.charts import value_histogram
-from reporting.columns import finite
-from reporting.page import gallery_card, html_page, html_table, html_value
+from reporting.page import REPORT_CSS, gallery_card, html_page, html_table, html_value
+from reporting.quality import QUALITY_FIGURES, quality_sections
 
-# The quality figures of ``metrics.quality.panel_quality`` in an entry, and their names here.
-QUALITY_FIGURES = {
-    "mura_energy_pct": "FFT mura energy (%)",
-    "wavelet_uniformity_pct": "wavelet uniformity (%)",
-    "delta_e2000_mean": "ΔE2000 mean",
-    "delta_e2000_p99": "ΔE2000 p99",
-}
-# Why a figure has no value on any image, where the reason is known.
-ABSENT_REASONS = {
-    "delta_e2000_mean": "no colour panel: ΔE2000 is measured on colour panels only",
-    "delta_e2000_p99": "no colour panel: ΔE2000 is measured on colour panels only",
-}
 LEVELS = range(6)
 GALLERY_MAX = 200  # cards; a folder of thousands of flagged panels would make a page too heavy
-QUALITY_TABLE_ALL = 200  # up to this many images, the quality table lists every one
-QUALITY_TABLE_WORST = 50  # past it, the least uniform ones
 OVERLAY_DIR = "overlays"
-# Table classes: "left", a name then figures; "num", figures only; "text", text only (the page's
-# default style left-aligns the second column).
-CSS = """
-.left td:first-child, .text td { text-align: left; }
-.left td:nth-child(2), .num td { text-align: right; }
-.gallery figure { border: 1px solid #ddd; padding: 4px; }
-.gallery img { width: 220px; height: auto; display: block; }
-"""
 
 
 def write_predict_report(out: Path, hybrid: str, entries: list[dict[str, Any]]) -> Path:
@@ -63,7 +37,7 @@ def write_predict_report(out: Path, hybrid: str, entries: list[dict[str, Any]]) 
         *_quality_sections(ok),
         *_skipped_sections(skipped),
     ]
-    return atomic_write_text(out / "report.html", html_page("Predict report", sections, CSS))
+    return atomic_write_text(out / "report.html", html_page("Predict report", sections, REPORT_CSS))
 
 
 def _level_sections(ok: list[dict[str, Any]]) -> list[str]:
@@ -139,69 +113,6 @@ def _gallery_sections(out: Path, flagged: list[dict[str, Any]]) -> list[str]:
     return out_sections
 
 
-def quality_sections(
-    rows: list[dict[str, Any]],
-    figures: Mapping[str, str],
-    columns: Mapping[str, Callable[[dict[str, Any]], Any]],
-    what: str,
-) -> list[str]:
-    """The panel-quality section: each of ``figures`` (key -> name) over ``rows`` (one per
-    image: its distribution and a per-image table with ``columns``, name -> value of a row);
-    figures no image has are left out with one line saying why. ``what``: the images, for the
-    section's first line."""
-    sections = [
-        "<h2>Panel quality</h2>",
-        f"<p>Uniformity of {html.escape(what)} (higher: less uniform): FFT mura energy "
-        "(RMS deviation from the smooth background, periods 4 to 32 px, in % of it), wavelet "
-        "uniformity (the largest Haar detail band's energy, in % of the mean luminance), "
-        "ΔE2000 mean and 99th percentile (CIEDE2000 to the panel's mean colour).</p>",
-    ]
-    present, reasons = [], []
-    for key, name in figures.items():
-        if any(finite(r.get(key)) for r in rows):
-            present.append(key)
-        else:
-            reasons.append(ABSENT_REASONS.get(key, f"{name}: not measured on any image"))
-    table, charts = [], []
-    for key in present:
-        values = np.array([r[key] for r in rows if finite(r.get(key))], dtype=float)
-        table.append(
-            {
-                "figure": figures[key],
-                "images": len(values),
-                "min": float(values.min()),
-                "median": float(np.median(values)),
-                "95th percentile": float(np.percentile(values, 95)),
-                "max": float(values.max()),
-            }
-        )
-        charts.append(value_histogram(values, figures[key], "value per image"))
-    sections.append(
-        html_table(table, ["figure", "images", "min", "median", "95th percentile", "max"], "left")
-    )
-    sections.append(f'<div class="row">{"".join(charts)}</div>')
-    # The two ΔE2000 figures share their reason: one line for both.
-    sections.extend(f"<p>Left out — {html.escape(r)}.</p>" for r in dict.fromkeys(reasons))
-    listed = rows
-    if len(rows) > QUALITY_TABLE_ALL:
-        listed = _least_uniform(rows, QUALITY_TABLE_WORST)
-        sections.append(
-            f"<p>{len(rows)} images: the {len(listed)} least uniform (highest wavelet "
-            "uniformity or mura energy) are listed; the CSV holds every image.</p>"
-        )
-    names = ["path", *(figures[k] for k in present), *columns]
-    per_image = [
-        {
-            "path": r["path"],
-            **{figures[k]: r.get(k) for k in present},
-            **{name: value(r) for name, value in columns.items()},
-        }
-        for r in listed
-    ]
-    sections.append(html_table(per_image, names, "left"))
-    return sections
-
-
 def _quality_sections(ok: list[dict[str, Any]]) -> list[str]:
     if not ok:
         return ["<p>Panel quality: left out, no image was predicted.</p>"]
@@ -210,20 +121,6 @@ def _quality_sections(ok: list[dict[str, Any]]) -> list[str]:
         "level": lambda e: e.get("level"),
     }
     return quality_sections(ok, QUALITY_FIGURES, columns, "each predicted panel as read")
-
-
-def _least_uniform(ok: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
-    """The ``n`` images ranked highest on either the wavelet or the mura figure (an image's
-    best rank of the two), so both kinds of non-uniformity make the list."""
-    best_rank = [len(ok)] * len(ok)
-    for key in ("wavelet_uniformity_pct", "mura_energy_pct"):
-        measured = sorted(
-            (i for i, e in enumerate(ok) if finite(e.get(key))), key=lambda i: -ok[i][key]
-        )
-        for rank, i in enumerate(measured):
-            best_rank[i] = min(best_rank[i], rank)
-    order = sorted(range(len(ok)), key=lambda i: best_rank[i])
-    return [ok[i] for i in order[:n]]
 
 
 def _skipped_sections(skipped: list[dict[str, Any]]) -> list[str]:

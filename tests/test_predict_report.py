@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reporting.predict_report import GALLERY_MAX, QUALITY_TABLE_WORST, write_predict_report
+from reporting.predict_report import GALLERY_MAX, write_predict_report
+from reporting.quality import QUALITY_TABLE_WORST
 from tests.helpers import browser_flags, find_browser
 
 HYBRID = "reports/run/hybrid-rank-top3/hybrid"
