@@ -304,13 +304,21 @@ def with_heads(
     supervised member, the answer of the head without ``excluded(index)`` on image ``index``
     of ``where`` (``labeled`` or ``validation``; ``indices``: each sample's index there,
     default its position), appended when a fit reads it (each fit needs its own; a panel's
-    maps are large)."""
+    maps are large).
+
+    A labeled image is answered by a head that never saw it, never the head of the hybrid
+    that fits on it (that one learned from every fold but its own): such a sample names the
+    member ``answered_apart`` (``Hybrid.fit``), so its answer is not part of the member's
+    normal reference."""
     indices = range(len(samples)) if indices is None else indices
+    apart = (
+        {"answered_apart": ("supervised",)} if supervised is not None and where == "labeled" else {}
+    )
     out = []
     for sample, given, index in zip(samples, outputs, indices):
         if supervised is not None:
             given = _with_head(supervised, given, excluded(index), where, index, sample)
-        out.append({**sample, "member_outputs": given})
+        out.append({**sample, "member_outputs": given, **apart})
     return out
 
 

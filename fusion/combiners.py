@@ -47,7 +47,7 @@ tile-merged, full-resolution maps).
 from __future__ import annotations
 
 import numpy as np
-from sklearn.base import BaseEstimator, clone
+from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
@@ -133,6 +133,21 @@ def forward_path(
         )
 
 
+def fitted_normalizer(
+    name: str, X: np.ndarray, y: np.ndarray | None, normalize_on: np.ndarray | None
+) -> TransformerMixin:
+    """Normalizer ``name`` fitted on the normal scores of ``normalize_on`` (``ScoreFusion.fit``):
+    every row (None), the rows marked (``[n]``), or each member's own rows (``[n, M]``: the
+    other cells are left out of that member's statistics)."""
+    normalizer = get_normalizer(name)
+    if normalize_on is None:
+        return normalizer.fit(X, y)
+    cells = np.asarray(normalize_on, bool)
+    if cells.ndim == 2:
+        X, cells = np.where(cells, X, np.nan), cells.any(axis=1)
+    return normalizer.fit(X[cells], None if y is None else y[cells])
+
+
 class ScoreFusion(BaseEstimator):
     """Normalize each member's scores, then combine them.
 
@@ -194,22 +209,32 @@ class ScoreFusion(BaseEstimator):
         normalize_on: np.ndarray | None = None,
         regions: np.ndarray | None = None,
     ) -> ScoreFusion:
-        """``groups``, ``choose_on``, ``regions``: for ``auto`` (above). ``normalize_on``: the
-        rows (a boolean mask) whose normal scores fit the normalizer; None: all rows."""
+        """``groups``, ``choose_on``, ``regions``: for ``auto`` (above). ``normalize_on``: what
+        the normalizer is fitted on (the normal scores there): rows, a boolean ``[n]``; or each
+        member's own rows, a boolean ``[n, M]`` (a member whose answers on some rows come from
+        another model than the one it scores with, such as a nested cross-validation's head,
+        is ranked against its other rows only); None: all rows."""
         if self.combiner not in COMBINERS:
             raise ValueError(f"unknown combiner {self.combiner!r}; choose one of {COMBINERS}")
         X = np.asarray(X, np.float64)
+        if not np.isfinite(X).all():
+            raise ValueError("member scores contain NaN or Inf")
         y = None if y is None else np.asarray(y).ravel().astype(int)
         for name, rows in (("normalize_on", normalize_on), ("regions", regions)):
             if rows is not None and len(rows) != len(X):
                 raise ValueError(f"{name} has {len(rows)} rows, the scores {len(X)}")
+        if normalize_on is not None and np.ndim(normalize_on) == 2:
+            if np.shape(normalize_on) != X.shape:
+                raise ValueError(
+                    f"normalize_on is {np.shape(normalize_on)}, the scores {X.shape}: one "
+                    "column per member"
+                )
         if self.combiner in CHOOSING:
             return self._fit_choosing(X, y, groups, choose_on, normalize_on, regions)
         if self.combiner == "forward":
             return self._fit_forward(X, y, groups, choose_on, normalize_on, regions)
-        self.normalizer_ = get_normalizer("rank" if self.combiner == "rank" else self.normalizer)
-        reference = slice(None) if normalize_on is None else np.asarray(normalize_on, bool)
-        self.normalizer_.fit(X[reference], None if y is None else y[reference])
+        name = "rank" if self.combiner == "rank" else self.normalizer
+        self.normalizer_ = fitted_normalizer(name, X, y, normalize_on)
         normalized = self.normalizer_.transform(X)
         self.n_members_ = X.shape[1]
         if self.combiner == "weighted":
@@ -277,11 +302,13 @@ class ScoreFusion(BaseEstimator):
             self.chosen_ = max(criterion, key=criterion.get)
         self.fusion_ = candidates[self.chosen_].fit(X, y, normalize_on=normalize_on)
         # Whatever was chosen answers on one scale: the fraction of the normal reference rows
-        # that score below (``learned`` gives probabilities, a member alone its ranks), so the
-        # folds of a cross-validation that chose differently pool their answers fairly.
+        # (those of every member) that score below (``learned`` gives probabilities, a member
+        # alone its ranks), so the folds of a cross-validation that chose differently pool
+        # their answers fairly.
         reference = np.ones(len(X), bool)
         if normalize_on is not None:
             reference = np.asarray(normalize_on, bool)
+            reference = reference.all(axis=1) if reference.ndim == 2 else reference
         if y is not None:
             reference = reference & (y == 0)
         fused_normal = self.fusion_.transform(X[reference])[:, None]
@@ -353,9 +380,7 @@ class ScoreFusion(BaseEstimator):
                 weights = self._bagged(ranks, y_sel, r_sel, g_sel)
         self.weights_ = weights / weights.sum()
         self.used_members_ = self.weights_ > 0
-        self.normalizer_ = get_normalizer("rank")
-        reference = slice(None) if normalize_on is None else np.asarray(normalize_on, bool)
-        self.normalizer_.fit(X[reference], None if y is None else y[reference])
+        self.normalizer_ = fitted_normalizer("rank", X, y, normalize_on)
         self.n_members_ = n_members
         return self
 
@@ -438,7 +463,8 @@ class ScoreFusion(BaseEstimator):
         out.weights_ = self.weights_[columns] / self.weights_[columns].sum()
         out.used_members_ = out.weights_ > 0
         out.normalizer_ = clone(self.normalizer_)
-        out.normalizer_.levels_ = self.normalizer_.levels_
+        levels = self.normalizer_.levels_
+        out.normalizer_.levels_ = levels if levels.ndim == 1 else levels[:, columns]
         out.normalizer_.quantiles_ = self.normalizer_.quantiles_[:, columns]
         # The selection record names members by their old columns: the hybrid keeps it, named.
         out.selection_ = []

@@ -402,7 +402,11 @@ class Hybrid(BaseEstimator):
         normal image), ``label``, and for defective images ``instances`` (``[H, W]`` ids) and
         ``defects`` (truth dicts with ``id``, ``type``, ``level``). Samples with ``split`` =
         ``"test"`` (a labeled split's images, under cross-validation) train everything but the
-        pixel normalizers, which come from the others where at least two of them are normal."""
+        pixel normalizers, which come from the others where at least two of them are normal.
+        ``answered_apart``: the members whose answer on a sample comes from another model than
+        the one this hybrid scores with (a nested cross-validation's supervised head trained
+        without that sample's fold): those answers are not part of that member's normal
+        reference for image scores."""
         data = self._validation_data(list(samples), progress)
         fusions = self._fit_fusion(data)
         fused_maps = self._fit_thresholds(data)
@@ -436,14 +440,16 @@ class Hybrid(BaseEstimator):
             data.add(sample, to_tensor(sample["image"]), scores, maps, mask)
         if not data.samples:
             raise ValueError("fitting a hybrid needs validation samples")
-        return data.finish()
+        return data.finish(self.names)
 
     def _fit_fusion(self, data: _Validation) -> dict[str, ScoreFusion]:
         """The image and pixel fusions; members neither weighs are left out of the hybrid
         (``selected_``). Returns both as fitted on every member, for the selection report."""
         fusion = ScoreFusion(self.combiner, self.normalizer, None, self.learner, self.seed)
         self.selected_ = None
-        image_fusion = clone(fusion).fit(data.scores, data.labels, data.groups, data.choose_on)
+        image_fusion = clone(fusion).fit(
+            data.scores, data.labels, data.groups, data.choose_on, data.image_reference
+        )
         rows, labels, images, regions = sample_pixel_rows(
             ((data.maps[k], data.masks[k]) for k in data.masked),
             self.pixel_samples,
@@ -842,7 +848,7 @@ class _Validation:
         self.maps.append(maps)
         self.masks.append(mask)
 
-    def finish(self) -> _Validation:
+    def finish(self, names: Sequence[str]) -> _Validation:
         samples = self.samples
         self.labels = np.array([int(s["label"]) for s in samples])
         self.scores = np.stack(self._scores)
@@ -863,10 +869,19 @@ class _Validation:
         # a labeled test split's images: every cross-validation fold's hybrid then maps pixels
         # alike (a member chosen alone ranks pooled out-of-fold pixels as the member does), and
         # a few held-out images give thousands of normal pixels. An image is one row of the
-        # image normalizer: there every normal image counts.
+        # image normalizer: there every normal image counts, but for a member's answers from
+        # another model than the hybrid's own (a nested head), whose scale its own need not
+        # share: each fold's head is then ranked against its own answers on the held-out images.
         self.held_out = np.array([s.get("split") != "test" for s in samples])
         if (self.labels[self.held_out] == 0).sum() < 2:
             self.held_out[:] = True
+        apart = [set(s.get("answered_apart") or ()) for s in samples]
+        self.image_reference = None
+        if any(apart):
+            reference = np.array([[name not in a for name in names] for a in apart])
+            # A member with fewer than 2 normal images of its own is ranked against them all.
+            reference[:, (reference[self.labels == 0].sum(axis=0) < 2)] = True
+            self.image_reference = reference
         return self
 
 

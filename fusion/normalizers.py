@@ -4,7 +4,9 @@ Members score on incomparable scales (a kNN distance, a Mahalanobis distance, a 
 error), so each member's scores are normalized before they are fused. ``X`` is ``[n, M]``: one
 column per member, rows are images (image level) or pixels (pixel level, a sample of them).
 Statistics come from the normal rows (``y == 0``; all rows when ``y`` is None), because normal
-validation data is what every deployment has.
+validation data is what every deployment has. A NaN cell is left out of its column's statistics:
+where members' reference images differ (``ScoreFusion``'s per-member ``normalize_on``), each
+member's column holds its own.
 
 - ``MinMaxNormalizer``: ``(x - threshold) / (max - min) + 0.5``, clipped to [0, 1], so each
   member's own threshold maps to 0.5 (the threshold: F1-optimal when ``y`` holds defects, else
@@ -27,15 +29,31 @@ from metrics.detection import ImageF1MaxMetric
 
 
 def _normal_rows(X: np.ndarray, y: np.ndarray | None) -> np.ndarray:
+    """The normal rows of ``X``; NaN cells stay (left out of their column's statistics)."""
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2:
         raise ValueError(f"expected scores [n_samples, n_members], got shape {X.shape}")
     normal = X if y is None else X[np.asarray(y).ravel() == 0]
-    if len(normal) < 2:
-        raise ValueError(f"normalizers need at least 2 normal samples, got {len(normal)}")
-    if not np.isfinite(normal).all():
-        raise ValueError("scores contain NaN or Inf")
+    if np.isinf(normal).any():
+        raise ValueError("scores contain Inf")
+    counts = (~np.isnan(normal)).sum(axis=0)
+    if len(normal) == 0 or counts.min() < 2:
+        raise ValueError(
+            f"normalizers need at least 2 normal samples for each member, got {counts.tolist()} "
+            "(scores that are NaN do not count)"
+        )
     return normal
+
+
+def _by_column(normal: np.ndarray, statistic) -> np.ndarray:
+    """``statistic(values, axis=0)`` of each column's values that are not NaN (all columns at
+    once where none is)."""
+    missing = np.isnan(normal)
+    if not missing.any():
+        return statistic(normal, axis=0)
+    return np.stack(
+        [statistic(column[~gap], axis=0) for column, gap in zip(normal.T, missing.T)], axis=-1
+    )
 
 
 def has_both_classes(y: np.ndarray | None) -> bool:
@@ -49,16 +67,19 @@ class MinMaxNormalizer(TransformerMixin, BaseEstimator):
     def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> MinMaxNormalizer:
         X = np.asarray(X, dtype=np.float64)
         normal = _normal_rows(X, y)
-        self.min_, self.max_ = X.min(axis=0), X.max(axis=0)
+        self.min_, self.max_ = _by_column(X, np.min), _by_column(X, np.max)
         if has_both_classes(y):
             thresholds = []
             for column in X.T:
+                known = ~np.isnan(column)
                 metric = ImageF1MaxMetric()
-                metric.update(column, np.asarray(y).ravel())
+                metric.update(column[known], np.asarray(y).ravel()[known])
                 thresholds.append(metric.compute()["threshold"])
             self.threshold_ = np.asarray(thresholds)
         else:
-            self.threshold_ = np.quantile(normal, self.quantile, axis=0)
+            self.threshold_ = _by_column(
+                normal, lambda v, axis: np.quantile(v, self.quantile, axis=axis)
+            )
         return self
 
     def transform(self, X: np.ndarray) -> np.ndarray:
@@ -70,8 +91,8 @@ class MinMaxNormalizer(TransformerMixin, BaseEstimator):
 class ZScoreNormalizer(TransformerMixin, BaseEstimator):
     def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> ZScoreNormalizer:
         normal = _normal_rows(X, y)
-        self.mean_ = normal.mean(axis=0)
-        self.std_ = np.maximum(normal.std(axis=0), 1e-12)
+        self.mean_ = _by_column(normal, np.mean)
+        self.std_ = np.maximum(_by_column(normal, np.std), 1e-12)
         return self
 
     def transform(self, X: np.ndarray) -> np.ndarray:
@@ -84,10 +105,25 @@ class RankNormalizer(TransformerMixin, BaseEstimator):
         self.n_quantiles = n_quantiles
 
     def fit(self, X: np.ndarray, y: np.ndarray | None = None) -> RankNormalizer:
+        """``levels_`` ``[count]`` and ``quantiles_`` ``[count, M]``; where members have
+        different numbers of normal scores (NaN cells), each its own table: ``levels_``
+        ``[count, M]``, a shorter table's last entry repeated to the longest's length."""
         normal = _normal_rows(X, y)
-        count = min(self.n_quantiles, len(normal))
-        self.levels_ = np.linspace(0.0, 1.0, count)
-        self.quantiles_ = np.quantile(normal, self.levels_, axis=0)  # [count, M]
+        counts = np.minimum(self.n_quantiles, (~np.isnan(normal)).sum(axis=0))
+        count = int(counts.max())
+        if (counts == count).all():
+            self.levels_ = np.linspace(0.0, 1.0, count)
+            self.quantiles_ = _by_column(
+                normal, lambda v, axis: np.quantile(v, self.levels_, axis=axis)
+            )
+            return self
+        levels, quantiles = [], []
+        for column, own in zip(normal.T, counts):
+            grid = np.linspace(0.0, 1.0, own)
+            table = np.quantile(column[~np.isnan(column)], grid)
+            levels.append(np.pad(grid, (0, count - own), mode="edge"))
+            quantiles.append(np.pad(table, (0, count - own), mode="edge"))
+        self.levels_, self.quantiles_ = np.stack(levels, axis=1), np.stack(quantiles, axis=1)
         return self
 
     def transform(self, X: np.ndarray) -> np.ndarray:
@@ -96,7 +132,8 @@ class RankNormalizer(TransformerMixin, BaseEstimator):
         out = np.empty_like(X)
         for m in range(X.shape[1]):
             table = self.quantiles_[:, m]
-            out[:, m] = np.interp(X[:, m], table, self.levels_)
+            levels = self.levels_ if self.levels_.ndim == 1 else self.levels_[:, m]
+            out[:, m] = np.interp(X[:, m], table, levels)
             span = max(table[-1] - table[0], 1e-12)
             above = X[:, m] > table[-1]
             out[above, m] = 1.0 + (X[above, m] - table[-1]) / span

@@ -8,6 +8,7 @@ from sklearn.metrics import roc_auc_score
 
 from fusion import MinMaxNormalizer, RankNormalizer, ScoreFusion, ZScoreNormalizer
 from fusion.combiners import sample_per_group
+from fusion.normalizers import get_normalizer
 from metrics import aupro_of_pixels
 
 
@@ -327,6 +328,28 @@ def test_normalizers_fitted_on_shared_rows_make_cross_validation_folds_normalize
     assert np.array_equal(tables[0], RankNormalizer().fit(X_held[:, :2], y_held).quantiles_)
     with pytest.raises(ValueError, match="normalize_on has 3 rows"):
         ScoreFusion(combiner).fit(X_held, y_held, normalize_on=np.ones(3, bool))
+
+
+@pytest.mark.parametrize("normalizer", ["rank", "zscore", "minmax"])
+def test_each_member_can_be_normalized_against_its_own_reference_rows(normalizer):
+    # Member 0 answered rows 100+ with another model, on another scale (a nested head on the
+    # other folds' images): it is normalized on its first 100 rows, the others on all of them.
+    X, y = member_scores(200, 21)
+    X[100:, 0] += 5.0
+    own = np.ones(X.shape, bool)
+    own[100:, 0] = False
+    fusion = ScoreFusion("mean", normalizer).fit(X, y, normalize_on=own)
+    for m in range(X.shape[1]):
+        rows = own[:, m]
+        alone = get_normalizer(normalizer).fit(X[rows][:, [m]], y[rows])
+        np.testing.assert_allclose(
+            fusion.normalizer_.transform(X)[:, m], alone.transform(X[:, [m]])[:, 0]
+        )
+    with pytest.raises(ValueError, match=r"normalize_on is \(200, 2\)"):
+        ScoreFusion("mean").fit(X, y, normalize_on=own[:, :2])
+    own[:, 1] = False
+    with pytest.raises(ValueError, match=r"at least 2 normal samples for each member"):
+        ScoreFusion("mean").fit(X, y, normalize_on=own)
 
 
 def test_fusion_errors_name_the_problem():

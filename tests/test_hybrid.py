@@ -19,6 +19,7 @@ from data.synthetic import PanelGenerator
 from data.validation import labeled_defect_sample
 from evaluation import shared_work_cost
 from fusion.hybrid import Hybrid
+from fusion.normalizers import RankNormalizer
 from grading.evaluation import grading_scores
 from pipelines import benchmark, ensemble, predict
 from pipelines.common import PARTIAL_FAILURE
@@ -202,6 +203,18 @@ def test_cross_validation_folds_map_member_pixels_alike(run):
     # An image is one row of the image normalizer: there every normal image counts.
     first, second = (h.image_fusion_.normalizer_.quantiles_ for h in hybrids)
     assert not np.array_equal(first, second)  # array_equal is False for other shapes too
+    # But not an answer from another model than the hybrid's own (a nested head's on the
+    # other folds' images): that member is ranked against the held-out images alone.
+    hybrid = Hybrid.load(run["out"] / "hybrid").set_params(combiner="rank")
+    apart = hybrid.names[0]
+    hybrid.fit(folds[0][:6] + [{**s, "answered_apart": (apart,)} for s in folds[0][6:]])
+    scores = np.stack([out[0] for out in outputs[:10]])
+    normal = np.array([not s["label"] for s in folds[0]])
+    ranks = hybrid.image_fusion_.normalizer_.transform(scores)
+    held_out = RankNormalizer().fit(scores[:6][normal[:6]][:, :1])
+    np.testing.assert_array_equal(ranks[:, :1], held_out.transform(scores[:, :1]))
+    every = RankNormalizer().fit(scores[normal][:, 1:])
+    np.testing.assert_array_equal(ranks[:, 1:], every.transform(scores[:, 1:]))
 
 
 def test_auto_pixel_fusion_chooses_on_auroc_and_aupro_of_the_true_regions(run):

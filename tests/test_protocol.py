@@ -46,7 +46,7 @@ def test_operating_point_rates_carry_bootstrap_intervals():
 
 
 def test_no_head_answers_an_image_of_a_fold_it_trained_on():
-    from evaluation.supervision import heads_for_fit
+    from evaluation.supervision import heads_for_fit, with_heads
 
     fold_of = np.array([0, 1, 2, 0, 1, 2, 2, 1, 0, 0])
     for fold in (None, 0, 1, 2):
@@ -58,3 +58,13 @@ def test_no_head_answers_an_image_of_a_fold_it_trained_on():
         assert sorted(i for i, _ in labeled) == [i for i, f in enumerate(fold_of) if f != fold]
         for index, excluded in labeled:
             assert fold_of[index] in excluded and outer <= excluded
+            assert excluded != outer  # so the hybrid's own head never answers it
+    # Which is why a labeled sample names the member answered apart, a validation one not
+    # (the heads' answers are only read when a fit reads the sample).
+    samples = [{"image": np.zeros((8, 8)), "label": 0}] * 2
+    outputs = [(np.zeros(2), np.zeros((2, 8, 8)))] * 2
+    heads = object()
+    fitting = with_heads(heads, samples, outputs, "validation", lambda i: outer)
+    fitting += with_heads(heads, samples, outputs, "labeled", lambda i: frozenset({0, 1}))
+    assert ["answered_apart" in s for s in fitting] == [False, False, True, True]
+    assert fitting[2]["answered_apart"] == ("supervised",)
